@@ -1,0 +1,1 @@
+//! gtar-logd client (see issue 4).

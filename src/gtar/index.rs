@@ -1,0 +1,179 @@
+//! The in-memory index of an archive: entries in archive order, the last
+//! entry of each name, and record types → frames → entry.
+//!
+//! Invariant: when a name occurs more than once, the entry that comes later in
+//! the archive wins, as in libgetar (`ZipArchive::fillPathMap` overwrites its
+//! map in central-directory order).
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::path::{index_cmp, Behavior, FrameIndex, RecordPath, RecordType};
+use super::zipfmt::CentralEntry;
+
+/// One zip entry and where its data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub cd: CentralEntry,
+    /// Offset of the (possibly compressed) data, when known without reading
+    /// the local header again (entries we wrote or scanned).
+    pub data_offset: Option<u64>,
+}
+
+impl Entry {
+    pub fn name(&self) -> &str {
+        &self.cd.name
+    }
+    pub fn size(&self) -> u64 {
+        self.cd.uncompressed_size
+    }
+}
+
+/// Records and frames of one archive.
+#[derive(Debug, Default, Clone)]
+pub struct Index {
+    entries: Vec<Entry>,
+    by_name: HashMap<String, usize>,
+    records: BTreeMap<RecordType, BTreeMap<FrameIndex, usize>>,
+}
+
+impl Index {
+    pub fn new() -> Index {
+        Index::default()
+    }
+
+    /// Add an entry that comes after every entry already indexed.
+    pub fn push(&mut self, e: Entry) {
+        let i = self.entries.len();
+        let rp = RecordPath::parse(e.name());
+        self.by_name.insert(e.cd.name.clone(), i);
+        self.records
+            .entry(rp.rtype)
+            .or_default()
+            .insert(FrameIndex(rp.index), i);
+        self.entries.push(e);
+    }
+
+    /// Every entry in archive order, duplicates included.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Number of distinct names.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry that a read of `name` returns (the last one written).
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.by_name.get(name).map(|&i| &self.entries[i])
+    }
+
+    /// Record types in libgetar's order.
+    pub fn record_types(&self) -> impl Iterator<Item = &RecordType> {
+        self.records.keys()
+    }
+
+    /// Frame indices of a record type, in GETAR order.
+    pub fn frames(&self, rt: &RecordType) -> Vec<&str> {
+        self.records
+            .get(rt)
+            .map(|m| m.keys().map(|k| k.0.as_str()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Number of frames of a record type.
+    pub fn frame_count(&self, rt: &RecordType) -> usize {
+        self.records.get(rt).map_or(0, |m| m.len())
+    }
+
+    /// The entry of record type `rt` at `index`.
+    pub fn record(&self, rt: &RecordType, index: &str) -> Option<&Entry> {
+        self.records
+            .get(rt)
+            .and_then(|m| m.get(index))
+            .map(|&i| &self.entries[i])
+    }
+
+    /// Union of the frame indices of every discrete record whose group is
+    /// `prefix` or lies under it (`None`: the whole archive), in GETAR order.
+    pub fn frames_under(&self, prefix: Option<&str>) -> Vec<String> {
+        let mut all: Vec<&str> = Vec::new();
+        for (rt, frames) in &self.records {
+            if rt.behavior == Behavior::Discrete && group_under(&rt.group, prefix) {
+                all.extend(frames.keys().map(|k| k.0.as_str()));
+            }
+        }
+        all.sort_by(|a, b| index_cmp(a, b));
+        all.dedup();
+        all.into_iter().map(str::to_string).collect()
+    }
+
+    /// Discrete record types at frame `index` under `prefix`.
+    pub fn records_at<'a>(
+        &'a self,
+        prefix: Option<&'a str>,
+        index: &'a str,
+    ) -> impl Iterator<Item = (&'a RecordType, &'a Entry)> + 'a {
+        self.records.iter().filter_map(move |(rt, frames)| {
+            if rt.behavior != Behavior::Discrete || !group_under(&rt.group, prefix) {
+                return None;
+            }
+            frames.get(index).map(|&i| (rt, &self.entries[i]))
+        })
+    }
+}
+
+/// Is `group` equal to `prefix` or below it?
+pub fn group_under(group: &str, prefix: Option<&str>) -> bool {
+    match prefix {
+        None | Some("") => true,
+        Some(p) => {
+            group == p
+                || (group.len() > p.len()
+                    && group.starts_with(p)
+                    && group.as_bytes()[p.len()] == b'/')
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gtar::zipfmt::CentralEntry;
+
+    fn entry(name: &str, off: u64) -> Entry {
+        Entry {
+            cd: CentralEntry {
+                name: name.into(),
+                method: 0,
+                flags: 0,
+                crc32: 0,
+                compressed_size: 0,
+                uncompressed_size: 0,
+                local_header_offset: off,
+            },
+            data_offset: None,
+        }
+    }
+
+    #[test]
+    fn last_write_wins_and_frames_are_ordered() {
+        let mut ix = Index::new();
+        ix.push(entry("g/shape.u32.uni", 0));
+        ix.push(entry("g/frames/10/w.f32.uni", 1));
+        ix.push(entry("g/frames/9/w.f32.uni", 2));
+        ix.push(entry("g/shape.u32.uni", 3));
+        ix.push(entry("h/frames/2/w.f32.uni", 4));
+        assert_eq!(ix.get("g/shape.u32.uni").unwrap().cd.local_header_offset, 3);
+        assert_eq!(ix.len(), 4);
+        assert_eq!(ix.entries().len(), 5);
+        assert_eq!(ix.frames_under(Some("g")), vec!["9", "10"]);
+        assert_eq!(ix.frames_under(None), vec!["2", "9", "10"]);
+        assert!(ix.frames_under(Some("gg")).is_empty());
+        assert_eq!(ix.records_at(None, "2").count(), 1);
+    }
+}

@@ -1,0 +1,441 @@
+//! Opening archives and reading entries by offset.
+//!
+//! [`Archive::open`] trusts a central directory only if it is whole and
+//! consistent: the EOCD is the last record of the file, the zip64 locator and
+//! record (when present) agree with it, every central header parses, and every
+//! local header offset lies before the directory. Otherwise the archive is
+//! recovered in memory by [`scan`](super::recover::scan) without touching the
+//! file; only [`ArchiveWriter`](super::writer::ArchiveWriter) and
+//! [`repair`](super::recover::repair) modify files.
+//!
+//! Every read checks the entry's CRC-32 and size, so a corrupted entry is an
+//! error naming the entry, never wrong data.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use flate2::read::DeflateDecoder;
+
+use super::index::{Entry, Index};
+use super::path::RecordType;
+use super::recover::{scan, ScanReport};
+use super::zipfmt::*;
+use super::Error;
+
+/// How the index of an opened archive was obtained.
+#[derive(Debug, Clone)]
+pub enum OpenState {
+    /// From a valid central directory.
+    Clean,
+    /// The central directory was missing or invalid; entries were recovered
+    /// by scanning local headers (the file itself was not changed).
+    Recovered(ScanReport),
+}
+
+/// Where the tail (central directory) of a valid archive sits.
+#[derive(Debug, Clone, Copy)]
+pub struct Tail {
+    pub cd_offset: u64,
+    pub cd_size: u64,
+    pub entries: u64,
+    /// Whether a zip64 end-of-central-directory record is present, which is
+    /// what libgetar requires before it will append.
+    pub zip64: bool,
+}
+
+/// A read-only view of an archive: an open file and its index.
+#[derive(Debug, Clone)]
+pub struct Archive {
+    path: PathBuf,
+    file: Arc<File>,
+    index: Arc<RwLock<Index>>,
+    state: OpenState,
+}
+
+impl Archive {
+    /// Open `path` for reading; recovers in memory if the tail is damaged.
+    pub fn open(path: impl AsRef<Path>) -> Result<Archive, Error> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path)?;
+        let len = file.metadata()?.len();
+        let (index, state) = match read_tail(&file, len) {
+            Ok((tail, entries)) => {
+                let _ = tail;
+                let mut ix = Index::new();
+                for e in entries {
+                    ix.push(e);
+                }
+                (ix, OpenState::Clean)
+            }
+            Err(why) => {
+                let report = scan(&file, len, why)?;
+                let mut ix = Index::new();
+                for e in report.entries.iter().cloned() {
+                    ix.push(e);
+                }
+                (ix, OpenState::Recovered(report))
+            }
+        };
+        Ok(Archive {
+            path,
+            file: Arc::new(file),
+            index: Arc::new(RwLock::new(index)),
+            state,
+        })
+    }
+
+    /// A reader over a file whose index someone else (a writer) maintains.
+    pub fn with_shared_index(path: &Path, index: Arc<RwLock<Index>>) -> Result<Archive, Error> {
+        Ok(Archive {
+            path: path.to_path_buf(),
+            file: Arc::new(File::open(path)?),
+            index,
+            state: OpenState::Clean,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn state(&self) -> &OpenState {
+        &self.state
+    }
+
+    /// The index; hold the guard only briefly, a writer may be waiting.
+    pub fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared index handle.
+    pub fn shared_index(&self) -> Arc<RwLock<Index>> {
+        self.index.clone()
+    }
+
+    /// Read the current contents of `name` (the last entry of that name).
+    pub fn read(&self, name: &str) -> Result<Vec<u8>, Error> {
+        let e = self
+            .index()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        self.read_entry(&e)
+    }
+
+    /// Read record `rt` at frame `index`.
+    pub fn read_record(&self, rt: &RecordType, index: &str) -> Result<Vec<u8>, Error> {
+        let e = self
+            .index()
+            .record(rt, index)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(rt.path_at(index)))?;
+        self.read_entry(&e)
+    }
+
+    /// Read a whole entry into memory, checking size and CRC.
+    pub fn read_entry(&self, e: &Entry) -> Result<Vec<u8>, Error> {
+        let size = usize::try_from(e.cd.uncompressed_size)
+            .map_err(|_| Error::Corrupt(format!("{}: entry too large for memory", e.name())))?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(size.min(1 << 32))
+            .map_err(|_| Error::Corrupt(format!("{}: cannot allocate {} bytes", e.name(), size)))?;
+        self.entry_reader(e)?.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    /// A streaming reader over an entry's uncompressed bytes. It returns an
+    /// error instead of end-of-file if the size or CRC do not match.
+    pub fn entry_reader(&self, e: &Entry) -> Result<EntryReader, Error> {
+        let data_offset = match e.data_offset {
+            Some(o) => o,
+            None => local_data_offset(&self.file, e)?,
+        };
+        let raw = PosReader {
+            file: self.file.clone(),
+            pos: data_offset,
+            end: data_offset + e.cd.compressed_size,
+        };
+        let inner: Box<dyn Read + Send> = match e.cd.method {
+            METHOD_STORED => Box::new(raw),
+            METHOD_DEFLATE => Box::new(DeflateDecoder::new(io::BufReader::with_capacity(
+                1 << 16,
+                raw,
+            ))),
+            m => {
+                return Err(Error::Corrupt(format!(
+                    "{}: unsupported compression method {m}",
+                    e.name()
+                )))
+            }
+        };
+        Ok(EntryReader {
+            name: e.cd.name.clone(),
+            inner,
+            crc: crc32fast::Hasher::new(),
+            seen: 0,
+            size: e.cd.uncompressed_size,
+            want_crc: e.cd.crc32,
+            verified: false,
+        })
+    }
+}
+
+/// Reads `[pos, end)` of a shared file with positional reads.
+struct PosReader {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for PosReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.end - self.pos;
+        if left == 0 {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(left) as usize;
+        let got = self.file.read_at(&mut buf[..n], self.pos)?;
+        if got == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive ends inside an entry",
+            ));
+        }
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+/// See [`Archive::entry_reader`].
+pub struct EntryReader {
+    name: String,
+    inner: Box<dyn Read + Send>,
+    crc: crc32fast::Hasher,
+    seen: u64,
+    size: u64,
+    want_crc: u32,
+    verified: bool,
+}
+
+impl EntryReader {
+    /// Uncompressed size of the entry.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Read for EntryReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = (self.size - self.seen).min(buf.len() as u64) as usize;
+        if want == 0 {
+            if !self.verified && !buf.is_empty() {
+                self.verify()?; // empty entries end here
+            }
+            return Ok(0);
+        }
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(corrupt_io(&self.name, "entry is shorter than its size"));
+        }
+        self.crc.update(&buf[..n]);
+        self.seen += n as u64;
+        if self.seen == self.size {
+            // Fail on the last chunk rather than after it, so a caller that
+            // stops reading at `size` bytes still sees the error.
+            self.verify()?;
+        }
+        Ok(n)
+    }
+}
+
+impl EntryReader {
+    fn verify(&mut self) -> io::Result<()> {
+        self.verified = true;
+        let got = self.crc.clone().finalize();
+        if got != self.want_crc {
+            return Err(corrupt_io(
+                &self.name,
+                &format!(
+                    "CRC-32 mismatch (stored {:08x}, data {got:08x})",
+                    self.want_crc
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn corrupt_io(name: &str, what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{name}: {what}"))
+}
+
+/// Read an entry's local header to find where its data starts.
+pub(crate) fn local_data_offset(file: &File, e: &Entry) -> Result<u64, Error> {
+    let mut h = [0u8; LOCAL_HEADER_LEN];
+    file.read_exact_at(&mut h, e.cd.local_header_offset)
+        .map_err(|_| Error::Corrupt(format!("{}: local header is past the end", e.name())))?;
+    if rd32(&h, 0) != LOCAL_SIG {
+        return Err(Error::Corrupt(format!(
+            "{}: no local header at offset {}",
+            e.name(),
+            e.cd.local_header_offset
+        )));
+    }
+    Ok(e.cd.local_header_offset
+        + LOCAL_HEADER_LEN as u64
+        + rd16(&h, 26) as u64
+        + rd16(&h, 28) as u64)
+}
+
+/// Locate and parse the central directory. `Err` carries why the tail is not
+/// usable (the archive then needs recovery).
+pub fn read_tail(file: &File, len: u64) -> Result<(Tail, Vec<Entry>), String> {
+    if len < EOCD_LEN as u64 {
+        return Err(format!(
+            "file is {len} bytes, too short for a zip end record"
+        ));
+    }
+    // The EOCD may be followed by a comment of up to 64 KiB.
+    let window = (len).min((EOCD_LEN + 0xFFFF) as u64);
+    let mut buf = vec![0u8; window as usize];
+    let base = len - window;
+    file.read_exact_at(&mut buf, base)
+        .map_err(|e| format!("reading the end of the file: {e}"))?;
+    let mut eocd_at = None;
+    for i in (0..=buf.len() - EOCD_LEN).rev() {
+        if rd32(&buf, i) == EOCD_SIG && i + EOCD_LEN + rd16(&buf, i + 20) as usize == buf.len() {
+            eocd_at = Some(i);
+            break;
+        }
+    }
+    let i = eocd_at.ok_or("no end-of-central-directory record at the end of the file")?;
+    let eocd = &buf[i..];
+    if rd16(eocd, 4) != 0 || rd16(eocd, 6) != 0 {
+        return Err("multi-disk archives are not supported".into());
+    }
+    let mut tail = Tail {
+        entries: rd16(eocd, 10) as u64,
+        cd_size: rd32(eocd, 12) as u64,
+        cd_offset: rd32(eocd, 16) as u64,
+        zip64: false,
+    };
+    let eocd_pos = base + i as u64;
+    let mut cd_end_limit = eocd_pos;
+    if eocd_pos >= (ZIP64_LOCATOR_LEN + ZIP64_EOCD_LEN) as u64 {
+        let mut loc = [0u8; ZIP64_LOCATOR_LEN];
+        file.read_exact_at(&mut loc, eocd_pos - ZIP64_LOCATOR_LEN as u64)
+            .map_err(|e| e.to_string())?;
+        if rd32(&loc, 0) == ZIP64_LOCATOR_SIG {
+            let z_off = rd64(&loc, 8);
+            if z_off > eocd_pos - (ZIP64_LOCATOR_LEN + ZIP64_EOCD_LEN) as u64 {
+                return Err("zip64 locator points past the end".into());
+            }
+            let mut z = [0u8; ZIP64_EOCD_LEN];
+            file.read_exact_at(&mut z, z_off)
+                .map_err(|e| e.to_string())?;
+            if rd32(&z, 0) != ZIP64_EOCD_SIG {
+                return Err("zip64 end record missing where the locator points".into());
+            }
+            tail = Tail {
+                entries: rd64(&z, 32),
+                cd_size: rd64(&z, 40),
+                cd_offset: rd64(&z, 48),
+                zip64: true,
+            };
+            cd_end_limit = z_off;
+        }
+    }
+    if tail
+        .cd_offset
+        .checked_add(tail.cd_size)
+        .is_none_or(|end| end > cd_end_limit)
+    {
+        return Err("central directory extends past its end record".into());
+    }
+    if tail.cd_size > (1 << 34) || tail.entries > tail.cd_size / CENTRAL_HEADER_LEN as u64 {
+        return Err("central directory size and entry count disagree".into());
+    }
+    let mut cd = vec![0u8; tail.cd_size as usize];
+    file.read_exact_at(&mut cd, tail.cd_offset)
+        .map_err(|e| format!("reading the central directory: {e}"))?;
+    let entries = parse_central_directory(&cd, tail.entries, tail.cd_offset)?;
+    Ok((tail, entries))
+}
+
+/// Parse `count` central headers; every entry must lie before `cd_offset`.
+pub fn parse_central_directory(
+    cd: &[u8],
+    count: u64,
+    cd_offset: u64,
+) -> Result<Vec<Entry>, String> {
+    let mut out = Vec::with_capacity(count as usize);
+    let mut at = 0usize;
+    for k in 0..count {
+        let h = cd
+            .get(at..at + CENTRAL_HEADER_LEN)
+            .ok_or_else(|| format!("central directory ends at entry {k}"))?;
+        if rd32(h, 0) != CENTRAL_SIG {
+            return Err(format!("central directory entry {k} has a bad signature"));
+        }
+        let flags = rd16(h, 8);
+        if flags & GP_ENCRYPTED != 0 {
+            return Err(format!("central directory entry {k} is encrypted"));
+        }
+        let method = rd16(h, 10);
+        let crc32 = rd32(h, 16);
+        let c32 = rd32(h, 20);
+        let u32_ = rd32(h, 24);
+        let nlen = rd16(h, 28) as usize;
+        let elen = rd16(h, 30) as usize;
+        let clen = rd16(h, 32) as usize;
+        let o32 = rd32(h, 42);
+        let var = cd
+            .get(at + CENTRAL_HEADER_LEN..at + CENTRAL_HEADER_LEN + nlen + elen + clen)
+            .ok_or_else(|| format!("central directory entry {k} runs past the directory"))?;
+        let name = std::str::from_utf8(&var[..nlen])
+            .map_err(|_| format!("central directory entry {k} has a non-UTF-8 name"))?
+            .to_string();
+        let want = [u32_ == u32::MAX, c32 == u32::MAX, o32 == u32::MAX];
+        let extra =
+            parse_extra(&var[nlen..nlen + elen], want).map_err(|e| format!("{name}: {e}"))?;
+        let z = extra.zip64.unwrap_or([None; 3]);
+        let pick = |small: u32, big: Option<u64>, w: bool| -> Result<u64, String> {
+            match (w, big) {
+                (true, Some(v)) => Ok(v),
+                (true, None) => Err(format!("{name}: zip64 value missing")),
+                (false, _) => Ok(small as u64),
+            }
+        };
+        let uncompressed_size = pick(u32_, z[0], want[0])?;
+        let compressed_size = pick(c32, z[1], want[1])?;
+        let local_header_offset = pick(o32, z[2], want[2])?;
+        if method == METHOD_STORED && compressed_size != uncompressed_size {
+            return Err(format!("{name}: stored entry with differing sizes"));
+        }
+        if local_header_offset
+            .checked_add(LOCAL_HEADER_LEN as u64 + compressed_size)
+            .is_none_or(|end| end > cd_offset)
+        {
+            return Err(format!(
+                "{name}: entry data runs into the central directory"
+            ));
+        }
+        out.push(Entry {
+            cd: CentralEntry {
+                name,
+                method,
+                flags,
+                crc32,
+                compressed_size,
+                uncompressed_size,
+                local_header_offset,
+            },
+            data_offset: None,
+        });
+        at += CENTRAL_HEADER_LEN + nlen + elen + clen;
+    }
+    Ok(out)
+}

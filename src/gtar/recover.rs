@@ -1,0 +1,360 @@
+//! Recovering archives that have no valid central directory.
+//!
+//! How completeness is recorded: every entry gtar-logd writes carries the
+//! private `gL` extra field ([`COMMIT_TAG`]) in its local header with the
+//! transaction id (the offset of the transaction's first local header), the
+//! entry's number within the transaction, and an END flag. The END flag is set
+//! on the transaction's last entry only after every entry of the transaction
+//! is completely written (sizes and CRC in place); an fsync follows before a
+//! commit is reported durable.
+//!
+//! [`scan`] walks local headers from offset 0 and keeps:
+//! * each complete foreign entry (no `gL` field: written by libgetar, keras_gtar,
+//!   or any zip tool) whose CRC matches, one by one — they carry no frame
+//!   boundaries, so a complete entry is the best unit we have;
+//! * our entries only as whole transactions: entries 0..n of one txn, CRC
+//!   valid, the last one flagged END.
+//!
+//! The walk stops at the first thing that is not a complete, valid entry of an
+//! acceptable sequence; everything from the end of the last kept entry on is the
+//! torn tail. Because the writer never leaves stale bytes beyond its write
+//! position (it truncates the old central directory before appending) and
+//! entries are written in order, nothing after a torn point was ever
+//! acknowledged as durable.
+//!
+//! Bounded work: each entry is read once (CRC check); data-descriptor entries
+//! are delimited by searching for a descriptor whose size field equals its own
+//! distance from the data start and whose CRC matches, so a damaged archive
+//! can't make the scan loop or look backwards.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use flate2::read::DeflateDecoder;
+
+use super::index::Entry;
+use super::zipfmt::*;
+use super::Error;
+
+/// What a scan found.
+#[derive(Debug, Clone, Default)]
+pub struct ScanReport {
+    /// Why the central directory could not be used.
+    pub reason: String,
+    /// Entries kept, in file order.
+    pub entries: Vec<Entry>,
+    /// Offset just past the last kept entry: where the tail starts.
+    pub end: u64,
+    /// Complete gtar-logd transactions (frames) kept.
+    pub txns_kept: u64,
+    /// Entries of an unfinished transaction that were dropped.
+    pub entries_dropped: u64,
+    /// Bytes after `end` that were dropped.
+    pub bytes_dropped: u64,
+    /// Why the walk stopped (empty if it reached the end of the file cleanly).
+    pub stopped: String,
+}
+
+const CHUNK: usize = 1 << 20;
+
+struct Local {
+    name: String,
+    flags: u16,
+    method: u16,
+    crc32: u32,
+    csize: Option<u64>,
+    usize_: Option<u64>,
+    mark: Option<CommitMark>,
+    data_offset: u64,
+    has_zip64: bool,
+}
+
+fn read_local(file: &File, at: u64, len: u64) -> Result<Local, String> {
+    if at + LOCAL_HEADER_LEN as u64 > len {
+        return Err(format!(
+            "{} bytes at offset {at}, too short for a local header",
+            len - at
+        ));
+    }
+    let mut h = [0u8; LOCAL_HEADER_LEN];
+    file.read_exact_at(&mut h, at).map_err(|e| e.to_string())?;
+    if rd32(&h, 0) != LOCAL_SIG {
+        return Err(if rd32(&h, 0) == CENTRAL_SIG {
+            format!("an old central directory at offset {at}")
+        } else {
+            format!("no local header at offset {at}")
+        });
+    }
+    let flags = rd16(&h, 6);
+    if flags & GP_ENCRYPTED != 0 {
+        return Err(format!("encrypted entry at offset {at}"));
+    }
+    let nlen = rd16(&h, 26) as usize;
+    let elen = rd16(&h, 28) as usize;
+    let data_offset = at + (LOCAL_HEADER_LEN + nlen + elen) as u64;
+    if data_offset > len {
+        return Err(format!("local header at offset {at} is cut off"));
+    }
+    let mut var = vec![0u8; nlen + elen];
+    file.read_exact_at(&mut var, at + LOCAL_HEADER_LEN as u64)
+        .map_err(|e| e.to_string())?;
+    let name = std::str::from_utf8(&var[..nlen])
+        .map_err(|_| format!("non-UTF-8 name at offset {at}"))?
+        .to_string();
+    let c32 = rd32(&h, 18);
+    let u32_ = rd32(&h, 22);
+    let ex = parse_extra(&var[nlen..], [true, true, false]).map_err(|e| format!("{name}: {e}"))?;
+    let (mut csize, mut usize_) = (Some(c32 as u64), Some(u32_ as u64));
+    if c32 == u32::MAX || u32_ == u32::MAX {
+        let z = ex
+            .zip64
+            .ok_or_else(|| format!("{name}: zip64 sizes missing"))?;
+        usize_ = z[0];
+        csize = z[1];
+    }
+    if flags & GP_DATA_DESCRIPTOR != 0 {
+        csize = None;
+        usize_ = None;
+    }
+    Ok(Local {
+        name,
+        flags,
+        method: rd16(&h, 8),
+        crc32: rd32(&h, 14),
+        csize,
+        usize_,
+        mark: ex.mark,
+        data_offset,
+        has_zip64: ex.zip64.is_some(),
+    })
+}
+
+/// CRC and size of the uncompressed bytes of `[from, from+n)`.
+fn checksum(file: &File, from: u64, n: u64, method: u16) -> io::Result<(u32, u64)> {
+    struct Pos<'a> {
+        f: &'a File,
+        pos: u64,
+        end: u64,
+    }
+    impl Read for Pos<'_> {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            let k = (self.end - self.pos).min(b.len() as u64) as usize;
+            if k == 0 {
+                return Ok(0);
+            }
+            let got = self.f.read_at(&mut b[..k], self.pos)?;
+            if got == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.pos += got as u64;
+            Ok(got)
+        }
+    }
+    let raw = Pos {
+        f: file,
+        pos: from,
+        end: from + n,
+    };
+    let mut r: Box<dyn Read> = match method {
+        METHOD_STORED => Box::new(raw),
+        METHOD_DEFLATE => Box::new(DeflateDecoder::new(io::BufReader::with_capacity(
+            CHUNK, raw,
+        ))),
+        m => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("compression method {m}"),
+            ))
+        }
+    };
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let k = r.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        total += k as u64;
+    }
+    Ok((h.finalize(), total))
+}
+
+/// Find the data descriptor that ends a bit-3 entry whose data starts at `d`.
+/// Returns (compressed size, uncompressed size, crc, descriptor length).
+fn find_descriptor(file: &File, loc: &Local, len: u64) -> Option<(u64, u64, u32, u64)> {
+    let d = loc.data_offset;
+    let mut buf = vec![0u8; CHUNK + 3];
+    let mut base = d;
+    while base < len {
+        let n = ((len - base) as usize).min(buf.len());
+        if file.read_exact_at(&mut buf[..n], base).is_err() {
+            return None;
+        }
+        for i in 0..n.saturating_sub(3) {
+            if buf[i..i + 4] != DESCRIPTOR_SIG.to_le_bytes() {
+                continue;
+            }
+            let p = base + i as u64;
+            let dist = p - d;
+            let mut desc = [0u8; 24];
+            let avail = ((len - p) as usize).min(24);
+            if avail < 16 || file.read_exact_at(&mut desc[..avail], p).is_err() {
+                continue;
+            }
+            // 64-bit sizes when the header had a zip64 field (miniz), else 32-bit.
+            let forms: &[(u64, u64, u64)] = &[
+                (rd32(&desc, 8) as u64, rd32(&desc, 12) as u64, 16),
+                (
+                    if avail >= 24 {
+                        rd64(&desc, 8)
+                    } else {
+                        u64::MAX
+                    },
+                    if avail >= 24 {
+                        rd64(&desc, 16)
+                    } else {
+                        u64::MAX
+                    },
+                    24,
+                ),
+            ];
+            let order: Vec<usize> = if loc.has_zip64 {
+                vec![1, 0]
+            } else {
+                vec![0, 1]
+            };
+            for k in order {
+                let (c, u, dl) = forms[k];
+                if c != dist {
+                    continue;
+                }
+                let crc = rd32(&desc, 4);
+                if let Ok((got_crc, got_u)) = checksum(file, d, c, loc.method) {
+                    if got_crc == crc && got_u == u {
+                        return Some((c, u, crc, dl));
+                    }
+                }
+            }
+        }
+        if n < buf.len() {
+            break;
+        }
+        base += (n - 3) as u64;
+    }
+    None
+}
+
+/// Walk the local headers of `file` and keep what is complete (module docs).
+pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> {
+    let mut rep = ScanReport {
+        reason,
+        ..Default::default()
+    };
+    let mut pending: Vec<Entry> = Vec::new();
+    let mut pending_txn = 0u64;
+    let mut at = 0u64;
+    let stopped = loop {
+        if at == len {
+            break String::new();
+        }
+        let loc = match read_local(file, at, len) {
+            Ok(l) => l,
+            Err(why) => break why,
+        };
+        let (csize, usize_, crc, after) = match (loc.csize, loc.usize_) {
+            (Some(c), Some(u)) => {
+                let end = match loc.data_offset.checked_add(c) {
+                    Some(e) if e <= len => e,
+                    _ => break format!("{}: entry is cut off at the end of the file", loc.name),
+                };
+                match checksum(file, loc.data_offset, c, loc.method) {
+                    Ok((got, got_u)) if got == loc.crc32 && got_u == u => {}
+                    Ok(_) => break format!("{}: data does not match its CRC-32", loc.name),
+                    Err(e) => break format!("{}: {e}", loc.name),
+                }
+                (c, u, loc.crc32, end)
+            }
+            _ => match find_descriptor(file, &loc, len) {
+                Some((c, u, crc, dl)) => (c, u, crc, loc.data_offset + c + dl),
+                None => break format!("{}: no valid data descriptor found", loc.name),
+            },
+        };
+        let entry = Entry {
+            cd: CentralEntry {
+                name: loc.name.clone(),
+                method: loc.method,
+                flags: loc.flags,
+                crc32: crc,
+                compressed_size: csize,
+                uncompressed_size: usize_,
+                local_header_offset: at,
+            },
+            data_offset: Some(loc.data_offset),
+        };
+        match loc.mark {
+            Some(m) => {
+                let fits = if pending.is_empty() {
+                    m.entry == 0 && m.txn == at
+                } else {
+                    m.txn == pending_txn && m.entry as usize == pending.len()
+                };
+                if !fits {
+                    break format!("{}: out-of-sequence frame entry at offset {at}", loc.name);
+                }
+                pending_txn = m.txn;
+                pending.push(entry);
+                if m.end {
+                    rep.entries.append(&mut pending);
+                    rep.txns_kept += 1;
+                    rep.end = after;
+                }
+            }
+            None => {
+                if !pending.is_empty() {
+                    break format!("{}: foreign entry inside an unfinished frame", loc.name);
+                }
+                rep.entries.push(entry);
+                rep.end = after;
+            }
+        }
+        at = after;
+    };
+    rep.entries_dropped = pending.len() as u64;
+    rep.bytes_dropped = len - rep.end;
+    rep.stopped = stopped;
+    Ok(rep)
+}
+
+/// Repair `path` in place if its central directory is missing or invalid:
+/// keep every complete frame, drop the torn tail, write a new central
+/// directory and fsync. Returns `None` if the archive was already valid.
+pub fn repair(path: &Path) -> Result<Option<ScanReport>, Error> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    super::writer::lock_exclusive(&file)?;
+    let len = file.metadata()?.len();
+    match super::reader::read_tail(&file, len) {
+        Ok(_) => Ok(None),
+        Err(why) => {
+            let rep = scan(&file, len, why)?;
+            write_repaired(&file, &rep)?;
+            Ok(Some(rep))
+        }
+    }
+}
+
+/// Truncate to the end of the kept entries, write a tail, fsync.
+pub(crate) fn write_repaired(file: &File, rep: &ScanReport) -> Result<(), Error> {
+    file.set_len(rep.end)?;
+    let cds: Vec<CentralEntry> = rep.entries.iter().map(|e| e.cd.clone()).collect();
+    let tail = encode_tail(&cds, rep.end);
+    file.write_all_at(&tail, rep.end)?;
+    file.sync_all()?;
+    Ok(())
+}

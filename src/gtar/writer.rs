@@ -1,0 +1,598 @@
+//! The append writer: frames go in as transactions of zip entries.
+//!
+//! Invariants:
+//! * zip64 always: every tail we write has the zip64 end record and locator
+//!   (libgetar refuses to append otherwise).
+//! * One writer per file: an exclusive `flock` is held while the writer lives.
+//! * No stale bytes past the write position: opening for append truncates the
+//!   old central directory away before the first new entry is written, and an
+//!   aborted transaction truncates back to where it started. Recovery relies on
+//!   this (see `recover`).
+//! * Order of a commit: entry headers and data are written; the END flag of
+//!   the last entry is written last; only then are the entries added to the
+//!   shared index (readers see the frame). `sync` (fdatasync) makes every
+//!   committed frame durable; callers report "durable" only after it returns.
+//! * A newly created archive has its directory fsynced once, so the file
+//!   itself survives a crash (write → fsync → fsync the directory).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use super::index::{Entry, Index};
+use super::reader::{read_tail, Archive};
+use super::recover::{scan, write_repaired, ScanReport};
+use super::zipfmt::*;
+use super::Error;
+
+/// What to do with an existing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Start a new, empty archive, replacing any file at the path.
+    Create,
+    /// Keep what is there (repairing it if needed) and add to it; create the
+    /// file if it does not exist.
+    Append,
+}
+
+/// How an entry's data is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Stored,
+    /// Deflate at a level 0–9.
+    Deflate(u32),
+}
+
+/// Data compressed elsewhere (so compression stays off the writer thread).
+#[derive(Debug, Clone)]
+pub struct Precompressed {
+    pub deflated: Vec<u8>,
+    pub crc32: u32,
+    pub uncompressed_size: u64,
+}
+
+impl Precompressed {
+    /// Compress `data` with raw deflate at `level`.
+    pub fn deflate(data: &[u8], level: u32) -> Precompressed {
+        let mut enc = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(data.len() / 2 + 64),
+            flate2::Compression::new(level.min(9)),
+        );
+        enc.write_all(data).expect("writing to a Vec cannot fail");
+        Precompressed {
+            deflated: enc.finish().expect("writing to a Vec cannot fail"),
+            crc32: crc32fast::hash(data),
+            uncompressed_size: data.len() as u64,
+        }
+    }
+}
+
+/// Result of a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Transaction id (offset of its first entry).
+    pub txn: u64,
+    pub entries: usize,
+    /// Bytes the transaction added to the file.
+    pub bytes: u64,
+}
+
+/// Small writes are gathered here and written in one call; large data goes
+/// straight to the file.
+const BUF_CAP: usize = 1 << 20;
+
+/// Appends frames to one archive. See the module docs for the invariants.
+#[derive(Debug)]
+pub struct ArchiveWriter {
+    path: PathBuf,
+    file: File,
+    index: Arc<RwLock<Index>>,
+    /// End of the last committed entry: where the tail goes or the next entry.
+    end: u64,
+    /// A central directory currently sits at `end`.
+    tail_present: bool,
+    /// Committed data not yet fsynced.
+    unsynced: bool,
+    buf: Vec<u8>,
+    buf_at: u64,
+}
+
+/// Exclusive advisory lock so two writers never interleave in one file.
+pub(crate) fn lock_exclusive(file: &File) -> Result<(), Error> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
+fn sync_parent_dir(path: &Path) -> Result<(), Error> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()?;
+    Ok(())
+}
+
+impl ArchiveWriter {
+    /// Open `path` for writing. With [`OpenMode::Append`] an archive whose
+    /// tail is damaged is repaired first; the report says what was kept.
+    pub fn open(
+        path: impl AsRef<Path>,
+        mode: OpenMode,
+    ) -> Result<(ArchiveWriter, Option<ScanReport>), Error> {
+        let path = path.as_ref().to_path_buf();
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        lock_exclusive(&file)?;
+        let mut index = Index::new();
+        let mut report = None;
+        let end;
+        if mode == OpenMode::Create || !existed {
+            file.set_len(0)?;
+            file.write_all_at(&encode_tail(&[], 0), 0)?;
+            file.sync_all()?;
+            if !existed {
+                sync_parent_dir(&path)?;
+            }
+            end = 0;
+        } else {
+            let len = file.metadata()?.len();
+            match read_tail(&file, len) {
+                Ok((tail, entries)) => {
+                    for e in entries {
+                        index.push(e);
+                    }
+                    end = tail.cd_offset;
+                }
+                Err(why) => {
+                    let rep = scan(&file, len, why)?;
+                    write_repaired(&file, &rep)?;
+                    for e in rep.entries.iter().cloned() {
+                        index.push(e);
+                    }
+                    end = rep.end;
+                    report = Some(rep);
+                }
+            }
+        }
+        Ok((
+            ArchiveWriter {
+                path,
+                file,
+                index: Arc::new(RwLock::new(index)),
+                end,
+                tail_present: true,
+                unsynced: false,
+                buf: Vec::with_capacity(BUF_CAP),
+                buf_at: end,
+            },
+            report,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The index, shared with readers made by [`ArchiveWriter::reader`].
+    pub fn shared_index(&self) -> Arc<RwLock<Index>> {
+        self.index.clone()
+    }
+
+    /// A reader that sees every committed frame as soon as it is committed.
+    pub fn reader(&self) -> Result<Archive, Error> {
+        Archive::with_shared_index(&self.path, self.index.clone())
+    }
+
+    /// Bytes of committed entries (the file size without its tail).
+    pub fn committed_len(&self) -> u64 {
+        self.end
+    }
+
+    /// Start a frame. Dropping it without [`Txn::commit`] aborts it: the file
+    /// is truncated back and nothing of it stays visible.
+    pub fn begin(&mut self) -> Result<Txn<'_>, Error> {
+        if self.tail_present {
+            // Remove the old central directory before writing over it, so no
+            // stale bytes are left behind a torn write.
+            self.file.set_len(self.end)?;
+            self.tail_present = false;
+        }
+        self.buf.clear();
+        self.buf_at = self.end;
+        Ok(Txn {
+            txn: self.end,
+            pos: self.end,
+            entries: Vec::new(),
+            last_header: None,
+            w: self,
+            done: false,
+            poisoned: false,
+        })
+    }
+
+    /// Make every committed frame durable (fdatasync).
+    pub fn sync(&mut self) -> Result<(), Error> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Write the central directory so other zip readers can open the file
+    /// now, and fsync. The next frame removes it again.
+    pub fn write_tail(&mut self) -> Result<(), Error> {
+        if !self.tail_present {
+            let tail = {
+                let ix = self.index.read().unwrap_or_else(|p| p.into_inner());
+                let cds: Vec<CentralEntry> = ix.entries().iter().map(|e| e.cd.clone()).collect();
+                encode_tail(&cds, self.end)
+            };
+            self.file.write_all_at(&tail, self.end)?;
+            self.tail_present = true;
+            self.unsynced = true;
+        }
+        self.sync()
+    }
+
+    /// Write the tail and release the file.
+    pub fn close(mut self) -> Result<(), Error> {
+        self.write_tail()
+    }
+
+    fn flush_buf(&mut self) -> Result<(), Error> {
+        if !self.buf.is_empty() {
+            self.file.write_all_at(&self.buf, self.buf_at)?;
+            self.buf_at += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `at`, which is always the current append position.
+    fn append(&mut self, at: u64, data: &[u8]) -> Result<(), Error> {
+        debug_assert_eq!(at, self.buf_at + self.buf.len() as u64);
+        if self.buf.len() + data.len() <= BUF_CAP {
+            self.buf.extend_from_slice(data);
+        } else {
+            self.flush_buf()?;
+            if data.len() < BUF_CAP {
+                self.buf.extend_from_slice(data);
+            } else {
+                self.file.write_all_at(data, at)?;
+                self.buf_at = at + data.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Overwrite already-appended bytes at `at` (a header patch).
+    fn patch(&mut self, at: u64, data: &[u8]) -> Result<(), Error> {
+        if at >= self.buf_at {
+            let i = (at - self.buf_at) as usize;
+            self.buf[i..i + data.len()].copy_from_slice(data);
+            Ok(())
+        } else {
+            Ok(self.file.write_all_at(data, at)?)
+        }
+    }
+}
+
+impl Drop for ArchiveWriter {
+    fn drop(&mut self) {
+        // Best effort: leave a readable file behind. Errors here are not
+        // reportable; the archive is repaired on the next open if this fails.
+        let _ = self.write_tail();
+    }
+}
+
+/// A frame being written: a set of entries that become visible together.
+pub struct Txn<'a> {
+    w: &'a mut ArchiveWriter,
+    txn: u64,
+    pos: u64,
+    entries: Vec<Entry>,
+    /// (offset, name, method, crc, csize, usize) of the last entry, whose
+    /// header gets the END flag at commit.
+    last_header: Option<(u64, Entry)>,
+    done: bool,
+    /// An entry was started and never finished: the frame cannot commit.
+    poisoned: bool,
+}
+
+impl<'a> Txn<'a> {
+    fn mark(&self, end: bool) -> CommitMark {
+        CommitMark {
+            txn: self.txn,
+            entry: self.entries.len() as u32,
+            end,
+        }
+    }
+
+    fn check_usable(&self) -> Result<(), Error> {
+        if self.poisoned {
+            return Err(Error::Invalid(
+                "an entry of this frame was left unfinished; the frame must be aborted".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_name(name: &str) -> Result<(), Error> {
+        if name.is_empty() || name.len() > u16::MAX as usize {
+            return Err(Error::Invalid(format!(
+                "entry name must be 1..65535 bytes, got {}",
+                name.len()
+            )));
+        }
+        if name.starts_with('/') || name.contains('\0') {
+            return Err(Error::Invalid(format!(
+                "entry name {name:?} is not a relative path"
+            )));
+        }
+        Ok(())
+    }
+
+    fn push_entry(&mut self, offset: u64, cd: CentralEntry, data_offset: u64) {
+        let e = Entry {
+            cd,
+            data_offset: Some(data_offset),
+        };
+        self.last_header = Some((offset, e.clone()));
+        self.entries.push(e);
+    }
+
+    /// Add an entry with its whole content.
+    pub fn add(&mut self, name: &str, data: &[u8], compression: Compression) -> Result<(), Error> {
+        match compression {
+            Compression::Stored => self.add_raw(
+                name,
+                METHOD_STORED,
+                data,
+                crc32fast::hash(data),
+                data.len() as u64,
+            ),
+            Compression::Deflate(level) => {
+                let p = Precompressed::deflate(data, level);
+                self.add_precompressed(name, &p)
+            }
+        }
+    }
+
+    /// Add an entry compressed beforehand.
+    pub fn add_precompressed(&mut self, name: &str, p: &Precompressed) -> Result<(), Error> {
+        self.add_raw(
+            name,
+            METHOD_DEFLATE,
+            &p.deflated,
+            p.crc32,
+            p.uncompressed_size,
+        )
+    }
+
+    fn add_raw(
+        &mut self,
+        name: &str,
+        method: u16,
+        data: &[u8],
+        crc: u32,
+        usize_: u64,
+    ) -> Result<(), Error> {
+        self.check_usable()?;
+        Self::check_name(name)?;
+        let at = self.pos;
+        let header = LocalHeader {
+            name,
+            method,
+            crc32: crc,
+            compressed_size: data.len() as u64,
+            uncompressed_size: usize_,
+            mark: self.mark(false),
+        }
+        .encode();
+        self.w.append(at, &header)?;
+        let data_at = at + header.len() as u64;
+        self.w.append(data_at, data)?;
+        self.pos = data_at + data.len() as u64;
+        self.push_entry(
+            at,
+            CentralEntry {
+                name: name.to_string(),
+                method,
+                flags: GP_UTF8,
+                crc32: crc,
+                compressed_size: data.len() as u64,
+                uncompressed_size: usize_,
+                local_header_offset: at,
+            },
+            data_at,
+        );
+        Ok(())
+    }
+
+    /// Start a stored entry of `size` bytes whose data arrives in pieces
+    /// (tensors larger than memory). Write exactly `size` bytes, then
+    /// [`EntryWriter::finish`].
+    pub fn start_entry(&mut self, name: &str, size: u64) -> Result<EntryWriter<'_, 'a>, Error> {
+        self.check_usable()?;
+        Self::check_name(name)?;
+        let at = self.pos;
+        let header = LocalHeader {
+            name,
+            method: METHOD_STORED,
+            crc32: 0, // patched by finish()
+            compressed_size: size,
+            uncompressed_size: size,
+            mark: self.mark(false),
+        };
+        let bytes = header.encode();
+        self.w.append(at, &bytes)?;
+        let data_at = at + bytes.len() as u64;
+        Ok(EntryWriter {
+            name: name.to_string(),
+            header_at: at,
+            data_at,
+            size,
+            written: 0,
+            crc: crc32fast::Hasher::new(),
+            finished: false,
+            txn: self,
+        })
+    }
+
+    /// Entries written so far.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Finish the frame: mark its last entry END and make it visible to
+    /// readers. Not yet durable: call [`ArchiveWriter::sync`] (group commit).
+    pub fn commit(mut self) -> Result<Committed, Error> {
+        self.check_usable()?;
+        let (at, last) = self
+            .last_header
+            .take()
+            .ok_or_else(|| Error::Invalid("a frame needs at least one record".into()))?;
+        let header = LocalHeader {
+            name: &last.cd.name,
+            method: last.cd.method,
+            crc32: last.cd.crc32,
+            compressed_size: last.cd.compressed_size,
+            uncompressed_size: last.cd.uncompressed_size,
+            mark: CommitMark {
+                txn: self.txn,
+                entry: (self.entries.len() - 1) as u32,
+                end: true,
+            },
+        }
+        .encode();
+        self.w.patch(at, &header)?;
+        self.w.flush_buf()?;
+        let entries = std::mem::take(&mut self.entries);
+        let n = entries.len();
+        {
+            let mut ix = self.w.index.write().unwrap_or_else(|p| p.into_inner());
+            for e in entries {
+                ix.push(e);
+            }
+        }
+        let bytes = self.pos - self.txn;
+        self.w.end = self.pos;
+        self.w.unsynced = true;
+        self.done = true;
+        Ok(Committed {
+            txn: self.txn,
+            entries: n,
+            bytes,
+        })
+    }
+
+    /// Give the frame up explicitly (same as dropping it).
+    pub fn abort(mut self) -> Result<(), Error> {
+        self.done = true;
+        self.w.buf.clear();
+        self.w.buf_at = self.w.end;
+        self.w.file.set_len(self.w.end)?;
+        Ok(())
+    }
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.w.buf.clear();
+            self.w.buf_at = self.w.end;
+            // If this fails the bytes stay, but without an END flag they are
+            // never visible and recovery drops them.
+            let _ = self.w.file.set_len(self.w.end);
+        }
+    }
+}
+
+/// Streams the data of one stored entry. See [`Txn::start_entry`].
+pub struct EntryWriter<'t, 'a> {
+    txn: &'t mut Txn<'a>,
+    name: String,
+    header_at: u64,
+    data_at: u64,
+    size: u64,
+    written: u64,
+    crc: crc32fast::Hasher,
+    finished: bool,
+}
+
+impl Drop for EntryWriter<'_, '_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.txn.poisoned = true;
+        }
+    }
+}
+
+impl EntryWriter<'_, '_> {
+    /// Append the next piece of the entry's data.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+        if self.written + data.len() as u64 > self.size {
+            return Err(Error::Invalid(format!(
+                "{}: {} bytes written, more than the declared {}",
+                self.name,
+                self.written + data.len() as u64,
+                self.size
+            )));
+        }
+        self.crc.update(data);
+        let at = self.data_at + self.written;
+        self.txn.w.append(at, data)?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Complete the entry: every declared byte must have been written.
+    pub fn finish(mut self) -> Result<(), Error> {
+        if self.written != self.size {
+            return Err(Error::Invalid(format!(
+                "{}: {} bytes written, {} declared",
+                self.name, self.written, self.size
+            )));
+        }
+        let crc = self.crc.clone().finalize();
+        let mark = self.txn.mark(false);
+        let header = LocalHeader {
+            name: &self.name,
+            method: METHOD_STORED,
+            crc32: crc,
+            compressed_size: self.size,
+            uncompressed_size: self.size,
+            mark,
+        }
+        .encode();
+        self.txn.w.patch(self.header_at, &header)?;
+        self.txn.pos = self.data_at + self.size;
+        self.finished = true;
+        let cd = CentralEntry {
+            name: std::mem::take(&mut self.name),
+            method: METHOD_STORED,
+            flags: GP_UTF8,
+            crc32: crc,
+            compressed_size: self.size,
+            uncompressed_size: self.size,
+            local_header_offset: self.header_at,
+        };
+        self.txn.push_entry(self.header_at, cd, self.data_at);
+        Ok(())
+    }
+}
