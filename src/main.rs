@@ -1,9 +1,12 @@
 //! `gtar-logd`: parse the command line and run. Nothing else lives here.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gtar_logd::server::{self, Listener};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "gtar-logd", version, about = "Keep every checkpoint of a training run in a GETAR archive", long_about = None)]
@@ -14,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the daemon: take frames over gRPC and append them to archives
+    /// under the data directory; answer load queries.
+    Serve(ServeArgs),
     /// Print the frame indices of an archive, one a line, in GETAR order.
     Frames {
         /// The archive file (.zip).
@@ -35,10 +41,131 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Directory holding the archives [default: $XDG_DATA_HOME/gtar-logd or ~/.local/share/gtar-logd]
+    #[arg(long, env = "GTAR_LOGD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Unix socket to listen on [default: $XDG_RUNTIME_DIR/gtar-logd/gtar-logd.sock or /tmp/gtar-logd-$UID/gtar-logd.sock]; "none" to disable
+    #[arg(long, env = "GTAR_LOGD_UDS")]
+    uds: Option<String>,
+    /// TCP address to listen on, e.g. 127.0.0.1:7461 (off unless given)
+    #[arg(long, env = "GTAR_LOGD_TCP")]
+    tcp: Option<SocketAddr>,
+    /// Largest tensor accepted, in bytes
+    #[arg(long, env = "GTAR_LOGD_MAX_TENSOR_BYTES", default_value_t = 1 << 40)]
+    max_tensor_bytes: u64,
+    /// Frames that may queue per archive before writers get RESOURCE_EXHAUSTED
+    #[arg(long, default_value_t = 64)]
+    queue_frames: usize,
+    /// Seconds open queries may run on after SIGTERM before they are cut off
+    #[arg(long, default_value_t = 10)]
+    grace_secs: u64,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "gtar_logd=debug"
+    #[arg(long, env = "GTAR_LOGD_LOG", default_value = "info")]
+    log: String,
+}
+
+fn uid() -> u32 {
+    // SAFETY: getuid cannot fail and has no preconditions.
+    unsafe { libc_getuid() }
+}
+
+extern "C" {
+    #[link_name = "getuid"]
+    fn libc_getuid() -> u32;
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("gtar-logd");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share/gtar-logd"),
+        None => PathBuf::from("gtar-logd-data"),
+    }
+}
+
+/// The default socket, shared with the clients' default address.
+fn default_uds() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("gtar-logd/gtar-logd.sock"),
+        None => PathBuf::from(format!("/tmp/gtar-logd-{}/gtar-logd.sock", uid())),
+    }
+}
+
+fn init_logging(filter: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        fmt.init();
+    } else {
+        // journald adds its own timestamps; keep lines plain.
+        fmt.without_time().with_ansi(false).init();
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    init_logging(&a.log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut listeners = Vec::new();
+        let uds = match a.uds.as_deref() {
+            Some("none") | Some("") => None,
+            Some(p) => Some(PathBuf::from(p.strip_prefix("unix:").unwrap_or(p))),
+            None => Some(default_uds()),
+        };
+        if let Some(p) = &uds {
+            let l = server::bind_unix(p)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", p.display()))?;
+            listeners.push(Listener::Unix(l));
+        }
+        if let Some(addr) = a.tcp {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            listeners.push(Listener::Tcp(l));
+        }
+        if listeners.is_empty() {
+            anyhow::bail!("nothing to listen on: give --uds or --tcp");
+        }
+        let mut cfg = server::Config::new(a.data_dir.unwrap_or_else(default_data_dir));
+        cfg.max_tensor_bytes = a.max_tensor_bytes;
+        cfg.limits.queue_frames = a.queue_frames.max(1);
+        cfg.grace = std::time::Duration::from_secs(a.grace_secs);
+        let shutdown = CancellationToken::new();
+        {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = int.recv() => tracing::info!("SIGINT"),
+                }
+                shutdown.cancel();
+            });
+        }
+        let res = server::run(listeners, cfg, shutdown, |_| tracing::info!("ready")).await;
+        if let Some(p) = &uds {
+            let _ = std::fs::remove_file(p);
+        }
+        res
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut out = std::io::stdout().lock();
     let res = match cli.cmd {
+        Cmd::Serve(a) => serve(a),
         Cmd::Frames { archive, group } => {
             gtar_logd::cli::frames(&archive, group.as_deref(), &mut out)
         }

@@ -124,6 +124,17 @@ impl ArchiveWriter {
         path: impl AsRef<Path>,
         mode: OpenMode,
     ) -> Result<(ArchiveWriter, Option<ScanReport>), Error> {
+        Self::open_shared(path, mode, Arc::default())
+    }
+
+    /// [`ArchiveWriter::open`], maintaining `shared` as the index (its old
+    /// contents are replaced), so readers that hold it keep seeing the
+    /// archive across a re-open.
+    pub fn open_shared(
+        path: impl AsRef<Path>,
+        mode: OpenMode,
+        shared: Arc<RwLock<Index>>,
+    ) -> Result<(ArchiveWriter, Option<ScanReport>), Error> {
         let path = path.as_ref().to_path_buf();
         let existed = path.exists();
         let file = OpenOptions::new()
@@ -164,11 +175,12 @@ impl ArchiveWriter {
                 }
             }
         }
+        *shared.write().unwrap_or_else(|p| p.into_inner()) = index;
         Ok((
             ArchiveWriter {
                 path,
                 file,
-                index: Arc::new(RwLock::new(index)),
+                index: shared,
                 end,
                 tail_present: true,
                 unsynced: false,

@@ -1,0 +1,333 @@
+//! The archives under the data directory: name → path confinement, the set
+//! of known archives kept fresh by a `notify` watcher, and read views.
+//!
+//! Invariants:
+//! * Every archive name from a request goes through [`Catalog::resolve`]: it
+//!   must be a relative path of plain components ending in `.zip`, and its
+//!   canonical location (symlinks followed) must stay inside the canonical
+//!   data directory. Nothing outside the data dir is opened or created.
+//! * Queries on an archive with a live writer use the writer's shared index,
+//!   so every committed frame is visible at once; other archives are opened
+//!   read-only and cached until their size or mtime changes (another program
+//!   appended) or the watcher reports a change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use notify::{RecursiveMode, Watcher};
+
+use crate::gtar::{self, Archive};
+use crate::writer::Registry;
+
+/// Errors of the catalog layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("archive name {name:?}: {why}")]
+    BadName { name: String, why: String },
+    #[error("archive name {0:?} leads outside the data directory")]
+    Outside(String),
+    #[error("no archive {0:?} in the data directory")]
+    NotFound(String),
+    #[error("{name}: {source}")]
+    Format { name: String, source: gtar::Error },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One archive found under the data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub size: u64,
+}
+
+struct Cached {
+    size: u64,
+    mtime: Option<SystemTime>,
+    archive: Archive,
+}
+
+pub struct Catalog {
+    root: PathBuf,
+    registry: Arc<Registry>,
+    known: Arc<Mutex<BTreeMap<String, ()>>>,
+    cache: Mutex<HashMap<PathBuf, Cached>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// Check an archive name's shape (no I/O).
+pub fn check_name(name: &str) -> Result<(), CatalogError> {
+    let bad = |why: &str| {
+        Err(CatalogError::BadName {
+            name: name.to_string(),
+            why: why.to_string(),
+        })
+    };
+    if name.is_empty() {
+        return bad("is empty");
+    }
+    if name.len() > 4096 {
+        return bad("is longer than 4096 bytes");
+    }
+    if name.contains('\0') || name.chars().any(|c| c.is_control()) {
+        return bad("contains a NUL or control character");
+    }
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return Err(CatalogError::Outside(name.to_string()));
+    }
+    for c in p.components() {
+        match c {
+            Component::Normal(_) => {}
+            Component::ParentDir => return Err(CatalogError::Outside(name.to_string())),
+            _ => return bad("must be a plain relative path like runs/model.zip"),
+        }
+    }
+    if name.ends_with('/') || !name.ends_with(".zip") {
+        return bad("must name a .zip file");
+    }
+    Ok(())
+}
+
+impl Catalog {
+    /// Open the catalog over `root` (created if missing) and start watching.
+    pub fn new(root: &Path, registry: Arc<Registry>) -> Result<Catalog, CatalogError> {
+        std::fs::create_dir_all(root)?;
+        let root = root.canonicalize()?;
+        let known = Arc::new(Mutex::new(BTreeMap::new()));
+        for name in scan_dir(&root) {
+            known.lock().unwrap().insert(name, ());
+        }
+        let watcher = {
+            let known = known.clone();
+            let root2 = root.clone();
+            let w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                let Ok(ev) = ev else { return };
+                let mut k = known.lock().unwrap();
+                for p in ev.paths {
+                    let Ok(rel) = p.strip_prefix(&root2) else {
+                        continue;
+                    };
+                    let Some(name) = rel.to_str() else { continue };
+                    if p.is_file() && name.ends_with(".zip") {
+                        k.insert(name.to_string(), ());
+                    } else if !p.exists() {
+                        // A removed directory takes its archives along.
+                        let dir = format!("{name}/");
+                        k.retain(|n, _| n != name && !n.starts_with(&dir));
+                    } else if p.is_dir() {
+                        // A directory moved in: pick up what it holds.
+                        for n in scan_dir(&p) {
+                            k.insert(format!("{name}/{n}"), ());
+                        }
+                    }
+                }
+            });
+            match w {
+                Ok(mut w) => match w.watch(&root, RecursiveMode::Recursive) {
+                    Ok(()) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch the data directory; new archives appear on the next listing rescan");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "no file watcher available");
+                    None
+                }
+            }
+        };
+        Ok(Catalog {
+            root,
+            registry,
+            known,
+            cache: Mutex::new(HashMap::new()),
+            _watcher: watcher,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Map an archive name to its path, creating parent directories when
+    /// `create` is set. Refuses anything that would leave the data dir.
+    pub fn resolve(&self, name: &str, create: bool) -> Result<PathBuf, CatalogError> {
+        check_name(name)?;
+        let joined = self.root.join(name);
+        let parent = joined.parent().unwrap_or(&self.root);
+        // Walk the parents without following anything out of the root.
+        if create {
+            let mut cur = self.root.clone();
+            let rel_parent = parent.strip_prefix(&self.root).unwrap_or(Path::new(""));
+            for c in rel_parent.components() {
+                cur.push(c);
+                match std::fs::symlink_metadata(&cur) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        std::fs::create_dir(&cur)?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                self.confine(name, &cur)?;
+            }
+        }
+        let real_parent = match parent.canonicalize() {
+            Ok(p) => p,
+            Err(_) => return Err(CatalogError::NotFound(name.to_string())),
+        };
+        if !real_parent.starts_with(&self.root) {
+            return Err(CatalogError::Outside(name.to_string()));
+        }
+        let file = real_parent.join(joined.file_name().unwrap_or_default());
+        match std::fs::symlink_metadata(&file) {
+            Ok(m) if m.file_type().is_symlink() => {
+                self.confine(name, &file)?;
+                Ok(file.canonicalize()?)
+            }
+            Ok(m) if !m.is_file() => Err(CatalogError::BadName {
+                name: name.to_string(),
+                why: "is not a regular file".into(),
+            }),
+            _ => Ok(file),
+        }
+    }
+
+    fn confine(&self, name: &str, p: &Path) -> Result<(), CatalogError> {
+        match p.canonicalize() {
+            Ok(real) if real.starts_with(&self.root) => Ok(()),
+            Ok(_) => Err(CatalogError::Outside(name.to_string())),
+            // A dangling symlink: refuse rather than create through it.
+            Err(_) => Err(CatalogError::Outside(name.to_string())),
+        }
+    }
+
+    /// The archive name of a path under the root.
+    pub fn name_of(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Archives under the data directory whose name starts with `prefix`.
+    pub fn list(&self, prefix: &str) -> Vec<Listed> {
+        let names: Vec<String> = self
+            .known
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for name in names {
+            let p = self.root.join(&name);
+            if let Ok(m) = std::fs::metadata(&p) {
+                if m.is_file() {
+                    out.push(Listed {
+                        name,
+                        size: m.len(),
+                    });
+                }
+            } else {
+                self.known.lock().unwrap().remove(&name);
+            }
+        }
+        out
+    }
+
+    /// A read view of an existing archive; sees every acked frame.
+    pub fn open_read(&self, name: &str) -> Result<Archive, CatalogError> {
+        let path = self.resolve(name, false)?;
+        if let Some(h) = self.registry.get(&path) {
+            return Ok(h.reader().clone());
+        }
+        let meta =
+            std::fs::metadata(&path).map_err(|_| CatalogError::NotFound(name.to_string()))?;
+        let (size, mtime) = (meta.len(), meta.modified().ok());
+        let mut cache = self.cache.lock().unwrap();
+        if let Some(c) = cache.get(&path) {
+            if c.size == size && c.mtime == mtime {
+                return Ok(c.archive.clone());
+            }
+        }
+        let archive = Archive::open(&path).map_err(|source| CatalogError::Format {
+            name: name.to_string(),
+            source,
+        })?;
+        self.known.lock().unwrap().insert(name.to_string(), ());
+        cache.insert(
+            path,
+            Cached {
+                size,
+                mtime,
+                archive: archive.clone(),
+            },
+        );
+        Ok(archive)
+    }
+
+    /// Note that an archive exists (created by one of our writers).
+    pub fn note(&self, name: &str) {
+        self.known.lock().unwrap().insert(name.to_string(), ());
+    }
+}
+
+/// Every `*.zip` below `dir`, as names relative to it (symlinked directories
+/// are not followed).
+fn scan_dir(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(dir.join(&rel)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let r = rel.join(e.file_name());
+            if ft.is_dir() {
+                stack.push(r);
+            } else if ft.is_file() {
+                if let Some(s) = r.to_str() {
+                    if s.ends_with(".zip") {
+                        out.push(s.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_confined() {
+        assert!(check_name("runs/a.zip").is_ok());
+        assert!(matches!(
+            check_name("../a.zip"),
+            Err(CatalogError::Outside(_))
+        ));
+        assert!(matches!(
+            check_name("/etc/passwd"),
+            Err(CatalogError::Outside(_))
+        ));
+        assert!(matches!(
+            check_name("a/../../b.zip"),
+            Err(CatalogError::Outside(_))
+        ));
+        assert!(check_name("a\0.zip").is_err());
+        assert!(check_name("").is_err());
+        assert!(check_name("a.txt").is_err());
+        assert!(check_name("./a.zip").is_err());
+    }
+}

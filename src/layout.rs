@@ -1,0 +1,269 @@
+//! Where the daemon puts tensors inside an archive, and how it records what
+//! the GETAR format itself cannot say (dtype beyond libgetar's seven, shape).
+//!
+//! * A tensor (group `G`, name `N`, dtype `D`) of frame `F`, written by a
+//!   stream with group prefix `P`, is the record `{P/}{G/}frames/{F}/{N}.{fmt}.uni`.
+//!   `fmt` is the libgetar type for f32 f64 i32 i64 u8 u32 u64; the other
+//!   dtypes (f16, bf16, i8, i16, u16, bool) are stored as their raw
+//!   little-endian bytes in a `u8` record, so libgetar reads them as bytes and
+//!   our clients restore them bit-exactly.
+//! * Each frame gets one text record `{P/}gtar_logd/frames/{F}/manifest.json`
+//!   listing every tensor's path, dtype and shape. libgetar and keras_gtar see
+//!   it as one more discrete text record and ignore it.
+//! * Archives without a manifest (written by libgetar or keras_gtar) are read
+//!   with the dtype of the record's format and the shape from keras_gtar's
+//!   `{group}/shape.u32.uni` when present and consistent, else 1-D.
+//!
+//! Synchronous, no I/O: pure naming and validation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::gtar::path::check_component;
+use crate::gtar::{Format, RecordType};
+use crate::proto::v1::DType;
+
+/// Group of the manifest record (below the stream's prefix).
+pub const MANIFEST_GROUP: &str = "gtar_logd";
+pub const MANIFEST_NAME: &str = "manifest.json";
+/// Most dimensions a tensor may have.
+pub const MAX_RANK: usize = 32;
+
+/// Element size and storage format of a dtype; `None` for UNSPECIFIED.
+pub fn dtype_storage(d: DType) -> Option<(usize, Format)> {
+    Some(match d {
+        DType::DtypeUnspecified => return None,
+        DType::Float32 => (4, Format::F32),
+        DType::Float64 => (8, Format::F64),
+        DType::Int32 => (4, Format::I32),
+        DType::Int64 => (8, Format::I64),
+        DType::Uint8 => (1, Format::U8),
+        DType::Uint32 => (4, Format::U32),
+        DType::Uint64 => (8, Format::U64),
+        DType::Float16 | DType::Bfloat16 | DType::Int16 | DType::Uint16 => (2, Format::U8),
+        DType::Int8 | DType::Bool => (1, Format::U8),
+    })
+}
+
+/// The dtype a record of format `f` holds when nothing else is known.
+pub fn dtype_of_format(f: Format) -> DType {
+    match f {
+        Format::F32 => DType::Float32,
+        Format::F64 => DType::Float64,
+        Format::I32 => DType::Int32,
+        Format::I64 => DType::Int64,
+        Format::U8 => DType::Uint8,
+        Format::U32 => DType::Uint32,
+        Format::U64 => DType::Uint64,
+    }
+}
+
+/// Name used for dtypes in manifests (numpy's spelling).
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::DtypeUnspecified => "unspecified",
+        DType::Float32 => "float32",
+        DType::Float64 => "float64",
+        DType::Int32 => "int32",
+        DType::Int64 => "int64",
+        DType::Uint8 => "uint8",
+        DType::Uint32 => "uint32",
+        DType::Uint64 => "uint64",
+        DType::Float16 => "float16",
+        DType::Bfloat16 => "bfloat16",
+        DType::Int8 => "int8",
+        DType::Int16 => "int16",
+        DType::Uint16 => "uint16",
+        DType::Bool => "bool",
+    }
+}
+
+pub fn dtype_from_name(s: &str) -> Option<DType> {
+    (1..=13)
+        .filter_map(|i| DType::try_from(i).ok())
+        .find(|d| dtype_name(*d) == s)
+}
+
+/// Byte size of a tensor, or why the shape is unacceptable.
+pub fn tensor_bytes(d: DType, shape: &[u64], max_bytes: u64) -> Result<u64, String> {
+    let (item, _) = dtype_storage(d).ok_or("dtype is missing or unknown")?;
+    if shape.len() > MAX_RANK {
+        return Err(format!(
+            "rank {} exceeds the limit of {MAX_RANK}",
+            shape.len()
+        ));
+    }
+    let mut n: u64 = item as u64;
+    for &dim in shape {
+        n = n
+            .checked_mul(dim)
+            .ok_or_else(|| format!("shape {shape:?} overflows 64 bits"))?;
+    }
+    if n > max_bytes {
+        return Err(format!(
+            "shape {shape:?} is {n} bytes, over the limit of {max_bytes}"
+        ));
+    }
+    Ok(n)
+}
+
+/// Validate a group path (components separated by '/', may be empty).
+pub fn check_group(what: &str, g: &str) -> Result<(), String> {
+    if g.is_empty() {
+        return Ok(());
+    }
+    for c in g.split('/') {
+        check_component(what, c)?;
+        if c == "frames" || c == "vars" {
+            return Err(format!("{what} {g:?} uses the reserved component {c:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Validate a record name (one component, no '.').
+pub fn check_name(what: &str, n: &str) -> Result<(), String> {
+    check_component(what, n)?;
+    if n.contains('.') {
+        return Err(format!("{what} {n:?} must not contain '.'"));
+    }
+    Ok(())
+}
+
+/// Validate a frame index.
+pub fn check_index(what: &str, i: &str) -> Result<(), String> {
+    check_component(what, i)?;
+    if i.len() > 256 {
+        return Err(format!("{what} is {} bytes long, over 256", i.len()));
+    }
+    Ok(())
+}
+
+/// Join group parts, skipping empty ones.
+pub fn join(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Path of a tensor record.
+pub fn tensor_path(prefix: &str, group: &str, name: &str, index: &str, d: DType) -> String {
+    let fmt = dtype_storage(d).map_or(Format::U8, |s| s.1);
+    let g = join(&[prefix, group]);
+    let mut out = String::new();
+    if !g.is_empty() {
+        out.push_str(&g);
+        out.push('/');
+    }
+    out.push_str(&format!("frames/{index}/{name}.{}.uni", fmt.suffix()));
+    out
+}
+
+/// Path of a scalar (continuous f64 record).
+pub fn scalar_path(prefix: &str, group: &str, name: &str, index: &str) -> String {
+    let g = join(&[prefix, group]);
+    if g.is_empty() {
+        format!("vars/{name}.f64.uni/{index}")
+    } else {
+        format!("{g}/vars/{name}.f64.uni/{index}")
+    }
+}
+
+/// Path of a frame's manifest.
+pub fn manifest_path(prefix: &str, index: &str) -> String {
+    format!(
+        "{}/frames/{index}/{MANIFEST_NAME}",
+        join(&[prefix, MANIFEST_GROUP])
+    )
+}
+
+/// Is this record type a manifest?
+pub fn is_manifest(rt: &RecordType) -> bool {
+    rt.name == MANIFEST_NAME && (rt.group == MANIFEST_GROUP || rt.group.ends_with("/gtar_logd"))
+}
+
+/// One tensor in a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ManifestTensor {
+    pub path: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+}
+
+/// The manifest of one frame.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    /// Format tag, for future changes.
+    pub format: String,
+    pub frame: String,
+    pub tensors: Vec<ManifestTensor>,
+}
+
+impl Manifest {
+    pub fn new(frame: &str) -> Manifest {
+        Manifest {
+            format: "gtar-logd/1".into(),
+            frame: frame.into(),
+            tensors: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gtar::{Behavior, RecordPath, Resolution};
+
+    #[test]
+    fn paths_parse_as_libgetar_records() {
+        let p = tensor_path(
+            "run1",
+            "keras/layer/0/weight/1",
+            "weight",
+            "12",
+            DType::Float32,
+        );
+        assert_eq!(p, "run1/keras/layer/0/weight/1/frames/12/weight.f32.uni");
+        let r = RecordPath::parse(&p);
+        assert_eq!(r.rtype.behavior, Behavior::Discrete);
+        assert_eq!(r.rtype.group, "run1/keras/layer/0/weight/1");
+        let m = RecordPath::parse(&manifest_path("", "3"));
+        assert!(is_manifest(&m.rtype));
+        assert_eq!(m.rtype.resolution, Resolution::Text);
+        let m = RecordPath::parse(&manifest_path("a/b", "3"));
+        assert!(is_manifest(&m.rtype));
+        let s = RecordPath::parse(&scalar_path("", "metrics", "loss", "7"));
+        assert_eq!(s.rtype.behavior, Behavior::Continuous);
+        assert_eq!(s.index, "7");
+        assert_eq!(
+            tensor_path("", "", "x", "1", DType::Bfloat16),
+            "frames/1/x.u8.uni"
+        );
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert_eq!(tensor_bytes(DType::Float16, &[3, 4], 1 << 40), Ok(24));
+        assert_eq!(tensor_bytes(DType::Float64, &[], 1 << 40), Ok(8));
+        assert!(tensor_bytes(DType::Float32, &[1 << 40, 1 << 40], u64::MAX).is_err());
+        assert!(tensor_bytes(DType::Float32, &[1; 100], u64::MAX).is_err());
+        assert!(tensor_bytes(DType::DtypeUnspecified, &[1], u64::MAX).is_err());
+        assert!(tensor_bytes(DType::Uint8, &[1 << 20], 1000).is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_group("group", "a/b").is_ok());
+        assert!(check_group("group", "a/../b").is_err());
+        assert!(check_group("group", "a//b").is_err());
+        assert!(check_group("group", "a/frames").is_err());
+        assert!(check_name("name", "w.x").is_err());
+        assert!(check_index("index", "1\0").is_err());
+        for d in 1..=13 {
+            let d = DType::try_from(d).unwrap();
+            assert_eq!(dtype_from_name(dtype_name(d)), Some(d));
+        }
+    }
+}

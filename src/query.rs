@@ -1,0 +1,283 @@
+//! Answers to load queries, computed from an archive's index (synchronous).
+//!
+//! Dtype and shape of a tensor come from the frame's manifest when there is
+//! one (archives we wrote), else from keras_gtar's `shape.u32.uni` next to the
+//! record, else the record is 1-D of its libgetar format (see `layout`).
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::gtar::{index::group_under, Archive, Behavior, Entry, Format, RecordType, Resolution};
+use crate::layout::{self, Manifest};
+use crate::proto::v1::{DType, DescribeArchiveResponse, RecordTypeInfo, TensorInfo};
+
+/// Errors of the query layer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{field}: {why}")]
+    Bad { field: &'static str, why: String },
+    #[error(transparent)]
+    Format(#[from] crate::gtar::Error),
+}
+
+fn behavior_name(b: Behavior) -> &'static str {
+    match b {
+        Behavior::Constant => "constant",
+        Behavior::Discrete => "discrete",
+        Behavior::Continuous => "continuous",
+    }
+}
+
+fn resolution_name(r: Resolution) -> &'static str {
+    match r {
+        Resolution::Text => "text",
+        Resolution::Uniform => "uni",
+        Resolution::Individual => "ind",
+    }
+}
+
+/// DescribeArchive.
+pub fn describe(a: &Archive, name: &str, size: u64) -> DescribeArchiveResponse {
+    let ix = a.index();
+    let mut groups = BTreeSet::new();
+    let mut records = Vec::new();
+    for rt in ix.record_types() {
+        groups.insert(rt.group.clone());
+        let frames = ix.frames(rt);
+        let path = match rt.behavior {
+            Behavior::Constant => rt.path_at(""),
+            _ => rt.path_at("*"),
+        };
+        records.push(RecordTypeInfo {
+            group: rt.group.clone(),
+            name: rt.name.clone(),
+            behavior: behavior_name(rt.behavior).into(),
+            format: rt.format.suffix().into(),
+            resolution: resolution_name(rt.resolution).into(),
+            frame_count: frames.len() as u64,
+            first_frame: frames.first().map(|s| s.to_string()).unwrap_or_default(),
+            last_frame: frames.last().map(|s| s.to_string()).unwrap_or_default(),
+            path,
+        });
+    }
+    let frames = ix.frames_under(None);
+    let recovered = match a.state() {
+        crate::gtar::OpenState::Clean => String::new(),
+        crate::gtar::OpenState::Recovered(r) => r.reason.clone(),
+    };
+    DescribeArchiveResponse {
+        archive: name.into(),
+        size_bytes: size,
+        groups: groups.into_iter().collect(),
+        records,
+        frame_count: frames.len() as u64,
+        first_frame: frames.first().cloned().unwrap_or_default(),
+        last_frame: frames.last().cloned().unwrap_or_default(),
+        recovered,
+    }
+}
+
+/// Frames under a group prefix; NOT_FOUND for a group with no records.
+pub fn frames(a: &Archive, group: &str) -> Result<Vec<String>, QueryError> {
+    let ix = a.index();
+    let prefix = (!group.is_empty()).then_some(group);
+    if prefix.is_some() && !ix.record_types().any(|rt| group_under(&rt.group, prefix)) {
+        return Err(QueryError::NotFound(format!(
+            "no group {group:?} in this archive"
+        )));
+    }
+    Ok(ix.frames_under(prefix).into_iter().collect())
+}
+
+/// Pick a frame by Python-style position.
+pub fn at_position(frames: &[String], pos: i64) -> Result<String, QueryError> {
+    let n = frames.len() as i64;
+    let i = if pos < 0 { n + pos } else { pos };
+    if i < 0 || i >= n {
+        return Err(QueryError::NotFound(format!(
+            "position {pos} is out of range: there are {n} frames"
+        )));
+    }
+    Ok(frames[i as usize].clone())
+}
+
+/// A tensor to send back: what it is and where its bytes are.
+pub struct TensorRef {
+    pub info: TensorInfo,
+    pub entry: Entry,
+}
+
+fn manifests_at(
+    a: &Archive,
+    prefix: Option<&str>,
+    index: &str,
+) -> HashMap<String, (DType, Vec<u64>)> {
+    let found: Vec<Entry> = {
+        let ix = a.index();
+        ix.records_at(prefix, index)
+            .filter(|(rt, _)| layout::is_manifest(rt))
+            .map(|(_, e)| e.clone())
+            .collect()
+    };
+    let mut out = HashMap::new();
+    for e in found {
+        let Ok(bytes) = a.read_entry(&e) else {
+            continue;
+        };
+        let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
+            continue;
+        };
+        for t in m.tensors {
+            if let Some(d) = layout::dtype_from_name(&t.dtype) {
+                out.insert(t.path, (d, t.shape));
+            }
+        }
+    }
+    out
+}
+
+/// keras_gtar's shape record next to a weight record, if consistent.
+fn keras_shape(a: &Archive, rt: &RecordType, elements: u64) -> Option<Vec<u64>> {
+    let shape_rt = RecordType {
+        group: rt.group.clone(),
+        name: "shape".into(),
+        behavior: Behavior::Constant,
+        format: Format::U32,
+        resolution: Resolution::Uniform,
+    };
+    let e = a.index().record(&shape_rt, "").cloned()?;
+    if e.size() > 4 * 64 {
+        return None;
+    }
+    let bytes = a.read_entry(&e).ok()?;
+    let shape: Vec<u64> = bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as u64)
+        .collect();
+    (shape.iter().product::<u64>() == elements).then_some(shape)
+}
+
+fn tensor_ref(
+    a: &Archive,
+    rt: &RecordType,
+    e: &Entry,
+    manifest: &HashMap<String, (DType, Vec<u64>)>,
+) -> TensorRef {
+    let size = e.size();
+    let (dtype, shape) = match manifest.get(e.name()) {
+        Some((d, s)) => (*d, s.clone()),
+        None => {
+            let d = if rt.resolution == Resolution::Text {
+                DType::Uint8
+            } else {
+                layout::dtype_of_format(rt.format)
+            };
+            let item = rt.format.size() as u64;
+            let elements = size / item;
+            let shape = keras_shape(a, rt, elements).unwrap_or_else(|| vec![elements]);
+            (d, shape)
+        }
+    };
+    TensorRef {
+        info: TensorInfo {
+            path: e.name().to_string(),
+            group: rt.group.clone(),
+            name: rt.name.clone(),
+            dtype: dtype as i32,
+            shape,
+            size_bytes: size,
+        },
+        entry: e.clone(),
+    }
+}
+
+/// The tensors of frame `index` under `group`, optionally only `names`.
+pub fn frame_tensors(
+    a: &Archive,
+    group: &str,
+    index: &str,
+    names: &[String],
+) -> Result<Vec<TensorRef>, QueryError> {
+    let prefix = (!group.is_empty()).then_some(group);
+    // Manifests sit under the writer's prefix, which may lie above `group`.
+    let manifest = manifests_at(a, None, index);
+    let picked: Vec<(RecordType, Entry)> = {
+        let ix = a.index();
+        ix.records_at(prefix, index)
+            .filter(|(rt, _)| !layout::is_manifest(rt))
+            .filter(|(rt, _)| names.is_empty() || names.iter().any(|n| *n == rt.name))
+            .map(|(rt, e)| (rt.clone(), e.clone()))
+            .collect()
+    };
+    if picked.is_empty() {
+        return Err(QueryError::NotFound(format!(
+            "no records at frame {index:?}{}",
+            if group.is_empty() {
+                String::new()
+            } else {
+                format!(" in group {group:?}")
+            }
+        )));
+    }
+    Ok(picked
+        .iter()
+        .map(|(rt, e)| tensor_ref(a, rt, e, &manifest))
+        .collect())
+}
+
+/// Frames of the discrete records named `name` in `group`, sliced
+/// Python-style by `start`/`stop`.
+pub fn history_frames(
+    a: &Archive,
+    group: &str,
+    name: &str,
+    start: i64,
+    stop: Option<i64>,
+) -> Result<Vec<String>, QueryError> {
+    let ix = a.index();
+    let mut frames: Vec<String> = Vec::new();
+    for rt in ix.record_types() {
+        if rt.behavior == Behavior::Discrete && rt.group == group && rt.name == name {
+            frames.extend(ix.frames(rt).into_iter().map(str::to_string));
+        }
+    }
+    if frames.is_empty() {
+        return Err(QueryError::NotFound(format!(
+            "no discrete record {name:?} in group {group:?}"
+        )));
+    }
+    frames.sort_by(|x, y| crate::gtar::index_cmp(x, y));
+    frames.dedup();
+    let n = frames.len() as i64;
+    let clamp = |v: i64| if v < 0 { (n + v).max(0) } else { v.min(n) };
+    let (s, e) = (clamp(start), clamp(stop.unwrap_or(n)));
+    Ok(if s < e {
+        frames[s as usize..e as usize].to_vec()
+    } else {
+        Vec::new()
+    })
+}
+
+/// The record `name` of `group` at frame `index` (for TensorHistory).
+pub fn history_tensor(
+    a: &Archive,
+    group: &str,
+    name: &str,
+    index: &str,
+) -> Result<TensorRef, QueryError> {
+    let found: Option<(RecordType, Entry)> = {
+        let ix = a.index();
+        let hit = ix
+            .record_types()
+            .filter(|rt| rt.behavior == Behavior::Discrete && rt.group == group && rt.name == name)
+            .find_map(|rt| ix.record(rt, index).map(|e| (rt.clone(), e.clone())));
+        hit
+    };
+    let (rt, e) = found
+        .ok_or_else(|| QueryError::NotFound(format!("{group}/{name} has no frame {index:?}")))?;
+    // The manifest lives under the writer's prefix, which we don't know here:
+    // look for any manifest at this frame.
+    let manifest = manifests_at(a, None, index);
+    Ok(tensor_ref(a, &rt, &e, &manifest))
+}

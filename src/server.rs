@@ -1,0 +1,209 @@
+//! Listeners, the tonic server (Logd, reflection v1 + v1alpha, health), and
+//! the shutdown sequence.
+//!
+//! [`run`] takes listeners, not addresses (mini-redis style), so tests bind
+//! a temp socket and `127.0.0.1:0`, and systemd can pass sockets in.
+//!
+//! Shutdown sequence, on the `shutdown` token (SIGTERM/SIGINT in `main`):
+//! 1. listeners stop accepting; open Write streams see the token, drop their
+//!    uncommitted frame and end with UNAVAILABLE;
+//! 2. in-flight queries get `grace` to finish, then connections are dropped;
+//! 3. every writer aborts what is in progress, writes its central directory
+//!    and fsyncs ([`Registry::shutdown`]); then `run` returns.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::catalog::Catalog;
+use crate::proto::v1::logd_server::LogdServer;
+use crate::service::{Service, State};
+use crate::writer::{Limits, Registry};
+
+/// Largest message the daemon accepts (a chunk plus headers).
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// A socket to serve on.
+pub enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Listener {
+    /// Describe the bound address, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Unix(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
+            {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "unix:(unnamed)".into(),
+            },
+            Listener::Tcp(l) => l.local_addr().map_or("tcp:?".into(), |a| a.to_string()),
+        }
+    }
+}
+
+/// Daemon configuration (what the CLI collects).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    pub max_tensor_bytes: u64,
+    /// How long queries may keep running after shutdown starts.
+    pub grace: Duration,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Config {
+        Config {
+            data_dir,
+            limits: Limits::default(),
+            max_tensor_bytes: 1 << 40,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Bind a Unix socket at `path`, replacing a stale socket file (one nobody
+/// listens on) and creating the parent directory (mode 0700 when we create it).
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)?;
+        }
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_socket() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running daemon", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
+/// Serve until `shutdown` is cancelled, then shut down in order (module docs).
+/// `on_ready` runs once every listener is being served.
+pub async fn run(
+    listeners: Vec<Listener>,
+    cfg: Config,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(Arc<Registry>),
+) -> anyhow::Result<()> {
+    let registry = Registry::new(cfg.limits.clone(), tokio::runtime::Handle::current());
+    let catalog = Catalog::new(&cfg.data_dir, registry.clone())?;
+    tracing::info!(data_dir = %catalog.root().display(), "serving archives");
+    let state = Arc::new(State {
+        catalog,
+        shutdown: shutdown.clone(),
+        max_tensor_bytes: cfg.max_tensor_bytes,
+    });
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<LogdServer<Service>>().await;
+    let refl_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let refl_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let logd = LogdServer::new(Service::new(state.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+
+    let mut servers = tokio::task::JoinSet::new();
+    for l in listeners {
+        tracing::info!(address = %l.describe(), "listening");
+        let router = Server::builder()
+            .add_service(health_svc.clone())
+            .add_service(refl_v1.clone())
+            .add_service(refl_v1alpha.clone())
+            .add_service(logd.clone());
+        let stop = shutdown.clone();
+        match l {
+            Listener::Unix(u) => {
+                servers.spawn(router.serve_with_incoming_shutdown(
+                    UnixListenerStream::new(u),
+                    stop.cancelled_owned(),
+                ));
+            }
+            Listener::Tcp(t) => {
+                servers.spawn(router.serve_with_incoming_shutdown(
+                    TcpListenerStream::new(t),
+                    stop.cancelled_owned(),
+                ));
+            }
+        }
+    }
+
+    // Writers that fail flip health to NOT_SERVING for their archive.
+    {
+        let registry = registry.clone();
+        let health = health.clone();
+        let stop = shutdown.clone();
+        let root = state.catalog.root().to_path_buf();
+        tokio::spawn(async move {
+            let mut reported = std::collections::HashSet::new();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                for (path, why) in registry.failed() {
+                    if reported.insert(path.clone()) {
+                        let name = path
+                            .strip_prefix(&root)
+                            .unwrap_or(&path)
+                            .display()
+                            .to_string();
+                        tracing::error!(archive = %name, error = %why, "archive writer failed; health NOT_SERVING for it");
+                        health
+                            .set_service_status(
+                                format!("gtar.logd.v1.Logd/{name}"),
+                                ServingStatus::NotServing,
+                            )
+                            .await;
+                    }
+                }
+            }
+        });
+    }
+
+    on_ready(registry.clone());
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: no new connections; open frames are dropped");
+    health.set_not_serving::<LogdServer<Service>>().await;
+    let drained = tokio::time::timeout(cfg.grace, async {
+        while let Some(r) = servers.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "server ended with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("connections still open after the grace period; closing them");
+        servers.shutdown().await;
+    }
+    let reg = registry.clone();
+    tokio::task::spawn_blocking(move || reg.shutdown()).await?;
+    tracing::info!("all archives closed and synced");
+    Ok(())
+}

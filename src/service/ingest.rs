@@ -1,0 +1,413 @@
+//! The Write stream: validate each message, reassemble frames, and hand the
+//! pieces to the archive's writer thread.
+//!
+//! Invariants:
+//! * Nothing reaches the writer before it is validated (names, index, dtype ×
+//!   shape × byte count); a bad message fails this stream only.
+//! * A frame not committed when the stream ends — client gone, bad message,
+//!   shutdown — is aborted by dropping its part channel: the writer truncates
+//!   it away and no reader ever sees it.
+//! * `received` is sent when the writer reports the frame committed and
+//!   visible; `durable` acks follow in frame order from one forwarding task.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Status, Streaming};
+
+use crate::gtar::{Committed, OpenMode as GtarMode, Precompressed};
+use crate::layout::{self, Manifest, ManifestTensor};
+use crate::proto::v1::{
+    write_request::Msg as In, write_response::Msg as Out, DType, FrameAck, OpenMode, Opened,
+    WriteRequest, WriteResponse,
+};
+use crate::service::errors::{bad, status, Kind};
+use crate::service::State;
+use crate::writer::{FrameTicket, Lease, Part, WriterError};
+
+/// Tensors up to this size are compressed whole off the writer thread when
+/// the stream asks for compression; larger ones are stored.
+const COMPRESS_MAX: u64 = 256 << 20;
+
+type Tx = mpsc::Sender<Result<WriteResponse, Status>>;
+
+struct Tensor {
+    path: String,
+    left: u64,
+    /// Some when the tensor is being gathered for compression.
+    gather: Option<Vec<u8>>,
+}
+
+struct Frame {
+    index: String,
+    ticket: FrameTicket,
+    manifest: Manifest,
+    tensor: Option<Tensor>,
+    bytes: u64,
+}
+
+struct Stream {
+    state: Arc<State>,
+    lease: Lease,
+    prefix: String,
+    level: u32,
+    frame: Option<Frame>,
+    seq: u64,
+    durable_tx: mpsc::UnboundedSender<(FrameAck, oneshot::Receiver<Result<(), WriterError>>)>,
+}
+
+/// Run one Write stream to its end, sending responses on `tx`.
+pub async fn run(state: Arc<State>, mut inbound: Streaming<WriteRequest>, tx: Tx) {
+    let res = async {
+        let open = match inbound.message().await? {
+            Some(WriteRequest { msg: Some(In::Open(o)) }) => o,
+            Some(_) => return Err(bad("open", "the first message of a Write stream must be `open`")),
+            None => return Ok(()),
+        };
+        let mut s = Stream::open(state.clone(), open, &tx).await?;
+        loop {
+            let msg = tokio::select! {
+                m = inbound.message() => m?,
+                _ = state.shutdown.cancelled() => {
+                    return Err(status(Kind::ShuttingDown, "the daemon is shutting down; uncommitted frame dropped"));
+                }
+            };
+            match msg {
+                None => {
+                    if let Some(f) = &s.frame {
+                        tracing::info!(index = %f.index, "stream ended inside a frame; frame dropped");
+                    }
+                    return Ok(());
+                }
+                Some(WriteRequest { msg: None }) => return Err(bad("msg", "empty message")),
+                Some(WriteRequest { msg: Some(m) }) => s.handle(m, &tx).await?,
+            }
+        }
+    }
+    .await;
+    if let Err(st) = res {
+        let _ = tx.send(Err(st)).await;
+    }
+}
+
+impl Stream {
+    async fn open(
+        state: Arc<State>,
+        o: crate::proto::v1::OpenArchive,
+        tx: &Tx,
+    ) -> Result<Stream, Status> {
+        layout::check_group("open.group", &o.group).map_err(|e| bad("open.group", e))?;
+        if o.compression > 9 {
+            return Err(bad(
+                "open.compression",
+                format!("{} is not a level 0..9", o.compression),
+            ));
+        }
+        let mode = match OpenMode::try_from(o.mode) {
+            Ok(OpenMode::Append) => GtarMode::Append,
+            Ok(OpenMode::Create) => GtarMode::Create,
+            Err(_) => return Err(bad("open.mode", format!("unknown mode {}", o.mode))),
+        };
+        let path = state.catalog.resolve(&o.archive, true)?;
+        let reg = state.catalog.registry().clone();
+        let p2 = path.clone();
+        let lease = tokio::task::spawn_blocking(move || reg.acquire(&p2, mode))
+            .await
+            .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        state.catalog.note(&o.archive);
+        let existing = {
+            let r = lease.handle.reader();
+            let ix = r.index();
+            ix.frames_under((!o.group.is_empty()).then_some(o.group.as_str()))
+                .len() as u64
+        };
+        let repaired = lease
+            .repaired
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "{}; kept {} entries, dropped {} entries and {} bytes",
+                    r.reason,
+                    r.entries.len(),
+                    r.entries_dropped,
+                    r.bytes_dropped
+                )
+            })
+            .unwrap_or_default();
+        send(
+            tx,
+            Out::Opened(Opened {
+                archive: o.archive.clone(),
+                existing_frames: existing,
+                repaired,
+            }),
+        )
+        .await?;
+        let (dtx, mut drx) =
+            mpsc::unbounded_channel::<(FrameAck, oneshot::Receiver<Result<(), WriterError>>)>();
+        let tx2 = tx.clone();
+        // Durable acks, in frame order.
+        tokio::spawn(async move {
+            while let Some((ack, rx)) = drx.recv().await {
+                let msg = match rx.await {
+                    Ok(Ok(())) => Ok(WriteResponse {
+                        msg: Some(Out::Durable(ack)),
+                    }),
+                    Ok(Err(e)) => Err(Status::from(e)),
+                    Err(_) => Err(status(
+                        Kind::ShuttingDown,
+                        "the writer stopped before the frame was durable",
+                    )),
+                };
+                let failed = msg.is_err();
+                if tx2.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Stream {
+            state,
+            lease,
+            prefix: o.group,
+            level: o.compression,
+            frame: None,
+            seq: 0,
+            durable_tx: dtx,
+        })
+    }
+
+    fn begin(&mut self, index: String) -> Result<(), Status> {
+        if let Some(f) = &self.frame {
+            return Err(bad(
+                "begin",
+                format!("frame {:?} is still open; commit it first", f.index),
+            ));
+        }
+        layout::check_index("begin.index", &index).map_err(|e| bad("begin.index", e))?;
+        self.open_frame(index)
+    }
+
+    fn open_frame(&mut self, index: String) -> Result<(), Status> {
+        let ticket = self.lease.handle.begin_frame()?;
+        self.frame = Some(Frame {
+            manifest: Manifest::new(&index),
+            index,
+            ticket,
+            tensor: None,
+            bytes: 0,
+        });
+        Ok(())
+    }
+
+    fn frame(&mut self, what: &str) -> Result<&mut Frame, Status> {
+        self.frame
+            .as_mut()
+            .ok_or_else(|| bad(what, "no frame is open; send `begin` first"))
+    }
+
+    async fn part(&mut self, p: Part) -> Result<(), Status> {
+        let f = self.frame("frame")?;
+        if f.ticket.parts.send(p).await.is_err() {
+            // The writer gave the frame up; its reason comes on `received`.
+            let f = self.frame.take().unwrap();
+            return Err(match f.ticket.received.await {
+                Ok(Err(e)) => e.into(),
+                _ => status(Kind::Internal, "the archive writer stopped"),
+            });
+        }
+        Ok(())
+    }
+
+    fn tensor_done(&mut self, next: &str) -> Result<(), Status> {
+        if let Some(f) = &self.frame {
+            if let Some(t) = &f.tensor {
+                if t.left > 0 {
+                    return Err(bad(
+                        next,
+                        format!("tensor {} is missing {} bytes", t.path, t.left),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, m: In, tx: &Tx) -> Result<(), Status> {
+        match m {
+            In::Open(_) => Err(bad("open", "the stream is already open")),
+            In::Begin(b) => self.begin(b.index),
+            In::Tensor(t) => {
+                self.tensor_done("tensor")?;
+                layout::check_group("tensor.group", &t.group)
+                    .map_err(|e| bad("tensor.group", e))?;
+                layout::check_name("tensor.name", &t.name).map_err(|e| bad("tensor.name", e))?;
+                let dtype = DType::try_from(t.dtype)
+                    .ok()
+                    .filter(|d| *d != DType::DtypeUnspecified)
+                    .ok_or_else(|| bad("tensor.dtype", format!("unknown dtype {}", t.dtype)))?;
+                let size = layout::tensor_bytes(dtype, &t.shape, self.state.max_tensor_bytes)
+                    .map_err(|e| bad("tensor.shape", e))?;
+                let level = self.level;
+                let prefix = self.prefix.clone();
+                let f = self.frame("tensor")?;
+                let path = layout::tensor_path(&prefix, &t.group, &t.name, &f.index, dtype);
+                if f.manifest.tensors.iter().any(|x| x.path == path) {
+                    return Err(bad(
+                        "tensor.name",
+                        format!("{path} is already in this frame"),
+                    ));
+                }
+                f.manifest.tensors.push(ManifestTensor {
+                    path: path.clone(),
+                    dtype: layout::dtype_name(dtype).into(),
+                    shape: t.shape,
+                });
+                f.bytes += size;
+                let gather = (level > 0 && size <= COMPRESS_MAX).then(Vec::new);
+                let stored = gather.is_none();
+                f.tensor = Some(Tensor {
+                    path: path.clone(),
+                    left: size,
+                    gather,
+                });
+                if stored {
+                    self.part(Part::Start { path, size }).await?;
+                } else if size == 0 {
+                    self.flush_gathered().await?;
+                }
+                Ok(())
+            }
+            In::Chunk(c) => {
+                let f = self.frame("chunk")?;
+                let t = f
+                    .tensor
+                    .as_mut()
+                    .ok_or_else(|| bad("chunk", "no tensor is open; send `tensor` first"))?;
+                let n = c.data.len() as u64;
+                if n > t.left {
+                    return Err(bad(
+                        "chunk.data",
+                        format!(
+                            "tensor {} got {} bytes more than its dtype × shape",
+                            t.path,
+                            n - t.left
+                        ),
+                    ));
+                }
+                t.left -= n;
+                let finished = t.left == 0;
+                if let Some(g) = t.gather.as_mut() {
+                    g.extend_from_slice(&c.data);
+                    if finished {
+                        self.flush_gathered().await?;
+                    }
+                } else if n > 0 {
+                    self.part(Part::Data(c.data)).await?;
+                }
+                Ok(())
+            }
+            In::Record(r) => {
+                self.tensor_done("record")?;
+                check_record_path(&r.path)?;
+                let path = layout::join(&[&self.prefix, &r.path]);
+                self.whole(path, r.data, tx).await
+            }
+            In::Scalar(s) => {
+                self.tensor_done("scalar")?;
+                layout::check_group("scalar.group", &s.group)
+                    .map_err(|e| bad("scalar.group", e))?;
+                layout::check_name("scalar.name", &s.name).map_err(|e| bad("scalar.name", e))?;
+                let index = if s.index.is_empty() {
+                    self.frame
+                        .as_ref()
+                        .map(|f| f.index.clone())
+                        .ok_or_else(|| bad("scalar.index", "required outside a frame"))?
+                } else {
+                    layout::check_index("scalar.index", &s.index)
+                        .map_err(|e| bad("scalar.index", e))?;
+                    s.index
+                };
+                let path = layout::scalar_path(&self.prefix, &s.group, &s.name, &index);
+                self.whole(path, s.value.to_le_bytes().to_vec(), tx).await
+            }
+            In::Commit(_) => {
+                self.tensor_done("commit")?;
+                self.commit(tx).await
+            }
+        }
+    }
+
+    /// A whole record: part of the open frame, or a frame of its own.
+    async fn whole(&mut self, path: String, data: Vec<u8>, tx: &Tx) -> Result<(), Status> {
+        let own = self.frame.is_none();
+        if own {
+            // A record outside a frame is a frame of its own, with no index.
+            self.open_frame(String::new())?;
+        }
+        if let Some(f) = self.frame.as_mut() {
+            f.bytes += data.len() as u64;
+        }
+        self.part(Part::Whole { path, data }).await?;
+        if own {
+            self.commit(tx).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_gathered(&mut self) -> Result<(), Status> {
+        let level = self.level;
+        let f = self.frame("chunk")?;
+        let t = f.tensor.as_mut().expect("a tensor is open");
+        let data = t.gather.take().unwrap_or_default();
+        let path = t.path.clone();
+        let pc = tokio::task::spawn_blocking(move || Precompressed::deflate(&data, level))
+            .await
+            .map_err(|e| status(Kind::Internal, e.to_string()))?;
+        self.part(Part::Compressed { path, data: pc }).await
+    }
+
+    async fn commit(&mut self, tx: &Tx) -> Result<(), Status> {
+        let prefix = self.prefix.clone();
+        let f = self.frame("commit")?;
+        if !f.manifest.tensors.is_empty() {
+            let path = layout::manifest_path(&prefix, &f.index);
+            let json = serde_json::to_vec(&f.manifest).expect("manifest serializes");
+            self.part(Part::Whole { path, data: json }).await?;
+        }
+        self.part(Part::Commit).await?;
+        let f = self.frame.take().expect("frame is open");
+        let committed: Committed = f
+            .ticket
+            .received
+            .await
+            .map_err(|_| status(Kind::Internal, "the archive writer stopped"))??;
+        let ack = FrameAck {
+            index: f.index,
+            seq: self.seq,
+            bytes: committed.bytes.max(f.bytes),
+        };
+        self.seq += 1;
+        send(tx, Out::Received(ack.clone())).await?;
+        let _ = self.durable_tx.send((ack, f.ticket.durable));
+        Ok(())
+    }
+}
+
+fn check_record_path(p: &str) -> Result<(), Status> {
+    if p.is_empty() || p.starts_with('/') || p.ends_with('/') {
+        return Err(bad(
+            "record.path",
+            format!("{p:?} is not a relative record path"),
+        ));
+    }
+    for c in p.split('/') {
+        crate::gtar::path::check_component("record.path", c).map_err(|e| bad("record.path", e))?;
+    }
+    Ok(())
+}
+
+async fn send(tx: &Tx, m: Out) -> Result<(), Status> {
+    tx.send(Ok(WriteResponse { msg: Some(m) }))
+        .await
+        .map_err(|_| status(Kind::Internal, "client went away"))
+}

@@ -1,0 +1,262 @@
+//! gRPC handlers for `gtar.logd.v1.Logd`. Thin: they validate, call the
+//! catalog / query / writer layers, and stream results; errors become
+//! statuses through the one table in [`errors`].
+
+pub mod errors;
+pub mod ingest;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::proto::v1::{self as pb, logd_server::Logd};
+use crate::query::{self, QueryError, TensorRef};
+use errors::{bad, status, Kind};
+
+/// Chunk size of streamed answers: well under the 4 MiB that grpcio and
+/// grpcurl accept by default.
+pub const SEND_CHUNK: usize = 1 << 20;
+
+/// What every handler shares.
+pub struct State {
+    pub catalog: Catalog,
+    pub shutdown: CancellationToken,
+    pub max_tensor_bytes: u64,
+}
+
+#[derive(Clone)]
+pub struct Service {
+    state: Arc<State>,
+}
+
+impl Service {
+    pub fn new(state: Arc<State>) -> Service {
+        Service { state }
+    }
+}
+
+impl From<QueryError> for Status {
+    fn from(e: QueryError) -> Status {
+        match e {
+            QueryError::NotFound(m) => status(Kind::NotFound, m),
+            QueryError::Bad { field, why } => bad(field, why),
+            QueryError::Format(g) => status(errors::gtar_kind(&g), g.to_string()),
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+fn size_of(state: &State, name: &str) -> u64 {
+    state
+        .catalog
+        .resolve(name, false)
+        .ok()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map_or(0, |m| m.len())
+}
+
+/// Open an archive for reading off the async threads.
+async fn open_read(state: &Arc<State>, name: String) -> Result<crate::gtar::Archive, Status> {
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || st.catalog.open_read(&name))
+        .await
+        .map_err(|e| status(Kind::Internal, e.to_string()))?
+        .map_err(|e: CatalogError| e.into())
+}
+
+/// Stream tensors (header, then chunks) from a blocking thread.
+fn send_tensors(
+    archive: crate::gtar::Archive,
+    frames: Vec<(String, Vec<TensorRef>)>,
+    tx: mpsc::Sender<Result<pb::FrameData, Status>>,
+) {
+    use pb::frame_data::Msg;
+    use std::io::Read;
+    let out = |m: Msg| tx.blocking_send(Ok(pb::FrameData { msg: Some(m) })).is_ok();
+    for (frame, tensors) in frames {
+        if !out(Msg::Frame(frame)) {
+            return;
+        }
+        for t in tensors {
+            if !out(Msg::Tensor(t.info.clone())) {
+                return;
+            }
+            let mut r = match archive.entry_reader(&t.entry) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(status(errors::gtar_kind(&e), e.to_string())));
+                    return;
+                }
+            };
+            let mut left = t.entry.size();
+            while left > 0 {
+                let mut buf = vec![0u8; (left as usize).min(SEND_CHUNK)];
+                if let Err(e) = r.read_exact(&mut buf) {
+                    let _ = tx.blocking_send(Err(status(
+                        Kind::Internal,
+                        format!("{}: {e}", t.info.path),
+                    )));
+                    return;
+                }
+                left -= buf.len() as u64;
+                if !out(Msg::Chunk(pb::Chunk { data: buf })) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Logd for Service {
+    type WriteStream = BoxStream<pb::WriteResponse>;
+    type GetFrameStream = BoxStream<pb::FrameData>;
+    type TensorHistoryStream = BoxStream<pb::FrameData>;
+
+    async fn write(
+        &self,
+        req: Request<Streaming<pb::WriteRequest>>,
+    ) -> Result<Response<Self::WriteStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(ingest::run(self.state.clone(), req.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_archives(
+        &self,
+        req: Request<pb::ListArchivesRequest>,
+    ) -> Result<Response<pb::ListArchivesResponse>, Status> {
+        let prefix = req.into_inner().prefix;
+        let reg = self.state.catalog.registry();
+        let archives = self
+            .state
+            .catalog
+            .list(&prefix)
+            .into_iter()
+            .map(|l| pb::ArchiveInfo {
+                writing: reg.is_writing(&self.state.catalog.root().join(&l.name)),
+                archive: l.name,
+                size_bytes: l.size,
+            })
+            .collect();
+        Ok(Response::new(pb::ListArchivesResponse { archives }))
+    }
+
+    async fn describe_archive(
+        &self,
+        req: Request<pb::DescribeArchiveRequest>,
+    ) -> Result<Response<pb::DescribeArchiveResponse>, Status> {
+        let name = req.into_inner().archive;
+        let a = open_read(&self.state, name.clone()).await?;
+        let size = size_of(&self.state, &name);
+        Ok(Response::new(query::describe(&a, &name, size)))
+    }
+
+    async fn list_frames(
+        &self,
+        req: Request<pb::ListFramesRequest>,
+    ) -> Result<Response<pb::ListFramesResponse>, Status> {
+        let r = req.into_inner();
+        let a = open_read(&self.state, r.archive).await?;
+        let frames = query::frames(&a, &r.group)?;
+        Ok(Response::new(pb::ListFramesResponse { frames }))
+    }
+
+    async fn get_frame(
+        &self,
+        req: Request<pb::GetFrameRequest>,
+    ) -> Result<Response<Self::GetFrameStream>, Status> {
+        let r = req.into_inner();
+        let a = open_read(&self.state, r.archive).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let plan = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let index = match r.frame {
+                Some(pb::get_frame_request::Frame::Index(i)) => i,
+                Some(pb::get_frame_request::Frame::Position(p)) => {
+                    query::at_position(&query::frames(&a, &r.group)?, p)?
+                }
+                None => query::at_position(&query::frames(&a, &r.group)?, -1)?,
+            };
+            let tensors = query::frame_tensors(&a, &r.group, &index, &r.names)?;
+            Ok((a, vec![(index, tensors)]))
+        })
+        .await
+        .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        tokio::task::spawn_blocking(move || send_tensors(plan.0, plan.1, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn read_record(
+        &self,
+        req: Request<pb::ReadRecordRequest>,
+    ) -> Result<Response<pb::ReadRecordResponse>, Status> {
+        let r = req.into_inner();
+        if r.path.is_empty() {
+            return Err(bad("path", "is empty"));
+        }
+        let a = open_read(&self.state, r.archive).await?;
+        let data = tokio::task::spawn_blocking(move || {
+            let e = a
+                .index()
+                .get(&r.path)
+                .cloned()
+                .ok_or_else(|| status(Kind::NotFound, format!("no record {:?}", r.path)))?;
+            if e.size() > 64 << 20 {
+                return Err(status(
+                    Kind::Exhausted,
+                    format!(
+                        "{} is {} bytes; use GetFrame for large records",
+                        r.path,
+                        e.size()
+                    ),
+                ));
+            }
+            a.read_entry(&e)
+                .map_err(|e| status(errors::gtar_kind(&e), e.to_string()))
+        })
+        .await
+        .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        let text = String::from_utf8(data.clone()).unwrap_or_default();
+        Ok(Response::new(pb::ReadRecordResponse { data, text }))
+    }
+
+    async fn tensor_history(
+        &self,
+        req: Request<pb::TensorHistoryRequest>,
+    ) -> Result<Response<Self::TensorHistoryStream>, Status> {
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(bad("name", "is empty"));
+        }
+        let a = open_read(&self.state, r.archive).await?;
+        let frames = {
+            let a = a.clone();
+            let (g, n) = (r.group.clone(), r.name.clone());
+            tokio::task::spawn_blocking(move || query::history_frames(&a, &g, &n, r.start, r.stop))
+                .await
+                .map_err(|e| status(Kind::Internal, e.to_string()))??
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            for f in frames {
+                match query::history_tensor(&a, &r.group, &r.name, &f) {
+                    Ok(t) => send_tensors(a.clone(), vec![(f, vec![t])], tx.clone()),
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.into()));
+                        return;
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,739 @@
+//! The writer pipeline: one owner per open archive, on an OS thread of its own.
+//!
+//! Invariants:
+//! * Exactly one [`ArchiveWriter`] per archive path in this process, owned by
+//!   one dedicated thread; async code only sends it jobs over a bounded queue
+//!   (`try_send`: a full queue is `RESOURCE_EXHAUSTED`, never unbounded memory).
+//! * Frames are serialized: the thread takes one frame job at a time and
+//!   drains that frame's own bounded part channel, so two clients appending to
+//!   one archive never interleave, and memory per frame in flight is bounded by
+//!   the part channel's capacity × chunk size.
+//! * Ack order: `received` once the frame is committed (visible to readers
+//!   through the shared index); `durable` once an fsync covering it returned.
+//!   Group commit: frames that are already queued are committed before one
+//!   fsync covers them all, bounded by [`Limits::batch_bytes`] and
+//!   [`Limits::batch_delay`]; an idle writer syncs at once.
+//! * A frame whose parts stop (client gone, stream error, timeout) is aborted:
+//!   truncated away, never visible.
+//! * A writer that hits an error it cannot recover from (failed fsync, panic)
+//!   marks itself failed (see [`WriterState`]), fails every later job and
+//!   says why in the log; other archives are unaffected.
+//! * Shutdown: [`Registry::shutdown`] closes every writer: in-progress frames
+//!   are aborted, then the central directory is written and fsynced.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::gtar::{self, Archive, ArchiveWriter, Committed, OpenMode, Precompressed, ScanReport};
+
+/// Errors of the writer layer.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum WriterError {
+    #[error("{0}")]
+    Format(String),
+    #[error("disk full while writing {0}")]
+    DiskFull(String),
+    #[error("too many frames queued for {0}; retry later")]
+    QueueFull(String),
+    #[error("the writer for {path} failed earlier: {why}")]
+    Failed { path: String, why: String },
+    #[error("frame aborted: {0}")]
+    Aborted(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} is open for writing by another process")]
+    Locked(String),
+    #[error("{0} is being written by another stream; CREATE would replace it")]
+    Busy(String),
+}
+
+impl WriterError {
+    fn from_gtar(path: &Path, e: gtar::Error) -> WriterError {
+        match e {
+            gtar::Error::Io(io) if io.raw_os_error() == Some(28) => {
+                WriterError::DiskFull(path.display().to_string())
+            }
+            gtar::Error::Invalid(s) => WriterError::Invalid(s),
+            gtar::Error::Locked => WriterError::Locked(path.display().to_string()),
+            e => WriterError::Format(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+/// Tunables of the pipeline.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Frames that may wait for one archive's writer.
+    pub queue_frames: usize,
+    /// Parts (chunks) buffered per frame in flight.
+    pub parts_per_frame: usize,
+    /// Commit at most this many bytes before an fsync.
+    pub batch_bytes: u64,
+    /// Hold an fsync back at most this long to batch queued frames.
+    pub batch_delay: Duration,
+    /// A frame whose next part takes longer than this is aborted.
+    pub part_timeout: Duration,
+    /// Write the central directory after this long without frames, so other
+    /// zip readers can open the archive while the daemon keeps it.
+    pub idle_tail: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            queue_frames: 64,
+            parts_per_frame: 4,
+            batch_bytes: 256 << 20,
+            batch_delay: Duration::from_millis(20),
+            part_timeout: Duration::from_secs(120),
+            idle_tail: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A piece of a frame, in order.
+#[derive(Debug)]
+pub enum Part {
+    /// Start a stored entry of `size` bytes; `Data` parts follow.
+    Start {
+        path: String,
+        size: u64,
+    },
+    Data(Vec<u8>),
+    /// A whole stored entry.
+    Whole {
+        path: String,
+        data: Vec<u8>,
+    },
+    /// A whole entry compressed off the writer thread.
+    Compressed {
+        path: String,
+        data: Precompressed,
+    },
+    /// All parts sent: commit the frame.
+    Commit,
+}
+
+/// What the service gets back for a frame.
+pub struct FrameTicket {
+    pub parts: mpsc::Sender<Part>,
+    pub received: oneshot::Receiver<Result<Committed, WriterError>>,
+    pub durable: oneshot::Receiver<Result<(), WriterError>>,
+}
+
+enum Job {
+    Frame {
+        parts: mpsc::Receiver<Part>,
+        received: oneshot::Sender<Result<Committed, WriterError>>,
+        durable: oneshot::Sender<Result<(), WriterError>>,
+    },
+    /// Replace the archive with an empty one (OpenMode::Create).
+    Recreate(oneshot::Sender<Result<(), WriterError>>),
+    Close,
+}
+
+/// Health of one writer, for the health service and the watchdog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriterState {
+    Ok,
+    Failed(String),
+}
+
+struct Shared {
+    state: Mutex<WriterState>,
+    /// Monotonic progress counter: bumped whenever the thread finishes work.
+    progress: AtomicU64,
+    /// Set while the thread is busy with a job (ms since registry start).
+    busy_since_ms: AtomicU64,
+    streams: AtomicU64,
+}
+
+/// A handle on one archive's writer thread.
+#[derive(Clone)]
+pub struct WriterHandle {
+    path: PathBuf,
+    tx: mpsc::Sender<Job>,
+    reader: Archive,
+    shared: Arc<Shared>,
+    parts_cap: usize,
+}
+
+impl WriterHandle {
+    /// A reader that sees every committed frame at once.
+    pub fn reader(&self) -> &Archive {
+        &self.reader
+    }
+
+    pub fn state(&self) -> WriterState {
+        self.shared.state.lock().unwrap().clone()
+    }
+
+    fn check_ok(&self) -> Result<(), WriterError> {
+        match self.state() {
+            WriterState::Ok => Ok(()),
+            WriterState::Failed(why) => Err(WriterError::Failed {
+                path: self.path.display().to_string(),
+                why,
+            }),
+        }
+    }
+
+    /// Queue a frame; feed its parts through the ticket.
+    pub fn begin_frame(&self) -> Result<FrameTicket, WriterError> {
+        self.check_ok()?;
+        let (ptx, prx) = mpsc::channel(self.parts_cap);
+        let (rtx, rrx) = oneshot::channel();
+        let (dtx, drx) = oneshot::channel();
+        let job = Job::Frame {
+            parts: prx,
+            received: rtx,
+            durable: dtx,
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(FrameTicket {
+                parts: ptx,
+                received: rrx,
+                durable: drx,
+            }),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(WriterError::QueueFull(self.path.display().to_string()))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(WriterError::ShuttingDown),
+        }
+    }
+}
+
+/// A stream's claim on a writer; released on drop.
+pub struct Lease {
+    pub handle: WriterHandle,
+    pub repaired: Option<ScanReport>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.handle.shared.streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct Slot {
+    handle: WriterHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// All writers of the daemon, by canonical archive path.
+pub struct Registry {
+    limits: Limits,
+    runtime: tokio::runtime::Handle,
+    slots: Mutex<HashMap<PathBuf, Slot>>,
+    started: Instant,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Registry {
+    pub fn new(limits: Limits, runtime: tokio::runtime::Handle) -> Arc<Registry> {
+        Arc::new(Registry {
+            limits,
+            runtime,
+            slots: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The live writer of `path`, if any (for readers).
+    pub fn get(&self, path: &Path) -> Option<WriterHandle> {
+        self.slots
+            .lock()
+            .unwrap()
+            .get(path)
+            .map(|s| s.handle.clone())
+    }
+
+    /// Is a writer open on `path`?
+    pub fn is_writing(&self, path: &Path) -> bool {
+        self.slots.lock().unwrap().contains_key(path)
+    }
+
+    /// Claim the writer of `path`, starting it (and repairing the archive)
+    /// if needed. Blocking: call from `spawn_blocking`.
+    pub fn acquire(self: &Arc<Self>, path: &Path, mode: OpenMode) -> Result<Lease, WriterError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(WriterError::ShuttingDown);
+        }
+        let mut slots = self.slots.lock().unwrap();
+        if let Some(slot) = slots.get(path) {
+            let h = slot.handle.clone();
+            h.check_ok()?;
+            if mode == OpenMode::Create {
+                if h.shared.streams.load(Ordering::SeqCst) > 0 {
+                    return Err(WriterError::Busy(path.display().to_string()));
+                }
+                let (tx, rx) = oneshot::channel();
+                h.tx.try_send(Job::Recreate(tx))
+                    .map_err(|_| WriterError::QueueFull(path.display().to_string()))?;
+                drop(slots);
+                rx.blocking_recv()
+                    .map_err(|_| WriterError::ShuttingDown)??;
+                slots = self.slots.lock().unwrap();
+            }
+            h.shared.streams.fetch_add(1, Ordering::SeqCst);
+            drop(slots);
+            return Ok(Lease {
+                handle: h,
+                repaired: None,
+            });
+        }
+        // Another process (or a writer of ours that is still closing) may hold
+        // the file lock for a moment: retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (writer, report) = loop {
+            match ArchiveWriter::open(path, mode) {
+                Ok(x) => break x,
+                Err(gtar::Error::Locked) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => return Err(WriterError::from_gtar(path, e)),
+            }
+        };
+        if let Some(rep) = &report {
+            tracing::warn!(
+                archive = %path.display(),
+                reason = %rep.reason,
+                kept_entries = rep.entries.len(),
+                kept_frames = rep.txns_kept,
+                dropped_entries = rep.entries_dropped,
+                dropped_bytes = rep.bytes_dropped,
+                "repaired archive on open"
+            );
+        }
+        let reader = writer
+            .reader()
+            .map_err(|e| WriterError::from_gtar(path, e))?;
+        let (tx, rx) = mpsc::channel(self.limits.queue_frames);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(WriterState::Ok),
+            progress: AtomicU64::new(0),
+            busy_since_ms: AtomicU64::new(0),
+            streams: AtomicU64::new(1),
+        });
+        let handle = WriterHandle {
+            path: path.to_path_buf(),
+            tx,
+            reader,
+            shared: shared.clone(),
+            parts_cap: self.limits.parts_per_frame,
+        };
+        let actor = Actor {
+            path: path.to_path_buf(),
+            writer: Some(writer),
+            rx,
+            limits: self.limits.clone(),
+            rt: self.runtime.clone(),
+            shared,
+            registry: Arc::downgrade(self),
+            reader_index: handle.reader.shared_index(),
+            pending: Vec::new(),
+            batch_bytes: 0,
+            batch_started: None,
+        };
+        let name = format!(
+            "gtar-writer-{}",
+            path.file_name()
+                .map(|s| s.to_string_lossy())
+                .unwrap_or_default()
+        );
+        let thread = std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || actor.run())
+            .map_err(|e| WriterError::Format(format!("cannot start a writer thread: {e}")))?;
+        slots.insert(
+            path.to_path_buf(),
+            Slot {
+                handle: handle.clone(),
+                thread: Some(thread),
+            },
+        );
+        Ok(Lease {
+            handle,
+            repaired: report,
+        })
+    }
+
+    fn ms_now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Failed writers, for the health service: (path, why).
+    pub fn failed(&self) -> Vec<(PathBuf, String)> {
+        self.slots
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(p, s)| match s.handle.state() {
+                WriterState::Failed(w) => Some((p.clone(), w)),
+                WriterState::Ok => None,
+            })
+            .collect()
+    }
+
+    /// True when every writer thread is alive and none has been stuck on one
+    /// job for longer than `stuck`: what the systemd watchdog pings on.
+    pub fn healthy(&self, stuck: Duration) -> bool {
+        let now = self.ms_now();
+        self.slots.lock().unwrap().values().all(|s| {
+            let alive = s.thread.as_ref().is_some_and(|t| !t.is_finished());
+            let busy = s.handle.shared.busy_since_ms.load(Ordering::SeqCst);
+            alive && (busy == 0 || now.saturating_sub(busy) < stuck.as_millis() as u64)
+        })
+    }
+
+    /// Close every writer: abort frames in progress, write central
+    /// directories, fsync, join the threads. Blocking.
+    pub fn shutdown(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let slots: Vec<(PathBuf, Slot)> = self.slots.lock().unwrap().drain().collect();
+        for (_, s) in &slots {
+            // A full queue still closes: dropping every sender ends the loop too.
+            let _ = s.handle.tx.try_send(Job::Close);
+        }
+        for (path, mut s) in slots {
+            drop(s.handle);
+            if let Some(t) = s.thread.take() {
+                if t.join().is_err() {
+                    tracing::error!(archive = %path.display(), "writer thread panicked during shutdown");
+                }
+            }
+        }
+    }
+
+    /// Remove an idle writer (no streams, nothing queued). Called by the
+    /// writer thread itself, which exits (closing the archive) when this
+    /// returns true. Holding the registry lock means no stream can claim the
+    /// writer in between.
+    fn retire_if_idle(
+        &self,
+        path: &Path,
+        shared: &Arc<Shared>,
+        queue_empty: impl Fn() -> bool,
+    ) -> bool {
+        let mut slots = self.slots.lock().unwrap();
+        let ours = slots
+            .get(path)
+            .is_some_and(|s| Arc::ptr_eq(&s.handle.shared, shared));
+        if ours && shared.streams.load(Ordering::SeqCst) == 0 && queue_empty() {
+            slots.remove(path);
+            return true;
+        }
+        false
+    }
+}
+
+/// The writer thread's state.
+struct Actor {
+    path: PathBuf,
+    writer: Option<ArchiveWriter>,
+    rx: mpsc::Receiver<Job>,
+    limits: Limits,
+    rt: tokio::runtime::Handle,
+    shared: Arc<Shared>,
+    registry: std::sync::Weak<Registry>,
+    reader_index: Arc<std::sync::RwLock<gtar::Index>>,
+    pending: Vec<oneshot::Sender<Result<(), WriterError>>>,
+    batch_bytes: u64,
+    batch_started: Option<Instant>,
+}
+
+enum Next {
+    Job(Job),
+    Idle,
+    Closed,
+}
+
+impl Actor {
+    fn run(mut self) {
+        let path = self.path.clone();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.main_loop()));
+        if res.is_err() {
+            tracing::error!(archive = %path.display(), "writer thread panicked; archive marked failed");
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        tracing::error!(archive = %self.path.display(), error = %why, "writer failed; no more frames are accepted for this archive");
+        *self.shared.state.lock().unwrap() = WriterState::Failed(why.clone());
+        for d in self.pending.drain(..) {
+            let _ = d.send(Err(WriterError::Failed {
+                path: self.path.display().to_string(),
+                why: why.clone(),
+            }));
+        }
+    }
+
+    fn failed(&self) -> Option<WriterError> {
+        match &*self.shared.state.lock().unwrap() {
+            WriterState::Ok => None,
+            WriterState::Failed(why) => Some(WriterError::Failed {
+                path: self.path.display().to_string(),
+                why: why.clone(),
+            }),
+        }
+    }
+
+    fn next(&mut self) -> Next {
+        if !self.pending.is_empty() {
+            return match self.rx.try_recv() {
+                Ok(j) => Next::Job(j),
+                Err(mpsc::error::TryRecvError::Empty) => Next::Idle,
+                Err(mpsc::error::TryRecvError::Disconnected) => Next::Closed,
+            };
+        }
+        let wait = self.limits.idle_tail;
+        let rx = &mut self.rx;
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(wait, rx.recv()).await })
+        {
+            Ok(Some(j)) => Next::Job(j),
+            Ok(None) => Next::Closed,
+            Err(_) => Next::Idle,
+        }
+    }
+
+    fn main_loop(&mut self) {
+        let mut tail_written = true;
+        loop {
+            match self.next() {
+                Next::Job(Job::Frame {
+                    parts,
+                    received,
+                    durable,
+                }) => {
+                    self.busy(true);
+                    self.frame(parts, received, durable);
+                    tail_written = false;
+                    let batch_full = self.batch_bytes >= self.limits.batch_bytes
+                        || self
+                            .batch_started
+                            .is_some_and(|t| t.elapsed() >= self.limits.batch_delay);
+                    if batch_full {
+                        self.sync();
+                    }
+                    self.busy(false);
+                }
+                Next::Job(Job::Recreate(done)) => {
+                    self.busy(true);
+                    self.sync();
+                    let res = self.recreate();
+                    let _ = done.send(res);
+                    self.busy(false);
+                }
+                Next::Idle if !self.pending.is_empty() => {
+                    self.busy(true);
+                    self.sync();
+                    self.busy(false);
+                }
+                Next::Idle => {
+                    if !tail_written {
+                        self.busy(true);
+                        self.write_tail();
+                        tail_written = true;
+                        self.busy(false);
+                    }
+                    if let Some(reg) = self.registry.upgrade() {
+                        let rx = &self.rx;
+                        if reg.retire_if_idle(&self.path, &self.shared, || rx.is_empty()) {
+                            self.close();
+                            return;
+                        }
+                    }
+                }
+                Next::Job(Job::Close) | Next::Closed => {
+                    self.close();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn busy(&self, on: bool) {
+        let v = match (on, self.registry.upgrade()) {
+            (true, Some(r)) => r.ms_now(),
+            _ => 0,
+        };
+        self.shared.busy_since_ms.store(v, Ordering::SeqCst);
+        if !on {
+            self.shared.progress.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn recreate(&mut self) -> Result<(), WriterError> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        drop(self.writer.take()); // releases the lock
+                                  // Keep the index handle readers already share; the new writer fills it.
+        let index = self.reader_index.clone();
+        match ArchiveWriter::open_shared(&self.path, OpenMode::Create, index) {
+            Ok((w, _)) => {
+                self.writer = Some(w);
+                Ok(())
+            }
+            Err(e) => {
+                let err = WriterError::from_gtar(&self.path, e);
+                self.fail(err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    fn frame(
+        &mut self,
+        mut parts: mpsc::Receiver<Part>,
+        received: oneshot::Sender<Result<Committed, WriterError>>,
+        durable: oneshot::Sender<Result<(), WriterError>>,
+    ) {
+        if let Some(e) = self.failed() {
+            let _ = received.send(Err(e.clone()));
+            let _ = durable.send(Err(e));
+            return;
+        }
+        let res = self.write_frame(&mut parts);
+        match res {
+            Ok(c) => {
+                if self.batch_started.is_none() {
+                    self.batch_started = Some(Instant::now());
+                }
+                self.batch_bytes += c.bytes;
+                self.pending.push(durable);
+                let _ = received.send(Ok(c));
+            }
+            Err(e) => {
+                if let WriterError::Format(why) = &e {
+                    // An I/O error mid-frame: the frame was truncated away, but
+                    // the file may be in an unknown state. Stop accepting.
+                    self.fail(why.clone());
+                }
+                let _ = received.send(Err(e.clone()));
+                let _ = durable.send(Err(e));
+            }
+        }
+    }
+
+    fn recv_part(&self, parts: &mut mpsc::Receiver<Part>) -> Result<Part, WriterError> {
+        let wait = self.limits.part_timeout;
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(wait, parts.recv()).await })
+        {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) => Err(WriterError::Aborted(
+                "the client stopped before committing".into(),
+            )),
+            Err(_) => Err(WriterError::Aborted(format!(
+                "no data for {} s",
+                wait.as_secs()
+            ))),
+        }
+    }
+
+    fn write_frame(&mut self, parts: &mut mpsc::Receiver<Part>) -> Result<Committed, WriterError> {
+        let path = self.path.clone();
+        let g = |e| WriterError::from_gtar(&path, e);
+        let mut writer = self.writer.take().ok_or(WriterError::ShuttingDown)?;
+        let res = (|| {
+            let mut txn = writer.begin().map_err(g)?;
+            loop {
+                match self.recv_part(parts)? {
+                    Part::Start { path: p, size } => {
+                        let mut e = txn.start_entry(&p, size).map_err(g)?;
+                        let mut left = size;
+                        while left > 0 {
+                            match self.recv_part(parts)? {
+                                Part::Data(d) => {
+                                    e.write(&d).map_err(g)?;
+                                    left -= d.len() as u64;
+                                }
+                                _ => {
+                                    return Err(WriterError::Invalid(format!(
+                                        "{p}: {left} bytes missing"
+                                    )))
+                                }
+                            }
+                        }
+                        e.finish().map_err(g)?;
+                    }
+                    Part::Data(_) => {
+                        return Err(WriterError::Invalid("data outside a tensor".into()))
+                    }
+                    Part::Whole { path: p, data } => {
+                        txn.add(&p, &data, gtar::Compression::Stored).map_err(g)?
+                    }
+                    Part::Compressed { path: p, data } => {
+                        txn.add_precompressed(&p, &data).map_err(g)?
+                    }
+                    Part::Commit => return txn.commit().map_err(g),
+                }
+            }
+        })();
+        self.writer = Some(writer);
+        res
+    }
+
+    fn sync(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let res = match self.writer.as_mut() {
+            Some(w) => w.sync().map_err(|e| e.to_string()),
+            None => Err("no archive open".to_string()),
+        };
+        match res {
+            Ok(()) => {
+                for d in self.pending.drain(..) {
+                    let _ = d.send(Ok(()));
+                }
+            }
+            // After a failed fsync the kernel may have dropped dirty pages:
+            // nothing since the last good sync can be called durable.
+            Err(why) => self.fail(format!("fsync failed: {why}")),
+        }
+        self.batch_bytes = 0;
+        self.batch_started = None;
+    }
+
+    fn write_tail(&mut self) {
+        if let Some(w) = self.writer.as_mut() {
+            if let Err(e) = w.write_tail() {
+                tracing::warn!(archive = %self.path.display(), error = %e, "could not write the central directory");
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        // Frames still queued are refused; their senders see the drop.
+        self.rx.close();
+        while let Ok(job) = self.rx.try_recv() {
+            if let Job::Frame {
+                received, durable, ..
+            } = job
+            {
+                let _ = received.send(Err(WriterError::ShuttingDown));
+                let _ = durable.send(Err(WriterError::ShuttingDown));
+            }
+        }
+        self.sync();
+        if let Some(w) = self.writer.take() {
+            if let Err(e) = w.close() {
+                tracing::error!(archive = %self.path.display(), error = %e, "closing the archive failed");
+            }
+        }
+    }
+}
