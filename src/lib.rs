@@ -3,6 +3,12 @@
 //! Layers, bottom up: [`gtar`] (the file format, synchronous), then the
 //! writer pipeline, catalog and gRPC service built on it.
 
+pub mod catalog;
 pub mod cli;
 pub mod gtar;
+pub mod layout;
 pub mod proto;
+pub mod query;
+pub mod server;
+pub mod service;
+pub mod writer;
