@@ -1,0 +1,15 @@
+"""gtar_logd: clients for the gtar-logd daemon.
+
+* `gtar_logd.keras.GTARLogger` -- Keras 3 callback (drop-in for keras_gtar's)
+* `gtar_logd.Trajectory` -- keras_gtar's Trajectory API over the daemon
+* `gtar_logd.Client` -- queries, and frames of named numpy arrays
+"""
+from ._address import default_socket_path, resolve as resolve_address
+from .client import Client, NotFound
+from .errors import DaemonUnavailable, DurabilityTimeout, GtarLogdError, WriteFailed
+from .trajectory import Trajectory
+
+__version__ = "0.1.0"
+
+__all__ = ["Client", "Trajectory", "NotFound", "DaemonUnavailable", "DurabilityTimeout",
+           "GtarLogdError", "WriteFailed", "default_socket_path", "resolve_address"]

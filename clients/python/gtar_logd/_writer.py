@@ -1,0 +1,459 @@
+"""The background writer: one Write stream, resent across daemon restarts.
+
+Invariants a reader must not break:
+
+* The caller's thread only builds a `Unit` (references to host numpy arrays,
+  no serialization) and appends it to `_pending`; everything else happens on
+  other threads: gRPC's request thread runs `_requests()` (which turns units
+  into messages lazily, chunk by chunk) and our thread `_run()` reads the
+  daemon's acks.
+* A unit stays in `_pending`, and its bytes count against
+  `max_pending_bytes`, until the daemon acks it *durable*. A full budget
+  blocks the caller (with a warning), it never drops anything.
+* Acks carry the unit's sequence number on the current stream; the stream
+  generation (`_gen`) tells old acks from new.
+* When the stream breaks (daemon killed or restarted), we reopen it in
+  APPEND mode, ask ListFrames which frames made it into the archive, drop
+  those units (they were received, so they are on disk) and resend the rest
+  in their original order. A frame index that already existed before this
+  writer started is not taken as proof, so it is resent. No frame is lost,
+  none is written twice (unless the index pre-existed).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+import warnings
+
+import grpc
+
+from . import dtypes
+from ._proto import logd_pb2 as pb
+from .client import DEFAULT_COLLECTION, VALUE_NAME, NotFound, join, key_to_group
+from .errors import DaemonUnavailable, DurabilityTimeout, GtarLogdError, WriteFailed
+
+log = logging.getLogger("gtar_logd")
+
+# Under tonic's default 4 MiB message limit, with room for the envelope.
+DEFAULT_CHUNK_BYTES = 2 << 20
+_FATAL = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
+_ids = itertools.count()
+
+
+class Unit:
+    """What goes between BeginFrame and CommitFrame (or loose records)."""
+
+    __slots__ = ("id", "index", "tensors", "records", "scalars", "nbytes",
+                 "sent_gen", "received", "t_submit", "parts_done")
+
+    def __init__(self, index=None, tensors=(), records=(), scalars=()):
+        self.id = next(_ids)
+        self.index = index  # None: loose records/scalars, no frame
+        self.tensors = list(tensors)  # (group, name, wire dtype, shape, ndarray)
+        self.records = list(records)  # (path, bytes)
+        self.scalars = list(scalars)  # (group, name, index, value)
+        self.nbytes = (sum(t[4].nbytes for t in self.tensors)
+                       + sum(len(r[1]) for r in self.records) + 64 * len(self.scalars))
+        self.sent_gen = None
+        self.received = False
+        self.t_submit = time.monotonic()
+        # Loose units: the daemon makes each record / scalar a frame of its
+        # own (one ack each); parts already durable are not resent.
+        self.parts_done = set()
+
+    def parts(self):
+        """Loose units: [(k, kind, item)] not yet durable."""
+        out = [(k, "record", r) for k, r in enumerate(self.records)]
+        out += [(len(self.records) + k, "scalar", x) for k, x in enumerate(self.scalars)]
+        return [p for p in out if p[0] not in self.parts_done]
+
+    def describe(self):
+        if self.index is not None:
+            return f"frame {self.index!r}"
+        return "records " + ", ".join(repr(p) for p, _ in self.records[:3])
+
+
+def tensor(group: str, name: str, array):
+    """A tensor entry for `Unit`: numpy array kept as-is when possible."""
+    a = dtypes.as_le_array(array)
+    return (group, name, dtypes.to_wire(a.dtype), [int(s) for s in a.shape], a)
+
+
+class Writer:
+    """Streams `Unit`s to one archive in the background.
+
+    :param mode: 'append' (create if missing) or 'create' (replace). After a
+        reconnect the stream is always reopened in append mode.
+    :param max_pending_bytes: memory budget for data not yet acked durable;
+        `submit` blocks (and warns) while it is exceeded.
+    :param reconnect_timeout: how long to keep trying to reach a daemon that
+        went away before failing.
+    """
+
+    def __init__(self, client, archive: str, mode: str = "append", group: str | None = None,
+                 compression: int = 0, max_pending_bytes: int = 1 << 30,
+                 reconnect_timeout: float = 120.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 open_timeout: float = 10.0):
+        if mode not in ("append", "create"):
+            raise ValueError(f"mode must be 'append' or 'create', not {mode!r}")
+        self.client = client
+        self.archive = archive
+        self.group = group or ""
+        self.mode = mode
+        self.compression = compression
+        self.max_pending_bytes = int(max_pending_bytes)
+        self.reconnect_timeout = reconnect_timeout
+        self.chunk_bytes = int(chunk_bytes)
+
+        self._cond = threading.Condition()
+        self._pending = collections.OrderedDict()  # id -> Unit, in submit order
+        self._pending_bytes = 0
+        self._to_send = collections.deque()  # units not yet sent on this stream
+        self._inflight = {}  # seq -> Unit, for the current generation
+        self._gen = 0
+        self._opened_gen = 0
+        self._error = None
+        self._closing = False
+        self._closed = False
+        self._call = None
+        # Statistics, for benchmarks and tests.
+        self.reconnects = 0
+        self.resent = 0
+        self.skipped = 0
+        self.durable_count = 0
+        self.blocked_seconds = 0.0
+
+        client.ping(timeout=open_timeout)
+        self._initial_frames = set() if mode == "create" else set(self._list_frames())
+        self._thread = threading.Thread(target=self._run, name="gtar-logd-writer", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + open_timeout
+        with self._cond:
+            while self._opened_gen == 0 and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if self._error is not None:
+                raise self._error
+            if self._opened_gen == 0:
+                self._closing = True
+                self._cond.notify_all()
+                raise DaemonUnavailable(client.address, f"no answer to opening {archive!r} "
+                                                        f"within {open_timeout:.0f} s")
+
+    # ----------------------------------------------------------- public API
+    def submit(self, unit: Unit) -> None:
+        """Queue a unit; blocks while the memory budget is exceeded."""
+        with self._cond:
+            self._check()
+            if self._pending and self._pending_bytes + unit.nbytes > self.max_pending_bytes:
+                t0 = time.monotonic()
+                warnings.warn(
+                    f"gtar-logd: {self._pending_bytes / 2**20:.0f} MiB of {len(self._pending)} "
+                    f"unit(s) are waiting for the daemon (budget "
+                    f"{self.max_pending_bytes / 2**20:.0f} MiB); blocking until it catches up",
+                    RuntimeWarning, stacklevel=3)
+                while (self._pending and self._error is None
+                       and self._pending_bytes + unit.nbytes > self.max_pending_bytes):
+                    self._cond.wait(1.0)
+                self.blocked_seconds += time.monotonic() - t0
+                self._check()
+            self._pending[unit.id] = unit
+            self._pending_bytes += unit.nbytes
+            self._to_send.append(unit)
+            self._cond.notify_all()
+
+    def write_frame(self, index: str, tensors=(), records=(), scalars=()) -> None:
+        """Queue one frame: tensors as (group, name, array), records as (path, bytes)."""
+        self.submit(Unit(str(index), [tensor(g, n, a) for g, n, a in tensors],
+                         records, scalars))
+
+    def write_tensors(self, index: str, arrays: dict, collection: str = DEFAULT_COLLECTION,
+                      records: dict | None = None) -> None:
+        """Queue a frame holding a dict of arrays (see `Client.write_frame`)."""
+        ts = [(join(collection, key_to_group(k)), VALUE_NAME, a) for k, a in arrays.items()]
+        self.write_frame(index, ts, list((records or {}).items()))
+
+    def write_records(self, records, scalars=()) -> None:
+        """Queue constant records (path, bytes) and scalars outside any frame."""
+        self.submit(Unit(None, (), records, scalars))
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        with self._cond:
+            return self._pending_bytes
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything submitted so far is durable."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending and self._error is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    waiting = [u.describe() for u in self._pending.values()]
+                    raise DurabilityTimeout(
+                        f"gtar-logd: {len(waiting)} unit(s) for {self.archive!r} were not "
+                        f"acknowledged as durable within {timeout:.0f} s: "
+                        f"{', '.join(waiting[:10])}{' ...' if len(waiting) > 10 else ''}. "
+                        f"Is the daemon at {self.client.address!r} running and its disk "
+                        f"writable? (reconnects so far: {self.reconnects})")
+                self._cond.wait(1.0 if left is None else min(left, 1.0))
+            self._check()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (up to `timeout`), then end the stream."""
+        if self._closed:
+            return
+        try:
+            if self._error is None:
+                self.flush(timeout)
+        finally:
+            with self._cond:
+                self._closing = True
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join(10.0)
+            call = self._call
+            if self._thread.is_alive() and call is not None:
+                call.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, val, tb):
+        if typ is None:
+            self.close()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop without waiting; pending units are dropped."""
+        with self._cond:
+            self._closing = True
+            self._closed = True
+            self._error = self._error or WriteFailed("writer aborted")
+            self._cond.notify_all()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    # ----------------------------------------------------------- internals
+    def _check(self):
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise WriteFailed("writer is closed")
+
+    def _list_frames(self):
+        try:
+            return self.client.list_frames(self.archive, self.group or None)
+        except NotFound:
+            return []
+
+    def _fail(self, err):
+        with self._cond:
+            if self._error is None:
+                self._error = err
+            self._cond.notify_all()
+        log.error("%s", err)
+
+    def _run(self):
+        retry_deadline = None
+        backoff = 0.05
+        while True:
+            with self._cond:
+                if self._closing and not self._pending:
+                    return
+                self._gen += 1
+                gen = self._gen
+                self._inflight = {}
+            why = None
+            try:
+                if gen > 1:
+                    self._reconcile()
+                first = self._opened_gen == 0
+                mode = pb.CREATE if (self.mode == "create" and first) else pb.APPEND
+                call = self.client.stub.Write(self._requests(gen, mode))
+                self._call = call
+                for resp in call:
+                    kind = resp.WhichOneof("msg")
+                    if kind == "opened":
+                        with self._cond:
+                            self._opened_gen = gen
+                            self._cond.notify_all()
+                        if resp.opened.repaired:
+                            log.warning("gtar-logd repaired %s on open: %s",
+                                        self.archive, resp.opened.repaired)
+                        retry_deadline = None
+                        backoff = 0.05
+                    elif kind in ("received", "durable"):
+                        self._on_ack(gen, getattr(resp, kind), kind == "durable")
+                with self._cond:
+                    if self._closing and not self._pending:
+                        return
+                why = "the daemon ended the stream"
+            except grpc.RpcError as e:
+                code = e.code()
+                with self._cond:
+                    if self._closing and (code == grpc.StatusCode.CANCELLED or not self._pending):
+                        return
+                if code in _FATAL:
+                    self._fail(WriteFailed(
+                        f"gtar-logd refused the write to {self.archive!r}: "
+                        f"{code.name}: {e.details()}"))
+                    return
+                why = f"{code.name}: {e.details()}"
+            except GtarLogdError as e:  # a query during reconnection failed
+                why = str(e)
+            except Exception as e:  # pragma: no cover - a bug; surface it
+                self._fail(WriteFailed(f"gtar-logd writer crashed: {e!r}"))
+                return
+            now = time.monotonic()
+            if retry_deadline is None:
+                retry_deadline = now + self.reconnect_timeout
+            if now > retry_deadline:
+                self._fail(WriteFailed(
+                    f"gtar-logd: lost the daemon at {self.client.address!r} ({why}) and could "
+                    f"not reconnect within {self.reconnect_timeout:.0f} s; "
+                    f"{len(self._pending)} unit(s) not durable. Is `gtar-logd serve` running?"))
+                return
+            log.warning("gtar-logd: stream to %s broke (%s); reconnecting", self.archive, why)
+            self.reconnects += 1
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _reconcile(self):
+        """After a reconnect: drop units the archive already has, resend the rest."""
+        present = set(self._list_frames()) - self._initial_frames
+        with self._cond:
+            keep = collections.deque()
+            for u in list(self._pending.values()):
+                if u.index is not None and u.index in present:
+                    self._done(u)
+                    self.skipped += 1
+                elif u.index is None and self._records_present(u):
+                    self._done(u)
+                    self.skipped += 1
+                else:
+                    if u.sent_gen is not None:
+                        self.resent += 1
+                    keep.append(u)
+            self._to_send = keep
+            self._cond.notify_all()
+
+    def _records_present(self, u):
+        """Loose units: mark parts already in the archive as done; True if none is left."""
+        import struct
+        for k, kind, item in u.parts():
+            if kind == "record":
+                path, want = item[0], bytes(item[1])
+            else:
+                g, n, i, v = item
+                path = f"{join(g)}/vars/{n}.f64.uni/{i}"
+                want = struct.pack("<d", float(v))
+            try:
+                if self.client.read_record(self.archive, join(self.group, path)) == want:
+                    u.parts_done.add(k)
+            except NotFound:
+                pass
+        return not u.parts()
+
+    def _done(self, u):
+        if self._pending.pop(u.id, None) is not None:
+            self._pending_bytes -= u.nbytes
+            self.durable_count += 1
+        self._cond.notify_all()
+
+    def _on_ack(self, gen, ack, durable):
+        with self._cond:
+            if gen != self._gen:
+                return
+            entry = self._inflight.get(ack.seq)
+            if entry is None:
+                log.warning("gtar-logd: ack for unknown seq %d (index %r)", ack.seq, ack.index)
+                return
+            u, part = entry
+            if u.index is not None and ack.index != u.index:
+                log.warning("gtar-logd: ack seq %d names frame %r, expected %r",
+                            ack.seq, ack.index, u.index)
+            if not durable:
+                u.received = True
+                return
+            del self._inflight[ack.seq]
+            if part is not None:
+                u.parts_done.add(part)
+                if u.parts():
+                    return
+            self._done(u)
+
+    def _requests(self, gen, mode):
+        yield pb.WriteRequest(open=pb.OpenArchive(
+            archive=self.archive, mode=mode, group=self.group, compression=self.compression))
+        seq = 0
+        while True:
+            with self._cond:
+                while True:
+                    if self._gen != gen:
+                        return
+                    if self._to_send:
+                        u = self._to_send.popleft()
+                        if u.id not in self._pending:
+                            continue
+                        break
+                    if self._closing and not self._pending:
+                        return
+                    self._cond.wait(0.5)
+                u.sent_gen = gen
+                if u.index is None:
+                    parts = u.parts()
+                    for k, _, _ in parts:
+                        self._inflight[seq] = (u, k)
+                        seq += 1
+                else:
+                    parts = None
+                    self._inflight[seq] = (u, None)
+                    seq += 1
+            yield from self._messages(u, parts)
+
+    def _messages(self, u, parts=None):
+        W = pb.WriteRequest
+        if parts is not None:  # loose records / scalars: one frame each
+            for _, kind, item in parts:
+                if kind == "record":
+                    yield W(record=pb.ConstRecord(path=item[0], data=bytes(item[1])))
+                else:
+                    g, n, i, v = item
+                    yield W(scalar=pb.Scalar(group=g, name=n, index=str(i), value=float(v)))
+            return
+        if u.index is not None:
+            yield W(begin=pb.BeginFrame(index=u.index))
+        step = self.chunk_bytes
+        for group, name, code, shape, arr in u.tensors:
+            yield W(tensor=pb.TensorHeader(group=group, name=name, dtype=code, shape=shape))
+            mv = dtypes.byte_view(arr)
+            for off in range(0, len(mv), step):
+                yield W(chunk=pb.Chunk(data=bytes(mv[off:off + step])))
+        for path, data in u.records:
+            yield W(record=pb.ConstRecord(path=path, data=bytes(data)))
+        for group, name, index, value in u.scalars:
+            yield W(scalar=pb.Scalar(group=group, name=name, index=str(index), value=float(value)))
+        if u.index is not None:
+            yield W(commit=pb.CommitFrame())

@@ -1,0 +1,257 @@
+"""The framework-agnostic client: queries, and frames of named numpy arrays.
+
+`Client` wraps one gRPC channel to the daemon. `Client.writer()` opens a
+background `Writer` (see `_writer.py`) that streams frames without blocking
+the caller; `Client.write_frame()` / `read_frame()` are the simple
+synchronous forms for a dict of arrays (a PyTorch state_dict via `.numpy()`,
+a flattened JAX pytree, ...).
+"""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from . import dtypes
+from ._address import resolve
+from ._proto import logd_pb2 as pb
+from ._proto import logd_pb2_grpc as pb_grpc
+from .errors import DaemonUnavailable, GtarLogdError
+
+# The daemon's messages are at most a few MiB; leave room.
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+#: Group under which `write_frame` stores a dict's arrays (below the stream group).
+DEFAULT_COLLECTION = "tensors"
+#: Record name of each array of such a dict.
+VALUE_NAME = "value"
+_RESERVED = {"", ".", "..", "frames", "vars"}
+
+
+class NotFound(GtarLogdError, KeyError):
+    """The daemon has no such archive, group, frame or record."""
+
+    def __str__(self):  # KeyError would repr() the message
+        return self.args[0] if self.args else ""
+
+
+def join(*parts) -> str:
+    """Join group components, skipping empty and None ones."""
+    return "/".join(p.strip("/") for p in parts if p)
+
+
+def key_to_group(key: str) -> str:
+    """Encode a dict key as a group path below the collection.
+
+    Keys whose '/'-separated components are all acceptable GETAR group
+    components are kept as they are ("layer1.weight", "params/dense/kernel"),
+    so the archive stays readable; any other key is stored as one component
+    "~" + hex(utf-8). `group_to_key` inverts it.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"tensor names must be str, not {type(key).__name__}: {key!r}")
+    parts = key.split("/")
+    if all(p not in _RESERVED and not p.startswith("~")
+           and not any(ord(c) < 32 or ord(c) == 127 for c in p) for p in parts):
+        return key
+    return "~" + key.encode("utf-8").hex()
+
+
+def group_to_key(group: str) -> str:
+    if group.startswith("~") and "/" not in group:
+        return bytes.fromhex(group[1:]).decode("utf-8")
+    return group
+
+
+def _wrap(e: grpc.RpcError, address: str, what: str):
+    code = e.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return DaemonUnavailable(address, e.details() or "")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"{what}: {e.details()}")
+    return GtarLogdError(f"{what} failed: {code.name}: {e.details()}")
+
+
+class Client:
+    """A connection to the gtar-logd daemon.
+
+    :param address: gRPC target, `unix:/path/to.sock` or `host:port`; default:
+        $GTAR_LOGD_ADDRESS, else the daemon's default socket.
+    :param timeout: deadline in seconds for each query.
+    """
+
+    def __init__(self, address: str | None = None, timeout: float = 60.0):
+        self.address = resolve(address)
+        self.timeout = timeout
+        options = list(_CHANNEL_OPTIONS)
+        if self.address.startswith("unix:"):
+            # grpc-core sends the socket path as :authority, which the daemon's
+            # HTTP/2 stack (h2) rejects with RST_STREAM(PROTOCOL_ERROR).
+            options.append(("grpc.default_authority", "localhost"))
+        self._channel = grpc.insecure_channel(self.address, options=options)
+        self.stub = pb_grpc.LogdStub(self._channel)
+
+    # ------------------------------------------------------------ plumbing
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def ping(self, timeout: float = 5.0) -> None:
+        """Raise DaemonUnavailable unless the daemon answers within `timeout`."""
+        try:
+            self.stub.ListArchives(pb.ListArchivesRequest(prefix="\x00none"),
+                                   timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise DaemonUnavailable(self.address, e.details() or e.code().name) from None
+            # Any other answer means someone is listening.
+
+    def _unary(self, method: str, request, what: str):
+        try:
+            return getattr(self.stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _wrap(e, self.address, what) from None
+
+    # ------------------------------------------------------------ queries
+    def list_archives(self, prefix: str = "") -> list:
+        """[{'archive', 'size_bytes', 'writing'}] of archives under the data dir."""
+        r = self._unary("ListArchives", pb.ListArchivesRequest(prefix=prefix), "ListArchives")
+        return [{"archive": a.archive, "size_bytes": a.size_bytes, "writing": a.writing}
+                for a in r.archives]
+
+    def describe(self, archive: str) -> pb.DescribeArchiveResponse:
+        return self._unary("DescribeArchive", pb.DescribeArchiveRequest(archive=archive),
+                           f"DescribeArchive({archive!r})")
+
+    def list_frames(self, archive: str, group: str | None = None) -> list:
+        """Frame indices (strings, GETAR order) of the archive or of one group."""
+        r = self._unary("ListFrames", pb.ListFramesRequest(archive=archive, group=group or ""),
+                        f"ListFrames({archive!r}, group={group!r})")
+        return list(r.frames)
+
+    def read_record(self, archive: str, path: str) -> bytes:
+        """Bytes of one record, e.g. 'keras/model.json'."""
+        r = self._unary("ReadRecord", pb.ReadRecordRequest(archive=archive, path=path),
+                        f"ReadRecord({archive!r}, {path!r})")
+        return r.data
+
+    def get_frame(self, archive: str, frame=-1, group: str | None = None, names=None):
+        """(index, [(TensorInfo, ndarray)]) of one frame.
+
+        `frame` is a position (int, negative from the end) or an index string.
+        """
+        req = pb.GetFrameRequest(archive=archive, group=group or "", names=list(names or []))
+        if isinstance(frame, str):
+            req.index = frame
+        else:
+            req.position = int(frame)
+        what = f"GetFrame({archive!r}, frame={frame!r}, group={group!r})"
+        try:
+            frames = _collect(self.stub.GetFrame(req, timeout=self.timeout * 10), what)
+        except grpc.RpcError as e:
+            raise _wrap(e, self.address, what) from None
+        if not frames:
+            raise NotFound(f"{what}: no frame in the answer")
+        return frames[0]
+
+    def tensor_history(self, archive: str, group: str, name: str, start: int = 0,
+                       stop: int | None = None):
+        """[(index, ndarray)] of one tensor over a slice of its frames."""
+        req = pb.TensorHistoryRequest(archive=archive, group=group, name=name, start=start)
+        if stop is not None:
+            req.stop = stop
+        what = f"TensorHistory({archive!r}, {group!r}, {name!r})"
+        try:
+            frames = _collect(self.stub.TensorHistory(req, timeout=self.timeout * 10), what)
+        except grpc.RpcError as e:
+            raise _wrap(e, self.address, what) from None
+        return [(idx, ts[0][1] if ts else None) for idx, ts in frames]
+
+    # ------------------------------------------------------------ writing
+    def writer(self, archive: str, mode: str = "append", group: str | None = None, **kw):
+        """A background `Writer` streaming to `archive` (mode 'append' or 'create')."""
+        from ._writer import Writer
+        return Writer(self, archive, mode=mode, group=group, **kw)
+
+    def write_frame(self, archive: str, index, tensors: dict, *, group: str | None = None,
+                    collection: str = DEFAULT_COLLECTION, records: dict | None = None,
+                    mode: str = "append", timeout: float = 300.0) -> None:
+        """Write one frame of named arrays and wait until it is durable.
+
+        Each array `tensors[key]` becomes the record
+        `{group/}{collection}/{key}/frames/{index}/value.{fmt}.uni` (see
+        `key_to_group`); dtype and shape are kept by the daemon's manifest.
+        `records` maps extra constant-record paths to bytes.
+        """
+        with self.writer(archive, mode=mode, group=group) as w:
+            w.write_tensors(str(index), tensors, collection=collection, records=records)
+            w.flush(timeout)
+
+    def read_frame(self, archive: str, frame=-1, *, group: str | None = None,
+                   collection: str = DEFAULT_COLLECTION) -> dict:
+        """The dict written by `write_frame` at `frame` (position or index string)."""
+        base = join(group, collection)
+        _, tensors = self.get_frame(archive, frame, group=base, names=[VALUE_NAME])
+        out = {}
+        for info, arr in tensors:
+            g = info.group
+            if g == base:
+                continue
+            if g.startswith(base + "/"):
+                g = g[len(base) + 1:]
+            out[group_to_key(g)] = arr
+        return out
+
+
+def _collect(stream, what):
+    """Assemble FrameData messages into [(index, [(TensorInfo, ndarray)])]."""
+    frames = []
+    cur = None
+    info = None
+    buf = None
+    filled = 0
+
+    def finish():
+        nonlocal info, buf
+        if info is not None:
+            if filled != len(buf):
+                raise GtarLogdError(f"{what}: tensor {info.path} got {filled} of {len(buf)} bytes")
+            cur[1].append((info, dtypes.from_bytes(buf, info.dtype, info.shape)))
+        info = None
+        buf = None
+
+    for msg in stream:
+        kind = msg.WhichOneof("msg")
+        if kind == "frame":
+            finish()
+            cur = (msg.frame, [])
+            frames.append(cur)
+        elif kind == "tensor":
+            finish()
+            if cur is None:
+                cur = ("", [])
+                frames.append(cur)
+            info = msg.tensor
+            buf = bytearray(info.size_bytes)
+            filled = 0
+        elif kind == "chunk":
+            if info is None:
+                raise GtarLogdError(f"{what}: chunk without a tensor header")
+            d = msg.chunk.data
+            if filled + len(d) > len(buf):
+                raise GtarLogdError(f"{what}: tensor {info.path} got more than {len(buf)} bytes")
+            buf[filled:filled + len(d)] = d
+            filled += len(d)
+    finish()
+    return frames
+
+
+__all__ = ["Client", "NotFound", "join", "key_to_group", "group_to_key",
+           "DEFAULT_COLLECTION", "VALUE_NAME"]

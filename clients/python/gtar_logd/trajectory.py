@@ -1,0 +1,271 @@
+"""`Trajectory`: keras_gtar's Trajectory API, served by the gtar-logd daemon.
+
+    with gtar_logd.Trajectory("runs/mnist.zip") as traj:
+        print(len(traj), traj.frames)
+        model = traj.load()              # the last frame
+        w = traj.get_weights(frame=3)
+
+`frame` arguments are positions in `frames` (negative counts from the end),
+as in keras_gtar; a str is taken as a frame index ("12"). Keras is imported
+only by the methods that need a model.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import warnings
+
+import numpy as np
+
+from . import _keras_layout as L
+from .client import Client, NotFound, join
+
+
+class Trajectory:
+    """Read (and write) a model trajectory in an archive served by gtar-logd.
+
+    :param archive: archive name relative to the daemon's data dir
+    :param mode: 'r' (read-only), 'w' (replace the archive) or 'a' (append)
+    :param group: group prefix inside the archive (keras_gtar's `group`)
+    :param address: daemon address (default: its default socket)
+    """
+
+    def __init__(self, archive, mode="r", group=None, address=None):
+        if mode not in ("r", "w", "a"):
+            raise ValueError(f"mode must be 'r', 'w' or 'a', not {mode!r}")
+        self.archive = archive
+        self.filename = archive
+        self.mode = mode
+        self.group = group
+        self.client = Client(address)
+        self._writer = None
+        if mode == "w":
+            self._writer = self.client.writer(archive, mode="create", group=group)
+        else:
+            self.client.ping()
+
+    # ------------------------------------------------------------- basics
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, val, tb):
+        self.close()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.client.close()
+
+    def _get_path(self, name):
+        return join(self.group, name)
+
+    @property
+    def frames(self):
+        """Frame indices (strings, GETAR order) that have model weights."""
+        try:
+            return self.client.list_frames(self.archive, self._get_path(L.KERAS_GROUP))
+        except NotFound:
+            return []
+
+    def __len__(self):
+        return len(self.frames)
+
+    def _resolve(self, frame, frames=None):
+        if isinstance(frame, str):
+            return frame
+        frames = self.frames if frames is None else frames
+        return frames[frame]  # IndexError like keras_gtar
+
+    def _record(self, name):
+        return self.client.read_record(self.archive, self._get_path(name))
+
+    def _json(self, name, default=None):
+        try:
+            return json.loads(self._record(name).decode("utf-8"))
+        except NotFound:
+            return default
+
+    # ------------------------------------------------------------- weights
+    def _layers(self, frame):
+        """{layer index: [arrays in weight order]} of one frame."""
+        index = self._resolve(frame)
+        _, tensors = self.client.get_frame(self.archive, index, group=self._get_path(L.KERAS_GROUP),
+                                           names=[L.WEIGHT_NAME])
+        found = collections.defaultdict(dict)
+        for info, arr in tensors:
+            m = L.WEIGHT_RE.search(info.group)
+            if m:
+                found[int(m.group(1))][int(m.group(2))] = arr
+        return {i: [ws[j] for j in sorted(ws)] for i, ws in sorted(found.items())}
+
+    def get_weights(self, frame=-1):
+        """The model's weight arrays at `frame`, in `model.get_weights()` order."""
+        return [w for ws in self._layers(frame).values() for w in ws]
+
+    def load(self, frame=-1, custom_objects=None, compile=True):
+        """Rebuild the model from `keras/model.json` and set the weights of `frame`.
+
+        Never unpickles anything: custom classes come from `custom_objects`.
+        """
+        import keras
+
+        config = json.loads(self._record(L.MODEL_JSON).decode("utf-8"))
+        if not compile:
+            config.pop("compile_config", None)
+        model = keras.models.model_from_json(json.dumps(config), custom_objects=custom_objects)
+        self._assign(model, self._layers(frame), by_name=False, skip_mismatch=False)
+        return model
+
+    def load_weights_into(self, model, frame=-1, by_name=False, skip_mismatch=False):
+        """Set `model`'s weights from `frame`, with Keras' `load_weights` semantics.
+
+        `by_name=False`: layers with weights are matched in order (topological);
+        `by_name=True`: layers are matched by name, unmatched ones are left alone.
+        `skip_mismatch=True`: layers whose weight count or shapes differ are
+        skipped with a warning instead of raising ValueError.
+        """
+        self._assign(model, self._layers(frame), by_name, skip_mismatch)
+        return model
+
+    def _assign(self, model, stored, by_name, skip_mismatch):
+        if by_name:
+            meta = self._json(L.WEIGHTS_JSON)
+            if meta is None:
+                raise ValueError("by_name loading needs layer names, and this archive has "
+                                 f"no {L.WEIGHTS_JSON} (not written by gtar-logd)")
+            names = {l["index"]: l["name"] for l in meta["layers"]}
+            by = {names[i]: ws for i, ws in stored.items() if i in names}
+            pairs = [(layer, by[layer.name]) for layer in model.layers if layer.name in by]
+        else:
+            targets = [l for l in model.layers if l.weights]
+            sources = [ws for ws in stored.values() if ws]
+            if len(targets) != len(sources):
+                msg = (f"the model has {len(targets)} layers with weights, frame has "
+                       f"{len(sources)}")
+                if not skip_mismatch:
+                    raise ValueError(msg)
+                warnings.warn(msg + "; loading the common prefix", stacklevel=3)
+            pairs = list(zip(targets, sources))
+        for layer, ws in pairs:
+            want = [tuple(v.shape) for v in layer.weights]
+            got = [tuple(w.shape) for w in ws]
+            if want != got:
+                msg = (f"layer {layer.name!r} expects weights of shapes {want}, "
+                       f"the archive has {got}")
+                if skip_mismatch:
+                    warnings.warn("skipping " + msg, stacklevel=3)
+                    continue
+                raise ValueError(msg)
+            layer.set_weights(ws)
+
+    # ------------------------------------------------------------- optimizer
+    def optimizer_frames(self):
+        try:
+            return self.client.list_frames(self.archive, self._get_path(L.OPTIMIZER_GROUP))
+        except NotFound:
+            return []
+
+    def load_optimizer(self, frame=-1, model=None):
+        """Optimizer variables saved at `frame` (a position in `optimizer_frames()`
+        or an index string) as {variable path: array}, in the optimizer's order.
+
+        With `model`, also assign them to `model.optimizer` (built if needed).
+        """
+        index = self._resolve(frame, None if isinstance(frame, str) else self.optimizer_frames())
+        _, tensors = self.client.get_frame(self.archive, index,
+                                           group=self._get_path(L.OPTIMIZER_GROUP),
+                                           names=[L.VALUE_NAME])
+        found = {}
+        for info, arr in tensors:
+            m = L.OPTIMIZER_RE.search(info.group)
+            if m:
+                found[int(m.group(1))] = arr
+        meta = self._json(L.OPTIMIZER_JSON, {"variables": []})
+        paths = {v["index"]: v["path"] for v in meta["variables"]}
+        out = {paths.get(k, str(k)): found[k] for k in sorted(found)}
+        if model is not None:
+            opt = model.optimizer
+            if not opt.built:
+                opt.build(model.trainable_variables)
+            if len(opt.variables) != len(out):
+                raise ValueError(f"the optimizer has {len(opt.variables)} variables, "
+                                 f"frame {index} has {len(out)}")
+            for v, a in zip(opt.variables, out.values()):
+                if tuple(v.shape) != a.shape:
+                    raise ValueError(f"optimizer variable {v.path} has shape {tuple(v.shape)}, "
+                                     f"the archive has {a.shape}")
+                v.assign(a)
+        return out
+
+    # ------------------------------------------------------------- metrics
+    def metrics(self, level="epoch"):
+        """History of the metrics GTARLogger stored: {name: (steps, values)}.
+
+        `level` is 'epoch' or 'batch'; steps are index strings in GETAR order
+        and values a float64 array.
+        """
+        group = self._get_path(f"{L.METRICS_GROUP}/{level}")
+        desc = self.client.describe(self.archive)
+        out = {}
+        for rec in desc.records:
+            if rec.behavior != "continuous" or rec.group != group:
+                continue
+            steps = _continuous_indices(rec)
+            values = np.empty(len(steps), dtype=np.float64)
+            for k, step in enumerate(steps):
+                data = self.client.read_record(self.archive, rec.path.replace("*", step))
+                values[k] = np.frombuffer(data, dtype="<f8")[0]
+            out[rec.name] = (steps, values)
+        return out
+
+    # ------------------------------------------------------------- writing
+    def _w(self):
+        if self.mode == "r":
+            raise PermissionError(f"Trajectory {self.archive!r} is open read-only (mode='r')")
+        if self._writer is None:
+            self._writer = self.client.writer(self.archive, mode="append", group=self.group)
+        return self._writer
+
+    def save(self, model, frame=None, only_weights=False):
+        """Save the model description and/or the weights as frame `frame` (a str),
+        and wait until the daemon has them on disk."""
+        from .keras import model_units, weight_entries
+        from ._writer import Unit
+
+        w = self._w()
+        if not only_weights:
+            w.write_records(model_units(model))
+        elif not frame:
+            raise ValueError("Trying to save only the weights of a model without a frame given")
+        if frame:
+            tensors, records = weight_entries(model, copy="always")
+            w.submit(Unit(str(frame), tensors, records))
+        w.flush()
+
+    def save_weights(self, model, frame):
+        return self.save(model, frame, only_weights=True)
+
+    def save_model(self, model):
+        return self.save(model)
+
+
+def _continuous_indices(rec):
+    """Indices of a continuous record from DescribeArchive's count/first/last.
+
+    The query API lists the indices of discrete records only, so for
+    continuous ones we rely on GTARLogger's consecutive integer steps.
+    """
+    n = rec.frame_count
+    if n == 0:
+        return []
+    first, last = rec.first_frame, rec.last_frame
+    if first.isdigit() and last.isdigit() and int(last) - int(first) + 1 == n:
+        return [str(i) for i in range(int(first), int(last) + 1)]
+    if n == 1:
+        return [first]
+    if n == 2:
+        return [first, last]
+    raise NotImplementedError(
+        f"cannot list the {n} steps of {rec.path}: they are not consecutive integers "
+        "and the daemon lists indices of discrete records only")

@@ -1,0 +1,141 @@
+"""The framework-agnostic client against the real daemon."""
+import subprocess
+import sys
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import gtar_logd
+from gtar_logd import Client, DaemonUnavailable, NotFound
+from gtar_logd.client import group_to_key, key_to_group
+
+HERE = __import__("pathlib").Path(__file__).resolve().parent
+
+
+def test_committed_stubs_match_the_proto():
+    """Regenerate the gRPC stubs and fail on any drift from the committed ones."""
+    tools = pytest.importorskip("grpc_tools")
+    from importlib.metadata import version
+    if version("grpcio-tools") != "1.85.1":
+        pytest.skip(f"stubs are generated with grpcio-tools 1.85.1, not {version('grpcio-tools')}")
+    r = subprocess.run([sys.executable, str(HERE.parent / "tools" / "gen_proto.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _all_dtypes():
+    rng = np.random.default_rng(7)
+    f16 = rng.integers(0, 2**16, size=(3, 5), dtype=np.uint16)
+    f16[0, :3] = [0x7C01, 0xFE00, 0x8000]  # signalling NaN payload, quiet NaN, -0
+    bf16 = rng.integers(0, 2**16, size=(4, 3, 2), dtype=np.uint16)
+    bf16[0, 0, :] = [0x7F81, 0xFFC1]
+    return {
+        "f32": rng.standard_normal((7, 9)).astype(np.float32),
+        "f64": rng.standard_normal(11),
+        "i32": np.array([np.iinfo(np.int32).min, -1, 0, np.iinfo(np.int32).max], np.int32),
+        "i64": np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).max], np.int64),
+        "u8": np.arange(256, dtype=np.uint8).reshape(16, 16),
+        "u32": np.array([0, 2**32 - 1], np.uint32),
+        "u64": np.array([0, 2**64 - 1], np.uint64),
+        "f16": f16.view(np.float16),
+        "bf16": bf16.view(ml_dtypes.bfloat16),
+        "i8": np.array([-128, -1, 0, 127], np.int8),
+        "i16": np.array([[-32768, 32767]], np.int16),
+        "u16": np.array([0, 65535], np.uint16),
+        "bool": np.array([[True, False], [False, True]]),
+        "scalar0d": np.float32(3.5),
+        "empty": np.zeros((0, 4), np.float32),
+        "bigendian": np.arange(10, dtype=">i4"),
+    }
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.dtype.name, a.shape, a.astype(a.dtype.newbyteorder("<")).tobytes()
+
+
+def test_every_dtype_round_trips_bit_exactly(client, archive):
+    data = _all_dtypes()
+    client.write_frame(archive, 0, data)
+    back = client.read_frame(archive, "0")
+    assert set(back) == set(data)
+    for k, a in data.items():
+        assert _bits(back[k]) == _bits(a), k
+        assert back[k].dtype == np.asarray(a).dtype.newbyteorder("=")
+
+
+def test_multi_chunk_tensor_and_positions(client, archive):
+    big = np.random.default_rng(1).standard_normal((3, 1 << 20)).astype(np.float32)  # 12 MiB
+    client.write_frame(archive, 5, {"big": big, "small": np.ones(3, np.int64)})
+    client.write_frame(archive, 10, {"big": big * 2, "small": np.zeros(3, np.int64)})
+    assert client.list_frames(archive) == ["5", "10"]
+    assert np.array_equal(client.read_frame(archive, -1)["big"], big * 2)
+    assert np.array_equal(client.read_frame(archive, 0)["big"], big)
+    assert np.array_equal(client.read_frame(archive, "5")["small"], np.ones(3, np.int64))
+    with pytest.raises(NotFound):
+        client.read_frame(archive, 7)
+
+
+def test_state_dict_and_pytree_keys(client, archive):
+    keys = ["layers.0.weight", "layers.0.bias", "params/dense/kernel", "params/dense/bias",
+            "weird//key", "frames", "../up", "tab\tkey", "~tilde", "ünï"]
+    data = {k: np.full((2,), i, np.float32) for i, k in enumerate(keys)}
+    client.write_frame(archive, "3", data, group="run1", collection="state")
+    back = client.read_frame(archive, -1, group="run1", collection="state")
+    assert sorted(back) == sorted(keys)
+    for k in keys:
+        assert np.array_equal(back[k], data[k])
+        assert group_to_key(key_to_group(k)) == k
+    # Readable names stay readable in the archive.
+    assert key_to_group("layers.0.weight") == "layers.0.weight"
+
+
+def test_tcp_address_works(daemon, archive):
+    with Client(daemon.tcp_address) as c:
+        c.write_frame(archive, 1, {"x": np.arange(3, dtype=np.int16)})
+        assert c.read_frame(archive)["x"].tolist() == [0, 1, 2]
+
+
+def test_unreachable_daemon_says_how_to_start_it(tmp_path):
+    with Client("unix:" + str(tmp_path / "nobody.sock")) as c:
+        with pytest.raises(DaemonUnavailable) as e:
+            c.ping(timeout=1.0)
+    assert "gtar-logd serve" in str(e.value)
+
+
+def test_default_address_follows_the_daemon(monkeypatch):
+    monkeypatch.delenv("GTAR_LOGD_ADDRESS", raising=False)
+    monkeypatch.delenv("GTAR_LOGD_UDS", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
+    assert gtar_logd.resolve_address() == "unix:/run/user/1234/gtar-logd/gtar-logd.sock"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    import os
+    assert gtar_logd.resolve_address() == f"unix:/tmp/gtar-logd-{os.getuid()}/gtar-logd.sock"
+    monkeypatch.setenv("GTAR_LOGD_UDS", "/x/y.sock")
+    assert gtar_logd.resolve_address() == "unix:/x/y.sock"
+    assert gtar_logd.resolve_address("127.0.0.1:9") == "127.0.0.1:9"
+
+
+def test_full_budget_blocks_with_a_warning_and_drops_nothing(client, archive):
+    arrays = [np.full((256, 1024), i, np.float32) for i in range(8)]  # 1 MiB each
+    with client.writer(archive, max_pending_bytes=1 << 20) as w:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i, a in enumerate(arrays):
+                w.write_tensors(str(i), {"a": a})
+        w.flush(60)
+    assert any("blocking" in str(c.message) for c in caught)
+    assert client.list_frames(archive) == [str(i) for i in range(8)]
+    for i, a in enumerate(arrays):
+        assert np.array_equal(client.read_frame(archive, str(i))["a"], a)
+
+
+def test_refused_write_raises(client, archive):
+    from gtar_logd import WriteFailed
+    w = client.writer(archive)
+    w.write_frame("bad/index", [("g", "x", np.zeros(1))])
+    with pytest.raises(WriteFailed, match="INVALID_ARGUMENT"):
+        w.flush(30)
+    w.abort()
