@@ -206,7 +206,7 @@ pub fn frame_tensors(
         let ix = a.index();
         ix.records_at(prefix, index)
             .filter(|(rt, _)| !layout::is_manifest(rt))
-            .filter(|(rt, _)| names.is_empty() || names.iter().any(|n| *n == rt.name))
+            .filter(|(rt, _)| names.is_empty() || names.contains(&rt.name))
             .map(|(rt, e)| (rt.clone(), e.clone()))
             .collect()
     };

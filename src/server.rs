@@ -132,6 +132,12 @@ pub async fn run(
     for l in listeners {
         tracing::info!(address = %l.describe(), "listening");
         let router = Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                |mut r: tonic::codegen::http::Response<tonic::body::Body>| {
+                    crate::service::errors::remap_decode_headers(r.headers_mut());
+                    r
+                },
+            ))
             .add_service(health_svc.clone())
             .add_service(refl_v1.clone())
             .add_service(refl_v1alpha.clone())

@@ -44,6 +44,40 @@ pub fn status(kind: Kind, msg: impl Into<String>) -> Status {
     Status::new(code(kind), msg)
 }
 
+/// Prefix of prost's decode errors, which tonic reports as INTERNAL.
+const DECODE_ERROR: &str = "failed to decode Protobuf message";
+
+/// A request that does not decode (e.g. a string field that is not UTF-8) is
+/// bad input, not an internal error: remap tonic's INTERNAL for it.
+pub fn remap_decode(s: Status) -> Status {
+    if s.code() == Code::Internal && s.message().starts_with(DECODE_ERROR) {
+        status(Kind::BadInput, format!("request: {}", s.message()))
+    } else {
+        s
+    }
+}
+
+/// The same remapping for trailers-only responses (unary requests whose
+/// message fails to decode before a handler runs): rewrites `grpc-status`.
+pub fn remap_decode_headers(headers: &mut tonic::codegen::http::HeaderMap) {
+    let internal = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let decode = headers.get("grpc-message").is_some_and(|v| {
+        // grpc-message is percent-encoded; the prefix has only spaces to decode.
+        v.to_str()
+            .map(|m| m.replace("%20", " ").starts_with(DECODE_ERROR))
+            .unwrap_or(false)
+    });
+    if internal && decode {
+        let code = (code(Kind::BadInput) as i32).to_string();
+        headers.insert(
+            "grpc-status",
+            code.parse().expect("a number is a header value"),
+        );
+    }
+}
+
 /// Bad input in a named field.
 pub fn bad(field: &str, why: impl std::fmt::Display) -> Status {
     status(Kind::BadInput, format!("{field}: {why}"))
@@ -103,5 +137,21 @@ mod tests {
         assert_eq!(s.code(), Code::PermissionDenied);
         let s: Status = WriterError::DiskFull("a.zip".into()).into();
         assert_eq!(s.code(), Code::ResourceExhausted);
+        let s = remap_decode(Status::internal(
+            "failed to decode Protobuf message: invalid string",
+        ));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            remap_decode(Status::internal("disk")).code(),
+            Code::Internal
+        );
+        let mut h = tonic::codegen::http::HeaderMap::new();
+        h.insert("grpc-status", "13".parse().unwrap());
+        h.insert(
+            "grpc-message",
+            "failed%20to%20decode%20Protobuf%20message".parse().unwrap(),
+        );
+        remap_decode_headers(&mut h);
+        assert_eq!(h["grpc-status"], "3");
     }
 }

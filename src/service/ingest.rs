@@ -21,7 +21,7 @@ use crate::proto::v1::{
     write_request::Msg as In, write_response::Msg as Out, DType, FrameAck, OpenMode, Opened,
     WriteRequest, WriteResponse,
 };
-use crate::service::errors::{bad, status, Kind};
+use crate::service::errors::{bad, remap_decode, status, Kind};
 use crate::service::State;
 use crate::writer::{FrameTicket, Lease, Part, WriterError};
 
@@ -59,7 +59,7 @@ struct Stream {
 /// Run one Write stream to its end, sending responses on `tx`.
 pub async fn run(state: Arc<State>, mut inbound: Streaming<WriteRequest>, tx: Tx) {
     let res = async {
-        let open = match inbound.message().await? {
+        let open = match inbound.message().await.map_err(remap_decode)? {
             Some(WriteRequest { msg: Some(In::Open(o)) }) => o,
             Some(_) => return Err(bad("open", "the first message of a Write stream must be `open`")),
             None => return Ok(()),
@@ -67,7 +67,7 @@ pub async fn run(state: Arc<State>, mut inbound: Streaming<WriteRequest>, tx: Tx
         let mut s = Stream::open(state.clone(), open, &tx).await?;
         loop {
             let msg = tokio::select! {
-                m = inbound.message() => m?,
+                m = inbound.message() => m.map_err(remap_decode)?,
                 _ = state.shutdown.cancelled() => {
                     return Err(status(Kind::ShuttingDown, "the daemon is shutting down; uncommitted frame dropped"));
                 }
