@@ -384,11 +384,17 @@ impl Registry {
             .collect()
     }
 
-    /// True when every writer thread is alive and none has been stuck on one
-    /// job for longer than `stuck`: what the systemd watchdog pings on.
+    /// True when every working writer thread is alive and none has been
+    /// stuck in disk work for longer than `stuck`: what the systemd watchdog
+    /// pings on. Writers that failed are reported through health instead (one
+    /// failing archive must not get the whole daemon restarted), and time
+    /// spent waiting for a slow client's data does not count as stuck.
     pub fn healthy(&self, stuck: Duration) -> bool {
         let now = self.ms_now();
         self.slots.lock().unwrap().values().all(|s| {
+            if s.handle.state() != WriterState::Ok {
+                return true;
+            }
             let alive = s.thread.as_ref().is_some_and(|t| !t.is_finished());
             let busy = s.handle.shared.busy_since_ms.load(Ordering::SeqCst);
             alive && (busy == 0 || now.saturating_sub(busy) < stuck.as_millis() as u64)
@@ -460,9 +466,13 @@ enum Next {
 impl Actor {
     fn run(mut self) {
         let path = self.path.clone();
+        let shared = self.shared.clone();
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.main_loop()));
         if res.is_err() {
             tracing::error!(archive = %path.display(), "writer thread panicked; archive marked failed");
+            *shared.state.lock().unwrap_or_else(|p| p.into_inner()) =
+                WriterState::Failed("the writer thread panicked".into());
+            shared.busy_since_ms.store(0, Ordering::SeqCst);
         }
     }
 
