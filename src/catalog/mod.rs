@@ -252,18 +252,19 @@ impl Catalog {
         let meta =
             std::fs::metadata(&path).map_err(|_| CatalogError::NotFound(name.to_string()))?;
         let (size, mtime) = (meta.len(), meta.modified().ok());
-        let mut cache = self.cache.lock().unwrap();
-        if let Some(c) = cache.get(&path) {
+        if let Some(c) = self.cache.lock().unwrap().get(&path) {
             if c.size == size && c.mtime == mtime {
                 return Ok(c.archive.clone());
             }
         }
+        // Open outside the lock: a damaged archive may take a while to scan,
+        // and queries on other archives must not wait for it.
         let archive = Archive::open(&path).map_err(|source| CatalogError::Format {
             name: name.to_string(),
             source,
         })?;
         self.known.lock().unwrap().insert(name.to_string(), ());
-        cache.insert(
+        self.cache.lock().unwrap().insert(
             path,
             Cached {
                 size,
