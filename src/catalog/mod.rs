@@ -43,6 +43,9 @@ pub struct Listed {
     pub size: u64,
 }
 
+/// Read-only archives kept open at once.
+const MAX_CACHED: usize = 128;
+
 struct Cached {
     size: u64,
     mtime: Option<SystemTime>,
@@ -264,7 +267,14 @@ impl Catalog {
             source,
         })?;
         self.known.lock().unwrap().insert(name.to_string(), ());
-        self.cache.lock().unwrap().insert(
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= MAX_CACHED && !cache.contains_key(&path) {
+            // Each cached archive holds a file descriptor: stay bounded.
+            if let Some(k) = cache.keys().next().cloned() {
+                cache.remove(&k);
+            }
+        }
+        cache.insert(
             path,
             Cached {
                 size,
