@@ -1,0 +1,695 @@
+//! Write → query round trips against the real server, in-process, on a temp
+//! Unix socket and `127.0.0.1:0` at once: every dtype, frame sizes from one
+//! byte up, negative positions, groups, constant and continuous records,
+//! TensorHistory, NOT_FOUND / INVALID_ARGUMENT, a client that disconnects
+//! mid-frame, and archives that appear under the data dir while it runs.
+
+#[path = "common/daemon.rs"]
+mod daemon;
+
+use std::time::{Duration, Instant};
+
+use daemon::*;
+use gtar_logd::proto::v1::{self as pb, write_request::Msg as In, DType};
+use rand::{Rng, SeedableRng};
+use tonic::Code;
+
+const ALL_DTYPES: [DType; 13] = [
+    DType::Float32,
+    DType::Float64,
+    DType::Int32,
+    DType::Int64,
+    DType::Uint8,
+    DType::Uint32,
+    DType::Uint64,
+    DType::Float16,
+    DType::Bfloat16,
+    DType::Int8,
+    DType::Int16,
+    DType::Uint16,
+    DType::Bool,
+];
+
+fn item_size(d: DType) -> u64 {
+    gtar_logd::layout::dtype_storage(d).unwrap().0 as u64
+}
+
+/// A frame with every dtype in several shapes (scalar, 1-D, 3-D, empty),
+/// random bytes (NaN payloads, negative zero... whatever comes up).
+fn dtype_frame(index: &str, seed: u64) -> FrameSpec {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tensors = Vec::new();
+    for d in ALL_DTYPES {
+        for (k, shape) in [vec![], vec![7], vec![2, 3, 5], vec![4, 0]]
+            .into_iter()
+            .enumerate()
+        {
+            let n = shape.iter().product::<u64>() * item_size(d);
+            let mut bytes: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+            if d == DType::Bool {
+                bytes.iter_mut().for_each(|b| *b &= 1);
+            }
+            tensors.push(TensorSpec::new(
+                &format!("dt/{}", gtar_logd::layout::dtype_name(d)),
+                &format!("t{k}"),
+                d,
+                &shape,
+                Payload::Bytes(bytes),
+            ));
+        }
+    }
+    FrameSpec {
+        index: index.into(),
+        tensors,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dtype_round_trips_over_uds_and_tcp() {
+    let mut d = Daemon::start();
+    let mut uds = d.uds_client().await;
+    let mut tcp = d.tcp_client().await;
+
+    // Written over one transport, read over the other, both ways.
+    let a = vec![dtype_frame("0", 1), dtype_frame("1", 2)];
+    write_frames(&mut uds, open_req("dtypes/uds.zip", ""), &a, 5)
+        .await
+        .unwrap();
+    let b = vec![dtype_frame("0", 3)];
+    write_frames(&mut tcp, open_req("dtypes/tcp.zip", ""), &b, 1 << 20)
+        .await
+        .unwrap();
+
+    for f in &a {
+        let got = get_frame(&mut tcp, "dtypes/uds.zip", "", by_index(&f.index))
+            .await
+            .unwrap();
+        assert_frame_eq(&got, f);
+        assert!(got.iter().all(|t| t.frame == f.index));
+    }
+    let got = get_frame(&mut uds, "dtypes/tcp.zip", "", by_position(-1))
+        .await
+        .unwrap();
+    assert_frame_eq(&got, &b[0]);
+
+    // libgetar's seven types are stored as themselves, the rest as u8.
+    let desc = uds
+        .describe_archive(pb::DescribeArchiveRequest {
+            archive: "dtypes/uds.zip".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for r in desc.records.iter().filter(|r| r.group.starts_with("dt/")) {
+        let want = match r.group.as_str() {
+            "dt/float32" => "f32",
+            "dt/float64" => "f64",
+            "dt/int32" => "i32",
+            "dt/int64" => "i64",
+            "dt/uint32" => "u32",
+            "dt/uint64" => "u64",
+            _ => "u8",
+        };
+        assert_eq!(r.format, want, "{r:?}");
+        assert_eq!(r.behavior, "discrete");
+        assert_eq!(r.frame_count, 2);
+    }
+    assert_eq!(desc.frame_count, 2);
+    assert_eq!(
+        (desc.first_frame.as_str(), desc.last_frame.as_str()),
+        ("0", "1")
+    );
+    d.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_from_one_byte_up_and_odd_chunking() {
+    let mut d = Daemon::start();
+    let mut c = d.uds_client().await;
+    let one = FrameSpec {
+        index: "0".into(),
+        tensors: vec![TensorSpec::new(
+            "",
+            "b",
+            DType::Uint8,
+            &[1],
+            Payload::Bytes(vec![0xA5]),
+        )],
+        ..Default::default()
+    };
+    // 1 byte, then a tensor sent 7 bytes at a time, then a 20 MiB tensor in
+    // 3 MiB chunks, then many small tensors in one frame.
+    let odd = FrameSpec {
+        index: "1".into(),
+        tensors: vec![TensorSpec::new(
+            "g",
+            "odd",
+            DType::Float64,
+            &[13, 11],
+            Payload::Gen {
+                seed: 5,
+                len: 13 * 11 * 8,
+            },
+        )],
+        ..Default::default()
+    };
+    let big = FrameSpec {
+        index: "2".into(),
+        tensors: vec![TensorSpec::new(
+            "g",
+            "big",
+            DType::Float32,
+            &[5, 1 << 20],
+            Payload::Gen {
+                seed: 6,
+                len: 20 << 20,
+            },
+        )],
+        ..Default::default()
+    };
+    let many = FrameSpec {
+        index: "3".into(),
+        tensors: (0..200)
+            .map(|i| {
+                TensorSpec::new(
+                    &format!("m/{i}"),
+                    "w",
+                    DType::Int16,
+                    &[i],
+                    Payload::Gen {
+                        seed: 100 + i,
+                        len: 2 * i,
+                    },
+                )
+            })
+            .collect(),
+        ..Default::default()
+    };
+    write_frames(&mut c, open_req("sizes.zip", ""), &[one.clone()], 1 << 20)
+        .await
+        .unwrap();
+    write_frames(&mut c, open_req("sizes.zip", ""), &[odd.clone()], 7)
+        .await
+        .unwrap();
+    let s = write_frames(
+        &mut c,
+        open_req("sizes.zip", ""),
+        &[big.clone(), many.clone()],
+        3 << 20,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.opened.existing_frames, 2);
+    assert!(s.received[0].bytes >= 20 << 20, "{:?}", s.received[0]);
+    for f in [&one, &odd, &big, &many] {
+        let got = get_frame(&mut c, "sizes.zip", "", by_index(&f.index))
+            .await
+            .unwrap();
+        assert_frame_eq(&got, f);
+    }
+    // The one-byte frame over TCP too.
+    let mut t = d.tcp_client().await;
+    let got = get_frame(&mut t, "sizes.zip", "", by_position(0))
+        .await
+        .unwrap();
+    assert_eq!(got[0].data, vec![0xA5]);
+    d.stop().unwrap();
+}
+
+fn run_frame(i: u64) -> FrameSpec {
+    FrameSpec {
+        index: i.to_string(),
+        tensors: vec![
+            TensorSpec::new(
+                "keras/layer/0/weight/0",
+                "weight",
+                DType::Float32,
+                &[3, 4],
+                Payload::Gen { seed: i, len: 48 },
+            ),
+            TensorSpec::new(
+                "opt",
+                "m",
+                DType::Bfloat16,
+                &[5],
+                Payload::Gen {
+                    seed: 1000 + i,
+                    len: 10,
+                },
+            ),
+        ],
+        records: vec![],
+        scalars: vec![("metrics".into(), "loss".into(), 1.0 / (i as f64 + 1.0))],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_groups_records_scalars_and_history() {
+    let mut d = Daemon::start();
+    let mut c = d.uds_client().await;
+    let mut q = d.tcp_client().await;
+    let ar = "runs/mnist.zip";
+
+    // run1: model.json as a record of its own, then 12 frames (so "10" and
+    // "11" must sort after "9"), each with a scalar; then scalars outside any
+    // frame with explicit indices.
+    let model = br#"{"class_name":"Sequential"}"#.to_vec();
+    let mut s = Session::open(&mut c, open_req(ar, "run1")).await.unwrap();
+    s.send(req(In::Record(pb::ConstRecord {
+        path: "keras/model.json".into(),
+        data: model.clone(),
+    })))
+    .await
+    .unwrap();
+    let frames: Vec<FrameSpec> = (0..12).map(run_frame).collect();
+    for (k, f) in frames.iter().enumerate() {
+        s.send_frame(f, 16).await.unwrap();
+        // Visible to queries once `received`, before `durable`, over the
+        // other transport.
+        s.wait_received(k + 2).await.unwrap();
+        let listed = list_frames(&mut q, ar, "run1").await.unwrap();
+        assert!(listed.contains(&f.index), "{listed:?} lacks {}", f.index);
+    }
+    for step in [100u64, 101, 102] {
+        s.send(req(In::Scalar(pb::Scalar {
+            group: "metrics".into(),
+            name: "lr".into(),
+            index: step.to_string(),
+            value: step as f64 * 0.5,
+        })))
+        .await
+        .unwrap();
+    }
+    let s = s.finish().await.unwrap();
+    assert_eq!(s.durable.len(), 1 + 12 + 3);
+    // Acks come in order with their sequence numbers.
+    assert!(s.durable.iter().enumerate().all(|(k, a)| a.seq == k as u64));
+
+    // run2: three frames, overlapping indices with run1.
+    let run2: Vec<FrameSpec> = (0..3).map(|i| run_frame(50 + i)).collect();
+    let run2: Vec<FrameSpec> = run2
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut f)| {
+            f.index = k.to_string();
+            f
+        })
+        .collect();
+    write_frames(&mut c, open_req(ar, "run2"), &run2, 1 << 20)
+        .await
+        .unwrap();
+
+    // ListFrames, per group and overall, in GETAR order.
+    let want: Vec<String> = (0..12).map(|i| i.to_string()).collect();
+    assert_eq!(list_frames(&mut q, ar, "run1").await.unwrap(), want);
+    assert_eq!(
+        list_frames(&mut q, ar, "run1/keras").await.unwrap(),
+        want,
+        "a group below the stream's prefix"
+    );
+    assert_eq!(
+        list_frames(&mut q, ar, "run2").await.unwrap(),
+        ["0", "1", "2"]
+    );
+    assert_eq!(list_frames(&mut q, ar, "").await.unwrap(), want);
+    assert_code(
+        list_frames(&mut q, ar, "run3").await,
+        Code::NotFound,
+        "unknown group",
+    );
+    assert_code(
+        list_frames(&mut q, ar, "run").await,
+        Code::NotFound,
+        "group prefix is whole components",
+    );
+
+    // Positions, Python style.
+    for (pos, want) in [
+        (-1i64, "11"),
+        (-12, "0"),
+        (0, "0"),
+        (11, "11"),
+        (-2, "10"),
+        (9, "9"),
+    ] {
+        let got = get_frame(&mut q, ar, "run1", by_position(pos))
+            .await
+            .unwrap();
+        assert!(got.iter().all(|t| t.frame == want), "position {pos}");
+        let want_i: u64 = want.parse().unwrap();
+        let mut f = run_frame(want_i);
+        f.index = want.into();
+        assert_frame_eq(&got, &f);
+    }
+    for pos in [-13i64, 12, i64::MIN, i64::MAX] {
+        assert_code(
+            get_frame(&mut q, ar, "run1", by_position(pos)).await,
+            Code::NotFound,
+            &format!("position {pos}"),
+        );
+    }
+    let got = get_frame(&mut q, ar, "run2", by_position(-1))
+        .await
+        .unwrap();
+    assert_frame_eq(&got, &run2[2]);
+    // No group: frame "2" holds both runs' tensors.
+    let got = get_frame(&mut q, ar, "", by_index("2")).await.unwrap();
+    assert_eq!(
+        got.len(),
+        4,
+        "{:?}",
+        got.iter().map(|t| &t.info.path).collect::<Vec<_>>()
+    );
+    // Missing position = last frame.
+    let got = collect_frames(
+        q.get_frame(pb::GetFrameRequest {
+            archive: ar.into(),
+            group: "run1".into(),
+            frame: None,
+            names: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await
+    .unwrap();
+    assert!(got.iter().all(|t| t.frame == "11"));
+    // Only some names.
+    let got = collect_frames(
+        q.get_frame(pb::GetFrameRequest {
+            archive: ar.into(),
+            group: "run1".into(),
+            frame: Some(by_index("4")),
+            names: vec!["m".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].info.path, "run1/opt/frames/4/m.u8.uni");
+    assert_eq!(got[0].info.dtype, DType::Bfloat16 as i32);
+    assert_eq!(got[0].data, gen(1004, 10));
+    assert_code(
+        get_frame(&mut q, ar, "run1", by_index("12")).await,
+        Code::NotFound,
+        "frame 12",
+    );
+    assert_code(
+        get_frame(&mut q, ar, "run3", by_index("1")).await,
+        Code::NotFound,
+        "group run3",
+    );
+    assert_code(
+        get_frame(&mut q, "nope.zip", "", by_index("1")).await,
+        Code::NotFound,
+        "archive",
+    );
+
+    // Constant record and continuous records via ReadRecord.
+    let rr = |path: &str| pb::ReadRecordRequest {
+        archive: ar.into(),
+        path: path.into(),
+    };
+    let r = q
+        .read_record(rr("run1/keras/model.json"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.data, model);
+    assert_eq!(r.text.as_bytes(), &model[..]);
+    for i in 0..12u64 {
+        let r = q
+            .read_record(rr(&format!("run1/metrics/vars/loss.f64.uni/{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.data, (1.0 / (i as f64 + 1.0)).to_le_bytes());
+    }
+    let r = q
+        .read_record(rr("run1/metrics/vars/lr.f64.uni/101"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.data, 50.5f64.to_le_bytes());
+    assert_code(
+        q.read_record(rr("run1/keras/nope.json")).await,
+        Code::NotFound,
+        "record",
+    );
+    assert_code(
+        q.read_record(rr("")).await,
+        Code::InvalidArgument,
+        "empty path",
+    );
+
+    // DescribeArchive: groups, record types, continuous records.
+    let desc = q
+        .describe_archive(pb::DescribeArchiveRequest { archive: ar.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    for g in [
+        "run1/keras/layer/0/weight/0",
+        "run1/opt",
+        "run1/metrics",
+        "run2/metrics",
+    ] {
+        assert!(
+            desc.groups.iter().any(|x| x == g),
+            "{g} in {:?}",
+            desc.groups
+        );
+    }
+    let rec = |group: &str, name: &str| {
+        desc.records
+            .iter()
+            .find(|r| r.group == group && r.name == name)
+            .unwrap_or_else(|| panic!("no record {group}/{name} in {:?}", desc.records))
+    };
+    let loss = rec("run1/metrics", "loss");
+    assert_eq!(loss.behavior, "continuous");
+    assert_eq!(loss.format, "f64");
+    assert_eq!(loss.frame_count, 12);
+    assert_eq!(
+        (loss.first_frame.as_str(), loss.last_frame.as_str()),
+        ("0", "11")
+    );
+    let lr = rec("run1/metrics", "lr");
+    assert_eq!((lr.frame_count, lr.last_frame.as_str()), (3, "102"));
+    let w = rec("run1/keras/layer/0/weight/0", "weight");
+    assert_eq!(
+        (w.behavior.as_str(), w.format.as_str(), w.frame_count),
+        ("discrete", "f32", 12)
+    );
+    let m = rec("run1/keras", "model.json");
+    assert_eq!(
+        (m.behavior.as_str(), m.resolution.as_str()),
+        ("constant", "text")
+    );
+    assert_eq!(desc.last_frame, "11");
+
+    // TensorHistory: one tensor over a slice of its frames.
+    let hist = |start: i64, stop: Option<i64>, name: &str| pb::TensorHistoryRequest {
+        archive: ar.into(),
+        group: "run1/keras/layer/0/weight/0".into(),
+        name: name.into(),
+        start,
+        stop,
+    };
+    for (start, stop, want) in [
+        (0, None, (0..12).collect::<Vec<u64>>()),
+        (-3, None, vec![9, 10, 11]),
+        (2, Some(5), vec![2, 3, 4]),
+        (0, Some(-10), vec![0, 1]),
+        (20, None, vec![]),
+        (5, Some(2), vec![]),
+    ] {
+        let got = collect_frames(
+            q.tensor_history(hist(start, stop, "weight"))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await
+        .unwrap();
+        let frames: Vec<u64> = got.iter().map(|t| t.frame.parse().unwrap()).collect();
+        assert_eq!(frames, want, "history {start}..{stop:?}");
+        for t in &got {
+            let i: u64 = t.frame.parse().unwrap();
+            assert_eq!(t.data, gen(i, 48));
+            assert_eq!(t.info.shape, vec![3, 4]);
+        }
+    }
+    assert_code(
+        q.tensor_history(hist(0, None, "nope")).await,
+        Code::NotFound,
+        "history of unknown name",
+    );
+    assert_code(
+        q.tensor_history(hist(0, None, "")).await,
+        Code::InvalidArgument,
+        "history without name",
+    );
+
+    // ListArchives with a prefix.
+    let l = q
+        .list_archives(pb::ListArchivesRequest {
+            prefix: "runs/".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(l.archives.len(), 1);
+    assert_eq!(l.archives[0].archive, ar);
+    assert!(l.archives[0].size_bytes > 0);
+    d.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_mid_frame_leaves_no_trace() {
+    let mut d = Daemon::start();
+    let ar = "cut.zip";
+    let f0 = FrameSpec {
+        index: "0".into(),
+        tensors: vec![TensorSpec::new(
+            "",
+            "w",
+            DType::Uint8,
+            &[1000],
+            Payload::Gen { seed: 0, len: 1000 },
+        )],
+        ..Default::default()
+    };
+    let mut c = d.uds_client().await;
+    write_frames(&mut c, open_req(ar, ""), &[f0.clone()], 1 << 20)
+        .await
+        .unwrap();
+
+    // Frame "1": 10 MiB declared, 3 MiB sent, then the client vanishes
+    // (stream and connection dropped).
+    {
+        let mut cut = d.uds_client().await;
+        let mut s = Session::open(&mut cut, open_req(ar, "")).await.unwrap();
+        s.send(req(In::Begin(pb::BeginFrame { index: "1".into() })))
+            .await
+            .unwrap();
+        s.send(req(In::Tensor(pb::TensorHeader {
+            group: String::new(),
+            name: "w".into(),
+            dtype: DType::Uint8 as i32,
+            shape: vec![10 << 20],
+        })))
+        .await
+        .unwrap();
+        for k in 0..3u64 {
+            let mut b = vec![0u8; 1 << 20];
+            fill(9, k << 20, &mut b);
+            s.send(req(In::Chunk(pb::Chunk { data: b }))).await.unwrap();
+        }
+        // A second stream's frame queues behind the open one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.abandon();
+        drop(cut);
+    }
+    // Frame "2" from another client goes through the same writer after the
+    // abandoned frame, so once it is acked the abort has been handled.
+    let f2 = FrameSpec {
+        index: "2".into(),
+        tensors: vec![TensorSpec::new(
+            "",
+            "w",
+            DType::Uint8,
+            &[1000],
+            Payload::Gen { seed: 2, len: 1000 },
+        )],
+        ..Default::default()
+    };
+    let mut c2 = d.tcp_client().await;
+    write_frames(&mut c2, open_req(ar, ""), &[f2.clone()], 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(list_frames(&mut c2, ar, "").await.unwrap(), ["0", "2"]);
+    assert_code(
+        get_frame(&mut c2, ar, "", by_index("1")).await,
+        Code::NotFound,
+        "aborted frame",
+    );
+    assert_eq!(health(&d.uds, "").await.unwrap(), SERVING);
+    assert_eq!(health(&d.uds, "gtar.logd.v1.Logd").await.unwrap(), SERVING);
+    assert_frame_eq(
+        &get_frame(&mut c2, ar, "", by_index("2")).await.unwrap(),
+        &f2,
+    );
+
+    // After a graceful stop the file holds frames 0 and 2 and nothing of 1:
+    // no entry, and no dead bytes (the archive is exactly its entries).
+    let data = d.data.clone();
+    d.stop().unwrap();
+    let a = gtar_logd::gtar::Archive::open(data.join(ar)).unwrap();
+    assert!(matches!(a.state(), gtar_logd::gtar::OpenState::Clean));
+    let names: Vec<String> = a
+        .index()
+        .entries()
+        .iter()
+        .map(|e| e.name().to_string())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains("frames/1/")), "{names:?}");
+    let size = std::fs::metadata(data.join(ar)).unwrap().len();
+    assert!(
+        size < 64 << 10,
+        "archive is {size} bytes: the aborted 3 MiB left bytes behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_appearing_under_the_data_dir_are_served() {
+    let mut d = Daemon::start();
+    let mut c = d.uds_client().await;
+    // Another program writes an archive straight into the data dir.
+    let path = d.data.join("copied/in.zip");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    {
+        let (mut w, _) =
+            gtar_logd::gtar::ArchiveWriter::open(&path, gtar_logd::gtar::OpenMode::Create).unwrap();
+        let mut t = w.begin().unwrap();
+        t.add(
+            "frames/7/x.f64.uni",
+            &2.5f64.to_le_bytes(),
+            gtar_logd::gtar::Compression::Stored,
+        )
+        .unwrap();
+        t.commit().unwrap();
+        w.close().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = c
+            .list_archives(pb::ListArchivesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if l.archives.iter().any(|a| a.archive == "copied/in.zip") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "copied/in.zip never listed: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        list_frames(&mut c, "copied/in.zip", "").await.unwrap(),
+        ["7"]
+    );
+    let got = get_frame(&mut c, "copied/in.zip", "", by_position(-1))
+        .await
+        .unwrap();
+    assert_eq!(got[0].data, 2.5f64.to_le_bytes());
+    assert_eq!(got[0].info.dtype, DType::Float64 as i32);
+    d.stop().unwrap();
+}
