@@ -1,1 +1,51 @@
-//! gtar-logd client (see issue 4).
+//! Rust client for gtar-logd, the daemon that streams
+//! training checkpoints into GETAR (libgetar zip64) archives.
+//!
+//! Write frames of `ndarray` tensors of any supported dtype (`f32 f64 i32 i64
+//! u8 u32 u64`, `f16` and `bf16` from the `half` crate, `i8 i16 u16 bool`);
+//! read frames, records and tensor histories back as [`DynArray`]s,
+//! bit-exactly; wait for the daemon's durable acks.
+//!
+//! ```no_run
+//! use gtar_logd_client::{Client, FrameSel, OpenOptions, TensorData};
+//! use ndarray::Array2;
+//!
+//! # async fn demo() -> gtar_logd_client::Result<()> {
+//! let client = Client::connect("unix:/run/user/1000/gtar-logd/gtar-logd.sock").await?;
+//! let mut w = client.writer("runs/demo.zip", OpenOptions::create()).await?;
+//! let weight = Array2::<f32>::eye(3);
+//! let frame = w.write_frame("0", [("layer/0", "weight", TensorData::from(&weight))]).await?;
+//! frame.await?; // durable
+//! w.close().await?;
+//! let last = client.get_frame("runs/demo.zip", FrameSel::LAST).await?;
+//! let got = last.tensors[0].array.as_array::<f32>().unwrap();
+//! assert_eq!(got, &weight.into_dyn());
+//! # Ok(()) }
+//! ```
+//!
+//! Addresses: `unix:/path/to.sock`, `unix:///path`, `http://host:port` or
+//! `host:port`; the default is `$GTAR_LOGD_ADDRESS`, then `$GTAR_LOGD_UDS`, then
+//! the daemon's default socket (see [`Address::from_env`]). For code without
+//! an async runtime, see [`blocking`].
+
+#![deny(missing_docs)]
+
+mod address;
+pub mod blocking;
+mod client;
+mod error;
+pub mod proto;
+mod tensor;
+mod writer;
+
+pub use address::Address;
+pub use client::{ArchiveDescription, ArchiveInfo, Client, Frame, FrameQuery, FrameSel, Tensor};
+pub use error::{Error, Result};
+pub use tensor::{DType, DynArray, Element, TensorData};
+pub use writer::{
+    Ack, FrameHandle, FrameWriter, NewFrame, OpenMode, OpenOptions, Opened, CHUNK_BYTES,
+};
+
+pub use half;
+pub use ndarray;
+pub use tonic::Code;

@@ -1,0 +1,446 @@
+//! The async client: connect, then query or open a [`FrameWriter`].
+
+use std::path::PathBuf;
+
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Streaming;
+
+use crate::address::Address;
+use crate::error::{Error, Result};
+use crate::proto::{self, logd_client::LogdClient};
+use crate::tensor::{DType, DynArray};
+use crate::writer::{FrameWriter, OpenOptions};
+
+/// Largest gRPC message the client sends or accepts: the daemon accepts 16 MiB.
+pub(crate) const MAX_MESSAGE: usize = 16 << 20;
+
+/// A connection to gtar-logd. Cheap to clone; clones share the connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: LogdClient<Channel>,
+    address: Address,
+}
+
+/// Which frame to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameSel {
+    /// A frame index string, e.g. `"12"`.
+    Index(String),
+    /// A position in the frame list (GETAR order); negative counts from the
+    /// end, `-1` is the last frame.
+    Position(i64),
+}
+
+impl FrameSel {
+    /// The frame with this index string.
+    pub fn index(i: impl Into<String>) -> FrameSel {
+        FrameSel::Index(i.into())
+    }
+
+    /// The last frame.
+    pub const LAST: FrameSel = FrameSel::Position(-1);
+}
+
+impl From<i64> for FrameSel {
+    fn from(p: i64) -> FrameSel {
+        FrameSel::Position(p)
+    }
+}
+
+impl From<&str> for FrameSel {
+    fn from(i: &str) -> FrameSel {
+        FrameSel::Index(i.to_string())
+    }
+}
+
+impl From<String> for FrameSel {
+    fn from(i: String) -> FrameSel {
+        FrameSel::Index(i)
+    }
+}
+
+/// A GetFrame request with every option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameQuery {
+    /// Group prefix (keras_gtar's `group`); empty = the whole archive.
+    pub group: String,
+    /// The frame.
+    pub frame: FrameSel,
+    /// Only records with these names (e.g. `"weight"`); empty = all.
+    pub names: Vec<String>,
+}
+
+impl FrameQuery {
+    /// All tensors of `frame`, any group.
+    pub fn new(frame: impl Into<FrameSel>) -> FrameQuery {
+        FrameQuery {
+            group: String::new(),
+            frame: frame.into(),
+            names: Vec::new(),
+        }
+    }
+
+    /// Only tensors under this group prefix.
+    pub fn group(mut self, group: impl Into<String>) -> FrameQuery {
+        self.group = group.into();
+        self
+    }
+
+    /// Only records with these names.
+    pub fn names<I: IntoIterator<Item = S>, S: Into<String>>(mut self, names: I) -> FrameQuery {
+        self.names = names.into_iter().map(Into::into).collect();
+        self
+    }
+}
+
+/// One tensor read back from an archive.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    /// Record path in the archive, e.g. `run1/layer/0/frames/3/weight.f32.uni`.
+    pub path: String,
+    /// Record group, with any stream prefix, e.g. `run1/layer/0`.
+    pub group: String,
+    /// Record name, e.g. `weight`.
+    pub name: String,
+    /// The values, with the dtype and shape they were written with.
+    pub array: DynArray,
+}
+
+/// The tensors of one frame.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frame {
+    /// Frame index string.
+    pub index: String,
+    /// Tensors in archive order.
+    pub tensors: Vec<Tensor>,
+}
+
+impl Frame {
+    /// The tensor with this group (full, with any prefix) and name.
+    pub fn get(&self, group: &str, name: &str) -> Option<&Tensor> {
+        self.tensors
+            .iter()
+            .find(|t| t.group == group && t.name == name)
+    }
+}
+
+/// An archive under the daemon's data directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveInfo {
+    /// Name relative to the data directory.
+    pub archive: String,
+    /// File size in bytes.
+    pub size_bytes: u64,
+    /// True while a Write stream has it open.
+    pub writing: bool,
+}
+
+/// DescribeArchive's answer: groups, record types, frame count, first and
+/// last frame.
+pub type ArchiveDescription = proto::DescribeArchiveResponse;
+
+impl Client {
+    /// Connect to the daemon at `address` (see [`Address`] for the accepted
+    /// spellings; an empty string means [`Address::from_env`]).
+    pub async fn connect(address: &str) -> Result<Client> {
+        let address = if address.trim().is_empty() {
+            Address::from_env()?
+        } else {
+            address.parse()?
+        };
+        Client::connect_to(address).await
+    }
+
+    /// Connect to the default address ([`Address::from_env`]).
+    pub async fn connect_default() -> Result<Client> {
+        Client::connect_to(Address::from_env()?).await
+    }
+
+    /// Connect to a parsed address.
+    pub async fn connect_to(address: Address) -> Result<Client> {
+        let connect_err = |source| Error::Connect {
+            address: address.to_string(),
+            source,
+        };
+        let channel = match &address {
+            Address::Tcp(uri) => Endpoint::from_shared(uri.clone())
+                .map_err(connect_err)?
+                .connect()
+                .await
+                .map_err(connect_err)?,
+            Address::Unix(path) => {
+                let path: PathBuf = path.clone();
+                // The URI is required by tonic but unused: the connector
+                // ignores it and dials the socket.
+                Endpoint::from_static("http://[::]:50051")
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    }))
+                    .await
+                    .map_err(connect_err)?
+            }
+        };
+        Ok(Client::from_channel(channel, address))
+    }
+
+    /// Use a channel set up by the caller (TLS, timeouts, ...).
+    pub fn from_channel(channel: Channel, address: Address) -> Client {
+        let inner = LogdClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        Client { inner, address }
+    }
+
+    /// The address this client is connected to.
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    /// The generated gRPC client, for calls this crate does not wrap.
+    pub fn raw(&self) -> LogdClient<Channel> {
+        self.inner.clone()
+    }
+
+    /// Open a write stream into `archive` (a path relative to the daemon's
+    /// data directory, e.g. `"runs/mnist.zip"`).
+    pub async fn writer(&self, archive: &str, options: OpenOptions) -> Result<FrameWriter> {
+        FrameWriter::open(self.inner.clone(), archive, options).await
+    }
+
+    /// Archives whose name starts with `prefix` (empty = all).
+    pub async fn list_archives(&self, prefix: &str) -> Result<Vec<ArchiveInfo>> {
+        let r = self
+            .inner
+            .clone()
+            .list_archives(proto::ListArchivesRequest {
+                prefix: prefix.into(),
+            })
+            .await?
+            .into_inner();
+        Ok(r.archives
+            .into_iter()
+            .map(|a| ArchiveInfo {
+                archive: a.archive,
+                size_bytes: a.size_bytes,
+                writing: a.writing,
+            })
+            .collect())
+    }
+
+    /// Groups, record types and frames of an archive.
+    pub async fn describe(&self, archive: &str) -> Result<ArchiveDescription> {
+        Ok(self
+            .inner
+            .clone()
+            .describe_archive(proto::DescribeArchiveRequest {
+                archive: archive.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Frame indices of an archive, or of the records under `group` (empty =
+    /// all), in GETAR order (shorter first, then bytewise).
+    pub async fn list_frames(&self, archive: &str, group: &str) -> Result<Vec<String>> {
+        Ok(self
+            .inner
+            .clone()
+            .list_frames(proto::ListFramesRequest {
+                archive: archive.into(),
+                group: group.into(),
+            })
+            .await?
+            .into_inner()
+            .frames)
+    }
+
+    /// All tensors of one frame, e.g. `get_frame("a.zip", FrameSel::LAST)` or
+    /// `get_frame("a.zip", "12")`.
+    pub async fn get_frame(&self, archive: &str, frame: impl Into<FrameSel>) -> Result<Frame> {
+        self.query_frame(archive, &FrameQuery::new(frame)).await
+    }
+
+    /// The tensors of one frame, filtered by group prefix and record names.
+    pub async fn query_frame(&self, archive: &str, q: &FrameQuery) -> Result<Frame> {
+        use proto::get_frame_request::Frame as Sel;
+        let frame = Some(match &q.frame {
+            FrameSel::Index(i) => Sel::Index(i.clone()),
+            FrameSel::Position(p) => Sel::Position(*p),
+        });
+        let stream = self
+            .inner
+            .clone()
+            .get_frame(proto::GetFrameRequest {
+                archive: archive.into(),
+                group: q.group.clone(),
+                frame,
+                names: q.names.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut frames = read_frames(stream).await?;
+        if frames.len() != 1 {
+            return Err(Error::Protocol(format!(
+                "GetFrame streamed {} frames, expected exactly one",
+                frames.len()
+            )));
+        }
+        Ok(frames.pop().expect("one frame"))
+    }
+
+    /// One constant or text record, e.g. `"keras/model.json"`, as bytes.
+    pub async fn read_record(&self, archive: &str, path: &str) -> Result<Vec<u8>> {
+        Ok(self
+            .inner
+            .clone()
+            .read_record(proto::ReadRecordRequest {
+                archive: archive.into(),
+                path: path.into(),
+            })
+            .await?
+            .into_inner()
+            .data)
+    }
+
+    /// One discrete tensor (`group`, with any stream prefix, and `name`) over
+    /// frames `start..stop` of its frame list, Python-slice style (negatives
+    /// count from the end, `None` = to the end). One [`Frame`] per frame, each
+    /// holding that one tensor.
+    pub async fn tensor_history(
+        &self,
+        archive: &str,
+        group: &str,
+        name: &str,
+        start: i64,
+        stop: Option<i64>,
+    ) -> Result<Vec<Frame>> {
+        let stream = self
+            .inner
+            .clone()
+            .tensor_history(proto::TensorHistoryRequest {
+                archive: archive.into(),
+                group: group.into(),
+                name: name.into(),
+                start,
+                stop,
+            })
+            .await?
+            .into_inner();
+        read_frames(stream).await
+    }
+}
+
+/// A tensor being reassembled from its chunks.
+struct Partial {
+    info: proto::TensorInfo,
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl Partial {
+    fn finish(self) -> Result<Tensor> {
+        let array = DynArray::from_le_bytes(self.dtype, &self.shape, &self.bytes)
+            .map_err(|e| Error::Protocol(format!("tensor {}: {e}", self.info.path)))?;
+        Ok(Tensor {
+            path: self.info.path,
+            group: self.info.group,
+            name: self.info.name,
+            array,
+        })
+    }
+}
+
+/// Reassemble a FrameData stream: `frame`, then per tensor its header and
+/// chunks totalling `size_bytes`.
+async fn read_frames(mut stream: Streaming<proto::FrameData>) -> Result<Vec<Frame>> {
+    use proto::frame_data::Msg;
+    let mut frames: Vec<Frame> = Vec::new();
+    let mut cur: Option<Partial> = None;
+    let finish = |cur: &mut Option<Partial>, frames: &mut Vec<Frame>| -> Result<()> {
+        if let Some(p) = cur.take() {
+            let left = p.info.size_bytes - p.bytes.len() as u64;
+            if left > 0 {
+                return Err(Error::Protocol(format!(
+                    "tensor {} ended {left} bytes short of its size_bytes {}",
+                    p.info.path, p.info.size_bytes
+                )));
+            }
+            let t = p.finish()?;
+            frames.last_mut().expect("a frame is open").tensors.push(t);
+        }
+        Ok(())
+    };
+    while let Some(m) = stream.next().await {
+        match m?.msg {
+            Some(Msg::Frame(index)) => {
+                finish(&mut cur, &mut frames)?;
+                frames.push(Frame {
+                    index,
+                    tensors: Vec::new(),
+                });
+            }
+            Some(Msg::Tensor(info)) => {
+                finish(&mut cur, &mut frames)?;
+                if frames.is_empty() {
+                    return Err(Error::Protocol(format!(
+                        "tensor {} came before any `frame`",
+                        info.path
+                    )));
+                }
+                let dtype = DType::from_proto(info.dtype).ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "tensor {}: unknown dtype {}",
+                        info.path, info.dtype
+                    ))
+                })?;
+                let shape = info
+                    .shape
+                    .iter()
+                    .map(|&d| usize::try_from(d))
+                    .collect::<Result<Vec<usize>, _>>()
+                    .map_err(|_| {
+                        Error::Protocol(format!("tensor {}: shape too large", info.path))
+                    })?;
+                let want = info
+                    .shape
+                    .iter()
+                    .try_fold(dtype.itemsize() as u64, |n, &d| n.checked_mul(d));
+                if want != Some(info.size_bytes) {
+                    return Err(Error::Protocol(format!(
+                        "tensor {}: size_bytes {} is not {dtype} × shape {:?}",
+                        info.path, info.size_bytes, info.shape
+                    )));
+                }
+                let cap = usize::try_from(info.size_bytes).unwrap_or(0).min(1 << 30);
+                cur = Some(Partial {
+                    dtype,
+                    shape,
+                    bytes: Vec::with_capacity(cap),
+                    info,
+                });
+            }
+            Some(Msg::Chunk(c)) => {
+                let p = cur.as_mut().ok_or_else(|| {
+                    Error::Protocol("a chunk came before any tensor header".into())
+                })?;
+                if p.bytes.len() as u64 + c.data.len() as u64 > p.info.size_bytes {
+                    return Err(Error::Protocol(format!(
+                        "tensor {} got more bytes than its size_bytes {}",
+                        p.info.path, p.info.size_bytes
+                    )));
+                }
+                p.bytes.extend_from_slice(&c.data);
+            }
+            None => return Err(Error::Protocol("empty FrameData message".into())),
+        }
+    }
+    finish(&mut cur, &mut frames)?;
+    Ok(frames)
+}

@@ -1,0 +1,518 @@
+//! Tensors: element types, the wire encoding, and dynamically typed arrays.
+//!
+//! On the wire a tensor is its dtype, its shape and its elements'
+//! little-endian bytes in row-major (C) order. Encoding walks an ndarray in
+//! logical order, so transposed, sliced and otherwise non-contiguous views are
+//! sent as what they look like, not as their memory. Decoding is bit-exact:
+//! NaN payloads of every float type and the sign of zero survive.
+
+use std::fmt;
+
+use half::{bf16, f16};
+use ndarray::{Array, ArrayBase, ArrayD, ArrayView, Data, Dimension, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::proto;
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    /// `f32`.
+    F32,
+    /// `f64`.
+    F64,
+    /// `i32`.
+    I32,
+    /// `i64`.
+    I64,
+    /// `u8`.
+    U8,
+    /// `u32`.
+    U32,
+    /// `u64`.
+    U64,
+    /// IEEE half precision, [`half::f16`].
+    F16,
+    /// bfloat16, [`half::bf16`].
+    BF16,
+    /// `i8`.
+    I8,
+    /// `i16`.
+    I16,
+    /// `u16`.
+    U16,
+    /// `bool`, one byte per element (0 or 1).
+    Bool,
+}
+
+impl DType {
+    /// Every dtype, in wire-enum order.
+    pub const ALL: [DType; 13] = [
+        DType::F32,
+        DType::F64,
+        DType::I32,
+        DType::I64,
+        DType::U8,
+        DType::U32,
+        DType::U64,
+        DType::F16,
+        DType::BF16,
+        DType::I8,
+        DType::I16,
+        DType::U16,
+        DType::Bool,
+    ];
+
+    /// Bytes per element.
+    pub fn itemsize(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
+            DType::U8 | DType::I8 | DType::Bool => 1,
+        }
+    }
+
+    /// numpy's name for the dtype (`"float32"`, `"bfloat16"`, `"bool"`, ...),
+    /// as the daemon's manifests spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::U8 => "uint8",
+            DType::U32 => "uint32",
+            DType::U64 => "uint64",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::I8 => "int8",
+            DType::I16 => "int16",
+            DType::U16 => "uint16",
+            DType::Bool => "bool",
+        }
+    }
+
+    /// The wire enum value.
+    pub fn to_proto(self) -> proto::DType {
+        match self {
+            DType::F32 => proto::DType::Float32,
+            DType::F64 => proto::DType::Float64,
+            DType::I32 => proto::DType::Int32,
+            DType::I64 => proto::DType::Int64,
+            DType::U8 => proto::DType::Uint8,
+            DType::U32 => proto::DType::Uint32,
+            DType::U64 => proto::DType::Uint64,
+            DType::F16 => proto::DType::Float16,
+            DType::BF16 => proto::DType::Bfloat16,
+            DType::I8 => proto::DType::Int8,
+            DType::I16 => proto::DType::Int16,
+            DType::U16 => proto::DType::Uint16,
+            DType::Bool => proto::DType::Bool,
+        }
+    }
+
+    /// From the wire enum value; `None` for `DTYPE_UNSPECIFIED` or unknown values.
+    pub fn from_proto(v: i32) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.to_proto() as i32 == v)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A Rust element type the daemon stores: `f32 f64 i32 i64 u8 u32 u64`,
+/// [`half::f16`], [`half::bf16`], `i8 i16 u16` and `bool`.
+///
+/// Sealed: the methods are the crate's encoding machinery.
+pub trait Element: Copy + Send + Sync + fmt::Debug + 'static + sealed::Sealed {
+    /// The dtype of this element type.
+    const DTYPE: DType;
+    /// Append this element's little-endian bytes.
+    #[doc(hidden)]
+    fn put_le(self, out: &mut Vec<u8>);
+    /// Decode elements from little-endian bytes (`bytes.len()` is a multiple
+    /// of the item size).
+    #[doc(hidden)]
+    fn decode_le(bytes: &[u8]) -> Vec<Self>;
+    /// Wrap an array in the matching [`DynArray`] variant.
+    #[doc(hidden)]
+    fn wrap(a: ArrayD<Self>) -> DynArray;
+    /// Borrow the array if `a` holds this element type.
+    #[doc(hidden)]
+    fn peek(a: &DynArray) -> Option<&ArrayD<Self>>;
+    /// Take the array if `a` holds this element type.
+    #[doc(hidden)]
+    fn unwrap(a: DynArray) -> Result<ArrayD<Self>, DynArray>;
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident, $n:literal, |$b:ident| $from:expr, |$x:ident| $to:expr) => {
+        impl sealed::Sealed for $t {}
+        impl Element for $t {
+            const DTYPE: DType = DType::$variant;
+            #[inline]
+            fn put_le(self, out: &mut Vec<u8>) {
+                let $x = self;
+                out.extend_from_slice(&$to);
+            }
+            fn decode_le(bytes: &[u8]) -> Vec<Self> {
+                bytes
+                    .chunks_exact($n)
+                    .map(|c| {
+                        let $b: [u8; $n] = c.try_into().expect("chunks_exact");
+                        $from
+                    })
+                    .collect()
+            }
+            fn wrap(a: ArrayD<Self>) -> DynArray {
+                DynArray::$variant(a)
+            }
+            fn peek(a: &DynArray) -> Option<&ArrayD<Self>> {
+                match a {
+                    DynArray::$variant(x) => Some(x),
+                    _ => None,
+                }
+            }
+            fn unwrap(a: DynArray) -> Result<ArrayD<Self>, DynArray> {
+                match a {
+                    DynArray::$variant(x) => Ok(x),
+                    other => Err(other),
+                }
+            }
+        }
+    };
+    ($t:ty, $variant:ident, $n:literal) => {
+        element!($t, $variant, $n, |b| <$t>::from_le_bytes(b), |x| x
+            .to_le_bytes());
+    };
+}
+
+element!(f32, F32, 4);
+element!(f64, F64, 8);
+element!(i32, I32, 4);
+element!(i64, I64, 8);
+element!(u8, U8, 1);
+element!(u32, U32, 4);
+element!(u64, U64, 8);
+element!(f16, F16, 2);
+element!(bf16, BF16, 2);
+element!(i8, I8, 1);
+element!(i16, I16, 2);
+element!(u16, U16, 2);
+// Any non-zero byte reads as `true`, as numpy does when viewing u8 as bool.
+element!(bool, Bool, 1, |b| b[0] != 0, |x| [x as u8]);
+
+/// An n-dimensional array of any supported element type.
+#[derive(Clone, Debug, PartialEq)]
+#[allow(missing_docs)] // the variants are named after their element types
+pub enum DynArray {
+    F32(ArrayD<f32>),
+    F64(ArrayD<f64>),
+    I32(ArrayD<i32>),
+    I64(ArrayD<i64>),
+    U8(ArrayD<u8>),
+    U32(ArrayD<u32>),
+    U64(ArrayD<u64>),
+    F16(ArrayD<f16>),
+    BF16(ArrayD<bf16>),
+    I8(ArrayD<i8>),
+    I16(ArrayD<i16>),
+    U16(ArrayD<u16>),
+    Bool(ArrayD<bool>),
+}
+
+macro_rules! each {
+    ($v:expr, $a:ident => $e:expr) => {
+        match $v {
+            DynArray::F32($a) => $e,
+            DynArray::F64($a) => $e,
+            DynArray::I32($a) => $e,
+            DynArray::I64($a) => $e,
+            DynArray::U8($a) => $e,
+            DynArray::U32($a) => $e,
+            DynArray::U64($a) => $e,
+            DynArray::F16($a) => $e,
+            DynArray::BF16($a) => $e,
+            DynArray::I8($a) => $e,
+            DynArray::I16($a) => $e,
+            DynArray::U16($a) => $e,
+            DynArray::Bool($a) => $e,
+        }
+    };
+}
+
+fn decode<T: Element>(shape: &[usize], bytes: &[u8]) -> Result<DynArray> {
+    let a = ArrayD::from_shape_vec(IxDyn(shape), T::decode_le(bytes))
+        .map_err(|e| Error::Tensor(format!("shape {shape:?}: {e}")))?;
+    Ok(T::wrap(a))
+}
+
+impl DynArray {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            DynArray::F32(_) => DType::F32,
+            DynArray::F64(_) => DType::F64,
+            DynArray::I32(_) => DType::I32,
+            DynArray::I64(_) => DType::I64,
+            DynArray::U8(_) => DType::U8,
+            DynArray::U32(_) => DType::U32,
+            DynArray::U64(_) => DType::U64,
+            DynArray::F16(_) => DType::F16,
+            DynArray::BF16(_) => DType::BF16,
+            DynArray::I8(_) => DType::I8,
+            DynArray::I16(_) => DType::I16,
+            DynArray::U16(_) => DType::U16,
+            DynArray::Bool(_) => DType::Bool,
+        }
+    }
+
+    /// The dimensions (empty for a 0-d scalar).
+    pub fn shape(&self) -> &[usize] {
+        each!(self, a => a.shape())
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        each!(self, a => a.len())
+    }
+
+    /// True when the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The array as `ArrayD<T>`, if it holds `T`.
+    pub fn as_array<T: Element>(&self) -> Option<&ArrayD<T>> {
+        T::peek(self)
+    }
+
+    /// The array as `ArrayD<T>`; `Err` gives `self` back when it holds another
+    /// element type.
+    pub fn into_array<T: Element>(self) -> Result<ArrayD<T>, DynArray> {
+        T::unwrap(self)
+    }
+
+    /// The array as `ArrayD<T>`, or [`Error::Tensor`] naming both dtypes.
+    pub fn try_into_array<T: Element>(self) -> Result<ArrayD<T>> {
+        T::unwrap(self)
+            .map_err(|a| Error::Tensor(format!("the tensor is {}, not {}", a.dtype(), T::DTYPE)))
+    }
+
+    /// Elements' little-endian bytes in row-major order (the wire encoding).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        each!(self, a => encode(a))
+    }
+
+    /// Decode the wire encoding: `bytes.len()` must be the product of `shape`
+    /// times the dtype's item size.
+    pub fn from_le_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<DynArray> {
+        let want = shape
+            .iter()
+            .try_fold(dtype.itemsize(), |n, &d| n.checked_mul(d));
+        if want != Some(bytes.len()) {
+            return Err(Error::Tensor(format!(
+                "{} bytes do not make a {dtype} tensor of shape {shape:?}",
+                bytes.len()
+            )));
+        }
+        match dtype {
+            DType::F32 => decode::<f32>(shape, bytes),
+            DType::F64 => decode::<f64>(shape, bytes),
+            DType::I32 => decode::<i32>(shape, bytes),
+            DType::I64 => decode::<i64>(shape, bytes),
+            DType::U8 => decode::<u8>(shape, bytes),
+            DType::U32 => decode::<u32>(shape, bytes),
+            DType::U64 => decode::<u64>(shape, bytes),
+            DType::F16 => decode::<f16>(shape, bytes),
+            DType::BF16 => decode::<bf16>(shape, bytes),
+            DType::I8 => decode::<i8>(shape, bytes),
+            DType::I16 => decode::<i16>(shape, bytes),
+            DType::U16 => decode::<u16>(shape, bytes),
+            DType::Bool => decode::<bool>(shape, bytes),
+        }
+    }
+}
+
+impl<T: Element> From<ArrayD<T>> for DynArray {
+    fn from(a: ArrayD<T>) -> DynArray {
+        T::wrap(a)
+    }
+}
+
+fn encode<S, D, T>(a: &ArrayBase<S, D>) -> Vec<u8>
+where
+    S: Data<Elem = T>,
+    D: Dimension,
+    T: Element,
+{
+    let mut out = Vec::with_capacity(a.len() * T::DTYPE.itemsize());
+    match a.as_slice() {
+        Some(s) => s.iter().for_each(|x| x.put_le(&mut out)),
+        // `iter` visits elements in logical row-major order whatever the strides.
+        None => a.iter().for_each(|x| x.put_le(&mut out)),
+    }
+    out
+}
+
+/// A tensor encoded for sending: dtype, shape and row-major little-endian
+/// bytes. Make one from any ndarray array or view (`TensorData::from(&a)`,
+/// `a.view().into()`) or from a [`DynArray`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorData {
+    dtype: DType,
+    shape: Vec<u64>,
+    bytes: Vec<u8>,
+}
+
+impl TensorData {
+    /// From already encoded bytes; fails unless `bytes.len()` is the product of
+    /// `shape` times the dtype's item size.
+    pub fn new(dtype: DType, shape: Vec<u64>, bytes: Vec<u8>) -> Result<TensorData> {
+        let want = shape
+            .iter()
+            .try_fold(dtype.itemsize() as u64, |n, &d| n.checked_mul(d));
+        if want != Some(bytes.len() as u64) {
+            return Err(Error::Tensor(format!(
+                "{} bytes do not make a {dtype} tensor of shape {shape:?}",
+                bytes.len()
+            )));
+        }
+        Ok(TensorData {
+            dtype,
+            shape,
+            bytes,
+        })
+    }
+
+    /// Encode an ndarray array or view of any dimensionality and layout.
+    pub fn from_array<S, D, T>(a: &ArrayBase<S, D>) -> TensorData
+    where
+        S: Data<Elem = T>,
+        D: Dimension,
+        T: Element,
+    {
+        TensorData {
+            dtype: T::DTYPE,
+            shape: a.shape().iter().map(|&d| d as u64).collect(),
+            bytes: encode(a),
+        }
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The dimensions (empty for a 0-d scalar).
+    pub fn shape(&self) -> &[u64] {
+        &self.shape
+    }
+
+    /// The encoded bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Decode back into an array.
+    pub fn to_array(&self) -> Result<DynArray> {
+        let shape: Vec<usize> = self.shape.iter().map(|&d| d as usize).collect();
+        DynArray::from_le_bytes(self.dtype, &shape, &self.bytes)
+    }
+
+    pub(crate) fn into_parts(self) -> (DType, Vec<u64>, Vec<u8>) {
+        (self.dtype, self.shape, self.bytes)
+    }
+}
+
+impl<S, D, T> From<&ArrayBase<S, D>> for TensorData
+where
+    S: Data<Elem = T>,
+    D: Dimension,
+    T: Element,
+{
+    fn from(a: &ArrayBase<S, D>) -> TensorData {
+        TensorData::from_array(a)
+    }
+}
+
+impl<T: Element, D: Dimension> From<ArrayView<'_, T, D>> for TensorData {
+    fn from(a: ArrayView<'_, T, D>) -> TensorData {
+        TensorData::from_array(&a)
+    }
+}
+
+impl<T: Element, D: Dimension> From<Array<T, D>> for TensorData {
+    fn from(a: Array<T, D>) -> TensorData {
+        TensorData::from_array(&a)
+    }
+}
+
+impl From<&DynArray> for TensorData {
+    fn from(a: &DynArray) -> TensorData {
+        each!(a, x => TensorData::from_array(x))
+    }
+}
+
+impl From<DynArray> for TensorData {
+    fn from(a: DynArray) -> TensorData {
+        TensorData::from(&a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr2, s, Array3};
+
+    #[test]
+    fn strided_views_encode_in_logical_order() {
+        let a = arr2(&[[1i16, 2, 3], [4, 5, 6]]);
+        let t = TensorData::from(a.t());
+        assert_eq!(t.shape(), &[3, 2]);
+        let back = t.to_array().unwrap().into_array::<i16>().unwrap();
+        assert_eq!(back, a.t().to_owned().into_dyn());
+        let b = Array3::<u16>::from_shape_fn((3, 4, 5), |(i, j, k)| (i * 100 + j * 10 + k) as u16);
+        let v = b.slice(s![..;2, 1.., ..;-2]);
+        let t = TensorData::from(v);
+        let back = t.to_array().unwrap().into_array::<u16>().unwrap();
+        assert_eq!(back, v.to_owned().into_dyn());
+    }
+
+    #[test]
+    fn floats_are_bit_exact() {
+        let f = [0x7e01u16, 0xfc00, 0x8000, 0x0001, 0xffff];
+        let a = ndarray::Array1::from_iter(f.iter().map(|&b| f16::from_bits(b)));
+        let d = TensorData::from(&a).to_array().unwrap();
+        let got: Vec<u16> = d
+            .as_array::<f16>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        assert_eq!(got, f);
+        assert!(d.as_array::<bf16>().is_none());
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(TensorData::new(DType::F32, vec![2, 2], vec![0; 15]).is_err());
+        assert!(TensorData::new(DType::F32, vec![], vec![0; 4]).is_ok());
+        assert!(TensorData::new(DType::U64, vec![u64::MAX, 2], vec![]).is_err());
+        assert!(DynArray::from_le_bytes(DType::Bool, &[0, 5], &[])
+            .unwrap()
+            .is_empty());
+        for d in DType::ALL {
+            assert_eq!(DType::from_proto(d.to_proto() as i32), Some(d));
+        }
+        assert_eq!(DType::from_proto(0), None);
+    }
+}

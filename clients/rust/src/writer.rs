@@ -1,0 +1,760 @@
+//! Writing frames: one gRPC `Write` stream per [`FrameWriter`].
+//!
+//! How it works, and what a reader of this code must not break:
+//! * Requests go through a bounded channel into the stream, so a caller that
+//!   writes faster than the daemon takes bytes waits in `write` (backpressure)
+//!   instead of piling frames up in memory.
+//! * A frame is sent whole by one `write` call: `begin`, its tensors (each a
+//!   header plus chunks of at most [`CHUNK_BYTES`]), records and scalars, then
+//!   `commit`. The daemon drops a frame that is not committed, so a `write`
+//!   cancelled halfway leaves the archive untouched, but the stream is then
+//!   mid-frame: the writer refuses further use rather than mixing frames.
+//! * A background task reads the responses. The daemon acks every commit —
+//!   including the implicit one of a record or scalar sent outside a frame —
+//!   with `received` (visible to queries) and later `durable` (fsynced), both
+//!   in commit order and numbered by `seq` from 0. The task checks that order
+//!   and resolves the matching [`FrameHandle`]s; on a stream error every
+//!   pending handle gets the error.
+
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+use crate::error::{Error, Result};
+use crate::proto::{
+    self, logd_client::LogdClient, write_request::Msg as In, write_response::Msg as Out,
+    WriteRequest, WriteResponse,
+};
+use crate::tensor::TensorData;
+
+/// Tensors are sent in chunks of at most this many bytes (the daemon takes
+/// messages up to 16 MiB; a few MiB keeps latency and memory low).
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+/// Requests buffered between `write` and the network: with 4 MiB chunks at
+/// most ~32 MiB are queued before `write` waits.
+const QUEUE: usize = 8;
+
+/// What to do with an existing archive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Add to the archive, creating it if it does not exist.
+    #[default]
+    Append,
+    /// Start a new archive, replacing an existing one.
+    Create,
+}
+
+/// Options of a write stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Append (default) or create.
+    pub mode: OpenMode,
+    /// Group prefix for everything this stream writes (keras_gtar's `group`),
+    /// e.g. `"run1"`; empty = none.
+    pub group: String,
+    /// 0 = store (fastest, default); 1..=9 = deflate level, done by the daemon
+    /// off its writer thread.
+    pub compression: u32,
+}
+
+impl OpenOptions {
+    /// Append to the archive (creating it if needed).
+    pub fn append() -> OpenOptions {
+        OpenOptions::default()
+    }
+
+    /// Replace the archive with a new one.
+    pub fn create() -> OpenOptions {
+        OpenOptions {
+            mode: OpenMode::Create,
+            ..OpenOptions::default()
+        }
+    }
+
+    /// Set the group prefix.
+    pub fn group(mut self, group: impl Into<String>) -> OpenOptions {
+        self.group = group.into();
+        self
+    }
+
+    /// Set the deflate level (0 = store).
+    pub fn compression(mut self, level: u32) -> OpenOptions {
+        self.compression = level;
+        self
+    }
+}
+
+/// The daemon's answer to opening a write stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The archive, as named in the request.
+    pub archive: String,
+    /// Frames already in the archive under the stream's group.
+    pub existing_frames: u64,
+    /// Set when the archive had to be repaired on open: what was done.
+    pub repaired: Option<String>,
+}
+
+/// An acknowledgement of one committed frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    /// The frame index (empty for a record or scalar sent outside a frame).
+    pub index: String,
+    /// Sequence number of the commit within this stream, from 0.
+    pub seq: u64,
+    /// Bytes the frame took.
+    pub bytes: u64,
+}
+
+impl From<proto::FrameAck> for Ack {
+    fn from(a: proto::FrameAck) -> Ack {
+        Ack {
+            index: a.index,
+            seq: a.seq,
+            bytes: a.bytes,
+        }
+    }
+}
+
+enum Item {
+    Tensor {
+        group: String,
+        name: String,
+        data: TensorData,
+    },
+    Record {
+        path: String,
+        data: Vec<u8>,
+    },
+    Scalar {
+        group: String,
+        name: String,
+        index: String,
+        value: f64,
+    },
+}
+
+/// A frame to write: tensors, records and scalars under one frame index,
+/// committed atomically.
+///
+/// ```
+/// # use gtar_logd_client::{NewFrame};
+/// let w = ndarray::Array2::<f32>::zeros((3, 4));
+/// let frame = NewFrame::new("7")
+///     .tensor("layer/0", "weight", &w)
+///     .scalar("metrics", "loss", 0.25);
+/// ```
+pub struct NewFrame {
+    index: String,
+    items: Vec<Item>,
+}
+
+impl NewFrame {
+    /// An empty frame with this index (e.g. the epoch, `"12"`). Frames order
+    /// shorter-first, then bytewise, as libgetar orders them.
+    pub fn new(index: impl Into<String>) -> NewFrame {
+        NewFrame {
+            index: index.into(),
+            items: Vec::new(),
+        }
+    }
+
+    /// The frame index.
+    pub fn index(&self) -> &str {
+        &self.index
+    }
+
+    /// Add a tensor: stored at `{stream group/}{group/}frames/{index}/{name}.{fmt}.uni`.
+    /// `group` may be empty; `name` has no `/` and no `.`.
+    pub fn tensor(
+        mut self,
+        group: impl Into<String>,
+        name: impl Into<String>,
+        data: impl Into<TensorData>,
+    ) -> NewFrame {
+        self.push_tensor(group, name, data);
+        self
+    }
+
+    /// Add a tensor (by `&mut`, for loops).
+    pub fn push_tensor(
+        &mut self,
+        group: impl Into<String>,
+        name: impl Into<String>,
+        data: impl Into<TensorData>,
+    ) {
+        self.items.push(Item::Tensor {
+            group: group.into(),
+            name: name.into(),
+            data: data.into(),
+        });
+    }
+
+    /// Add a record at a path of its own inside the stream's group, e.g.
+    /// `"keras/model.json"`, committed with this frame.
+    pub fn record(mut self, path: impl Into<String>, data: impl Into<Vec<u8>>) -> NewFrame {
+        self.items.push(Item::Record {
+            path: path.into(),
+            data: data.into(),
+        });
+        self
+    }
+
+    /// Add a scalar (continuous GETAR record) at this frame's index: stored at
+    /// `{group}/vars/{name}.f64.uni/{index}`.
+    pub fn scalar(self, group: impl Into<String>, name: impl Into<String>, value: f64) -> NewFrame {
+        self.scalar_at(group, name, "", value)
+    }
+
+    /// Add a scalar at another step index (e.g. a batch number).
+    pub fn scalar_at(
+        mut self,
+        group: impl Into<String>,
+        name: impl Into<String>,
+        index: impl Into<String>,
+        value: f64,
+    ) -> NewFrame {
+        self.items.push(Item::Scalar {
+            group: group.into(),
+            name: name.into(),
+            index: index.into(),
+            value,
+        });
+        self
+    }
+}
+
+type AckTx = oneshot::Sender<Result<Ack>>;
+
+struct Waiter {
+    seq: u64,
+    index: String,
+    received: Option<AckTx>,
+    durable: Option<AckTx>,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// Commits sent.
+    committed: u64,
+    /// `received` acks seen.
+    received: u64,
+    /// `durable` acks seen.
+    durable: u64,
+    /// Why the stream failed.
+    failed: Option<Error>,
+    /// The response stream is over.
+    ended: bool,
+}
+
+struct Shared {
+    progress: watch::Sender<Progress>,
+    waiters: Mutex<VecDeque<Waiter>>,
+}
+
+impl Shared {
+    fn fail_now(&self) -> Option<Error> {
+        self.progress.borrow().failed.as_ref().map(Error::duplicate)
+    }
+
+    fn on_received(&self, a: proto::FrameAck) -> Result<()> {
+        let (expect, committed) = {
+            let p = self.progress.borrow();
+            (p.received, p.committed)
+        };
+        if a.seq != expect || a.seq >= committed {
+            return Err(Error::Protocol(format!(
+                "`received` ack for seq {} (frame {:?}); expected seq {expect} ({committed} commits sent)",
+                a.seq, a.index
+            )));
+        }
+        let mut ws = self.waiters.lock().expect("waiters lock");
+        let w = ws
+            .iter_mut()
+            .find(|w| w.seq == a.seq)
+            .expect("a waiter per commit");
+        if w.index != a.index {
+            return Err(Error::Protocol(format!(
+                "`received` ack seq {} names frame {:?}; that commit was frame {:?}",
+                a.seq, a.index, w.index
+            )));
+        }
+        if let Some(tx) = w.received.take() {
+            let _ = tx.send(Ok(a.into()));
+        }
+        drop(ws);
+        self.progress.send_modify(|p| p.received += 1);
+        Ok(())
+    }
+
+    fn on_durable(&self, a: proto::FrameAck) -> Result<()> {
+        let (expect, received) = {
+            let p = self.progress.borrow();
+            (p.durable, p.received)
+        };
+        if a.seq != expect || a.seq >= received {
+            return Err(Error::Protocol(format!(
+                "`durable` ack for seq {} (frame {:?}); expected seq {expect} ({received} frames received)",
+                a.seq, a.index
+            )));
+        }
+        let mut ws = self.waiters.lock().expect("waiters lock");
+        let w = ws.pop_front().expect("a waiter per commit");
+        debug_assert_eq!(w.seq, a.seq);
+        drop(ws);
+        if w.index != a.index {
+            return Err(Error::Protocol(format!(
+                "`durable` ack seq {} names frame {:?}; that commit was frame {:?}",
+                a.seq, a.index, w.index
+            )));
+        }
+        if let Some(tx) = w.durable {
+            let _ = tx.send(Ok(a.into()));
+        }
+        self.progress.send_modify(|p| p.durable += 1);
+        Ok(())
+    }
+
+    fn finish(&self, outcome: Result<()>) {
+        let outcome = outcome.and_then(|()| {
+            let p = self.progress.borrow();
+            if p.durable < p.committed {
+                Err(Error::Protocol(format!(
+                    "the Write stream ended after {} of {} commits were acked durable",
+                    p.durable, p.committed
+                )))
+            } else {
+                Ok(())
+            }
+        });
+        let waiters: Vec<Waiter> = self
+            .waiters
+            .lock()
+            .expect("waiters lock")
+            .drain(..)
+            .collect();
+        if let Err(e) = &outcome {
+            for w in waiters {
+                for tx in [w.received, w.durable].into_iter().flatten() {
+                    let _ = tx.send(Err(e.duplicate()));
+                }
+            }
+        }
+        self.progress.send_modify(|p| {
+            p.ended = true;
+            if let Err(e) = outcome {
+                p.failed.get_or_insert(e);
+            }
+        });
+    }
+}
+
+/// Read the response stream to its end, resolving handles.
+async fn pump(mut resp: Streaming<WriteResponse>, shared: Arc<Shared>) {
+    let outcome = loop {
+        let r = match resp.message().await {
+            Ok(Some(WriteResponse {
+                msg: Some(Out::Received(a)),
+            })) => shared.on_received(a),
+            Ok(Some(WriteResponse {
+                msg: Some(Out::Durable(a)),
+            })) => shared.on_durable(a),
+            Ok(Some(WriteResponse {
+                msg: Some(Out::Opened(_)),
+            })) => Err(Error::Protocol("a second `opened` on one stream".into())),
+            Ok(Some(WriteResponse { msg: None })) => {
+                Err(Error::Protocol("an empty WriteResponse".into()))
+            }
+            Ok(None) => break Ok(()),
+            Err(s) => Err(s.into()),
+        };
+        if let Err(e) = r {
+            break Err(e);
+        }
+    };
+    shared.finish(outcome);
+}
+
+/// Waits for the acks of one committed frame. Awaiting the handle itself waits
+/// for `durable`.
+#[must_use = "a FrameHandle does nothing unless awaited; drop it to not wait"]
+pub struct FrameHandle {
+    index: String,
+    seq: u64,
+    received: Option<oneshot::Receiver<Result<Ack>>>,
+    received_ack: Option<Ack>,
+    durable: oneshot::Receiver<Result<Ack>>,
+}
+
+fn gone() -> Error {
+    Error::WriterClosed("the stream ended before the frame was acknowledged".into())
+}
+
+impl FrameHandle {
+    /// The frame index.
+    pub fn index(&self) -> &str {
+        &self.index
+    }
+
+    /// Sequence number of the commit within its stream.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Wait until the frame is in the archive and visible to queries.
+    pub async fn received(&mut self) -> Result<Ack> {
+        if let Some(a) = &self.received_ack {
+            return Ok(a.clone());
+        }
+        let rx = self.received.take().ok_or_else(gone)?;
+        let a = rx.await.map_err(|_| gone())??;
+        self.received_ack = Some(a.clone());
+        Ok(a)
+    }
+
+    /// Wait until the frame's bytes are fsynced (implies received).
+    pub async fn durable(self) -> Result<Ack> {
+        self.durable.await.map_err(|_| gone())?
+    }
+}
+
+impl IntoFuture for FrameHandle {
+    type Output = Result<Ack>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Ack>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.durable())
+    }
+}
+
+/// A write stream into one archive. Made by [`Client::writer`](crate::Client::writer).
+///
+/// `write` returns once the frame is handed to the stream; the returned
+/// [`FrameHandle`] resolves when the daemon acks it. [`close`](Self::close)
+/// ends the stream after every frame is durable.
+pub struct FrameWriter {
+    tx: Option<mpsc::Sender<WriteRequest>>,
+    shared: Arc<Shared>,
+    opened: Opened,
+    next_seq: u64,
+    /// Set while a frame is half sent; stays set if that send was cancelled.
+    mid_frame: bool,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FrameWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameWriter")
+            .field("opened", &self.opened)
+            .field("commits", &self.next_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrameWriter {
+    pub(crate) async fn open(
+        mut client: LogdClient<Channel>,
+        archive: &str,
+        options: OpenOptions,
+    ) -> Result<FrameWriter> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let open = proto::OpenArchive {
+            archive: archive.into(),
+            mode: match options.mode {
+                OpenMode::Append => proto::OpenMode::Append,
+                OpenMode::Create => proto::OpenMode::Create,
+            } as i32,
+            group: options.group,
+            compression: options.compression,
+        };
+        tx.send(WriteRequest {
+            msg: Some(In::Open(open)),
+        })
+        .await
+        .expect("the receiver is alive");
+        let mut resp = client.write(ReceiverStream::new(rx)).await?.into_inner();
+        let opened = match resp.message().await? {
+            Some(WriteResponse {
+                msg: Some(Out::Opened(o)),
+            }) => Opened {
+                archive: o.archive,
+                existing_frames: o.existing_frames,
+                repaired: (!o.repaired.is_empty()).then_some(o.repaired),
+            },
+            Some(other) => {
+                return Err(Error::Protocol(format!(
+                    "the first Write response was {:?}, expected `opened`",
+                    other.msg
+                )))
+            }
+            None => {
+                return Err(Error::Protocol(
+                    "the Write stream ended without `opened`".into(),
+                ))
+            }
+        };
+        let shared = Arc::new(Shared {
+            progress: watch::Sender::new(Progress::default()),
+            waiters: Mutex::new(VecDeque::new()),
+        });
+        let pump = tokio::spawn(pump(resp, shared.clone()));
+        Ok(FrameWriter {
+            tx: Some(tx),
+            shared,
+            opened,
+            next_seq: 0,
+            mid_frame: false,
+            pump,
+        })
+    }
+
+    /// What the daemon said on open.
+    pub fn opened(&self) -> &Opened {
+        &self.opened
+    }
+
+    /// Commits sent so far (frames plus records and scalars sent outside one).
+    pub fn commits(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn usable(&self) -> Result<()> {
+        if self.mid_frame {
+            return Err(Error::WriterClosed(
+                "an earlier write was cancelled in the middle of a frame".into(),
+            ));
+        }
+        if let Some(e) = self.shared.fail_now() {
+            return Err(e);
+        }
+        if self.tx.is_none() {
+            return Err(Error::WriterClosed("the writer is closed".into()));
+        }
+        Ok(())
+    }
+
+    /// Why the stream cannot take more: the recorded failure, once known.
+    async fn closed_error(&self) -> Error {
+        let mut rx = self.shared.progress.subscribe();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), rx.wait_for(|p| p.ended)).await;
+        self.shared
+            .fail_now()
+            .unwrap_or_else(|| Error::WriterClosed("the daemon closed the Write stream".into()))
+    }
+
+    async fn send(&mut self, m: In) -> Result<()> {
+        let tx = self.tx.as_ref().expect("checked by usable()");
+        let mut progress = self.shared.progress.subscribe();
+        let sent = tokio::select! {
+            r = tx.send(WriteRequest { msg: Some(m) }) => r.is_ok(),
+            // A stream that failed may stop taking requests without closing.
+            _ = progress.wait_for(|p| p.ended) => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(self.closed_error().await)
+        }
+    }
+
+    /// Register a waiter for the next commit, then send the message that
+    /// commits (so an ack can never beat its waiter).
+    async fn commit_with(&mut self, index: String, m: In) -> Result<FrameHandle> {
+        let seq = self.next_seq;
+        let (rtx, rrx) = oneshot::channel();
+        let (dtx, drx) = oneshot::channel();
+        self.shared
+            .waiters
+            .lock()
+            .expect("waiters lock")
+            .push_back(Waiter {
+                seq,
+                index: index.clone(),
+                received: Some(rtx),
+                durable: Some(dtx),
+            });
+        self.shared.progress.send_modify(|p| p.committed += 1);
+        self.next_seq += 1;
+        self.send(m).await?;
+        Ok(FrameHandle {
+            index,
+            seq,
+            received: Some(rrx),
+            received_ack: None,
+            durable: drx,
+        })
+    }
+
+    /// Send one frame. Returns when the whole frame is handed to the stream
+    /// (waiting if the daemon is slower than the caller); the handle resolves
+    /// when the daemon acks it.
+    pub async fn write(&mut self, frame: NewFrame) -> Result<FrameHandle> {
+        self.usable()?;
+        self.mid_frame = true;
+        let NewFrame { index, items } = frame;
+        self.send(In::Begin(proto::BeginFrame {
+            index: index.clone(),
+        }))
+        .await?;
+        for item in items {
+            match item {
+                Item::Tensor { group, name, data } => {
+                    let (dtype, shape, bytes) = data.into_parts();
+                    self.send(In::Tensor(proto::TensorHeader {
+                        group,
+                        name,
+                        dtype: dtype.to_proto() as i32,
+                        shape,
+                    }))
+                    .await?;
+                    if bytes.len() <= CHUNK_BYTES {
+                        if !bytes.is_empty() {
+                            self.send(In::Chunk(proto::Chunk { data: bytes })).await?;
+                        }
+                    } else {
+                        for c in bytes.chunks(CHUNK_BYTES) {
+                            self.send(In::Chunk(proto::Chunk { data: c.to_vec() }))
+                                .await?;
+                        }
+                    }
+                }
+                Item::Record { path, data } => {
+                    self.send(In::Record(proto::ConstRecord { path, data }))
+                        .await?
+                }
+                Item::Scalar {
+                    group,
+                    name,
+                    index,
+                    value,
+                } => {
+                    self.send(In::Scalar(proto::Scalar {
+                        group,
+                        name,
+                        index,
+                        value,
+                    }))
+                    .await?
+                }
+            }
+        }
+        let h = self
+            .commit_with(index, In::Commit(proto::CommitFrame {}))
+            .await?;
+        self.mid_frame = false;
+        Ok(h)
+    }
+
+    /// Send one frame of tensors given as `(group, name, tensor)` triples, e.g.
+    /// `[("layer/0", "weight", TensorData::from(&w))]`.
+    pub async fn write_frame<I, G, N, T>(
+        &mut self,
+        index: impl Into<String>,
+        tensors: I,
+    ) -> Result<FrameHandle>
+    where
+        I: IntoIterator<Item = (G, N, T)>,
+        G: Into<String>,
+        N: Into<String>,
+        T: Into<TensorData>,
+    {
+        let mut f = NewFrame::new(index);
+        for (g, n, t) in tensors {
+            f.push_tensor(g, n, t);
+        }
+        self.write(f).await
+    }
+
+    /// Write a record outside any frame (e.g. `"keras/model.json"`); the daemon
+    /// commits it as a frame of its own, acked with an empty index.
+    pub async fn record(
+        &mut self,
+        path: impl Into<String>,
+        data: impl Into<Vec<u8>>,
+    ) -> Result<FrameHandle> {
+        self.usable()?;
+        self.commit_with(
+            String::new(),
+            In::Record(proto::ConstRecord {
+                path: path.into(),
+                data: data.into(),
+            }),
+        )
+        .await
+    }
+
+    /// Write a scalar outside any frame, at step `index`; committed on its own.
+    pub async fn scalar(
+        &mut self,
+        group: impl Into<String>,
+        name: impl Into<String>,
+        index: impl Into<String>,
+        value: f64,
+    ) -> Result<FrameHandle> {
+        self.usable()?;
+        self.commit_with(
+            String::new(),
+            In::Scalar(proto::Scalar {
+                group: group.into(),
+                name: name.into(),
+                index: index.into(),
+                value,
+            }),
+        )
+        .await
+    }
+
+    async fn wait(&self, what: &str, done: fn(&Progress) -> u64) -> Result<()> {
+        let target = self.next_seq;
+        let mut rx = self.shared.progress.subscribe();
+        let p = rx
+            .wait_for(|p| done(p) >= target || p.failed.is_some() || p.ended)
+            .await
+            .map_err(|_| Error::WriterClosed("writer state dropped".into()))?;
+        if done(&p) >= target {
+            return Ok(());
+        }
+        Err(match &p.failed {
+            Some(e) => e.duplicate(),
+            None => Error::WriterClosed(format!(
+                "the stream ended with {} of {target} commits {what}",
+                done(&p)
+            )),
+        })
+    }
+
+    /// Wait until every commit sent so far is received (visible to queries).
+    pub async fn wait_received(&self) -> Result<()> {
+        self.wait("received", |p| p.received).await
+    }
+
+    /// Wait until every commit sent so far is durable (fsynced).
+    pub async fn wait_durable(&self) -> Result<()> {
+        self.wait("durable", |p| p.durable).await
+    }
+
+    /// End the stream and wait for it to finish: every frame durable, or the
+    /// error that stopped it.
+    pub async fn close(mut self) -> Result<()> {
+        let mid_frame = self.mid_frame;
+        self.tx = None; // ends the request stream
+        let _ = (&mut self.pump).await;
+        if let Some(e) = self.shared.fail_now() {
+            return Err(e);
+        }
+        if mid_frame {
+            return Err(Error::WriterClosed(
+                "a write was cancelled in the middle of a frame; that frame was dropped".into(),
+            ));
+        }
+        Ok(())
+    }
+}
