@@ -177,7 +177,10 @@ impl Logd for Service {
         let (tx, rx) = mpsc::channel(4);
         let plan = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             let index = match r.frame {
-                Some(pb::get_frame_request::Frame::Index(i)) => i,
+                Some(pb::get_frame_request::Frame::Index(i)) => {
+                    crate::layout::check_index("index", &i).map_err(|e| bad("index", e))?;
+                    i
+                }
                 Some(pb::get_frame_request::Frame::Position(p)) => {
                     query::at_position(&query::frames(&a, &r.group)?, p)?
                 }
