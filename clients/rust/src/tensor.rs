@@ -342,6 +342,13 @@ impl DynArray {
     }
 }
 
+impl fmt::Display for DynArray {
+    /// ndarray's formatting of the values (`{:.3}` and friends apply).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        each!(self, a => fmt::Display::fmt(a, f))
+    }
+}
+
 impl<T: Element> From<ArrayD<T>> for DynArray {
     fn from(a: ArrayD<T>) -> DynArray {
         T::wrap(a)

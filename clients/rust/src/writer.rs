@@ -384,7 +384,6 @@ async fn pump(mut resp: Streaming<WriteResponse>, shared: Arc<Shared>) {
 
 /// Waits for the acks of one committed frame. Awaiting the handle itself waits
 /// for `durable`.
-#[must_use = "a FrameHandle does nothing unless awaited; drop it to not wait"]
 pub struct FrameHandle {
     index: String,
     seq: u64,
