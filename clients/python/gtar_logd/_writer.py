@@ -246,6 +246,8 @@ class Writer:
 
     def abort(self) -> None:
         """Stop without waiting; pending units are dropped."""
+        if self._closed and not self._thread.is_alive():
+            return
         with self._cond:
             self._closing = True
             self._closed = True

@@ -146,6 +146,8 @@ class GTARLogger(keras.callbacks.Callback):
         self._held = None
         self._scalars = []
         self._last_epoch = None
+        #: the background writer's counters after on_train_end
+        self.stats = {}
 
     # ------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs=None):
@@ -170,7 +172,10 @@ class GTARLogger(keras.callbacks.Callback):
                 self._scalars = []
             self.writer.close(self.durable_timeout)
         finally:
-            self.writer.abort() if self.writer._error is not None else None
+            w = self.writer
+            self.stats = {"reconnects": w.reconnects, "resent": w.resent, "skipped": w.skipped,
+                          "durable": w.durable_count, "blocked_seconds": w.blocked_seconds}
+            w.abort()  # no-op after a clean close; stops the threads otherwise
             self.client.close()
             self.writer = None
 

@@ -1,0 +1,71 @@
+"""kill -9 and restart the daemon while a Keras model trains with GTARLogger."""
+import collections
+import random
+import threading
+import time
+import zipfile
+
+import keras
+
+from gtar_logd import Trajectory
+from gtar_logd.keras import GTARLogger
+from kerasutil import Capture, data, same
+
+EPOCHS = 12
+KILL_AFTER = {2, 5, 8}  # epochs after whose save the daemon is killed
+
+
+class Killer(keras.callbacks.Callback):
+    """After selected epochs' saves: wait a random moment (so a frame is in
+    flight), kill -9 the daemon, restart it a little later, in the background."""
+
+    def __init__(self, daemon, seed=0):
+        super().__init__()
+        self.daemon = daemon
+        self.rng = random.Random(seed)
+        self.threads = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch in KILL_AFTER:
+            delay, down = self.rng.uniform(0, 0.05), self.rng.uniform(0.2, 0.6)
+            t = threading.Thread(target=self._cycle, args=(delay, down))
+            t.start()
+            self.threads.append(t)
+            t.join(0.01)
+
+    def _cycle(self, delay, down):
+        time.sleep(delay)
+        self.daemon.kill9()
+        time.sleep(down)
+        self.daemon.start()
+
+
+def test_kill9_and_restart_during_training(own_daemon):
+    keras.utils.set_random_seed(21)
+    # ~4 MiB of weights, so frames take a moment to stream.
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1024, activation="relu"),
+                              keras.layers.Dense(1024, activation="relu"), keras.layers.Dense(3)])
+    model.compile(optimizer="adam", loss="mse")
+    x, y = data()
+    cap = Capture()
+    logger = GTARLogger("crash.zip", address=own_daemon.address, reconnect_timeout=60)
+    killer = Killer(own_daemon)
+    # Order: the logger enqueues the frame, the capture records, the killer strikes.
+    model.fit(x, y, batch_size=16, epochs=EPOCHS, verbose=0, shuffle=False,
+              callbacks=[logger, cap, killer])
+    for t in killer.threads:
+        t.join(30)
+    assert own_daemon.starts == 1 + len(KILL_AFTER)
+    print("writer stats:", logger.stats)
+    assert logger.stats["reconnects"] >= 1, logger.stats
+    with Trajectory("crash.zip", address=own_daemon.address) as t:
+        assert t.frames == [str(e) for e in range(EPOCHS)]
+        for e in range(EPOCHS):
+            same(t.get_weights(e), cap.post_epoch[e])
+    assert own_daemon.stop() == 0
+    # Every frame's records are in the file exactly once.
+    with zipfile.ZipFile(own_daemon.path("crash.zip")) as z:
+        names = collections.Counter(n for n in z.namelist() if "/frames/" in n)
+    dup = {n: c for n, c in names.items() if c > 1}
+    assert not dup, dup
+    assert sum(1 for n in names if n.endswith("/weight.f32.uni")) == EPOCHS * len(model.weights)
