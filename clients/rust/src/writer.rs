@@ -334,25 +334,28 @@ impl Shared {
                 Ok(())
             }
         });
-        let waiters: Vec<Waiter> = self
-            .waiters
-            .lock()
-            .expect("waiters lock")
-            .drain(..)
-            .collect();
-        if let Err(e) = &outcome {
-            for w in waiters {
-                for tx in [w.received, w.durable].into_iter().flatten() {
-                    let _ = tx.send(Err(e.duplicate()));
-                }
-            }
-        }
+        // Record the failure before waking waiters, so a caller woken by an
+        // error sees the writer failed too.
+        let failure = outcome.as_ref().err().map(Error::duplicate);
         self.progress.send_modify(|p| {
             p.ended = true;
             if let Err(e) = outcome {
                 p.failed.get_or_insert(e);
             }
         });
+        let waiters: Vec<Waiter> = self
+            .waiters
+            .lock()
+            .expect("waiters lock")
+            .drain(..)
+            .collect();
+        if let Some(e) = failure {
+            for w in waiters {
+                for tx in [w.received, w.durable].into_iter().flatten() {
+                    let _ = tx.send(Err(e.duplicate()));
+                }
+            }
+        }
     }
 }
 
@@ -421,6 +424,15 @@ impl FrameHandle {
     /// Wait until the frame's bytes are fsynced (implies received).
     pub async fn durable(self) -> Result<Ack> {
         self.durable.await.map_err(|_| gone())?
+    }
+}
+
+impl std::fmt::Debug for FrameHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameHandle")
+            .field("index", &self.index)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
     }
 }
 
@@ -525,13 +537,14 @@ impl FrameWriter {
     }
 
     fn usable(&self) -> Result<()> {
+        // The stream's own failure first: it is why a write stopped midway.
+        if let Some(e) = self.shared.fail_now() {
+            return Err(e);
+        }
         if self.mid_frame {
             return Err(Error::WriterClosed(
                 "an earlier write was cancelled in the middle of a frame".into(),
             ));
-        }
-        if let Some(e) = self.shared.fail_now() {
-            return Err(e);
         }
         if self.tx.is_none() {
             return Err(Error::WriterClosed("the writer is closed".into()));
