@@ -15,6 +15,9 @@ use crate::writer::{FrameWriter, OpenOptions};
 /// Largest gRPC message the client sends or accepts: the daemon accepts 16 MiB.
 pub(crate) const MAX_MESSAGE: usize = 16 << 20;
 
+/// How long connecting may take before it fails.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A connection to gtar-logd. Cheap to clone; clones share the connection.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -166,6 +169,7 @@ impl Client {
         let channel = match &address {
             Address::Tcp(uri) => Endpoint::from_shared(uri.clone())
                 .map_err(connect_err)?
+                .connect_timeout(CONNECT_TIMEOUT)
                 .connect()
                 .await
                 .map_err(connect_err)?,
@@ -174,6 +178,7 @@ impl Client {
                 // The URI is required by tonic but unused: the connector
                 // ignores it and dials the socket.
                 Endpoint::from_static("http://[::]:50051")
+                    .connect_timeout(CONNECT_TIMEOUT)
                     .connect_with_connector(tower::service_fn(move |_| {
                         let path = path.clone();
                         async move {

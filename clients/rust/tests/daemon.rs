@@ -546,3 +546,45 @@ fn quickstart_example_runs_over_both_transports() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// Single-threaded runtime: nothing drains the request queue while the write
+// is being polled, so the timeout reliably cancels it mid-frame.
+#[tokio::test(flavor = "current_thread")]
+async fn a_cancelled_write_leaves_no_partial_frame() {
+    let d = Daemon::start();
+    let c = Client::connect(&d.uds_addr()).await.unwrap();
+    let mut w = c.writer("cancel.zip", OpenOptions::create()).await.unwrap();
+    w.write_frame("0", [("", "x", arr0(1.0f32))])
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // 40 MiB: more chunks than the request queue holds, so the write is
+    // pending halfway through the frame when the timeout cancels it.
+    let big = Array1::<u8>::from_elem(40 << 20, 7);
+    let r = tokio::time::timeout(
+        std::time::Duration::ZERO,
+        w.write_frame("1", [("", "x", big.view())]),
+    )
+    .await;
+    assert!(r.is_err(), "the write should still be in progress");
+    let e = w
+        .write_frame("2", [("", "x", arr0(2.0f32))])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::WriterClosed(_)), "{e}");
+    assert!(w.close().await.is_err());
+    // Once the stream is gone the daemon drops the half-sent frame.
+    assert_eq!(c.list_frames("cancel.zip", "").await.unwrap(), ["0"]);
+    let mut w = c.writer("cancel.zip", OpenOptions::append()).await.unwrap();
+    assert_eq!(w.opened().existing_frames, 1);
+    w.write_frame("1", [("", "x", arr0(3.0f32))])
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    w.close().await.unwrap();
+    let f = c.get_frame("cancel.zip", FrameSel::LAST).await.unwrap();
+    assert_eq!(f.index, "1");
+    assert_eq!(f.tensors[0].array.as_array::<f32>().unwrap()[[]], 3.0);
+}
