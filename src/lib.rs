@@ -11,4 +11,5 @@ pub mod proto;
 pub mod query;
 pub mod server;
 pub mod service;
+pub mod systemd;
 pub mod writer;
