@@ -52,6 +52,15 @@ struct ServeArgs {
     /// TCP address to listen on, e.g. 127.0.0.1:7461 (off unless given)
     #[arg(long, env = "GTAR_LOGD_TCP")]
     tcp: Option<SocketAddr>,
+    /// Group (name or gid) whose members may connect to the Unix socket [default: none: only the daemon's user]
+    #[arg(long, env = "GTAR_LOGD_SOCKET_GROUP")]
+    socket_group: Option<String>,
+    /// Octal mode of the Unix socket [default: 0660 with --socket-group, else 0600]
+    #[arg(long, env = "GTAR_LOGD_SOCKET_MODE")]
+    socket_mode: Option<String>,
+    /// Seconds a writer may be stuck in one disk operation before the systemd watchdog stops being pinged
+    #[arg(long, default_value_t = 120)]
+    writer_stall_secs: u64,
     /// Largest tensor accepted, in bytes
     #[arg(long, env = "GTAR_LOGD_MAX_TENSOR_BYTES", default_value_t = 1 << 40)]
     max_tensor_bytes: u64,
@@ -110,23 +119,41 @@ fn init_logging(filter: &str) {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    use gtar_logd::systemd;
     init_logging(&a.log);
+    // Sockets passed by systemd, taken before any other thread exists (it
+    // edits the environment). When there are some, they are the listeners.
+    let activation = systemd::take_listen_fds()?;
+    let perms =
+        systemd::SocketPermissions::parse(a.socket_mode.as_deref(), a.socket_group.as_deref())
+            .map_err(|e| anyhow::anyhow!("--socket-mode/--socket-group: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let mut listeners = Vec::new();
+        let activated = !activation.is_empty();
+        for (name, l) in activation.into_listeners() {
+            let l = Listener::from_activated(l)?;
+            let name = name.unwrap_or_default();
+            tracing::info!(address = %l.describe(), %name, "socket passed by systemd");
+            listeners.push(l);
+        }
+        if activated && (a.uds.is_some() || a.tcp.is_some()) {
+            tracing::info!("socket-activated: --uds/--tcp are ignored");
+        }
         let uds = match a.uds.as_deref() {
+            _ if activated => None,
             Some("none") | Some("") => None,
             Some(p) => Some(PathBuf::from(p.strip_prefix("unix:").unwrap_or(p))),
             None => Some(default_uds()),
         };
         if let Some(p) = &uds {
-            let l = server::bind_unix(p)
+            let l = server::bind_unix_with(p, perms)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", p.display()))?;
             listeners.push(Listener::Unix(l));
         }
-        if let Some(addr) = a.tcp {
+        if let Some(addr) = a.tcp.filter(|_| !activated) {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -150,10 +177,24 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                     _ = term.recv() => tracing::info!("SIGTERM"),
                     _ = int.recv() => tracing::info!("SIGINT"),
                 }
+                systemd::notify_stopping("shutting down: flushing and closing archives");
                 shutdown.cancel();
             });
         }
-        let res = server::run(listeners, cfg, shutdown, |_| tracing::info!("ready")).await;
+        let addrs: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
+        let stall = std::time::Duration::from_secs(a.writer_stall_secs.max(1));
+        let mut watchdog = None;
+        // Called once every listener is served and health says SERVING.
+        let on_ready = |registry: std::sync::Arc<gtar_logd::writer::Registry>| {
+            tracing::info!("ready");
+            systemd::notify_ready(&format!("serving on {}", addrs.join(", ")));
+            match systemd::spawn_watchdog_from_env(move || registry.healthy(stall)) {
+                Ok(w) => watchdog = w,
+                Err(e) => tracing::error!(error = %e, "cannot start the watchdog thread"),
+            }
+        };
+        let res = server::run(listeners, cfg, shutdown, on_ready).await;
+        drop(watchdog);
         if let Some(p) = &uds {
             let _ = std::fs::remove_file(p);
         }

@@ -72,30 +72,53 @@ impl Config {
     }
 }
 
-/// Bind a Unix socket at `path`, replacing a stale socket file (one nobody
-/// listens on) and creating the parent directory (mode 0700 when we create it).
+/// Bind a Unix socket at `path` that only the daemon's user may connect to
+/// (mode 0600), replacing a stale socket file (one nobody listens on) and
+/// creating the parent directory (mode 0700 when we create it).
 pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+    bind_unix_with(path, crate::systemd::SocketPermissions::new(None, None))
+}
+
+/// [`bind_unix`] with a chosen mode and group (`--socket-mode`,
+/// `--socket-group`): the socket file never has a wider mode, not even between
+/// bind and chmod ([`crate::systemd::bind_unix_listener`]). A parent directory
+/// we create is 0700, or 0750 owned by the group when one is given.
+pub fn bind_unix_with(
+    path: &std::path::Path,
+    perms: crate::systemd::SocketPermissions,
+) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() && !parent.exists() {
+            let mode = if perms.gid.is_some() { 0o750 } else { 0o700 };
             std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o700)
+                .mode(mode)
                 .create(parent)?;
-        }
-    }
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if m.file_type().is_socket() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("{} is in use by a running daemon", path.display()),
-                ));
+            if let Some(gid) = perms.gid {
+                std::os::unix::fs::lchown(parent, None, Some(gid))?;
             }
-            std::fs::remove_file(path)?;
         }
     }
-    tokio::net::UnixListener::bind(path)
+    let l = crate::systemd::bind_unix_listener(path, perms)?;
+    l.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(l)
+}
+
+impl Listener {
+    /// Adopt a socket that systemd passed (socket activation). Needs a runtime.
+    pub fn from_activated(l: crate::systemd::Listener) -> std::io::Result<Listener> {
+        Ok(match l {
+            crate::systemd::Listener::Unix(u) => {
+                u.set_nonblocking(true)?;
+                Listener::Unix(tokio::net::UnixListener::from_std(u)?)
+            }
+            crate::systemd::Listener::Tcp(t) => {
+                t.set_nonblocking(true)?;
+                Listener::Tcp(tokio::net::TcpListener::from_std(t)?)
+            }
+        })
+    }
 }
 
 /// Serve until `shutdown` is cancelled, then shut down in order (module docs).

@@ -18,9 +18,9 @@
 //! - Watchdog pings ([`spawn_watchdog`]) are sent only while the liveness check
 //!   says the writer threads are alive and making progress; when it fails the
 //!   pings stop and systemd restarts the daemon after `WatchdogSec=`.
-//! - [`bind_unix_listener`] never exposes the socket with a wider mode or other
-//!   owner than asked for, not even for a moment: it binds inside a private
-//!   (0700) directory, sets owner group and mode, then renames it into place.
+//! - [`bind_unix_listener`] never lets anyone connect who the requested mode
+//!   and group don't allow, not even for a moment: it sets them between bind(2)
+//!   and listen(2).
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -28,13 +28,13 @@ use std::mem;
 use std::net::TcpListener;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The first file descriptor systemd passes (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FDS_START: RawFd = 3;
@@ -81,6 +81,13 @@ impl Activation {
     /// True when systemd passed no socket (not socket-activated).
     pub fn is_empty(&self) -> bool {
         self.unix.is_empty() && self.tcp.is_empty()
+    }
+
+    /// All passed sockets, Unix ones first, with their names.
+    pub fn into_listeners(self) -> Vec<(Option<String>, Listener)> {
+        let unix = self.unix.into_iter().map(|(n, l)| (n, Listener::Unix(l)));
+        let tcp = self.tcp.into_iter().map(|(n, l)| (n, Listener::Tcp(l)));
+        unix.chain(tcp).collect()
     }
 
     /// Split passed sockets by family.
@@ -523,7 +530,15 @@ fn spawn_watchdog_with(
                     );
                 }
                 was_healthy = ok;
-                std::thread::park_timeout(period);
+                // park_timeout may wake early (spuriously, or from stop()).
+                let next = Instant::now() + period;
+                loop {
+                    let now = Instant::now();
+                    if now >= next || stop2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    std::thread::park_timeout(next - now);
+                }
             }
         })?;
     Ok(WatchdogHandle {
@@ -637,10 +652,10 @@ pub fn apply_socket_permissions(path: &Path, perms: SocketPermissions) -> io::Re
 
 /// Bind a listening Unix socket at `path` with exactly `perms`.
 ///
-/// The socket is bound inside a fresh 0700 directory next to `path`, gets its
-/// group and mode there, and is then renamed into place, so that no one outside
-/// the chosen group can connect even in the moment between bind and chmod (the
-/// process umask is not touched, so other threads are unaffected). A stale
+/// The socket gets its group and mode after bind(2) but before listen(2), so
+/// no one outside the chosen group can connect even in the moment between
+/// bind and chmod (connecting to a socket that is not listening is refused);
+/// the process umask is not touched, so other threads are unaffected. A stale
 /// socket left at `path` by a dead daemon is replaced; a live one (something
 /// accepts connections) is an `AddrInUse` error; anything that is not a socket
 /// is left alone and is an error.
@@ -666,48 +681,69 @@ pub fn bind_unix_listener(path: &Path, perms: SocketPermissions) -> io::Result<U
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let tmpdir = parent.join(format!(
-        ".gtar-logd-bind.{}.{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let tmp = tmpdir.join("s");
-    if tmp.as_os_str().len() >= 108 {
-        // sun_path is too short for the private-directory detour: bind in
-        // place; the umask bounds the mode until the chmod right after.
-        let l = UnixListener::bind(path)
-            .or_else(|e| retry_after_unlink(path, e, || UnixListener::bind(path)))?;
-        apply_socket_permissions(path, perms)?;
-        return Ok(l);
+    if md_is_stale_socket(path) {
+        std::fs::remove_file(path)?;
     }
-    std::fs::DirBuilder::new().mode(0o700).create(&tmpdir)?;
-    let result = (|| {
-        let l = UnixListener::bind(&tmp)?;
-        apply_socket_permissions(&tmp, perms)?;
-        std::fs::rename(&tmp, path)?;
-        Ok(l)
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_dir(&tmpdir);
-    result
+    // socket → bind → chown/chmod → listen: until listen(2), connect(2)
+    // is refused whatever the file's mode, so the umask-derived mode that
+    // bind gives the file is never usable by anyone.
+    let addr = sockaddr_un(path)?;
+    // SAFETY: plain socket(2); the fd is owned by `fd` below.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // SAFETY: `addr` is a valid sockaddr_un of the given length.
+    let r = unsafe { libc::bind(raw, (&addr.0 as *const libc::sockaddr_un).cast(), addr.1) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("bind {}: {e}", path.display()),
+        ));
+    }
+    let res = apply_socket_permissions(path, perms).and_then(|()| {
+        // SAFETY: `raw` is our bound socket.
+        if unsafe { libc::listen(raw, libc::SOMAXCONN) } < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(UnixListener::from(fd))
 }
 
-fn retry_after_unlink<T>(
-    path: &Path,
-    e: io::Error,
-    f: impl FnOnce() -> io::Result<T>,
-) -> io::Result<T> {
-    if e.kind() == io::ErrorKind::AddrInUse {
-        std::fs::remove_file(path)?;
-        f()
-    } else {
-        Err(e)
+/// True if `path` is a socket file (checked by the caller to be dead).
+fn md_is_stale_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain old data; all-zero is valid.
+    let mut a: libc::sockaddr_un = unsafe { mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= a.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "unix socket path {} is empty, has a NUL, or is longer than {} bytes",
+                path.display(),
+                a.sun_path.len() - 1
+            ),
+        ));
     }
+    for (d, s) in a.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((a, len as libc::socklen_t))
 }
 
 /// The name of the group with `gid`, for log messages; `None` if unknown.
@@ -739,7 +775,6 @@ mod tests {
     use std::ffi::OsString;
     use std::os::fd::{AsRawFd, IntoRawFd};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    use std::time::Instant;
 
     fn into_fd(l: impl IntoRawFd) -> RawFd {
         l.into_raw_fd()
