@@ -15,7 +15,10 @@ fn generated_code_matches_the_proto() {
         .build_server(true)
         .out_dir(out.path())
         .file_descriptor_set_path(&descriptor)
-        .compile_protos(&[root.join("proto/gtar/logd/v1/logd.proto")], &[root.join("proto")])
+        .compile_protos(
+            &[root.join("proto/gtar/logd/v1/logd.proto")],
+            &[root.join("proto")],
+        )
         .expect("protoc failed");
     let regen = std::env::var_os("GTAR_LOGD_REGEN").is_some();
     for name in ["gtar.logd.v1.rs", "logd_descriptor.bin"] {
