@@ -226,7 +226,13 @@ pub fn frame_tensors(
         .collect())
 }
 
-/// Frames of the discrete records named `name` in `group`, sliced
+/// Records with a history: discrete (per frame) and continuous (`vars/`,
+/// per step, e.g. a loss) records.
+fn history_kind(rt: &RecordType) -> bool {
+    matches!(rt.behavior, Behavior::Discrete | Behavior::Continuous)
+}
+
+/// Frames (or steps) of the records named `name` in `group`, sliced
 /// Python-style by `start`/`stop`.
 pub fn history_frames(
     a: &Archive,
@@ -238,13 +244,13 @@ pub fn history_frames(
     let ix = a.index();
     let mut frames: Vec<String> = Vec::new();
     for rt in ix.record_types() {
-        if rt.behavior == Behavior::Discrete && rt.group == group && rt.name == name {
+        if history_kind(rt) && rt.group == group && rt.name == name {
             frames.extend(ix.frames(rt).into_iter().map(str::to_string));
         }
     }
     if frames.is_empty() {
         return Err(QueryError::NotFound(format!(
-            "no discrete record {name:?} in group {group:?}"
+            "no discrete or continuous record {name:?} in group {group:?}"
         )));
     }
     frames.sort_by(|x, y| crate::gtar::index_cmp(x, y));
@@ -270,7 +276,7 @@ pub fn history_tensor(
         let ix = a.index();
         let hit = ix
             .record_types()
-            .filter(|rt| rt.behavior == Behavior::Discrete && rt.group == group && rt.name == name)
+            .filter(|rt| history_kind(rt) && rt.group == group && rt.name == name)
             .find_map(|rt| ix.record(rt, index).map(|e| (rt.clone(), e.clone())));
         hit
     };

@@ -679,7 +679,9 @@ pub mod logd_client {
                 .insert(GrpcMethod::new("gtar.logd.v1.Logd", "ReadRecord"));
             self.inner.unary(req, path, codec).await
         }
-        /// One tensor over a range of frames, streamed frame by frame.
+        /// One tensor over a range of frames, streamed frame by frame. Works for
+        /// continuous records too (e.g. group "metrics/epoch", name "loss"): then
+        /// the "frames" are its steps.
         pub async fn tensor_history(
             &mut self,
             request: impl tonic::IntoRequest<super::TensorHistoryRequest>,
@@ -786,7 +788,9 @@ pub mod logd_server {
             >
             + std::marker::Send
             + 'static;
-        /// One tensor over a range of frames, streamed frame by frame.
+        /// One tensor over a range of frames, streamed frame by frame. Works for
+        /// continuous records too (e.g. group "metrics/epoch", name "loss"): then
+        /// the "frames" are its steps.
         async fn tensor_history(
             &self,
             request: tonic::Request<super::TensorHistoryRequest>,
