@@ -475,6 +475,24 @@ async fn large_tensors_are_chunked_and_bad_input_fails_the_stream() {
     // The refused frame left nothing behind.
     assert_eq!(c.list_frames("big.zip", "").await.unwrap(), ["0"]);
 
+    // Refused on open: the error comes from `writer` itself.
+    let e = c
+        .writer("../outside.zip", OpenOptions::create())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Some(Code::InvalidArgument | Code::PermissionDenied)
+        ),
+        "{e}"
+    );
+    let e = c
+        .writer("ok.zip", OpenOptions::create().compression(10))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+
     // Nothing listens there.
     let e = Client::connect(&format!(
         "unix:{}",
