@@ -447,6 +447,11 @@ async fn large_tensors_are_chunked_and_bad_input_fails_the_stream() {
     let h = w.write_frame("0", [("", "big", big.view())]).await.unwrap();
     let ack = h.await.unwrap();
     assert!(ack.bytes >= (n * 4) as u64, "{ack:?}");
+    let open = c.list_archives("big").await.unwrap();
+    assert!(
+        open.iter().any(|x| x.archive == "big.zip" && x.writing),
+        "{open:?}"
+    );
     let f = c.get_frame("big.zip", 0).await.unwrap();
     let got = f.tensors[0].array.as_array::<f32>().unwrap();
     assert_eq!(got.len(), n);
