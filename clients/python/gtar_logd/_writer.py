@@ -37,8 +37,32 @@ from .errors import DaemonUnavailable, DurabilityTimeout, GtarLogdError, WriteFa
 
 log = logging.getLogger("gtar_logd")
 
-# Under tonic's default 4 MiB message limit, with room for the envelope.
+# Under the 4 MiB message limit common to gRPC stacks, with room for the envelope.
 DEFAULT_CHUNK_BYTES = 2 << 20
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def chunk_message(data) -> bytes:
+    """`WriteRequest{chunk: Chunk{data}}` encoded by hand.
+
+    Building it through protobuf copies the payload three times (bytes(),
+    the message, SerializeToString) and ran at ~0.5 GB/s; this is one copy
+    (~7 GB/s). Field numbers: WriteRequest.chunk = 4, Chunk.data = 1, both
+    length-delimited (wire type 2). A test checks it against protobuf.
+    """
+    inner = b"\x0a" + _varint(len(data))
+    return b"".join((b"\x22", _varint(len(inner) + len(data)), inner, data))
 _FATAL = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -293,7 +317,7 @@ class Writer:
                     self._reconcile()
                 first = self._opened_gen == 0
                 mode = pb.CREATE if (self.mode == "create" and first) else pb.APPEND
-                call = self.client.stub.Write(self._requests(gen, mode))
+                call = self.client.write_stream(self._requests(gen, mode))
                 self._call = call
                 for resp in call:
                     kind = resp.WhichOneof("msg")
@@ -452,7 +476,7 @@ class Writer:
             yield W(tensor=pb.TensorHeader(group=group, name=name, dtype=code, shape=shape))
             mv = dtypes.byte_view(arr)
             for off in range(0, len(mv), step):
-                yield W(chunk=pb.Chunk(data=bytes(mv[off:off + step])))
+                yield chunk_message(mv[off:off + step])
         for path, data in u.records:
             yield W(record=pb.ConstRecord(path=path, data=bytes(data)))
         for group, name, index, value in u.scalars:

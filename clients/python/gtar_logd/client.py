@@ -92,6 +92,13 @@ class Client:
             options.append(("grpc.default_authority", "localhost"))
         self._channel = grpc.insecure_channel(self.address, options=options)
         self.stub = pb_grpc.LogdStub(self._channel)
+        # Write takes pre-encoded messages (bytes) as well as protobuf objects,
+        # so tensor chunks are encoded with one copy (see _writer.chunk_message).
+        self.write_stream = self._channel.stream_stream(
+            "/gtar.logd.v1.Logd/Write",
+            request_serializer=_encode,
+            response_deserializer=pb.WriteResponse.FromString,
+        )
 
     # ------------------------------------------------------------ plumbing
     def close(self):
@@ -208,6 +215,10 @@ class Client:
                 g = g[len(base) + 1:]
             out[group_to_key(g)] = arr
         return out
+
+
+def _encode(m) -> bytes:
+    return m if isinstance(m, bytes) else m.SerializeToString()
 
 
 def _collect(stream, what):

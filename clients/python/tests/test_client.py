@@ -139,3 +139,16 @@ def test_refused_write_raises(client, archive):
     with pytest.raises(WriteFailed, match="INVALID_ARGUMENT"):
         w.flush(30)
     w.abort()
+
+
+def test_hand_encoded_chunk_matches_protobuf():
+    from gtar_logd._proto import logd_pb2 as pb
+    from gtar_logd._writer import chunk_message
+
+    for n in (0, 1, 127, 128, 16383, 16384, 2 << 20):
+        data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        want = pb.WriteRequest(chunk=pb.Chunk(data=data))
+        got = chunk_message(memoryview(data))
+        assert pb.WriteRequest.FromString(got) == want, n
+        if n:  # protobuf omits an empty bytes field; we don't need to
+            assert got == want.SerializeToString(), n

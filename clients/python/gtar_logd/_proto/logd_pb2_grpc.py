@@ -124,7 +124,9 @@ class LogdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TensorHistory(self, request, context):
-        """One tensor over a range of frames, streamed frame by frame.
+        """One tensor over a range of frames, streamed frame by frame. Works for
+        continuous records too (e.g. group "metrics/epoch", name "loss"): then
+        the "frames" are its steps.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
