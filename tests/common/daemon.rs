@@ -415,6 +415,8 @@ pub fn gen(seed: u64, len: usize) -> Vec<u8> {
 #[derive(Clone, Debug)]
 pub enum Payload {
     Bytes(Vec<u8>),
+    /// Shared bytes: cloning the payload does not copy them.
+    Shared(std::sync::Arc<Vec<u8>>),
     /// `len` bytes of the deterministic stream `seed` (see [`fill`]).
     Gen {
         seed: u64,
@@ -426,6 +428,7 @@ impl Payload {
     pub fn len(&self) -> u64 {
         match self {
             Payload::Bytes(b) => b.len() as u64,
+            Payload::Shared(b) => b.len() as u64,
             Payload::Gen { len, .. } => *len,
         }
     }
@@ -438,6 +441,9 @@ impl Payload {
     pub fn read_at(&self, offset: u64, out: &mut [u8]) {
         match self {
             Payload::Bytes(b) => {
+                out.copy_from_slice(&b[offset as usize..offset as usize + out.len()])
+            }
+            Payload::Shared(b) => {
                 out.copy_from_slice(&b[offset as usize..offset as usize + out.len()])
             }
             Payload::Gen { seed, .. } => fill(*seed, offset, out),
