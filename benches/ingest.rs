@@ -16,6 +16,7 @@
 //!      cache. (For reference it also prints the time to the last `received`
 //!      ack — page cache, like `dd` without any sync — but that is not the
 //!      comparison the target is about.)
+//!
 //!    dd runs before and after each daemon run; the ratio uses their mean, so
 //!    a disk that drifts (other jobs on the machine) shows as a spread.
 //! 2. Peak daemon RSS (VmHWM) while ingesting 100 MiB frames, against a bound

@@ -186,12 +186,22 @@ async fn frames_from_one_byte_up_and_odd_chunking() {
             .collect(),
         ..Default::default()
     };
-    write_frames(&mut c, open_req("sizes.zip", ""), &[one.clone()], 1 << 20)
-        .await
-        .unwrap();
-    write_frames(&mut c, open_req("sizes.zip", ""), &[odd.clone()], 7)
-        .await
-        .unwrap();
+    write_frames(
+        &mut c,
+        open_req("sizes.zip", ""),
+        std::slice::from_ref(&one),
+        1 << 20,
+    )
+    .await
+    .unwrap();
+    write_frames(
+        &mut c,
+        open_req("sizes.zip", ""),
+        std::slice::from_ref(&odd),
+        7,
+    )
+    .await
+    .unwrap();
     let s = write_frames(
         &mut c,
         open_req("sizes.zip", ""),
@@ -566,7 +576,7 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
         ..Default::default()
     };
     let mut c = d.uds_client().await;
-    write_frames(&mut c, open_req(ar, ""), &[f0.clone()], 1 << 20)
+    write_frames(&mut c, open_req(ar, ""), std::slice::from_ref(&f0), 1 << 20)
         .await
         .unwrap();
 
@@ -610,9 +620,14 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
         ..Default::default()
     };
     let mut c2 = d.tcp_client().await;
-    write_frames(&mut c2, open_req(ar, ""), &[f2.clone()], 1 << 20)
-        .await
-        .unwrap();
+    write_frames(
+        &mut c2,
+        open_req(ar, ""),
+        std::slice::from_ref(&f2),
+        1 << 20,
+    )
+    .await
+    .unwrap();
     assert_eq!(list_frames(&mut c2, ar, "").await.unwrap(), ["0", "2"]);
     assert_code(
         get_frame(&mut c2, ar, "", by_index("1")).await,
