@@ -107,22 +107,54 @@ impl Catalog {
             let known = known.clone();
             let root2 = root.clone();
             let w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                use notify::EventKind;
                 let Ok(ev) = ev else { return };
-                let mut k = known.lock().unwrap();
+                // Only changes to the set of files matter. Access events in
+                // particular must be ignored: our own directory scans open
+                // directories, and reacting to that would feed back forever.
+                if !matches!(
+                    ev.kind,
+                    EventKind::Create(_) | EventKind::Remove(_) | EventKind::Modify(_)
+                ) || matches!(
+                    ev.kind,
+                    EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+                ) {
+                    return;
+                }
                 for p in ev.paths {
                     let Ok(rel) = p.strip_prefix(&root2) else {
                         continue;
                     };
-                    let Some(name) = rel.to_str() else { continue };
-                    if p.is_file() && name.ends_with(".zip") {
-                        k.insert(name.to_string(), ());
+                    let Some(name) = rel.to_str().filter(|n| !n.is_empty()) else {
+                        continue;
+                    };
+                    if name.ends_with(".zip")
+                        && known.lock().unwrap().contains_key(name)
+                        && p.is_file()
+                    {
+                        continue; // a write to an archive we already list
+                    }
+                    let mut k = known.lock().unwrap();
+                    if p.is_file() {
+                        if name.ends_with(".zip") {
+                            k.insert(name.to_string(), ());
+                        }
                     } else if !p.exists() {
                         // A removed directory takes its archives along.
                         let dir = format!("{name}/");
                         k.retain(|n, _| n != name && !n.starts_with(&dir));
-                    } else if p.is_dir() {
-                        // A directory moved in: pick up what it holds.
-                        for n in scan_dir(&p) {
+                    } else if p.is_dir()
+                        && matches!(
+                            ev.kind,
+                            EventKind::Create(_)
+                                | EventKind::Modify(notify::event::ModifyKind::Name(_))
+                        )
+                    {
+                        // A directory created or moved in: pick up what it holds.
+                        drop(k);
+                        let found = scan_dir(&p);
+                        let mut k = known.lock().unwrap();
+                        for n in found {
                             k.insert(format!("{name}/{n}"), ());
                         }
                     }
@@ -320,6 +352,48 @@ fn scan_dir(dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wait_for(cat: &Catalog, want: &[&str]) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let names: Vec<String> = cat.list("").into_iter().map(|l| l.name).collect();
+            if want.iter().all(|w| names.iter().any(|n| n == w))
+                || std::time::Instant::now() > deadline
+            {
+                return names;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn the_watcher_sees_archives_other_programs_create_and_remove() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("before.zip"), b"PK").unwrap();
+        let reg = Registry::new(Default::default(), rt.handle().clone());
+        let cat = Catalog::new(dir.path(), reg).unwrap();
+        assert_eq!(wait_for(&cat, &["before.zip"]), vec!["before.zip"]);
+        // A file written directly, a directory moved in with an archive inside.
+        std::fs::write(dir.path().join("direct.zip"), b"PK").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("run")).unwrap();
+        std::fs::write(outside.path().join("run/moved.zip"), b"PK").unwrap();
+        std::fs::rename(outside.path().join("run"), dir.path().join("run")).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"x").unwrap();
+        let names = wait_for(&cat, &["before.zip", "direct.zip", "run/moved.zip"]);
+        assert_eq!(names, vec!["before.zip", "direct.zip", "run/moved.zip"]);
+        std::fs::remove_file(dir.path().join("direct.zip")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while cat.list("").len() != 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(cat.list("run/").len(), 1);
+        assert_eq!(cat.list("").len(), 2);
+    }
 
     #[test]
     fn names_are_confined() {
