@@ -27,6 +27,12 @@ use crate::writer::{Limits, Registry};
 
 /// Largest message the daemon accepts (a chunk plus headers).
 pub const MAX_MESSAGE: usize = 16 << 20;
+/// HTTP/2 flow control: bytes a client may have in flight per stream and
+/// per connection (bounded memory: at most this much is buffered unread).
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame we accept (fewer frames per 4 MiB chunk).
+const MAX_FRAME: u32 = 1 << 20;
 
 /// A socket to serve on.
 pub enum Listener {
@@ -155,6 +161,11 @@ pub async fn run(
     for l in listeners {
         tracing::info!(address = %l.describe(), "listening");
         let router = Server::builder()
+            // h2's default windows make a local sender wait for WINDOW_UPDATE
+            // round trips every MiB; checkpoints stream hundreds of MiB.
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .layer(tower::util::MapResponseLayer::new(
                 |mut r: tonic::codegen::http::Response<tonic::body::Body>| {
                     crate::service::errors::remap_decode_headers(r.headers_mut());
