@@ -241,6 +241,13 @@ impl ArchiveWriter {
         Ok(())
     }
 
+    /// A second handle on the file, so another thread can fsync it while
+    /// this one keeps writing (group commit). `sync_data` on it makes durable
+    /// every byte written before the call.
+    pub fn sync_handle(&self) -> Result<File, Error> {
+        Ok(self.file.try_clone()?)
+    }
+
     /// Write the central directory so other zip readers can open the file
     /// now, and fsync. The next frame removes it again.
     pub fn write_tail(&mut self) -> Result<(), Error> {

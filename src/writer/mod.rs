@@ -10,9 +10,9 @@
 //!   the part channel's capacity × chunk size.
 //! * Ack order: `received` once the frame is committed (visible to readers
 //!   through the shared index); `durable` once an fsync covering it returned.
-//!   Group commit: frames that are already queued are committed before one
-//!   fsync covers them all, bounded by [`Limits::batch_bytes`] and
-//!   [`Limits::batch_delay`]; an idle writer syncs at once.
+//!   Group commit runs on a thread of its own ([`syncer`]): one fdatasync
+//!   covers every frame committed while the previous one ran, and the writer
+//!   never waits for the disk between frames.
 //! * A frame whose parts stop (client gone, stream error, timeout) is aborted:
 //!   truncated away, never visible.
 //! * A writer that hits an error it cannot recover from (failed fsync, panic)
@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::gtar::{self, Archive, ArchiveWriter, Committed, OpenMode, Precompressed, ScanReport};
+
+mod syncer;
+use syncer::Syncer;
 
 /// Errors of the writer layer.
 #[derive(Debug, thiserror::Error, Clone)]
@@ -75,10 +78,6 @@ pub struct Limits {
     pub queue_frames: usize,
     /// Parts (chunks) buffered per frame in flight.
     pub parts_per_frame: usize,
-    /// Commit at most this many bytes before an fsync.
-    pub batch_bytes: u64,
-    /// Hold an fsync back at most this long to batch queued frames.
-    pub batch_delay: Duration,
     /// A frame whose next part takes longer than this is aborted.
     pub part_timeout: Duration,
     /// Write the central directory after this long without frames, so other
@@ -91,8 +90,6 @@ impl Default for Limits {
         Limits {
             queue_frames: 64,
             parts_per_frame: 4,
-            batch_bytes: 256 << 20,
-            batch_delay: Duration::from_millis(20),
             part_timeout: Duration::from_secs(120),
             idle_tail: Duration::from_secs(2),
         }
@@ -151,8 +148,11 @@ struct Shared {
     state: Mutex<WriterState>,
     /// Monotonic progress counter: bumped whenever the thread finishes work.
     progress: AtomicU64,
-    /// Set while the thread is busy with a job (ms since registry start).
+    /// Set while the thread is busy with a job (ms since `epoch`).
     busy_since_ms: AtomicU64,
+    /// Set while an fsync runs (ms since `epoch`).
+    sync_since_ms: AtomicU64,
+    epoch: Instant,
     streams: AtomicU64,
 }
 
@@ -322,6 +322,8 @@ impl Registry {
             state: Mutex::new(WriterState::Ok),
             progress: AtomicU64::new(0),
             busy_since_ms: AtomicU64::new(0),
+            sync_since_ms: AtomicU64::new(0),
+            epoch: self.started,
             streams: AtomicU64::new(1),
         });
         let handle = WriterHandle {
@@ -340,9 +342,7 @@ impl Registry {
             shared,
             registry: Arc::downgrade(self),
             reader_index: handle.reader.shared_index(),
-            pending: Vec::new(),
-            batch_bytes: 0,
-            batch_started: None,
+            syncer: None,
         };
         let name = format!(
             "gtar-writer-{}",
@@ -396,8 +396,12 @@ impl Registry {
                 return true;
             }
             let alive = s.thread.as_ref().is_some_and(|t| !t.is_finished());
-            let busy = s.handle.shared.busy_since_ms.load(Ordering::SeqCst);
-            alive && (busy == 0 || now.saturating_sub(busy) < stuck.as_millis() as u64)
+            let ok =
+                |since: u64| since == 0 || now.saturating_sub(since) < stuck.as_millis() as u64;
+            let sh = &s.handle.shared;
+            alive
+                && ok(sh.busy_since_ms.load(Ordering::SeqCst))
+                && ok(sh.sync_since_ms.load(Ordering::SeqCst))
         })
     }
 
@@ -452,9 +456,8 @@ struct Actor {
     shared: Arc<Shared>,
     registry: std::sync::Weak<Registry>,
     reader_index: Arc<std::sync::RwLock<gtar::Index>>,
-    pending: Vec<oneshot::Sender<Result<(), WriterError>>>,
-    batch_bytes: u64,
-    batch_started: Option<Instant>,
+    /// Started with the first frame; stopped (after a last fsync) on close.
+    syncer: Option<Syncer>,
 }
 
 enum Next {
@@ -478,13 +481,7 @@ impl Actor {
 
     fn fail(&mut self, why: String) {
         tracing::error!(archive = %self.path.display(), error = %why, "writer failed; no more frames are accepted for this archive");
-        *self.shared.state.lock().unwrap() = WriterState::Failed(why.clone());
-        for d in self.pending.drain(..) {
-            let _ = d.send(Err(WriterError::Failed {
-                path: self.path.display().to_string(),
-                why: why.clone(),
-            }));
-        }
+        *self.shared.state.lock().unwrap() = WriterState::Failed(why);
     }
 
     fn failed(&self) -> Option<WriterError> {
@@ -498,13 +495,6 @@ impl Actor {
     }
 
     fn next(&mut self) -> Next {
-        if !self.pending.is_empty() {
-            return match self.rx.try_recv() {
-                Ok(j) => Next::Job(j),
-                Err(mpsc::error::TryRecvError::Empty) => Next::Idle,
-                Err(mpsc::error::TryRecvError::Disconnected) => Next::Closed,
-            };
-        }
         let wait = self.limits.idle_tail;
         let rx = &mut self.rx;
         match self
@@ -529,25 +519,13 @@ impl Actor {
                     self.busy(true);
                     self.frame(parts, received, durable);
                     tail_written = false;
-                    let batch_full = self.batch_bytes >= self.limits.batch_bytes
-                        || self
-                            .batch_started
-                            .is_some_and(|t| t.elapsed() >= self.limits.batch_delay);
-                    if batch_full {
-                        self.sync();
-                    }
                     self.busy(false);
                 }
                 Next::Job(Job::Recreate(done)) => {
                     self.busy(true);
-                    self.sync();
+                    self.stop_syncer();
                     let res = self.recreate();
                     let _ = done.send(res);
-                    self.busy(false);
-                }
-                Next::Idle if !self.pending.is_empty() => {
-                    self.busy(true);
-                    self.sync();
                     self.busy(false);
                 }
                 Next::Idle => {
@@ -618,12 +596,14 @@ impl Actor {
         let res = self.write_frame(&mut parts);
         match res {
             Ok(c) => {
-                if self.batch_started.is_none() {
-                    self.batch_started = Some(Instant::now());
-                }
-                self.batch_bytes += c.bytes;
-                self.pending.push(durable);
                 let _ = received.send(Ok(c));
+                match self.syncer() {
+                    Ok(s) => s.push(durable),
+                    Err(e) => {
+                        self.fail(format!("cannot start the fsync thread: {e}"));
+                        let _ = durable.send(Err(self.failed().expect("just failed")));
+                    }
+                }
             }
             Err(e) => {
                 if let WriterError::Format(why) = &e {
@@ -697,29 +677,30 @@ impl Actor {
         res
     }
 
-    fn sync(&mut self) {
-        if self.pending.is_empty() {
-            return;
+    /// The fsync thread, started on first use.
+    fn syncer(&mut self) -> std::io::Result<&Syncer> {
+        if self.syncer.is_none() {
+            let file = match self.writer.as_ref() {
+                Some(w) => w.sync_handle().map_err(std::io::Error::other)?,
+                None => return Err(std::io::Error::other("no archive open")),
+            };
+            self.syncer = Some(Syncer::start(file, self.path.clone(), self.shared.clone())?);
         }
-        let res = match self.writer.as_mut() {
-            Some(w) => w.sync().map_err(|e| e.to_string()),
-            None => Err("no archive open".to_string()),
-        };
-        match res {
-            Ok(()) => {
-                for d in self.pending.drain(..) {
-                    let _ = d.send(Ok(()));
-                }
-            }
-            // After a failed fsync the kernel may have dropped dirty pages:
-            // nothing since the last good sync can be called durable.
-            Err(why) => self.fail(format!("fsync failed: {why}")),
+        Ok(self.syncer.as_ref().expect("just started"))
+    }
+
+    /// Sync what is waiting and stop the fsync thread.
+    fn stop_syncer(&mut self) {
+        if let Some(s) = self.syncer.take() {
+            s.stop();
         }
-        self.batch_bytes = 0;
-        self.batch_started = None;
     }
 
     fn write_tail(&mut self) {
+        // Acks still waiting are answered first: their frames come before the tail.
+        if let Some(s) = &self.syncer {
+            s.drain();
+        }
         if let Some(w) = self.writer.as_mut() {
             if let Err(e) = w.write_tail() {
                 tracing::warn!(archive = %self.path.display(), error = %e, "could not write the central directory");
@@ -739,7 +720,7 @@ impl Actor {
                 let _ = durable.send(Err(WriterError::ShuttingDown));
             }
         }
-        self.sync();
+        self.stop_syncer();
         if let Some(w) = self.writer.take() {
             if let Err(e) = w.close() {
                 tracing::error!(archive = %self.path.display(), error = %e, "closing the archive failed");
