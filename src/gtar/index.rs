@@ -94,7 +94,7 @@ impl Index {
     pub fn record(&self, rt: &RecordType, index: &str) -> Option<&Entry> {
         self.records
             .get(rt)
-            .and_then(|m| m.get(index))
+            .and_then(|m| m.get(&FrameIndex(index.to_string())))
             .map(|&i| &self.entries[i])
     }
 
@@ -118,11 +118,12 @@ impl Index {
         prefix: Option<&'a str>,
         index: &'a str,
     ) -> impl Iterator<Item = (&'a RecordType, &'a Entry)> + 'a {
+        let key = FrameIndex(index.to_string());
         self.records.iter().filter_map(move |(rt, frames)| {
             if rt.behavior != Behavior::Discrete || !group_under(&rt.group, prefix) {
                 return None;
             }
-            frames.get(index).map(|&i| (rt, &self.entries[i]))
+            frames.get(&key).map(|&i| (rt, &self.entries[i]))
         })
     }
 }
@@ -175,5 +176,22 @@ mod tests {
         assert_eq!(ix.frames_under(None), vec!["2", "9", "10"]);
         assert!(ix.frames_under(Some("gg")).is_empty());
         assert_eq!(ix.records_at(None, "2").count(), 1);
+    }
+
+    #[test]
+    fn lookups_find_indices_whose_getar_and_byte_orders_differ() {
+        // "10" sorts after "9" in GETAR order but before it bytewise; a map
+        // keyed in GETAR order must not be searched in byte order.
+        let mut ix = Index::new();
+        for (k, f) in ["9", "10", "100", "a", "1"].iter().enumerate() {
+            ix.push(entry(&format!("g/frames/{f}/w.f32.uni"), k as u64));
+        }
+        let rt = RecordPath::parse("g/frames/1/w.f32.uni").rtype;
+        for (k, f) in ["9", "10", "100", "a", "1"].iter().enumerate() {
+            let e = ix.record(&rt, f).unwrap_or_else(|| panic!("frame {f}"));
+            assert_eq!(e.cd.local_header_offset, k as u64);
+            assert_eq!(ix.records_at(Some("g"), f).count(), 1, "frame {f}");
+        }
+        assert!(ix.record(&rt, "11").is_none());
     }
 }

@@ -298,11 +298,10 @@ impl PartialOrd for FrameIndex {
     }
 }
 
-impl std::borrow::Borrow<str> for FrameIndex {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
+// No `Borrow<str>`: `Borrow` requires the borrowed form to order like the
+// key, and `str` orders bytewise while frame indices order shorter-first, so
+// a `BTreeMap<FrameIndex, _>` looked up by `&str` misses keys ("10" vs "9").
+// Look up with a `FrameIndex`.
 
 /// Checks that `s` can be used as a frame index or a path component in a path
 /// we build: non-empty, no `/`, no NUL, not `.` or `..`.

@@ -306,7 +306,12 @@ pub fn read_tail(file: &File, len: u64) -> Result<(Tail, Vec<Entry>), String> {
         .map_err(|e| format!("reading the end of the file: {e}"))?;
     let mut eocd_at = None;
     for i in (0..=buf.len() - EOCD_LEN).rev() {
-        if rd32(&buf, i) == EOCD_SIG && i + EOCD_LEN + rd16(&buf, i + 20) as usize == buf.len() {
+        // One byte compared first: this loop runs over the whole 64 KiB
+        // window whenever the tail is damaged.
+        if buf[i] == b'P'
+            && rd32(&buf, i) == EOCD_SIG
+            && i + EOCD_LEN + rd16(&buf, i + 20) as usize == buf.len()
+        {
             eocd_at = Some(i);
             break;
         }

@@ -15,6 +15,11 @@
 //! * our entries only as whole transactions: entries 0..n of one txn, CRC
 //!   valid, the last one flagged END.
 //!
+//! A file that does not start like a zip archive (its first bytes are not
+//! `PK`) is refused with [`Error::Corrupt`] instead of being "recovered" as an
+//! empty archive: opening it fails, and repair never truncates someone's
+//! unrelated file. An empty file, or a torn first header, is still recovered.
+//!
 //! The walk stops at the first thing that is not a complete, valid entry of an
 //! acceptable sequence; everything from the end of the last kept entry on is the
 //! torn tail. Because the writer never leaves stale bytes beyond its write
@@ -157,11 +162,12 @@ fn checksum(file: &File, from: u64, n: u64, method: u16) -> io::Result<(u32, u64
         pos: from,
         end: from + n,
     };
+    // Buffers sized to the entry: a scan over many small entries must not
+    // allocate (and zero) a whole CHUNK per entry.
+    let cap = usize::try_from(n).unwrap_or(CHUNK).clamp(4096, CHUNK);
     let mut r: Box<dyn Read> = match method {
         METHOD_STORED => Box::new(raw),
-        METHOD_DEFLATE => Box::new(DeflateDecoder::new(io::BufReader::with_capacity(
-            CHUNK, raw,
-        ))),
+        METHOD_DEFLATE => Box::new(DeflateDecoder::new(io::BufReader::with_capacity(cap, raw))),
         m => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -170,7 +176,7 @@ fn checksum(file: &File, from: u64, n: u64, method: u16) -> io::Result<(u32, u64
         }
     };
     let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; cap];
     let mut total = 0u64;
     loop {
         let k = r.read(&mut buf)?;
@@ -187,7 +193,13 @@ fn checksum(file: &File, from: u64, n: u64, method: u16) -> io::Result<(u32, u64
 /// Returns (compressed size, uncompressed size, crc, descriptor length).
 fn find_descriptor(file: &File, loc: &Local, len: u64) -> Option<(u64, u64, u32, u64)> {
     let d = loc.data_offset;
-    let mut buf = vec![0u8; CHUNK + 3];
+    let mut buf = vec![
+        0u8;
+        usize::try_from(len.saturating_sub(d))
+            .unwrap_or(CHUNK)
+            .min(CHUNK)
+            + 3
+    ];
     let mut base = d;
     while base < len {
         let n = ((len - base) as usize).min(buf.len());
@@ -250,6 +262,14 @@ fn find_descriptor(file: &File, loc: &Local, len: u64) -> Option<(u64, u64, u32,
 
 /// Walk the local headers of `file` and keep what is complete (module docs).
 pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> {
+    let mut head = [0u8; 2];
+    let n = len.min(2) as usize;
+    file.read_exact_at(&mut head[..n], 0)?;
+    if !b"PK".starts_with(&head[..n]) {
+        return Err(Error::Corrupt(format!(
+            "not a zip archive (it does not start with a zip header; {reason})"
+        )));
+    }
     let mut rep = ScanReport {
         reason,
         ..Default::default()
