@@ -77,12 +77,7 @@ struct ServeArgs {
 
 fn uid() -> u32 {
     // SAFETY: getuid cannot fail and has no preconditions.
-    unsafe { libc_getuid() }
-}
-
-extern "C" {
-    #[link_name = "getuid"]
-    fn libc_getuid() -> u32;
+    unsafe { libc::getuid() }
 }
 
 fn default_data_dir() -> PathBuf {

@@ -24,6 +24,9 @@ class Killer(keras.callbacks.Callback):
         self.daemon = daemon
         self.rng = random.Random(seed)
         self.threads = []
+        # Training can outpace a kill/restart cycle: cycles must not overlap,
+        # or two restarts race for the socket.
+        self.one_at_a_time = threading.Lock()
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch in KILL_AFTER:
@@ -34,10 +37,11 @@ class Killer(keras.callbacks.Callback):
             t.join(0.01)
 
     def _cycle(self, delay, down):
-        time.sleep(delay)
-        self.daemon.kill9()
-        time.sleep(down)
-        self.daemon.start()
+        with self.one_at_a_time:
+            time.sleep(delay)
+            self.daemon.kill9()
+            time.sleep(down)
+            self.daemon.start()
 
 
 def test_kill9_and_restart_during_training(own_daemon):
@@ -62,7 +66,7 @@ def test_kill9_and_restart_during_training(own_daemon):
         assert t.frames == [str(e) for e in range(EPOCHS)]
         for e in range(EPOCHS):
             same(t.get_weights(e), cap.post_epoch[e])
-    assert own_daemon.stop() == 0
+    assert own_daemon.stop() == 0, own_daemon.log()
     # Every frame's records are in the file exactly once.
     with zipfile.ZipFile(own_daemon.path("crash.zip")) as z:
         names = collections.Counter(n for n in z.namelist() if "/frames/" in n)
