@@ -211,11 +211,11 @@ class Trajectory:
         for rec in desc.records:
             if rec.behavior != "continuous" or rec.group != group:
                 continue
-            steps = _continuous_indices(rec)
-            values = np.empty(len(steps), dtype=np.float64)
-            for k, step in enumerate(steps):
-                data = self.client.read_record(self.archive, rec.path.replace("*", step))
-                values[k] = np.frombuffer(data, dtype="<f8")[0]
+            # One streamed TensorHistory call: the steps of a continuous
+            # record, whatever they are, in GETAR order.
+            hist = self.client.tensor_history(self.archive, group, rec.name)
+            steps = [idx for idx, _ in hist]
+            values = np.array([np.asarray(a).reshape(-1)[0] for _, a in hist], dtype=np.float64)
             out[rec.name] = (steps, values)
         return out
 
@@ -249,23 +249,3 @@ class Trajectory:
     def save_model(self, model):
         return self.save(model)
 
-
-def _continuous_indices(rec):
-    """Indices of a continuous record from DescribeArchive's count/first/last.
-
-    The query API lists the indices of discrete records only, so for
-    continuous ones we rely on GTARLogger's consecutive integer steps.
-    """
-    n = rec.frame_count
-    if n == 0:
-        return []
-    first, last = rec.first_frame, rec.last_frame
-    if first.isdigit() and last.isdigit() and int(last) - int(first) + 1 == n:
-        return [str(i) for i in range(int(first), int(last) + 1)]
-    if n == 1:
-        return [first]
-    if n == 2:
-        return [first, last]
-    raise NotImplementedError(
-        f"cannot list the {n} steps of {rec.path}: they are not consecutive integers "
-        "and the daemon lists indices of discrete records only")
