@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::gtar::{self, Archive, Behavior, OpenState};
+use crate::gtar::{self, Archive, OpenState};
 
 fn open(path: &Path) -> Result<Archive> {
     let a =
@@ -47,16 +47,13 @@ pub fn ls(path: &Path, out: &mut dyn Write) -> Result<()> {
     let a = open(path)?;
     let ix = a.index();
     for rt in ix.record_types() {
-        let kind = match rt.behavior {
-            Behavior::Constant => "constant",
-            Behavior::Discrete => "discrete",
-            Behavior::Continuous => "continuous",
-        };
-        let shown = match rt.behavior {
-            Behavior::Constant => rt.path_at(""),
-            _ => rt.path_at("*"),
-        };
-        writeln!(out, "{kind:<10}  {:>8}  {shown}", ix.frame_count(rt))?;
+        writeln!(
+            out,
+            "{:<10}  {:>8}  {}",
+            rt.behavior.name(),
+            ix.frame_count(rt),
+            rt.pattern()
+        )?;
     }
     Ok(())
 }

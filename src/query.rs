@@ -21,14 +21,6 @@ pub enum QueryError {
     Format(#[from] crate::gtar::Error),
 }
 
-fn behavior_name(b: Behavior) -> &'static str {
-    match b {
-        Behavior::Constant => "constant",
-        Behavior::Discrete => "discrete",
-        Behavior::Continuous => "continuous",
-    }
-}
-
 fn resolution_name(r: Resolution) -> &'static str {
     match r {
         Resolution::Text => "text",
@@ -45,14 +37,11 @@ pub fn describe(a: &Archive, name: &str, size: u64) -> DescribeArchiveResponse {
     for rt in ix.record_types() {
         groups.insert(rt.group.clone());
         let frames = ix.frames(rt);
-        let path = match rt.behavior {
-            Behavior::Constant => rt.path_at(""),
-            _ => rt.path_at("*"),
-        };
+        let path = rt.pattern();
         records.push(RecordTypeInfo {
             group: rt.group.clone(),
             name: rt.name.clone(),
-            behavior: behavior_name(rt.behavior).into(),
+            behavior: rt.behavior.name().into(),
             format: rt.format.suffix().into(),
             resolution: resolution_name(rt.resolution).into(),
             frame_count: frames.len() as u64,

@@ -29,6 +29,17 @@ pub enum Behavior {
     Continuous,
 }
 
+impl Behavior {
+    /// "constant", "discrete" or "continuous".
+    pub fn name(self) -> &'static str {
+        match self {
+            Behavior::Constant => "constant",
+            Behavior::Discrete => "discrete",
+            Behavior::Continuous => "continuous",
+        }
+    }
+}
+
 /// Binary element formats libgetar knows. Order matches libgetar's enum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Format {
@@ -126,6 +137,15 @@ impl RecordType {
         }
     }
 
+    /// The path with `*` in place of the index (the plain path for constant
+    /// records), as listings show it.
+    pub fn pattern(&self) -> String {
+        match self.behavior {
+            Behavior::Constant => self.path_at(""),
+            Behavior::Discrete | Behavior::Continuous => self.path_at("*"),
+        }
+    }
+
     /// The path of this record at `index` (ignored for constant records).
     pub fn path_at(&self, index: &str) -> String {
         let mut out = String::with_capacity(self.group.len() + self.name.len() + index.len() + 24);
@@ -154,17 +174,7 @@ impl RecordType {
 
 impl fmt::Display for RecordType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = match self.behavior {
-            Behavior::Constant => "constant",
-            Behavior::Discrete => "discrete",
-            Behavior::Continuous => "continuous",
-        };
-        let shown = match self.behavior {
-            Behavior::Constant => self.path_at(""),
-            Behavior::Discrete => self.path_at("*"),
-            Behavior::Continuous => self.path_at("*"),
-        };
-        write!(f, "{shown} ({b})")
+        write!(f, "{} ({})", self.pattern(), self.behavior.name())
     }
 }
 

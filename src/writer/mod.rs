@@ -146,14 +146,20 @@ pub enum WriterState {
 
 struct Shared {
     state: Mutex<WriterState>,
-    /// Monotonic progress counter: bumped whenever the thread finishes work.
-    progress: AtomicU64,
     /// Set while the thread is busy with a job (ms since `epoch`).
     busy_since_ms: AtomicU64,
     /// Set while an fsync runs (ms since `epoch`).
     sync_since_ms: AtomicU64,
+    /// The registry's start: every writer's timestamps share it.
     epoch: Instant,
     streams: AtomicU64,
+}
+
+impl Shared {
+    /// Milliseconds since `epoch`, never 0 (0 means "not busy").
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
 }
 
 /// A handle on one archive's writer thread.
@@ -320,7 +326,6 @@ impl Registry {
         let (tx, rx) = mpsc::channel(self.limits.queue_frames);
         let shared = Arc::new(Shared {
             state: Mutex::new(WriterState::Ok),
-            progress: AtomicU64::new(0),
             busy_since_ms: AtomicU64::new(0),
             sync_since_ms: AtomicU64::new(0),
             epoch: self.started,
@@ -367,10 +372,6 @@ impl Registry {
         })
     }
 
-    fn ms_now(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64 + 1
-    }
-
     /// Failed writers, for the health service: (path, why).
     pub fn failed(&self) -> Vec<(PathBuf, String)> {
         self.slots
@@ -390,7 +391,7 @@ impl Registry {
     /// failing archive must not get the whole daemon restarted), and time
     /// spent waiting for a slow client's data does not count as stuck.
     pub fn healthy(&self, stuck: Duration) -> bool {
-        let now = self.ms_now();
+        let now = self.started.elapsed().as_millis() as u64 + 1;
         self.slots.lock().unwrap().values().all(|s| {
             if s.handle.state() != WriterState::Ok {
                 return true;
@@ -552,14 +553,8 @@ impl Actor {
     }
 
     fn busy(&self, on: bool) {
-        let v = match (on, self.registry.upgrade()) {
-            (true, Some(r)) => r.ms_now(),
-            _ => 0,
-        };
+        let v = if on { self.shared.now_ms() } else { 0 };
         self.shared.busy_since_ms.store(v, Ordering::SeqCst);
-        if !on {
-            self.shared.progress.fetch_add(1, Ordering::SeqCst);
-        }
     }
 
     fn recreate(&mut self) -> Result<(), WriterError> {

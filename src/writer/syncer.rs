@@ -107,10 +107,9 @@ fn run(file: File, path: PathBuf, shared: Arc<Shared>, queue: Arc<(Mutex<Queue>,
         let result = match failed {
             Some(why) => Err(why),
             None => {
-                shared.sync_since_ms.store(
-                    shared.epoch.elapsed().as_millis() as u64 + 1,
-                    Ordering::SeqCst,
-                );
+                shared
+                    .sync_since_ms
+                    .store(shared.now_ms(), Ordering::SeqCst);
                 let r = file.sync_data();
                 shared.sync_since_ms.store(0, Ordering::SeqCst);
                 r.map_err(|e| {
