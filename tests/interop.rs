@@ -198,6 +198,64 @@ fn libgetar_reads_what_we_write_bit_for_bit() {
     assert!(theirs.iter().any(|t| t.group == "grp/sub"));
 }
 
+/// Direct I/O (large entries aligned by a padding extra field, written with
+/// O_DIRECT): libgetar must read every record bit for bit, and append to the
+/// archive afterwards.
+#[test]
+#[ignore = "needs the libgetar oracle: run ./test.sh"]
+fn libgetar_reads_direct_io_archives_bit_for_bit() {
+    let dir = tmp();
+    let path = dir.path().join("direct.zip");
+    let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
+    let direct = w.enable_direct_io();
+    let mut expect = BTreeMap::new();
+    let m = gtar::writer::DIRECT_MIN as usize;
+    for (k, fi) in ["0", "1", "2"].iter().enumerate() {
+        let mut recs = Vec::new();
+        for (j, n) in [5usize, m - 4, m, m + 12, 3 * m + 4093, 9 * m + 1]
+            .into_iter()
+            .enumerate()
+        {
+            let how = [How::Stored, How::Streamed, How::Deflate][(j + k) % 3];
+            let data = match how {
+                How::Deflate => det_text_bytes((10 * k + j) as u64, n),
+                _ => det_bytes((10 * k + j) as u64, n),
+            };
+            // u8 records, so odd sizes (partial last blocks) are valid.
+            recs.push((format!("model/frames/{fi}/w{j}.u8.uni"), data, how));
+        }
+        recs.push((
+            format!("frames/{fi}/tiny.u8.uni"),
+            array_bytes(99, Format::U8, 3),
+            How::Stored,
+        ));
+        write_frame(&mut w, &recs);
+        for (n, d, _) in recs {
+            expect.insert(n, d);
+        }
+    }
+    w.close().unwrap();
+    eprintln!("direct I/O in effect: {direct}");
+    let a = Archive::open(&path).unwrap();
+    assert!(matches!(a.state(), OpenState::Clean));
+    assert_reads(&a, &expect);
+    let ours = rust_view(&path, true);
+    let theirs = oracle_view(&path, true);
+    assert_same_view(&ours, &theirs, "archive written with direct I/O");
+    // libgetar appends to it, and both still read everything.
+    let out = oracle(&["append", path.to_str().unwrap(), "--frame", "7"]);
+    for (p, d) in written(&out) {
+        expect.insert(p, d);
+    }
+    let a = Archive::open(&path).unwrap();
+    assert_reads(&a, &expect);
+    assert_same_view(
+        &rust_view(&path, true),
+        &oracle_view(&path, true),
+        "after libgetar appended",
+    );
+}
+
 /// Parse `written PATH HEX` lines of the oracle's `append`.
 fn written(out: &str) -> Vec<(String, Vec<u8>)> {
     out.lines()

@@ -13,6 +13,8 @@ fn the_zip_crate_reads_our_archives() {
     let mut want = Vec::new();
     {
         let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
+        // Large entries then get a padding extra field and O_DIRECT writes.
+        w.enable_direct_io();
         for f in 0..5u32 {
             let mut t = w.begin().unwrap();
             let a: Vec<u8> = (0..1000u32).flat_map(|i| (i * f).to_le_bytes()).collect();
@@ -29,6 +31,15 @@ fn the_zip_crate_reads_our_archives() {
             }
             e.finish().unwrap();
             want.push((name, vec![f as u8; 300]));
+            // Large enough for direct I/O, with a partial last block.
+            let big: Vec<u8> = (0..(3 << 20) + 5u32).map(|i| (i * 7 + f) as u8).collect();
+            let name = format!("g/frames/{f}/big.u8.uni");
+            let mut e = t.start_entry(&name, big.len() as u64).unwrap();
+            for piece in big.chunks(1 << 20) {
+                e.write(piece).unwrap();
+            }
+            e.finish().unwrap();
+            want.push((name, big));
             t.commit().unwrap();
             w.sync().unwrap();
         }

@@ -14,6 +14,23 @@
 //!   committed frame durable; callers report "durable" only after it returns.
 //! * A newly created archive has its directory fsynced once, so the file
 //!   itself survives a crash (write → fsync → fsync the directory).
+//! * Direct I/O (opt-in, [`ArchiveWriter::enable_direct_io`]): the data of an
+//!   entry of at least [`DIRECT_MIN`] bytes starts on a 4 KiB boundary (a
+//!   padding extra field in its local header) and its whole blocks go through
+//!   a second, `O_DIRECT` descriptor from an aligned staging buffer; its last
+//!   partial block and every header go through the page cache as before. The
+//!   two never touch the same block, and the kernel keeps the page cache
+//!   coherent with direct writes. Durability is unchanged: `sync` is still
+//!   what makes a commit durable (it also flushes the device cache).
+//!
+//! Why direct I/O: on the virtual disks training jobs usually get, copying
+//! into fresh page-cache pages costs the kernel far more CPU than the write
+//! itself (`perf`: `copy_folio_from_iter_atomic` was 70 % of the daemon's
+//! CPU), and that CPU is taken from the training process next to us. A copy
+//! into a reused, already-mapped buffer is several times cheaper, and the
+//! device then reads it by DMA. Checkpoint data is written once and rarely
+//! read soon after, so skipping the page cache also spares the training
+//! job's cached data.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -83,6 +100,88 @@ pub struct Committed {
 /// straight to the file.
 const BUF_CAP: usize = 1 << 20;
 
+/// Entries at least this large go through direct I/O when it is enabled.
+pub const DIRECT_MIN: u64 = 1 << 20;
+/// Alignment of direct I/O offsets, lengths and memory: 4 KiB suits every
+/// common logical block size (512 or 4096).
+const DIRECT_ALIGN: usize = 4096;
+/// Size of the staging buffer, i.e. of one direct write.
+const DIRECT_STAGE: usize = 4 << 20;
+
+/// The `O_DIRECT` side of a writer (see the module docs).
+struct Direct {
+    file: File,
+    /// `DIRECT_STAGE + DIRECT_ALIGN` bytes; the stage is the aligned window
+    /// starting at `off`. A plain `Vec` sliced at its first aligned address
+    /// instead of a custom allocation: no unsafe code, one page of slack.
+    buf: Vec<u8>,
+    off: usize,
+    /// Bytes staged, and the (aligned) file offset of the first of them.
+    staged: usize,
+    at: u64,
+    /// The file system refused a direct write (EINVAL): stage as before but
+    /// write through the page cache from now on.
+    refused: bool,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direct")
+            .field("staged", &self.staged)
+            .field("at", &self.at)
+            .field("refused", &self.refused)
+            .finish()
+    }
+}
+
+impl Direct {
+    fn new(file: File) -> Direct {
+        let buf = vec![0u8; DIRECT_STAGE + DIRECT_ALIGN];
+        let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        Direct {
+            file,
+            buf,
+            off,
+            staged: 0,
+            at: 0,
+            refused: false,
+        }
+    }
+
+    /// Write the first `n` staged bytes at `self.at` (direct when `n` and the
+    /// offset are aligned and the file system allows it, else through
+    /// `buffered`), then move whatever follows them to the front.
+    fn write_out(&mut self, n: usize, buffered: &File) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < n {
+            let chunk = &self.buf[self.off + done..self.off + n];
+            let aligned = (self.at + done as u64).is_multiple_of(DIRECT_ALIGN as u64)
+                && chunk.len().is_multiple_of(DIRECT_ALIGN);
+            if self.refused || !aligned {
+                buffered.write_all_at(chunk, self.at + done as u64)?;
+                break;
+            }
+            match self.file.write_at(chunk, self.at + done as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(k) => done += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(
+                        "direct I/O refused by the file system ({e}); writing through the page cache"
+                    );
+                    self.refused = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.buf
+            .copy_within(self.off + n..self.off + self.staged, self.off);
+        self.staged -= n;
+        self.at += n as u64;
+        Ok(())
+    }
+}
+
 /// Appends frames to one archive. See the module docs for the invariants.
 #[derive(Debug)]
 pub struct ArchiveWriter {
@@ -97,6 +196,7 @@ pub struct ArchiveWriter {
     unsynced: bool,
     buf: Vec<u8>,
     buf_at: u64,
+    direct: Option<Direct>,
 }
 
 /// Exclusive advisory lock so two writers never interleave in one file.
@@ -186,6 +286,7 @@ impl ArchiveWriter {
                 unsynced: false,
                 buf: Vec::with_capacity(BUF_CAP),
                 buf_at: end,
+                direct: None,
             },
             report,
         ))
@@ -193,6 +294,75 @@ impl ArchiveWriter {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Write the data of large entries with `O_DIRECT` (see the module docs).
+    /// Returns whether it is on: `false` where the file cannot be reopened
+    /// that way (e.g. a file system without direct I/O); a file system that
+    /// accepts the flag but refuses the writes is detected at the first one.
+    pub fn enable_direct_io(&mut self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        if self.direct.is_none() {
+            // Reopen *this* file through procfs, not its path, which another
+            // program may have renamed or replaced since we opened it.
+            let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&proc_path)
+            {
+                Ok(f) => self.direct = Some(Direct::new(f)),
+                Err(e) => {
+                    tracing::debug!("{}: no direct I/O: {e}", self.path.display());
+                }
+            }
+        }
+        self.direct.as_ref().is_some_and(|d| !d.refused)
+    }
+
+    /// Whether an entry of `len` bytes is written with direct I/O.
+    fn direct_for(&self, len: u64) -> bool {
+        len >= DIRECT_MIN && self.direct.as_ref().is_some_and(|d| !d.refused)
+    }
+
+    /// Begin direct data at `at` (aligned, the append position).
+    fn direct_begin(&mut self, at: u64) -> Result<(), Error> {
+        self.flush_buf()?;
+        debug_assert_eq!(at, self.buf_at);
+        debug_assert_eq!(at % DIRECT_ALIGN as u64, 0);
+        let d = self.direct.as_mut().expect("direct_for checked");
+        d.staged = 0;
+        d.at = at;
+        Ok(())
+    }
+
+    /// Stage `data`; every full stage is written out.
+    fn direct_write(&mut self, mut data: &[u8]) -> Result<(), Error> {
+        let d = self.direct.as_mut().expect("direct_begin ran");
+        while !data.is_empty() {
+            let k = data.len().min(DIRECT_STAGE - d.staged);
+            let from = d.off + d.staged;
+            d.buf[from..from + k].copy_from_slice(&data[..k]);
+            d.staged += k;
+            data = &data[k..];
+            if d.staged == DIRECT_STAGE {
+                d.write_out(DIRECT_STAGE, &self.file)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// End direct data: whole blocks go direct, the last partial block into
+    /// the (buffered) append buffer, which continues right after it.
+    fn direct_end(&mut self) -> Result<(), Error> {
+        let d = self.direct.as_mut().expect("direct_begin ran");
+        d.write_out(d.staged / DIRECT_ALIGN * DIRECT_ALIGN, &self.file)?;
+        self.buf.clear();
+        self.buf.extend_from_slice(&d.buf[d.off..d.off + d.staged]);
+        self.buf_at = d.at;
+        d.staged = 0;
+        Ok(())
     }
 
     /// The index, shared with readers made by [`ArchiveWriter::reader`].
@@ -410,6 +580,7 @@ impl<'a> Txn<'a> {
         self.check_usable()?;
         Self::check_name(name)?;
         let at = self.pos;
+        let direct = self.w.direct_for(data.len() as u64);
         let header = LocalHeader {
             name,
             method,
@@ -417,11 +588,18 @@ impl<'a> Txn<'a> {
             compressed_size: data.len() as u64,
             uncompressed_size: usize_,
             mark: self.mark(false),
+            pad: if direct { align_pad(at, name, 4096) } else { 0 },
         }
         .encode();
         self.w.append(at, &header)?;
         let data_at = at + header.len() as u64;
-        self.w.append(data_at, data)?;
+        if direct {
+            self.w.direct_begin(data_at)?;
+            self.w.direct_write(data)?;
+            self.w.direct_end()?;
+        } else {
+            self.w.append(data_at, data)?;
+        }
         self.pos = data_at + data.len() as u64;
         self.push_entry(
             at,
@@ -446,6 +624,8 @@ impl<'a> Txn<'a> {
         self.check_usable()?;
         Self::check_name(name)?;
         let at = self.pos;
+        let direct = self.w.direct_for(size);
+        let pad = if direct { align_pad(at, name, 4096) } else { 0 };
         let header = LocalHeader {
             name,
             method: METHOD_STORED,
@@ -453,13 +633,19 @@ impl<'a> Txn<'a> {
             compressed_size: size,
             uncompressed_size: size,
             mark: self.mark(false),
+            pad,
         };
         let bytes = header.encode();
         self.w.append(at, &bytes)?;
         let data_at = at + bytes.len() as u64;
+        if direct {
+            self.w.direct_begin(data_at)?;
+        }
         Ok(EntryWriter {
             name: name.to_string(),
             header_at: at,
+            pad,
+            direct,
             data_at,
             size,
             written: 0,
@@ -486,6 +672,10 @@ impl<'a> Txn<'a> {
             .last_header
             .take()
             .ok_or_else(|| Error::Invalid("a frame needs at least one record".into()))?;
+        let data_at = last
+            .data_offset
+            .expect("entries we write know their data offset");
+        let pad = (data_at - at) as usize - LocalHeader::encoded_len(&last.cd.name, 0);
         let header = LocalHeader {
             name: &last.cd.name,
             method: last.cd.method,
@@ -497,6 +687,7 @@ impl<'a> Txn<'a> {
                 entry: (self.entries.len() - 1) as u32,
                 end: true,
             },
+            pad: pad as u16,
         }
         .encode();
         self.w.patch(at, &header)?;
@@ -547,6 +738,9 @@ pub struct EntryWriter<'t, 'a> {
     txn: &'t mut Txn<'a>,
     name: String,
     header_at: u64,
+    pad: u16,
+    /// The data goes through the writer's direct stage.
+    direct: bool,
     data_at: u64,
     size: u64,
     written: u64,
@@ -574,8 +768,12 @@ impl EntryWriter<'_, '_> {
             )));
         }
         self.crc.update(data);
-        let at = self.data_at + self.written;
-        self.txn.w.append(at, data)?;
+        if self.direct {
+            self.txn.w.direct_write(data)?;
+        } else {
+            let at = self.data_at + self.written;
+            self.txn.w.append(at, data)?;
+        }
         self.written += data.len() as u64;
         Ok(())
     }
@@ -588,6 +786,9 @@ impl EntryWriter<'_, '_> {
                 self.name, self.written, self.size
             )));
         }
+        if self.direct {
+            self.txn.w.direct_end()?;
+        }
         let crc = self.crc.clone().finalize();
         let mark = self.txn.mark(false);
         let header = LocalHeader {
@@ -597,6 +798,7 @@ impl EntryWriter<'_, '_> {
             compressed_size: self.size,
             uncompressed_size: self.size,
             mark,
+            pad: self.pad,
         }
         .encode();
         self.txn.w.patch(self.header_at, &header)?;
@@ -613,5 +815,152 @@ impl EntryWriter<'_, '_> {
         };
         self.txn.push_entry(self.header_at, cd, self.data_at);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Sizes around every boundary of the direct path: below, at and above
+    /// DIRECT_MIN, a stage and a half, with and without a partial block.
+    fn sizes() -> Vec<usize> {
+        let m = DIRECT_MIN as usize;
+        vec![
+            3,
+            m - 1,
+            m,
+            m + 1,
+            DIRECT_STAGE,
+            DIRECT_STAGE + DIRECT_ALIGN,
+            DIRECT_STAGE * 2 + 4097,
+            100,
+        ]
+    }
+
+    /// Writes one frame of every size, whole and streamed in odd pieces;
+    /// returns the expected contents.
+    fn write_frames(
+        w: &mut ArchiveWriter,
+        frames: std::ops::Range<usize>,
+    ) -> Vec<(String, Vec<u8>)> {
+        let mut expect = Vec::new();
+        for f in frames {
+            let mut t = w.begin().unwrap();
+            for (k, n) in sizes().into_iter().enumerate() {
+                let data = bytes((f * 100 + k) as u64, n);
+                let name = format!("frames/{f}/r{k}.u8.uni");
+                if k % 2 == 0 {
+                    t.add(&name, &data, Compression::Stored).unwrap();
+                } else {
+                    let mut e = t.start_entry(&name, n as u64).unwrap();
+                    for piece in data.chunks(65_537) {
+                        e.write(piece).unwrap();
+                    }
+                    e.finish().unwrap();
+                }
+                expect.push((name, data));
+            }
+            t.commit().unwrap();
+            w.sync().unwrap();
+        }
+        expect
+    }
+
+    fn check(path: &Path, expect: &[(String, Vec<u8>)], aligned: bool) {
+        let a = Archive::open(path).unwrap();
+        assert!(matches!(a.state(), crate::gtar::OpenState::Clean));
+        for (name, data) in expect {
+            assert!(a.read(name).unwrap() == *data, "{name}");
+        }
+        if aligned {
+            // Large entries start on a block boundary (found through their
+            // local headers, as any reader finds them).
+            let file = File::open(path).unwrap();
+            for e in a.index().entries() {
+                let off = super::super::reader::local_data_offset(&file, e).unwrap();
+                if e.cd.compressed_size >= DIRECT_MIN {
+                    assert_eq!(off % DIRECT_ALIGN as u64, 0, "{} at {off}", e.cd.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn direct_io_writes_what_buffered_writes_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.zip");
+        let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
+        if !w.enable_direct_io() {
+            eprintln!("no direct I/O on this file system: the buffered path is tested instead");
+        }
+        let expect = write_frames(&mut w, 0..2);
+        w.close().unwrap();
+        check(&path, &expect, true);
+    }
+
+    #[test]
+    fn a_refused_direct_write_falls_back_to_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.zip");
+        let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
+        // A direct side without O_DIRECT behaves like one on a file system
+        // that takes it; marking it refused then exercises the fallback in
+        // the middle of an entry's data.
+        w.direct = Some(Direct::new(w.file.try_clone().unwrap()));
+        let mut expect = write_frames(&mut w, 0..1);
+        let mut t = w.begin().unwrap();
+        let data = bytes(9, DIRECT_STAGE * 2 + 11);
+        let mut e = t
+            .start_entry("frames/9/x.u8.uni", data.len() as u64)
+            .unwrap();
+        e.write(&data[..DIRECT_STAGE + 5]).unwrap();
+        e.txn.w.direct.as_mut().unwrap().refused = true;
+        e.write(&data[DIRECT_STAGE + 5..]).unwrap();
+        e.finish().unwrap();
+        t.commit().unwrap();
+        expect.push(("frames/9/x.u8.uni".into(), data));
+        assert!(!w.direct_for(DIRECT_MIN), "refused sticks");
+        w.close().unwrap();
+        check(&path, &expect, false);
+    }
+
+    #[test]
+    fn an_aborted_direct_entry_leaves_nothing_and_the_next_frame_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.zip");
+        let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
+        w.enable_direct_io();
+        let mut expect = write_frames(&mut w, 0..1);
+        let end = w.committed_len();
+        {
+            let mut t = w.begin().unwrap();
+            t.add("frames/x/a.u8.uni", &bytes(1, 10), Compression::Stored)
+                .unwrap();
+            let mut e = t
+                .start_entry("frames/x/b.u8.uni", 3 * DIRECT_STAGE as u64)
+                .unwrap();
+            e.write(&bytes(2, DIRECT_STAGE + 77)).unwrap();
+            // dropped unfinished: the frame is poisoned, then aborted
+        }
+        assert_eq!(w.committed_len(), end);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
+        expect.extend(write_frames(&mut w, 1..2));
+        drop(w);
+        check(&path, &expect, true);
+        let a = Archive::open(&path).unwrap();
+        assert!(a.read("frames/x/a.u8.uni").is_err());
     }
 }

@@ -14,6 +14,10 @@
 //!   sizes (its 32-bit size fields are 0xFFFFFFFF), so an entry of any size
 //!   never needs a data descriptor and sizes can be patched in place;
 //! * every local header we write carries the [`COMMIT_TAG`] extra field;
+//! * a local header may carry an [`ALIGN_EXTRA_ID`] padding field so that the
+//!   entry's data starts on a block boundary (direct I/O, see `writer`); the
+//!   central directory never repeats it, and readers find data through the
+//!   local header's own lengths, as APPNOTE requires;
 //! * central-directory entries use zip64 fields only where a value needs them,
 //!   as miniz does, and the archive always ends with zip64 EOCD + locator + EOCD.
 
@@ -39,6 +43,12 @@ pub const COMMIT_PAYLOAD_LEN: usize = 14;
 pub const COMMIT_VERSION: u8 = 1;
 /// Set on the last entry of a transaction once all of its entries are written.
 pub const FLAG_TXN_END: u8 = 1;
+
+/// Extra-field ID of alignment padding: Android's `zipalign` field (u16
+/// alignment, then zero bytes). Zip readers skip extra fields they do not know.
+pub const ALIGN_EXTRA_ID: u16 = 0xd935;
+/// The shortest padding field: ID, length, alignment.
+const ALIGN_EXTRA_MIN: usize = 6;
 
 pub const METHOD_STORED: u16 = 0;
 pub const METHOD_DEFLATE: u16 = 8;
@@ -92,16 +102,31 @@ pub struct LocalHeader<'a> {
     pub compressed_size: u64,
     pub uncompressed_size: u64,
     pub mark: CommitMark,
+    /// Bytes of alignment padding field: 0, or at least 6 (see [`align_pad`]).
+    pub pad: u16,
+}
+
+/// The `pad` that makes the data of a local header for `name` written at
+/// `at` start at a multiple of `align` (a power of two, at most 4096).
+pub fn align_pad(at: u64, name: &str, align: u64) -> u16 {
+    debug_assert!(align.is_power_of_two() && align <= 4096);
+    let data_at = at + LocalHeader::encoded_len(name, 0) as u64;
+    let mut pad = (align - data_at % align) % align;
+    if pad != 0 && pad < ALIGN_EXTRA_MIN as u64 {
+        pad += align;
+    }
+    pad as u16
 }
 
 impl LocalHeader<'_> {
-    /// Length of the encoded header (constant for a given name).
-    pub fn encoded_len(name: &str) -> usize {
-        LOCAL_HEADER_LEN + name.len() + 4 + 16 + 4 + COMMIT_PAYLOAD_LEN
+    /// Length of the encoded header (constant for a given name and padding).
+    pub fn encoded_len(name: &str, pad: u16) -> usize {
+        LOCAL_HEADER_LEN + name.len() + 4 + 16 + 4 + COMMIT_PAYLOAD_LEN + pad as usize
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(Self::encoded_len(self.name));
+        debug_assert!(self.pad == 0 || self.pad as usize >= ALIGN_EXTRA_MIN);
+        let mut b = Vec::with_capacity(Self::encoded_len(self.name, self.pad));
         put32(&mut b, LOCAL_SIG);
         put16(&mut b, VERSION_ZIP64);
         put16(&mut b, GP_UTF8);
@@ -112,7 +137,10 @@ impl LocalHeader<'_> {
         put32(&mut b, u32::MAX);
         put32(&mut b, u32::MAX);
         put16(&mut b, self.name.len() as u16);
-        put16(&mut b, (4 + 16 + 4 + COMMIT_PAYLOAD_LEN) as u16);
+        put16(
+            &mut b,
+            (4 + 16 + 4 + COMMIT_PAYLOAD_LEN + self.pad as usize) as u16,
+        );
         b.extend_from_slice(self.name.as_bytes());
         put16(&mut b, ZIP64_EXTRA_ID);
         put16(&mut b, 16);
@@ -124,7 +152,13 @@ impl LocalHeader<'_> {
         b.push(if self.mark.end { FLAG_TXN_END } else { 0 });
         put64(&mut b, self.mark.txn);
         put32(&mut b, self.mark.entry);
-        debug_assert_eq!(b.len(), Self::encoded_len(self.name));
+        if self.pad != 0 {
+            put16(&mut b, ALIGN_EXTRA_ID);
+            put16(&mut b, self.pad - 4);
+            put16(&mut b, 4096);
+            b.resize(b.len() + self.pad as usize - ALIGN_EXTRA_MIN, 0);
+        }
+        debug_assert_eq!(b.len(), Self::encoded_len(self.name, self.pad));
         b
     }
 }
@@ -282,14 +316,51 @@ mod tests {
                 entry: 3,
                 end: true,
             },
+            pad: 0,
         };
         let b = h.encode();
-        assert_eq!(b.len(), LocalHeader::encoded_len(h.name));
+        assert_eq!(b.len(), LocalHeader::encoded_len(h.name, 0));
         let nlen = rd16(&b, 26) as usize;
         let elen = rd16(&b, 28) as usize;
         let ex = parse_extra(&b[30 + nlen..30 + nlen + elen], [true, true, false]).unwrap();
         assert_eq!(ex.mark, Some(h.mark));
         assert_eq!(ex.zip64.unwrap()[0], Some(5 << 32));
+    }
+
+    #[test]
+    fn padding_puts_data_on_a_block_boundary_and_keeps_the_mark() {
+        for at in [0u64, 1, 4090, 4096, 12345, (5 << 32) + 77] {
+            for name in ["a", "frames/10/model/weights.f32.uni", &"n".repeat(4000)] {
+                let pad = align_pad(at, name, 4096);
+                assert!(pad == 0 || pad as usize >= ALIGN_EXTRA_MIN, "{pad}");
+                let h = LocalHeader {
+                    name,
+                    method: METHOD_STORED,
+                    crc32: 1,
+                    compressed_size: 3,
+                    uncompressed_size: 3,
+                    mark: CommitMark {
+                        txn: at,
+                        entry: 0,
+                        end: false,
+                    },
+                    pad,
+                };
+                let b = h.encode();
+                assert_eq!(
+                    (at + b.len() as u64) % 4096,
+                    0,
+                    "at {at} name {}",
+                    name.len()
+                );
+                let nlen = rd16(&b, 26) as usize;
+                let elen = rd16(&b, 28) as usize;
+                assert_eq!(30 + nlen + elen, b.len());
+                let ex = parse_extra(&b[30 + nlen..], [true, true, false]).unwrap();
+                assert_eq!(ex.mark, Some(h.mark));
+                assert_eq!(ex.zip64.unwrap()[1], Some(3));
+            }
+        }
     }
 
     #[test]
