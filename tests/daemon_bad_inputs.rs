@@ -43,7 +43,9 @@ fn gtensor(group: &str, name: &str) -> pb::WriteRequest {
     }))
 }
 fn chunk(n: usize) -> pb::WriteRequest {
-    req(In::Chunk(pb::Chunk { data: vec![7; n] }))
+    req(In::Chunk(pb::Chunk {
+        data: vec![7; n].into(),
+    }))
 }
 fn commit() -> pb::WriteRequest {
     req(In::Commit(pb::CommitFrame {}))

@@ -599,7 +599,9 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
         for k in 0..3u64 {
             let mut b = vec![0u8; 1 << 20];
             fill(9, k << 20, &mut b);
-            s.send(req(In::Chunk(pb::Chunk { data: b }))).await.unwrap();
+            s.send(req(In::Chunk(pb::Chunk { data: b.into() })))
+                .await
+                .unwrap();
         }
         // A second stream's frame queues behind the open one.
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -13,6 +13,10 @@ fn generated_code_matches_the_proto() {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Tensor chunks as `bytes::Bytes`: decoding slices them out of tonic's
+        // receive buffer instead of copying, and they reach the archive writer
+        // thread as they are (a client can send slices of one buffer).
+        .bytes(".gtar.logd.v1.Chunk.data")
         .out_dir(out.path())
         .file_descriptor_set_path(&descriptor)
         .compile_protos(

@@ -302,6 +302,8 @@ impl Stream {
                         self.flush_gathered().await?;
                     }
                 } else if n > 0 {
+                    // `Bytes` sliced out of tonic's receive buffer by prost:
+                    // it reaches the writer thread without a copy.
                     self.part(Part::Data(c.data)).await?;
                 }
                 Ok(())

@@ -105,7 +105,7 @@ fn send_tensors(
                     return;
                 }
                 left -= buf.len() as u64;
-                if !out(Msg::Chunk(pb::Chunk { data: buf })) {
+                if !out(Msg::Chunk(pb::Chunk { data: buf.into() })) {
                     return;
                 }
             }

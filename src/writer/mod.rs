@@ -104,7 +104,7 @@ pub enum Part {
         path: String,
         size: u64,
     },
-    Data(Vec<u8>),
+    Data(prost::bytes::Bytes),
     /// A whole stored entry.
     Whole {
         path: String,

@@ -525,7 +525,7 @@ pub fn frame_messages(f: &FrameSpec, chunk: usize) -> impl Iterator<Item = Write
             let n = (len - off).min(chunk as u64) as usize;
             let mut buf = vec![0u8; n];
             t.data.read_at(off, &mut buf);
-            req(In::Chunk(pb::Chunk { data: buf }))
+            req(In::Chunk(pb::Chunk { data: buf.into() }))
         });
         head.chain(chunks)
     });

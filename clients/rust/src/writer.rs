@@ -21,6 +21,7 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use prost::bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -627,15 +628,14 @@ impl FrameWriter {
                         shape,
                     }))
                     .await?;
-                    if bytes.len() <= CHUNK_BYTES {
-                        if !bytes.is_empty() {
-                            self.send(In::Chunk(proto::Chunk { data: bytes })).await?;
-                        }
-                    } else {
-                        for c in bytes.chunks(CHUNK_BYTES) {
-                            self.send(In::Chunk(proto::Chunk { data: c.to_vec() }))
-                                .await?;
-                        }
+                    // One buffer, sent as slices of it: no copy per chunk.
+                    let bytes = Bytes::from(bytes);
+                    for at in (0..bytes.len()).step_by(CHUNK_BYTES) {
+                        let end = bytes.len().min(at + CHUNK_BYTES);
+                        self.send(In::Chunk(proto::Chunk {
+                            data: bytes.slice(at..end),
+                        }))
+                        .await?;
                     }
                 }
                 Item::Record { path, data } => {
