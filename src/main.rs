@@ -67,6 +67,9 @@ struct ServeArgs {
     /// Frames that may queue per archive before writers get RESOURCE_EXHAUSTED
     #[arg(long, default_value_t = 64)]
     queue_frames: usize,
+    /// Write large tensors (>= 1 MiB) with O_DIRECT: much less CPU taken from training, no page-cache churn; falls back to the page cache where the file system refuses it
+    #[arg(long, env = "GTAR_LOGD_DIRECT_IO", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    direct_io: bool,
     /// Seconds open queries may run on after SIGTERM before they are cut off
     #[arg(long, default_value_t = 10)]
     grace_secs: u64,
@@ -160,6 +163,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let mut cfg = server::Config::new(a.data_dir.unwrap_or_else(default_data_dir));
         cfg.max_tensor_bytes = a.max_tensor_bytes;
         cfg.limits.queue_frames = a.queue_frames.max(1);
+        cfg.limits.direct_io = a.direct_io;
         cfg.grace = std::time::Duration::from_secs(a.grace_secs);
         let shutdown = CancellationToken::new();
         {
