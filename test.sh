@@ -38,5 +38,25 @@ rc=0
 # From the repo root, so the installed package (not the source tree) is tested.
 GTAR_LOGD_BIN="$ROOT/target/debug/gtar-logd" KERAS_BACKEND=jax JAX_PLATFORMS=cpu \
   "$CLIENT/bin/python" -m pytest -q -p no:cacheprovider clients/python/tests || rc=$?
-if [ "$rc" -eq 5 ]; then echo "pytest collected no Python tests: that is a failure here"; exit 1; fi
+if [ "$rc" -eq 5 ]; then echo "pytest collected no Python tests: that is a failure here"; rc=1; fi
+
+# --- the Keras tests again on the tensorflow backend (CPU) ----------------------
+# A venv of its own: tensorflow pins h5py<3.15 and brings its own numpy stack;
+# the client needs only grpcio + protobuf at run time (no grpcio-tools).
+TFV=$ROOT/.venv-tf
+TF_REQS=("tensorflow-cpu==2.21.0" "keras==3.15.1" "ml_dtypes>=0.5" "grpcio==1.85.1" "protobuf>=7.35.1,<8" "pytest")
+if [ ! -x "$TFV/bin/python" ] || ! "$TFV/bin/python" -c 'import tensorflow, keras, ml_dtypes, grpc, pytest' 2>/dev/null; then
+  echo "== setting up $TFV (Keras tests on tensorflow)"
+  python3 -m venv "$TFV"
+  "$TFV/bin/pip" install -q --disable-pip-version-check "${TF_REQS[@]}"
+fi
+"$TFV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./clients/python
+"$TFV/bin/pip" check -q >/dev/null 2>&1 || "$TFV/bin/pip" install -q --disable-pip-version-check ./clients/python
+echo "== pytest clients/python keras tests, KERAS_BACKEND=tensorflow"
+rc_tf=0
+GTAR_LOGD_BIN="$ROOT/target/debug/gtar-logd" KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 \
+  "$TFV/bin/python" -m pytest -q -p no:cacheprovider \
+  clients/python/tests/test_backends.py clients/python/tests/test_keras.py || rc_tf=$?
+if [ "$rc_tf" -eq 5 ]; then echo "pytest collected no tensorflow tests: that is a failure here"; rc_tf=1; fi
+[ "$rc" -ne 0 ] || rc=$rc_tf
 exit "$rc"

@@ -30,12 +30,17 @@ def host_copy(variable, copy: str = "auto") -> np.ndarray:
 
     With the JAX backend values are immutable arrays, so a NumPy view of one
     (no copy on CPU) stays valid after the variable is updated. Other
-    backends update in place, so we copy. `copy='always'` forces a copy.
+    backends (tensorflow, torch) update in place, so we copy. `copy='always'`
+    forces a copy; `copy='never'` takes whatever the backend's conversion
+    gives, which is a snapshot only where values are immutable.
     """
     value = variable.value if hasattr(variable, "value") else variable
-    if copy == "never" or (copy == "auto" and keras.backend.backend() == "jax"):
+    if keras.backend.backend() == "jax" and copy != "always":
         return np.asarray(value)
-    return np.array(keras.ops.convert_to_numpy(value), copy=True)
+    # convert_to_numpy, not np.asarray: torch refuses .numpy() on a tensor that
+    # requires grad, and keras knows how to bring a value to the host.
+    a = keras.ops.convert_to_numpy(value)
+    return a if copy == "never" else np.array(a, copy=True)
 
 
 def weights_meta(model) -> dict:
@@ -106,7 +111,8 @@ class GTARLogger(keras.callbacks.Callback):
         full the training thread blocks (with a warning) -- nothing is dropped
     :param durable_timeout: seconds `on_train_end` waits for every frame to be durable
     :param reconnect_timeout: seconds to keep trying when the daemon goes away
-    :param copy: 'auto' (zero-copy views with JAX, copies otherwise) or 'always'
+    :param copy: 'auto' (zero-copy views with JAX, copies with tensorflow and torch),
+        'always', or 'never' (unsafe where the backend updates variables in place)
     """
 
     def __init__(self, archive, period=1, when="post_epoch", append=True, step_offset=0,
@@ -119,6 +125,8 @@ class GTARLogger(keras.callbacks.Callback):
         if save_optimizer not in ("never", "always", "exit"):
             raise ValueError(f"save_optimizer must be 'never', 'always' or 'exit', "
                              f"not {save_optimizer!r}")
+        if copy not in ("auto", "always", "never"):
+            raise ValueError(f"copy must be 'auto', 'always' or 'never', not {copy!r}")
         if log_metrics not in ("epoch", "batch", "both", "none", None):
             raise ValueError(f"log_metrics must be 'epoch', 'batch', 'both' or 'none'")
         self.archive = archive

@@ -1,7 +1,8 @@
 """Fixtures: the REAL gtar-logd daemon on a temp Unix socket and 127.0.0.1 port.
 
 The binary is $GTAR_LOGD_BIN, else target/debug/gtar-logd of this repo
-(test.sh builds it). Keras runs with the JAX backend on CPU.
+(test.sh builds it). Keras runs with $KERAS_BACKEND, by default jax on CPU
+(test.sh runs the Keras tests under tensorflow too).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""GTARLogger and Trajectory with a real Keras 3 model (JAX, CPU) and the real daemon."""
+"""GTARLogger and Trajectory with a real Keras 3 model and the real daemon (CPU; the
+backend is $KERAS_BACKEND: test.sh runs this file under jax and under tensorflow)."""
 import json
 
 import keras
