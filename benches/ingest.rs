@@ -264,8 +264,9 @@ fn main() {
         "{rounds} rounds per mode of dd → gtar-logd → dd (+ dd oflag=direct as a reference), \
          sync(2) before every timed run; headline = median of the per-round ratios\n"
     );
-    // One 100 MiB payload, generated once; the client copies it into chunks.
-    let payload = Payload::Shared(std::sync::Arc::new(gen(7, FRAME as usize)));
+    // One 100 MiB payload, generated once; chunks are slices of it (prost copies
+    // each into its encode buffer, as any tonic client does).
+    let payload = Payload::Shared(gen(7, FRAME as usize).into());
     let total = frames * FRAME;
     let ddfile = root.join("dd.bin");
 
@@ -351,7 +352,7 @@ fn main() {
     let uds = root.join("logd.sock");
     let log = root.join("daemon.log");
     let archive = "bench/10k.zip";
-    let small = Payload::Shared(std::sync::Arc::new(gen(11, MIB as usize)));
+    let small = Payload::Shared(gen(11, MIB as usize).into());
     let mut d = ChildDaemon::spawn(&data, &uds, None, &log);
     let t = Instant::now();
     rt.block_on(async {

@@ -560,6 +560,68 @@ async fn positions_groups_records_scalars_and_history() {
     d.stop().unwrap();
 }
 
+/// The daemon reads the next frame while the writer finishes the last one,
+/// but a client that streams faster than the disk is slowed down, never
+/// refused: frames back to back through an archive queue of 2 frames. Each
+/// frame (one 1 MiB chunk, written with direct I/O) fits the stream's part
+/// buffer, so without the daemon's per-stream bound the stream would queue
+/// frames faster than the writer takes them.
+/// Acks arrive in frame order, each frame's `received` before its `durable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_stream_is_slowed_down_not_refused_and_acks_stay_ordered() {
+    let mut d = Daemon::start_with(|c| c.limits.queue_frames = 2);
+    let n = 100u64;
+    let frames: Vec<FrameSpec> = (0..n)
+        .map(|i| FrameSpec {
+            index: i.to_string(),
+            tensors: vec![TensorSpec::new(
+                "m",
+                "w",
+                DType::Uint8,
+                &[1 << 20],
+                // Generated up front: chunks are cut without copying, so
+                // the client outpaces the writer.
+                Payload::Shared(
+                    Payload::Gen {
+                        seed: i,
+                        len: 1 << 20,
+                    }
+                    .to_vec()
+                    .into(),
+                ),
+            )],
+            ..Default::default()
+        })
+        .collect();
+    let mut c = d.uds_client().await;
+    let s = write_frames(&mut c, open_req("fast.zip", ""), &frames, 1 << 20)
+        .await
+        .unwrap();
+    let seqs = |durable: bool| -> Vec<u64> {
+        s.acks
+            .iter()
+            .filter(|a| a.0 == durable)
+            .map(|a| a.1)
+            .collect()
+    };
+    assert_eq!(seqs(false), (0..n).collect::<Vec<_>>(), "received in order");
+    assert_eq!(seqs(true), (0..n).collect::<Vec<_>>(), "durable in order");
+    for k in 0..n {
+        let r = s.acks.iter().position(|a| *a == (false, k)).unwrap();
+        let du = s.acks.iter().position(|a| *a == (true, k)).unwrap();
+        assert!(r < du, "frame {k}: durable before received");
+    }
+    let listed = list_frames(&mut c, "fast.zip", "").await.unwrap();
+    assert_eq!(listed.len() as u64, n);
+    for i in [0, 1, n / 2, n - 1] {
+        let got = get_frame(&mut c, "fast.zip", "", by_index(&i.to_string()))
+            .await
+            .unwrap();
+        assert_frame_eq(&got, &frames[i as usize]);
+    }
+    d.stop().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_mid_frame_leaves_no_trace() {
     let mut d = Daemon::start();

@@ -8,11 +8,18 @@
 //!   shutdown — is aborted by dropping its part channel: the writer truncates
 //!   it away and no reader ever sees it.
 //! * `received` is sent when the writer reports the frame committed and
-//!   visible; `durable` acks follow in frame order from one forwarding task.
+//!   visible; `durable` acks follow. Both come from forwarding tasks, in frame
+//!   order, and `durable` for a frame always after its `received`. Reading
+//!   the stream never waits for an ack: the next frame's bytes flow while the
+//!   writer finishes the last one (a wait there left the socket idle for a
+//!   queue's worth of writing per frame).
+//! * The first frame the writer refuses ends the stream with its error; the
+//!   frames already sent after it are aborted unless already committed.
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::gtar::{Committed, OpenMode as GtarMode, Precompressed};
@@ -24,6 +31,12 @@ use crate::proto::v1::{
 use crate::service::errors::{bad, remap_decode, status, Kind};
 use crate::service::State;
 use crate::writer::{FrameTicket, Lease, Part, WriterError};
+
+/// Frames of one stream handed to the writer and not yet committed: the next
+/// frame streams in while the last is written, and a fast client is slowed
+/// down here (backpressure) rather than filling the archive's queue, which
+/// is shared with other streams and answers RESOURCE_EXHAUSTED when full.
+pub const FRAMES_IN_FLIGHT: usize = 2;
 
 /// Tensors up to this size are compressed whole off the writer thread when
 /// the stream asks for compression; larger ones are stored.
@@ -41,9 +54,21 @@ struct Tensor {
 struct Frame {
     index: String,
     ticket: FrameTicket,
+    /// Held until the writer has committed the frame.
+    permit: OwnedSemaphorePermit,
     manifest: Manifest,
     tensor: Option<Tensor>,
     bytes: u64,
+}
+
+/// A frame handed to the writer, waiting for its acks.
+struct Pending {
+    permit: OwnedSemaphorePermit,
+    index: String,
+    seq: u64,
+    bytes: u64,
+    received: oneshot::Receiver<Result<Committed, WriterError>>,
+    durable: oneshot::Receiver<Result<(), WriterError>>,
 }
 
 struct Stream {
@@ -53,7 +78,10 @@ struct Stream {
     level: u32,
     frame: Option<Frame>,
     seq: u64,
-    durable_tx: mpsc::UnboundedSender<(FrameAck, oneshot::Receiver<Result<(), WriterError>>)>,
+    acks: mpsc::UnboundedSender<Pending>,
+    in_flight: Arc<Semaphore>,
+    /// Cancelled when a frame failed: the error went to the client already.
+    failed: CancellationToken,
 }
 
 /// Run one Write stream to its end, sending responses on `tx`.
@@ -71,6 +99,8 @@ pub async fn run(state: Arc<State>, mut inbound: Streaming<WriteRequest>, tx: Tx
                 _ = state.shutdown.cancelled() => {
                     return Err(status(Kind::ShuttingDown, "the daemon is shutting down; uncommitted frame dropped"));
                 }
+                // The ack task has sent the error; an open frame is dropped.
+                _ = s.failed.cancelled() => return Ok(()),
             };
             match msg {
                 None => {
@@ -80,7 +110,7 @@ pub async fn run(state: Arc<State>, mut inbound: Streaming<WriteRequest>, tx: Tx
                     return Ok(());
                 }
                 Some(WriteRequest { msg: None }) => return Err(bad("msg", "empty message")),
-                Some(WriteRequest { msg: Some(m) }) => s.handle(m, &tx).await?,
+                Some(WriteRequest { msg: Some(m) }) => s.handle(m).await?,
             }
         }
     }
@@ -143,28 +173,9 @@ impl Stream {
             }),
         )
         .await?;
-        let (dtx, mut drx) =
-            mpsc::unbounded_channel::<(FrameAck, oneshot::Receiver<Result<(), WriterError>>)>();
-        let tx2 = tx.clone();
-        // Durable acks, in frame order.
-        tokio::spawn(async move {
-            while let Some((ack, rx)) = drx.recv().await {
-                let msg = match rx.await {
-                    Ok(Ok(())) => Ok(WriteResponse {
-                        msg: Some(Out::Durable(ack)),
-                    }),
-                    Ok(Err(e)) => Err(Status::from(e)),
-                    Err(_) => Err(status(
-                        Kind::ShuttingDown,
-                        "the writer stopped before the frame was durable",
-                    )),
-                };
-                let failed = msg.is_err();
-                if tx2.send(msg).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
+        let (acks, pending) = mpsc::unbounded_channel();
+        let failed = CancellationToken::new();
+        tokio::spawn(forward_acks(pending, tx.clone(), failed.clone()));
         Ok(Stream {
             state,
             lease,
@@ -172,11 +183,13 @@ impl Stream {
             level: o.compression,
             frame: None,
             seq: 0,
-            durable_tx: dtx,
+            acks,
+            in_flight: Arc::new(Semaphore::new(FRAMES_IN_FLIGHT)),
+            failed,
         })
     }
 
-    fn begin(&mut self, index: String) -> Result<(), Status> {
+    async fn begin(&mut self, index: String) -> Result<(), Status> {
         if let Some(f) = &self.frame {
             return Err(bad(
                 "begin",
@@ -184,12 +197,19 @@ impl Stream {
             ));
         }
         layout::check_index("begin.index", &index).map_err(|e| bad("begin.index", e))?;
-        self.open_frame(index)
+        self.open_frame(index).await
     }
 
-    fn open_frame(&mut self, index: String) -> Result<(), Status> {
+    async fn open_frame(&mut self, index: String) -> Result<(), Status> {
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| status(Kind::Internal, "stream closed"))?;
         let ticket = self.lease.handle.begin_frame()?;
         self.frame = Some(Frame {
+            permit,
             manifest: Manifest::new(&index),
             index,
             ticket,
@@ -232,10 +252,10 @@ impl Stream {
         Ok(())
     }
 
-    async fn handle(&mut self, m: In, tx: &Tx) -> Result<(), Status> {
+    async fn handle(&mut self, m: In) -> Result<(), Status> {
         match m {
             In::Open(_) => Err(bad("open", "the stream is already open")),
-            In::Begin(b) => self.begin(b.index),
+            In::Begin(b) => self.begin(b.index).await,
             In::Tensor(t) => {
                 self.tensor_done("tensor")?;
                 layout::check_group("tensor.group", &t.group)
@@ -312,7 +332,7 @@ impl Stream {
                 self.tensor_done("record")?;
                 check_record_path(&r.path)?;
                 let path = layout::join(&[&self.prefix, &r.path]);
-                self.whole(path, r.data, tx).await
+                self.whole(path, r.data).await
             }
             In::Scalar(s) => {
                 self.tensor_done("scalar")?;
@@ -330,28 +350,28 @@ impl Stream {
                     s.index
                 };
                 let path = layout::scalar_path(&self.prefix, &s.group, &s.name, &index);
-                self.whole(path, s.value.to_le_bytes().to_vec(), tx).await
+                self.whole(path, s.value.to_le_bytes().to_vec()).await
             }
             In::Commit(_) => {
                 self.tensor_done("commit")?;
-                self.commit(tx).await
+                self.commit().await
             }
         }
     }
 
     /// A whole record: part of the open frame, or a frame of its own.
-    async fn whole(&mut self, path: String, data: Vec<u8>, tx: &Tx) -> Result<(), Status> {
+    async fn whole(&mut self, path: String, data: Vec<u8>) -> Result<(), Status> {
         let own = self.frame.is_none();
         if own {
             // A record outside a frame is a frame of its own, with no index.
-            self.open_frame(String::new())?;
+            self.open_frame(String::new()).await?;
         }
         if let Some(f) = self.frame.as_mut() {
             f.bytes += data.len() as u64;
         }
         self.part(Part::Whole { path, data }).await?;
         if own {
-            self.commit(tx).await?;
+            self.commit().await?;
         }
         Ok(())
     }
@@ -368,7 +388,7 @@ impl Stream {
         self.part(Part::Compressed { path, data: pc }).await
     }
 
-    async fn commit(&mut self, tx: &Tx) -> Result<(), Status> {
+    async fn commit(&mut self) -> Result<(), Status> {
         let prefix = self.prefix.clone();
         let f = self.frame("commit")?;
         if !f.manifest.tensors.is_empty() {
@@ -378,20 +398,78 @@ impl Stream {
         }
         self.part(Part::Commit).await?;
         let f = self.frame.take().expect("frame is open");
-        let committed: Committed = f
-            .ticket
-            .received
-            .await
-            .map_err(|_| status(Kind::Internal, "the archive writer stopped"))??;
-        let ack = FrameAck {
+        let p = Pending {
+            permit: f.permit,
             index: f.index,
             seq: self.seq,
-            bytes: committed.bytes.max(f.bytes),
+            bytes: f.bytes,
+            received: f.ticket.received,
+            durable: f.ticket.durable,
         };
         self.seq += 1;
-        send(tx, Out::Received(ack.clone())).await?;
-        let _ = self.durable_tx.send((ack, f.ticket.durable));
-        Ok(())
+        self.acks
+            .send(p)
+            .map_err(|_| status(Kind::Internal, "client went away"))
+    }
+}
+
+/// Send `received` for each frame as the writer commits it, then hand it to
+/// a second task that sends `durable` after the fsync: both in frame order.
+async fn forward_acks(
+    mut pending: mpsc::UnboundedReceiver<Pending>,
+    tx: Tx,
+    failed: CancellationToken,
+) {
+    let (dtx, mut drx) =
+        mpsc::unbounded_channel::<(FrameAck, oneshot::Receiver<Result<(), WriterError>>)>();
+    let (tx2, failed2) = (tx.clone(), failed.clone());
+    tokio::spawn(async move {
+        while let Some((ack, rx)) = drx.recv().await {
+            let msg = match rx.await {
+                Ok(Ok(())) => Ok(WriteResponse {
+                    msg: Some(Out::Durable(ack)),
+                }),
+                Ok(Err(e)) => Err(Status::from(e)),
+                Err(_) => Err(status(
+                    Kind::ShuttingDown,
+                    "the writer stopped before the frame was durable",
+                )),
+            };
+            let failed = msg.is_err();
+            if tx2.send(msg).await.is_err() || failed {
+                failed2.cancel();
+                return;
+            }
+        }
+    });
+    while let Some(p) = pending.recv().await {
+        let received = p.received.await;
+        drop(p.permit); // committed (or failed): the stream may send another
+        let committed = match received {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                failed.cancel();
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+            Err(_) => {
+                failed.cancel();
+                let _ = tx
+                    .send(Err(status(Kind::Internal, "the archive writer stopped")))
+                    .await;
+                return;
+            }
+        };
+        let ack = FrameAck {
+            index: p.index,
+            seq: p.seq,
+            bytes: committed.bytes.max(p.bytes),
+        };
+        if send(&tx, Out::Received(ack.clone())).await.is_err() {
+            failed.cancel();
+            return;
+        }
+        let _ = dtx.send((ack, p.durable));
     }
 }
 

@@ -33,8 +33,14 @@ pub const CLIENT_MAX_MESSAGE: usize = 32 << 20;
 
 /// A fresh directory under cargo's target tmp dir: the same disk as the
 /// repository, never tmpfs, and short enough for a Unix socket path.
+/// A temp dir under target/ (the repository's disk), or under
+/// `$GTAR_TEST_TMPDIR` when set (e.g. /dev/shm, to take the disk out of a
+/// benchmark).
 pub fn temp_root(prefix: &str) -> tempfile::TempDir {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let custom = std::env::var_os("GTAR_TEST_TMPDIR").map(std::path::PathBuf::from);
+    let base = custom
+        .as_deref()
+        .unwrap_or(Path::new(env!("CARGO_TARGET_TMPDIR")));
     std::fs::create_dir_all(base).unwrap();
     tempfile::Builder::new()
         .prefix(prefix)
@@ -415,8 +421,9 @@ pub fn gen(seed: u64, len: usize) -> Vec<u8> {
 #[derive(Clone, Debug)]
 pub enum Payload {
     Bytes(Vec<u8>),
-    /// Shared bytes: cloning the payload does not copy them.
-    Shared(std::sync::Arc<Vec<u8>>),
+    /// Shared bytes: cloning the payload or cutting chunks from it does not
+    /// copy them (as a real client holding its tensor in memory would send).
+    Shared(prost::bytes::Bytes),
     /// `len` bytes of the deterministic stream `seed` (see [`fill`]).
     Gen {
         seed: u64,
@@ -523,9 +530,15 @@ pub fn frame_messages(f: &FrameSpec, chunk: usize) -> impl Iterator<Item = Write
         let chunks = (0..len.div_ceil(chunk as u64)).map(move |i| {
             let off = i * chunk as u64;
             let n = (len - off).min(chunk as u64) as usize;
-            let mut buf = vec![0u8; n];
-            t.data.read_at(off, &mut buf);
-            req(In::Chunk(pb::Chunk { data: buf.into() }))
+            let data = match &t.data {
+                Payload::Shared(b) => b.slice(off as usize..off as usize + n),
+                other => {
+                    let mut buf = vec![0u8; n];
+                    other.read_at(off, &mut buf);
+                    buf.into()
+                }
+            };
+            req(In::Chunk(pb::Chunk { data }))
         });
         head.chain(chunks)
     });
@@ -561,6 +574,8 @@ pub struct Session {
     pub opened: Opened,
     pub received: Vec<FrameAck>,
     pub durable: Vec<FrameAck>,
+    /// Every ack in arrival order: (`true` for durable, seq).
+    pub acks: Vec<(bool, u64)>,
     /// The status the stream ended with, once it ended.
     pub ended: Option<Result<(), Status>>,
 }
@@ -599,6 +614,7 @@ impl Session {
             opened: Opened::default(),
             received: Vec::new(),
             durable: Vec::new(),
+            acks: Vec::new(),
             ended: None,
         };
         match s.next().await? {
@@ -617,8 +633,14 @@ impl Session {
         match self.events.recv().await {
             Some(Ok(m)) => {
                 match &m {
-                    Out::Received(a) => self.received.push(a.clone()),
-                    Out::Durable(a) => self.durable.push(a.clone()),
+                    Out::Received(a) => {
+                        self.acks.push((false, a.seq));
+                        self.received.push(a.clone())
+                    }
+                    Out::Durable(a) => {
+                        self.acks.push((true, a.seq));
+                        self.durable.push(a.clone())
+                    }
                     Out::Opened(_) => {}
                 }
                 Ok(Some(m))
