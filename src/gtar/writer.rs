@@ -17,11 +17,14 @@
 //! * Direct I/O (opt-in, [`ArchiveWriter::enable_direct_io`]): the data of an
 //!   entry of at least [`DIRECT_MIN`] bytes starts on a 4 KiB boundary (a
 //!   padding extra field in its local header) and its whole blocks go through
-//!   a second, `O_DIRECT` descriptor from an aligned staging buffer; its last
+//!   a second, `O_DIRECT` descriptor from two aligned staging buffers (an I/O
+//!   thread writes one while the writer thread fills the other); its last
 //!   partial block and every header go through the page cache as before. The
 //!   two never touch the same block, and the kernel keeps the page cache
-//!   coherent with direct writes. Durability is unchanged: `sync` is still
-//!   what makes a commit durable (it also flushes the device cache).
+//!   coherent with direct writes. No direct write is in flight when an entry
+//!   ends, a frame commits or the file is truncated. Durability is unchanged:
+//!   `sync` is still what makes a commit durable (it also flushes the device
+//!   cache).
 //!
 //! Why direct I/O: on the virtual disks training jobs usually get, copying
 //! into fresh page-cache pages costs the kernel far more CPU than the write
