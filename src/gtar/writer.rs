@@ -114,7 +114,8 @@ const DIRECT_STAGE: usize = 4 << 20;
 
 /// One aligned staging buffer: `DIRECT_STAGE` bytes starting at `off` in a
 /// plain `Vec` with one page of slack, sliced at its first aligned address
-/// (no unsafe code, no custom allocation).
+/// (no unsafe code, no custom allocation). Allocated on first use, so a
+/// writer that never sees a large entry costs no memory for it.
 struct Stage {
     buf: Vec<u8>,
     off: usize,
@@ -122,16 +123,24 @@ struct Stage {
 
 impl Stage {
     fn new() -> Stage {
-        let buf = vec![0u8; DIRECT_STAGE + DIRECT_ALIGN];
-        let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        Stage { buf, off }
+        Stage {
+            buf: Vec::new(),
+            off: 0,
+        }
     }
 
+    /// The staged bytes (empty if never filled).
     fn bytes(&self) -> &[u8] {
-        &self.buf[self.off..self.off + DIRECT_STAGE]
+        self.buf
+            .get(self.off..self.off + DIRECT_STAGE)
+            .unwrap_or(&[])
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; DIRECT_STAGE + DIRECT_ALIGN];
+            self.off = self.buf.as_ptr().align_offset(DIRECT_ALIGN);
+        }
         &mut self.buf[self.off..self.off + DIRECT_STAGE]
     }
 }
