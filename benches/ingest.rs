@@ -155,6 +155,21 @@ fn dd_time(
     res.map(|()| el)
 }
 
+/// Frame `k`: one f32 tensor `model/weights` of `bytes` bytes from `payload`.
+fn weights_frame(k: u64, bytes: u64, payload: &Payload) -> FrameSpec {
+    FrameSpec {
+        index: k.to_string(),
+        tensors: vec![TensorSpec::new(
+            "model",
+            "weights",
+            DType::Float32,
+            &[bytes / 4],
+            payload.clone(),
+        )],
+        ..Default::default()
+    }
+}
+
 struct IngestRun {
     durable: Duration,
     received: Duration,
@@ -181,17 +196,7 @@ fn daemon_ingest(
             .await
             .unwrap();
         for k in 0..frames {
-            let f = FrameSpec {
-                index: k.to_string(),
-                tensors: vec![TensorSpec::new(
-                    "model",
-                    "weights",
-                    DType::Float32,
-                    &[FRAME / 4],
-                    payload.clone(),
-                )],
-                ..Default::default()
-            };
+            let f = weights_frame(k, FRAME, payload);
             s.send_frame(&f, CHUNK).await.unwrap();
             if per_frame_durable {
                 s.wait_durable(k as usize + 1).await.unwrap();
@@ -359,17 +364,7 @@ fn main() {
         let mut c = connect_uds(&uds).await;
         let mut s = Session::open(&mut c, open_req(archive, "")).await.unwrap();
         for k in 0..qframes {
-            let f = FrameSpec {
-                index: k.to_string(),
-                tensors: vec![TensorSpec::new(
-                    "model",
-                    "weights",
-                    DType::Float32,
-                    &[MIB / 4],
-                    small.clone(),
-                )],
-                ..Default::default()
-            };
+            let f = weights_frame(k, MIB, &small);
             s.send_frame(&f, MIB as usize).await.unwrap();
         }
         s.wait_durable(qframes as usize).await.unwrap();

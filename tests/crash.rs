@@ -388,15 +388,7 @@ fn campaign(sequences: usize, kills: usize, seed: u64, libgetar: bool) -> Stats 
 }
 
 fn seed() -> u64 {
-    std::env::var("GTAR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
+    seed_from_env("GTAR_CRASH_SEED")
 }
 
 /// The full test the issue asks for: 24 kills over 4 files, a third of them

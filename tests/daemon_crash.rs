@@ -15,6 +15,7 @@
 //! The archive grows across the runs, so each run also exercises repair of an
 //! archive that was repaired and appended to before.
 
+mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
 
@@ -225,15 +226,7 @@ fn kill_9_at_random_moments_loses_no_durable_frame_and_shows_no_partial_frame() 
     let uds = tmp.path().join("logd.sock");
     let log = tmp.path().join("daemon.log");
     let file = data.join(ARCHIVE);
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = common::seed_from_env("CRASH_SEED");
     println!("CRASH_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_multi_thread()

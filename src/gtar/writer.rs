@@ -178,8 +178,6 @@ struct Direct {
     /// writes through the page cache, and new entries no longer use this path.
     /// Shared with the I/O thread, which sets it.
     refused: Arc<AtomicBool>,
-    /// The error of a write that failed, reported by the next call.
-    failed: Option<std::io::Error>,
     io: Option<std::sync::mpsc::Sender<IoReq>>,
     done: std::sync::mpsc::Receiver<IoDone>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -263,39 +261,32 @@ impl Direct {
             staged: 0,
             at: 0,
             refused,
-            failed: None,
             io: Some(req_tx),
             done: done_rx,
             thread: Some(thread),
         })
     }
 
-    /// Wait for the write in flight, if any; its error is kept for `check`.
-    fn drain(&mut self) {
+    /// Wait for the write in flight, if any, and return how it went.
+    fn drain(&mut self) -> std::io::Result<()> {
         if self.spare.is_some() {
-            return;
+            return Ok(());
         }
         match self.done.recv() {
             Ok(d) => {
                 self.spare = Some(d.stage);
-                if let Err(e) = d.result {
-                    self.failed.get_or_insert(e);
-                }
+                d.result
             }
             Err(_) => {
                 self.spare = Some(Stage::new());
-                self.failed
-                    .get_or_insert_with(|| std::io::Error::other("the direct I/O thread stopped"));
+                Err(std::io::Error::other("the direct I/O thread stopped"))
             }
         }
     }
 
-    /// The first write error since the last call, if any.
-    fn check(&mut self) -> std::io::Result<()> {
-        match self.failed.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+    /// Whether new entries use this path (the file system has not refused).
+    fn usable(&self) -> bool {
+        !self.refused.load(Ordering::Relaxed)
     }
 
     /// Hand the first `len` staged bytes to the I/O thread (waiting for the
@@ -303,8 +294,7 @@ impl Direct {
     /// `len` is `staged` or its whole blocks, with the rest already copied
     /// elsewhere by the caller.
     fn submit(&mut self, len: usize) -> std::io::Result<()> {
-        self.drain();
-        self.check()?;
+        self.drain()?;
         let next = self.spare.take().expect("drained");
         let stage = std::mem::replace(&mut self.cur, next);
         let req = IoReq {
@@ -457,32 +447,22 @@ impl ArchiveWriter {
             // Reopen *this* file through procfs, not its path, which another
             // program may have renamed or replaced since we opened it.
             let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-            match OpenOptions::new()
+            let opened = OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_DIRECT)
                 .open(&proc_path)
-            {
-                Ok(f) => match self.file.try_clone().and_then(|b| Direct::new(f, b)) {
-                    Ok(d) => self.direct = Some(d),
-                    Err(e) => tracing::debug!("{}: no direct I/O: {e}", self.path.display()),
-                },
-                Err(e) => {
-                    tracing::debug!("{}: no direct I/O: {e}", self.path.display());
-                }
+                .and_then(|f| Direct::new(f, self.file.try_clone()?));
+            match opened {
+                Ok(d) => self.direct = Some(d),
+                Err(e) => tracing::debug!("{}: no direct I/O: {e}", self.path.display()),
             }
         }
-        self.direct
-            .as_ref()
-            .is_some_and(|d| !d.refused.load(Ordering::Relaxed))
+        self.direct.as_ref().is_some_and(Direct::usable)
     }
 
     /// Whether an entry of `len` bytes is written with direct I/O.
     fn direct_for(&self, len: u64) -> bool {
-        len >= DIRECT_MIN
-            && self
-                .direct
-                .as_ref()
-                .is_some_and(|d| !d.refused.load(Ordering::Relaxed))
+        len >= DIRECT_MIN && self.direct.as_ref().is_some_and(Direct::usable)
     }
 
     /// Begin direct data at `at` (aligned, the append position).
@@ -491,8 +471,7 @@ impl ArchiveWriter {
         debug_assert_eq!(at, self.buf_at);
         debug_assert_eq!(at % DIRECT_ALIGN as u64, 0);
         let d = self.direct.as_mut().expect("direct_for checked");
-        d.drain();
-        d.check()?;
+        d.drain()?;
         d.staged = 0;
         d.at = at;
         Ok(())
@@ -526,17 +505,14 @@ impl ArchiveWriter {
         if whole > 0 {
             d.submit(whole)?;
         }
-        d.drain();
-        d.staged = 0;
-        Ok(d.check()?)
+        Ok(d.drain()?)
     }
 
-    /// Wait for a direct write in flight (before truncating the file).
+    /// Wait for a direct write in flight (before truncating the file). Its
+    /// error does not matter: the frame is being dropped anyway.
     fn direct_drain(&mut self) {
         if let Some(d) = self.direct.as_mut() {
-            d.drain();
-            d.staged = 0;
-            let _ = d.check(); // the frame is being dropped anyway
+            let _ = d.drain();
         }
     }
 

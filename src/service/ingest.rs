@@ -447,16 +447,13 @@ async fn forward_acks(
         drop(p.permit); // committed (or failed): the stream may send another
         let committed = match received {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
+            refused => {
+                let st = match refused {
+                    Ok(Err(e)) => e.into(),
+                    _ => status(Kind::Internal, "the archive writer stopped"),
+                };
                 failed.cancel();
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
-            Err(_) => {
-                failed.cancel();
-                let _ = tx
-                    .send(Err(status(Kind::Internal, "the archive writer stopped")))
-                    .await;
+                let _ = tx.send(Err(st)).await;
                 return;
             }
         };
