@@ -206,7 +206,14 @@ impl Catalog {
                 match std::fs::symlink_metadata(&cur) {
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        std::fs::create_dir(&cur)?;
+                        // Another stream may create it between our look and
+                        // this call; what is there is checked by `confine`.
+                        match std::fs::create_dir(&cur) {
+                            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                                return Err(e.into())
+                            }
+                            _ => {}
+                        }
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -393,6 +400,33 @@ mod tests {
         }
         assert_eq!(cat.list("run/").len(), 1);
         assert_eq!(cat.list("").len(), 2);
+    }
+
+    /// Streams opening archives in a new directory at the same moment all
+    /// get it (one of them used to fail with EEXIST from the lost race).
+    #[test]
+    fn concurrent_opens_create_a_new_directory_once() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let reg = Registry::new(Default::default(), rt.handle().clone());
+            let cat = Catalog::new(dir.path(), reg).unwrap();
+            let barrier = std::sync::Barrier::new(16);
+            std::thread::scope(|s| {
+                for i in 0..16 {
+                    let (cat, barrier) = (&cat, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        cat.resolve(&format!("new/deep/a{i}.zip"), true)
+                            .unwrap_or_else(|e| panic!("round {round}, stream {i}: {e}"));
+                    });
+                }
+            });
+            assert!(dir.path().join("new/deep").is_dir());
+        }
     }
 
     #[test]
