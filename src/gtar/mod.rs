@@ -23,7 +23,9 @@ pub use index::{Entry, Index};
 pub use path::{index_cmp, Behavior, Format, FrameIndex, RecordPath, RecordType, Resolution};
 pub use reader::{Archive, OpenState};
 pub use recover::{repair, ScanReport};
-pub use writer::{ArchiveWriter, Committed, Compression, OpenMode, Precompressed, Txn};
+pub use writer::{
+    ArchiveWriter, Committed, Compression, EntryWriter, OpenMode, Precompressed, Txn,
+};
 
 /// Errors of the format layer.
 #[derive(Debug, thiserror::Error)]

@@ -103,6 +103,8 @@ pub struct Committed {
 /// Small writes are gathered here and written in one call; large data goes
 /// straight to the file.
 const BUF_CAP: usize = 1 << 20;
+/// Piece size of [`EntryWriter::write_from`] when the entry is not direct.
+const FILL_PIECE: u64 = 1 << 20;
 
 /// Entries at least this large go through direct I/O when it is enabled.
 pub const DIRECT_MIN: u64 = 1 << 20;
@@ -478,14 +480,30 @@ impl ArchiveWriter {
     }
 
     /// Stage `data`; every full stage goes to the I/O thread.
-    fn direct_write(&mut self, mut data: &[u8]) -> Result<(), Error> {
+    fn direct_write(&mut self, data: &[u8]) -> Result<(), Error> {
+        let mut rest = data;
+        self.direct_fill(data.len() as u64, &mut |buf| {
+            let (now, later) = rest.split_at(buf.len());
+            buf.copy_from_slice(now);
+            rest = later;
+            Ok(())
+        })
+    }
+
+    /// Stage the next `len` bytes, which `fill` writes into the stage piece
+    /// by piece; every full stage goes to the I/O thread.
+    fn direct_fill(
+        &mut self,
+        mut len: u64,
+        fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<(), Error> {
         let d = self.direct.as_mut().expect("direct_begin ran");
-        while !data.is_empty() {
-            let k = data.len().min(DIRECT_STAGE - d.staged);
+        while len > 0 {
+            let k = len.min((DIRECT_STAGE - d.staged) as u64) as usize;
             let from = d.staged;
-            d.cur.bytes_mut()[from..from + k].copy_from_slice(&data[..k]);
+            fill(&mut d.cur.bytes_mut()[from..from + k])?;
             d.staged += k;
-            data = &data[k..];
+            len -= k as u64;
             if d.staged == DIRECT_STAGE {
                 d.submit(DIRECT_STAGE)?;
             }
@@ -802,6 +820,7 @@ impl<'a> Txn<'a> {
             written: 0,
             crc: crc32fast::Hasher::new(),
             finished: false,
+            broken: false,
             txn: self,
         })
     }
@@ -899,6 +918,9 @@ pub struct EntryWriter<'t, 'a> {
     written: u64,
     crc: crc32fast::Hasher,
     finished: bool,
+    /// A write failed part-way: what is staged is unknown, so the entry
+    /// takes nothing more (its frame can only be aborted).
+    broken: bool,
 }
 
 impl Drop for EntryWriter<'_, '_> {
@@ -912,6 +934,7 @@ impl Drop for EntryWriter<'_, '_> {
 impl EntryWriter<'_, '_> {
     /// Append the next piece of the entry's data.
     pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.check_whole()?;
         if self.written + data.len() as u64 > self.size {
             return Err(Error::Invalid(format!(
                 "{}: {} bytes written, more than the declared {}",
@@ -921,18 +944,76 @@ impl EntryWriter<'_, '_> {
             )));
         }
         self.crc.update(data);
+        self.broken = true;
         if self.direct {
             self.txn.w.direct_write(data)?;
         } else {
             let at = self.data_at + self.written;
             self.txn.w.append(at, data)?;
         }
+        self.broken = false;
         self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn check_whole(&self) -> Result<(), Error> {
+        if self.broken {
+            return Err(Error::Invalid(format!(
+                "{}: an earlier write to this entry failed",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Append the next `len` bytes of the entry's data, which `fill` writes
+    /// into the buffer it is given (all of it, piece by piece, in order).
+    /// With direct I/O the pieces are the writer's own stage, so bytes read
+    /// from another file (e.g. a client's shared memory) are copied once,
+    /// not once into a buffer of ours and again into the stage. An error
+    /// from `fill` leaves the entry unfinished: the frame is aborted.
+    pub fn write_from(
+        &mut self,
+        len: u64,
+        mut fill: impl FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<(), Error> {
+        self.check_whole()?;
+        if self.written + len > self.size {
+            return Err(Error::Invalid(format!(
+                "{}: {} bytes written, more than the declared {}",
+                self.name,
+                self.written + len,
+                self.size
+            )));
+        }
+        if self.direct {
+            let crc = &mut self.crc;
+            self.broken = true;
+            self.txn.w.direct_fill(len, &mut |buf| {
+                fill(buf)?;
+                crc.update(buf);
+                Ok(())
+            })?;
+            self.broken = false;
+            self.written += len;
+        } else {
+            let mut buf = vec![0; len.min(FILL_PIECE) as usize];
+            let mut left = len;
+            while left > 0 {
+                let piece = &mut buf[..left.min(FILL_PIECE) as usize];
+                self.broken = true;
+                fill(piece)?;
+                self.broken = false;
+                self.write(piece)?;
+                left -= piece.len() as u64;
+            }
+        }
         Ok(())
     }
 
     /// Complete the entry: every declared byte must have been written.
     pub fn finish(mut self) -> Result<(), Error> {
+        self.check_whole()?;
         if self.written != self.size {
             return Err(Error::Invalid(format!(
                 "{}: {} bytes written, {} declared",
@@ -1017,11 +1098,26 @@ mod tests {
                 let name = format!("frames/{f}/r{k}.u8.uni");
                 if k % 2 == 0 {
                     t.add(&name, &data, Compression::Stored).unwrap();
-                } else {
+                } else if k % 4 == 1 {
                     let mut e = t.start_entry(&name, n as u64).unwrap();
                     for piece in data.chunks(65_537) {
                         e.write(piece).unwrap();
                     }
+                    e.finish().unwrap();
+                } else {
+                    // write_from in calls of odd sizes, each filled piece by
+                    // piece as the writer asks.
+                    let mut e = t.start_entry(&name, n as u64).unwrap();
+                    let mut at = 0;
+                    for call in data.chunks(3 * 1_048_573) {
+                        e.write_from(call.len() as u64, |buf| {
+                            buf.copy_from_slice(&data[at..at + buf.len()]);
+                            at += buf.len();
+                            Ok(())
+                        })
+                        .unwrap();
+                    }
+                    assert_eq!(at, n);
                     e.finish().unwrap();
                 }
                 expect.push((name, data));
@@ -1122,5 +1218,48 @@ mod tests {
         check(&path, &expect, true);
         let a = Archive::open(&path).unwrap();
         assert!(a.read("frames/x/a.u8.uni").is_err());
+    }
+
+    #[test]
+    fn a_failing_fill_aborts_its_frame_and_the_writer_goes_on() {
+        for direct in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f.zip");
+            let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
+            if direct {
+                w.enable_direct_io();
+            }
+            let mut expect = write_frames(&mut w, 0..1);
+            let end = w.committed_len();
+            {
+                let mut t = w.begin().unwrap();
+                let size = 3 * DIRECT_STAGE as u64;
+                let mut e = t.start_entry("frames/x/b.u8.uni", size).unwrap();
+                // The source ends after a stage and a bit: like a shared
+                // memory region that shrank under the daemon.
+                let mut left = DIRECT_STAGE + 4097;
+                let err = e
+                    .write_from(size, |buf| {
+                        if buf.len() > left {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "source ended",
+                            ));
+                        }
+                        left -= buf.len();
+                        buf.fill(7);
+                        Ok(())
+                    })
+                    .unwrap_err();
+                assert!(err.to_string().contains("source ended"), "{err}");
+                let again = e.write_from(1, |_| Ok(())).unwrap_err();
+                assert!(again.to_string().contains("earlier write"), "{again}");
+            }
+            assert_eq!(w.committed_len(), end);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
+            expect.extend(write_frames(&mut w, 1..2));
+            drop(w);
+            check(&path, &expect, direct);
+        }
     }
 }

@@ -2,7 +2,7 @@
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct WriteRequest {
-    #[prost(oneof = "write_request::Msg", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "write_request::Msg", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub msg: ::core::option::Option<write_request::Msg>,
 }
 /// Nested message and enum types in `WriteRequest`.
@@ -24,6 +24,8 @@ pub mod write_request {
         Scalar(super::Scalar),
         #[prost(message, tag = "7")]
         Commit(super::CommitFrame),
+        #[prost(message, tag = "8")]
+        ShmChunk(super::ShmChunk),
     }
 }
 #[allow(clippy::all)]
@@ -41,6 +43,26 @@ pub struct OpenArchive {
     /// 0 = store (fastest); 1..9 = deflate level, done off the writer thread.
     #[prost(uint32, tag = "4")]
     pub compression: u32,
+    /// Optional: tensor bytes come through shared memory (see SharedMemory).
+    #[prost(message, optional, tag = "5")]
+    pub shm: ::core::option::Option<SharedMemory>,
+}
+/// A memory file of the client (e.g. a memfd) that tensor bytes are passed in
+/// instead of `chunk`s, which saves the copies through gRPC and the socket.
+/// Only over the Unix socket, and only when the daemon may open the client's
+/// descriptor: it opens /proc/<peer pid>/fd/<fd> (the pid comes from the
+/// socket's peer credentials, not from the client), and the file must belong
+/// to the peer's user. `Opened.shm_attached` says whether it worked; if not,
+/// the client sends `chunk`s as usual.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SharedMemory {
+    /// The descriptor's number in the client process.
+    #[prost(uint32, tag = "1")]
+    pub fd: u32,
+    /// Bytes of the region; every `shm_chunk` lies inside it.
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -71,6 +93,18 @@ pub struct Chunk {
     /// Next piece of the current tensor's little-endian bytes (a few MiB at most).
     #[prost(bytes = "bytes", tag = "1")]
     pub data: ::prost::bytes::Bytes,
+}
+/// Next piece of the current tensor's bytes, at \[offset, offset + length) of
+/// the stream's shared memory region; any length. The daemon reads them while
+/// it writes the frame, so the client must not change them until the frame is
+/// acked `durable` or the stream has ended.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ShmChunk {
+    #[prost(uint64, tag = "1")]
+    pub offset: u64,
+    #[prost(uint64, tag = "2")]
+    pub length: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -130,6 +164,13 @@ pub struct Opened {
     /// Set when the archive had to be repaired on open.
     #[prost(string, tag = "3")]
     pub repaired: ::prost::alloc::string::String,
+    /// The stream's shared memory region is attached: `shm_chunk`s may follow.
+    #[prost(bool, tag = "4")]
+    pub shm_attached: bool,
+    /// Why a requested region was not attached, e.g. "shared memory needs the
+    /// Unix socket"; the client sends `chunk`s instead.
+    #[prost(string, tag = "5")]
+    pub shm_refused: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -526,8 +567,9 @@ pub mod logd_client {
             self
         }
         /// Stream frames into an archive. The first message must be `open`. Then,
-        /// per frame: `begin`, any number of `tensor` (each followed by `chunk`s
-        /// carrying exactly its bytes), `record` and `scalar`, then `commit`. The
+        /// per frame: `begin`, any number of `tensor` (each followed by `chunk`s or
+        /// `shm_chunk`s carrying exactly its bytes), `record` and `scalar`, then
+        /// `commit`. The
         /// daemon answers `opened`, then for each frame `received` (the frame is in
         /// the archive and visible to queries) and `durable` (its bytes are fsynced).
         /// A frame that is not committed when the stream ends or fails is dropped
@@ -728,8 +770,9 @@ pub mod logd_server {
             + std::marker::Send
             + 'static;
         /// Stream frames into an archive. The first message must be `open`. Then,
-        /// per frame: `begin`, any number of `tensor` (each followed by `chunk`s
-        /// carrying exactly its bytes), `record` and `scalar`, then `commit`. The
+        /// per frame: `begin`, any number of `tensor` (each followed by `chunk`s or
+        /// `shm_chunk`s carrying exactly its bytes), `record` and `scalar`, then
+        /// `commit`. The
         /// daemon answers `opened`, then for each frame `received` (the frame is in
         /// the archive and visible to queries) and `durable` (its bytes are fsynced).
         /// A frame that is not committed when the stream ends or fails is dropped

@@ -15,9 +15,13 @@
 //!   queue's worth of writing per frame).
 //! * The first frame the writer refuses ends the stream with its error; the
 //!   frames already sent after it are aborted unless already committed.
+//! * Tensor bytes come either in `chunk`s or, when the client attached a
+//!   shared memory region at open (see [`super::shm`]), as `shm_chunk`s that
+//!   name a range of it; both are checked the same way against the tensor.
 
 use std::sync::Arc;
 
+use tokio::net::unix::UCred;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
@@ -29,6 +33,7 @@ use crate::proto::v1::{
     WriteRequest, WriteResponse,
 };
 use crate::service::errors::{bad, remap_decode, status, Kind};
+use crate::service::shm::{self, Region};
 use crate::service::State;
 use crate::writer::{FrameTicket, Lease, Part, WriterError};
 
@@ -71,9 +76,19 @@ struct Pending {
     durable: oneshot::Receiver<Result<(), WriterError>>,
 }
 
+/// Where the bytes of a tensor piece are.
+enum Piece {
+    Bytes(prost::bytes::Bytes),
+    /// `offset` of the stream's shared memory region.
+    Shm {
+        offset: u64,
+    },
+}
+
 struct Stream {
     state: Arc<State>,
     lease: Lease,
+    shm: Option<Region>,
     prefix: String,
     level: u32,
     frame: Option<Frame>,
@@ -85,14 +100,20 @@ struct Stream {
 }
 
 /// Run one Write stream to its end, sending responses on `tx`.
-pub async fn run(state: Arc<State>, mut inbound: Streaming<WriteRequest>, tx: Tx) {
+/// `peer`: the client's credentials when it came over the Unix socket.
+pub async fn run(
+    state: Arc<State>,
+    mut inbound: Streaming<WriteRequest>,
+    peer: Option<UCred>,
+    tx: Tx,
+) {
     let res = async {
         let open = match inbound.message().await.map_err(remap_decode)? {
             Some(WriteRequest { msg: Some(In::Open(o)) }) => o,
             Some(_) => return Err(bad("open", "the first message of a Write stream must be `open`")),
             None => return Ok(()),
         };
-        let mut s = Stream::open(state.clone(), open, &tx).await?;
+        let mut s = Stream::open(state.clone(), open, peer, &tx).await?;
         loop {
             let msg = tokio::select! {
                 m = inbound.message() => m.map_err(remap_decode)?,
@@ -124,6 +145,7 @@ impl Stream {
     async fn open(
         state: Arc<State>,
         o: crate::proto::v1::OpenArchive,
+        peer: Option<UCred>,
         tx: &Tx,
     ) -> Result<Stream, Status> {
         layout::check_group("open.group", &o.group).map_err(|e| bad("open.group", e))?;
@@ -164,12 +186,22 @@ impl Stream {
                 )
             })
             .unwrap_or_default();
+        let (shm, shm_refused) = match o.shm.as_ref().map(|m| shm::attach(peer, m)) {
+            None => (None, String::new()),
+            Some(Ok(r)) => (Some(r), String::new()),
+            Some(Err(why)) => {
+                tracing::debug!(archive = %o.archive, %why, "shared memory not attached");
+                (None, why)
+            }
+        };
         send(
             tx,
             Out::Opened(Opened {
                 archive: o.archive.clone(),
                 existing_frames: existing,
                 repaired,
+                shm_attached: shm.is_some(),
+                shm_refused,
             }),
         )
         .await?;
@@ -179,6 +211,7 @@ impl Stream {
         Ok(Stream {
             state,
             lease,
+            shm,
             prefix: o.group,
             level: o.compression,
             frame: None,
@@ -298,35 +331,32 @@ impl Stream {
                 Ok(())
             }
             In::Chunk(c) => {
-                let f = self.frame("chunk")?;
-                let t = f
-                    .tensor
-                    .as_mut()
-                    .ok_or_else(|| bad("chunk", "no tensor is open; send `tensor` first"))?;
                 let n = c.data.len() as u64;
-                if n > t.left {
+                self.piece("chunk.data", n, Piece::Bytes(c.data)).await
+            }
+            In::ShmChunk(c) => {
+                let r = self.shm.as_ref().ok_or_else(|| {
+                    bad(
+                        "shm_chunk",
+                        "no shared memory region is attached to this stream; send `chunk`s",
+                    )
+                })?;
+                if c.offset
+                    .checked_add(c.length)
+                    .is_none_or(|end| end > r.size)
+                {
                     return Err(bad(
-                        "chunk.data",
+                        "shm_chunk",
                         format!(
-                            "tensor {} got {} bytes more than its dtype × shape",
-                            t.path,
-                            n - t.left
+                            "bytes {}..{} are outside the {}-byte shared memory region",
+                            c.offset,
+                            c.offset as u128 + c.length as u128,
+                            r.size
                         ),
                     ));
                 }
-                t.left -= n;
-                let finished = t.left == 0;
-                if let Some(g) = t.gather.as_mut() {
-                    g.extend_from_slice(&c.data);
-                    if finished {
-                        self.flush_gathered().await?;
-                    }
-                } else if n > 0 {
-                    // `Bytes` sliced out of tonic's receive buffer by prost:
-                    // it reaches the writer thread without a copy.
-                    self.part(Part::Data(c.data)).await?;
-                }
-                Ok(())
+                let piece = Piece::Shm { offset: c.offset };
+                self.piece("shm_chunk.length", c.length, piece).await
             }
             In::Record(r) => {
                 self.tensor_done("record")?;
@@ -357,6 +387,69 @@ impl Stream {
                 self.commit().await
             }
         }
+    }
+
+    /// The next `n` bytes of the open tensor.
+    async fn piece(&mut self, field: &str, n: u64, piece: Piece) -> Result<(), Status> {
+        let region = self.shm.as_ref().map(|r| r.file.clone());
+        let f = self.frame(field)?;
+        let t = f
+            .tensor
+            .as_mut()
+            .ok_or_else(|| bad(field, "no tensor is open; send `tensor` first"))?;
+        if n > t.left {
+            return Err(bad(
+                field,
+                format!(
+                    "tensor {} got {} bytes more than its dtype × shape",
+                    t.path,
+                    n - t.left
+                ),
+            ));
+        }
+        t.left -= n;
+        let finished = t.left == 0;
+        if let Some(g) = t.gather.as_mut() {
+            match piece {
+                Piece::Bytes(b) => g.extend_from_slice(&b),
+                Piece::Shm { offset } => {
+                    let file = region.expect("checked by the caller");
+                    let mut buf = std::mem::take(g);
+                    let path = t.path.clone();
+                    *g = tokio::task::spawn_blocking(move || {
+                        use std::os::unix::fs::FileExt;
+                        let at = buf.len();
+                        buf.resize(at + n as usize, 0);
+                        file.read_exact_at(&mut buf[at..], offset).map(|()| buf)
+                    })
+                    .await
+                    .map_err(|e| status(Kind::Internal, e.to_string()))?
+                    .map_err(|e| {
+                        bad(
+                            "shm_chunk",
+                            format!("{path}: cannot read the shared memory region: {e}"),
+                        )
+                    })?;
+                }
+            }
+            if finished {
+                self.flush_gathered().await?;
+            }
+        } else if n > 0 {
+            self.part(match piece {
+                // `Bytes` sliced out of tonic's receive buffer by prost:
+                // it reaches the writer thread without a copy.
+                Piece::Bytes(b) => Part::Data(b),
+                // Read by the writer thread, into its own buffers.
+                Piece::Shm { offset } => Part::Shm {
+                    file: region.expect("checked by the caller"),
+                    offset,
+                    len: n,
+                },
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// A whole record: part of the open frame, or a frame of its own.

@@ -4,6 +4,7 @@
 
 pub mod errors;
 pub mod ingest;
+pub mod shm;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -123,8 +124,14 @@ impl Logd for Service {
         &self,
         req: Request<Streaming<pb::WriteRequest>>,
     ) -> Result<Response<Self::WriteStream>, Status> {
+        // Peer credentials exist on the Unix socket only; they decide whether
+        // the stream may use shared memory (see `shm`).
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|c| c.peer_cred);
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(ingest::run(self.state.clone(), req.into_inner(), tx));
+        tokio::spawn(ingest::run(self.state.clone(), req.into_inner(), peer, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

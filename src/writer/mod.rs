@@ -110,6 +110,14 @@ pub enum Part {
         size: u64,
     },
     Data(prost::bytes::Bytes),
+    /// The next `len` bytes of the started entry, at `offset` of a client's
+    /// shared memory file (see `Logd.Write`'s `shm_chunk`). Read here, on
+    /// the writer thread, straight into the writer's buffers.
+    Shm {
+        file: Arc<std::fs::File>,
+        offset: u64,
+        len: u64,
+    },
     /// A whole stored entry.
     Whole {
         path: String,
@@ -657,6 +665,17 @@ impl Actor {
                                     e.write(&d).map_err(g)?;
                                     left -= d.len() as u64;
                                 }
+                                Part::Shm { file, offset, len } => {
+                                    shm_read(&mut e, &file, offset, len).map_err(
+                                        |err| match err {
+                                            ShmError::Client(why) => {
+                                                WriterError::Invalid(format!("{p}: {why}"))
+                                            }
+                                            ShmError::Archive(e) => g(e),
+                                        },
+                                    )?;
+                                    left -= len;
+                                }
                                 _ => {
                                     return Err(WriterError::Invalid(format!(
                                         "{p}: {left} bytes missing"
@@ -666,7 +685,7 @@ impl Actor {
                         }
                         e.finish().map_err(g)?;
                     }
-                    Part::Data(_) => {
+                    Part::Data(_) | Part::Shm { .. } => {
                         return Err(WriterError::Invalid("data outside a tensor".into()))
                     }
                     Part::Whole { path: p, data } => {
@@ -732,5 +751,48 @@ impl Actor {
                 tracing::error!(archive = %self.path.display(), error = %e, "closing the archive failed");
             }
         }
+    }
+}
+
+/// Why reading a client's shared memory into an entry failed.
+enum ShmError {
+    /// The region could not be read: the client's fault, this frame fails.
+    Client(String),
+    /// Writing the archive failed.
+    Archive(gtar::Error),
+}
+
+/// Copy `len` bytes at `offset` of a client's shared memory file into the
+/// entry. `pread`, not a mapping: a client can shrink its file at any time,
+/// which under a mapping is a SIGBUS for the whole daemon; here it is a
+/// short read and an error for this frame only.
+fn shm_read(
+    e: &mut gtar::EntryWriter<'_, '_>,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> Result<(), ShmError> {
+    use std::os::unix::fs::FileExt;
+    let mut at = offset;
+    let mut unreadable = None;
+    let res = e.write_from(len, |buf| {
+        let r = file.read_exact_at(buf, at);
+        if let Err(err) = &r {
+            let end = at + buf.len() as u64;
+            unreadable = Some(if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                format!(
+                    "the shared memory region ends before byte {end} (did the client shrink it?)"
+                )
+            } else {
+                format!("cannot read bytes {at}..{end} of the shared memory region: {err}")
+            });
+        }
+        at += buf.len() as u64;
+        r
+    });
+    match (res, unreadable) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(why)) => Err(ShmError::Client(why)),
+        (Err(e), None) => Err(ShmError::Archive(e)),
     }
 }

@@ -511,6 +511,7 @@ pub fn open_req(archive: &str, group: &str) -> OpenArchive {
         mode: pb::OpenMode::Append as i32,
         group: group.into(),
         compression: 0,
+        shm: None,
     }
 }
 

@@ -485,6 +485,9 @@ impl FrameWriter {
             } as i32,
             group: options.group,
             compression: options.compression,
+            // Tensor bytes go in `chunk`s: this crate does not use shared
+            // memory (the Python client does).
+            shm: None,
         };
         tx.send(WriteRequest {
             msg: Some(In::Open(open)),

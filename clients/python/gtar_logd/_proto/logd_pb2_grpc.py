@@ -76,8 +76,9 @@ class LogdServicer:
 
     def Write(self, request_iterator, context):
         """Stream frames into an archive. The first message must be `open`. Then,
-        per frame: `begin`, any number of `tensor` (each followed by `chunk`s
-        carrying exactly its bytes), `record` and `scalar`, then `commit`. The
+        per frame: `begin`, any number of `tensor` (each followed by `chunk`s or
+        `shm_chunk`s carrying exactly its bytes), `record` and `scalar`, then
+        `commit`. The
         daemon answers `opened`, then for each frame `received` (the frame is in
         the archive and visible to queries) and `durable` (its bytes are fsynced).
         A frame that is not committed when the stream ends or fails is dropped
