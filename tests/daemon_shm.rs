@@ -183,8 +183,7 @@ async fn a_region_offered_over_tcp_or_not_openable_is_refused_and_chunks_still_w
             "less than shm.size",
         ),
     ];
-    let mut n = 0;
-    for (over_tcp, open, why) in cases {
+    for (n, (over_tcp, open, why)) in (0u64..).zip(cases) {
         let mut client = if over_tcp {
             d.tcp_client().await
         } else {
@@ -228,7 +227,6 @@ async fn a_region_offered_over_tcp_or_not_openable_is_refused_and_chunks_still_w
             .await
             .unwrap();
         assert_frame_eq(&got, &f);
-        n += 1;
     }
     assert_eq!(list_frames(&mut uds, "t.zip", "").await.unwrap().len(), 3);
 }
