@@ -11,5 +11,6 @@ pub mod proto;
 pub mod query;
 pub mod server;
 pub mod service;
+pub mod shm;
 pub mod systemd;
 pub mod writer;

@@ -65,6 +65,8 @@ pub struct Config {
     pub max_tensor_bytes: u64,
     /// How long queries may keep running after shutdown starts.
     pub grace: Duration,
+    /// Whether Write streams may attach a client's shared memory.
+    pub shared_memory: bool,
 }
 
 impl Config {
@@ -74,6 +76,7 @@ impl Config {
             limits: Limits::default(),
             max_tensor_bytes: 1 << 40,
             grace: Duration::from_secs(10),
+            shared_memory: true,
         }
     }
 }
@@ -142,6 +145,7 @@ pub async fn run(
         catalog,
         shutdown: shutdown.clone(),
         max_tensor_bytes: cfg.max_tensor_bytes,
+        shared_memory: cfg.shared_memory,
     });
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LogdServer<Service>>().await;

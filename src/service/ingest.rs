@@ -16,7 +16,7 @@
 //! * The first frame the writer refuses ends the stream with its error; the
 //!   frames already sent after it are aborted unless already committed.
 //! * Tensor bytes come either in `chunk`s or, when the client attached a
-//!   shared memory region at open (see [`super::shm`]), as `shm_chunk`s that
+//!   shared memory region at open (see [`crate::shm`]), as `shm_chunk`s that
 //!   name a range of it; both are checked the same way against the tensor.
 
 use std::sync::Arc;
@@ -33,8 +33,8 @@ use crate::proto::v1::{
     WriteRequest, WriteResponse,
 };
 use crate::service::errors::{bad, remap_decode, status, Kind};
-use crate::service::shm::{self, Region};
 use crate::service::State;
+use crate::shm::{self, Region};
 use crate::writer::{FrameTicket, Lease, Part, WriterError};
 
 /// Frames of one stream handed to the writer and not yet committed: the next
@@ -88,7 +88,7 @@ enum Piece {
 struct Stream {
     state: Arc<State>,
     lease: Lease,
-    shm: Option<Region>,
+    shm: Option<Arc<Region>>,
     prefix: String,
     level: u32,
     frame: Option<Frame>,
@@ -186,9 +186,16 @@ impl Stream {
                 )
             })
             .unwrap_or_default();
-        let (shm, shm_refused) = match o.shm.as_ref().map(|m| shm::attach(peer, m)) {
+        let offer = o.shm.as_ref().map(|m| {
+            if state.shared_memory {
+                shm::attach(peer, m)
+            } else {
+                Err("shared memory is turned off in the daemon (--shared-memory false)".into())
+            }
+        });
+        let (shm, shm_refused) = match offer {
             None => (None, String::new()),
-            Some(Ok(r)) => (Some(r), String::new()),
+            Some(Ok(r)) => (Some(Arc::new(r)), String::new()),
             Some(Err(why)) => {
                 tracing::debug!(archive = %o.archive, %why, "shared memory not attached");
                 (None, why)
@@ -341,17 +348,14 @@ impl Stream {
                         "no shared memory region is attached to this stream; send `chunk`s",
                     )
                 })?;
-                if c.offset
-                    .checked_add(c.length)
-                    .is_none_or(|end| end > r.size)
-                {
+                if !r.contains(c.offset, c.length) {
                     return Err(bad(
                         "shm_chunk",
                         format!(
                             "bytes {}..{} are outside the {}-byte shared memory region",
                             c.offset,
                             c.offset as u128 + c.length as u128,
-                            r.size
+                            r.size()
                         ),
                     ));
                 }
@@ -391,7 +395,7 @@ impl Stream {
 
     /// The next `n` bytes of the open tensor.
     async fn piece(&mut self, field: &str, n: u64, piece: Piece) -> Result<(), Status> {
-        let region = self.shm.as_ref().map(|r| r.file.clone());
+        let region = self.shm.clone();
         let f = self.frame(field)?;
         let t = f
             .tensor
@@ -413,23 +417,17 @@ impl Stream {
             match piece {
                 Piece::Bytes(b) => g.extend_from_slice(&b),
                 Piece::Shm { offset } => {
-                    let file = region.expect("checked by the caller");
+                    let region = region.expect("checked by the caller");
                     let mut buf = std::mem::take(g);
-                    let path = t.path.clone();
+                    // Up to COMPRESS_MAX bytes: copied off the async threads.
                     *g = tokio::task::spawn_blocking(move || {
-                        use std::os::unix::fs::FileExt;
                         let at = buf.len();
                         buf.resize(at + n as usize, 0);
-                        file.read_exact_at(&mut buf[at..], offset).map(|()| buf)
+                        region.read_at(offset, &mut buf[at..]);
+                        buf
                     })
                     .await
-                    .map_err(|e| status(Kind::Internal, e.to_string()))?
-                    .map_err(|e| {
-                        bad(
-                            "shm_chunk",
-                            format!("{path}: cannot read the shared memory region: {e}"),
-                        )
-                    })?;
+                    .map_err(|e| status(Kind::Internal, e.to_string()))?;
                 }
             }
             if finished {
@@ -440,9 +438,9 @@ impl Stream {
                 // `Bytes` sliced out of tonic's receive buffer by prost:
                 // it reaches the writer thread without a copy.
                 Piece::Bytes(b) => Part::Data(b),
-                // Read by the writer thread, into its own buffers.
+                // Copied by the writer thread, into its own buffers.
                 Piece::Shm { offset } => Part::Shm {
-                    file: region.expect("checked by the caller"),
+                    region: region.expect("checked by the caller"),
                     offset,
                     len: n,
                 },

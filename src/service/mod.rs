@@ -4,7 +4,6 @@
 
 pub mod errors;
 pub mod ingest;
-pub mod shm;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,6 +27,8 @@ pub struct State {
     pub catalog: Catalog,
     pub shutdown: CancellationToken,
     pub max_tensor_bytes: u64,
+    /// Whether Write streams may attach a client's shared memory.
+    pub shared_memory: bool,
 }
 
 #[derive(Clone)]

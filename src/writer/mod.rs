@@ -111,10 +111,10 @@ pub enum Part {
     },
     Data(prost::bytes::Bytes),
     /// The next `len` bytes of the started entry, at `offset` of a client's
-    /// shared memory file (see `Logd.Write`'s `shm_chunk`). Read here, on
-    /// the writer thread, straight into the writer's buffers.
+    /// shared memory region (checked to lie inside it). Copied here, on the
+    /// writer thread, straight into the writer's buffers.
     Shm {
-        file: Arc<std::fs::File>,
+        region: Arc<crate::shm::Region>,
         offset: u64,
         len: u64,
     },
@@ -665,15 +665,17 @@ impl Actor {
                                     e.write(&d).map_err(g)?;
                                     left -= d.len() as u64;
                                 }
-                                Part::Shm { file, offset, len } => {
-                                    shm_read(&mut e, &file, offset, len).map_err(
-                                        |err| match err {
-                                            ShmError::Client(why) => {
-                                                WriterError::Invalid(format!("{p}: {why}"))
-                                            }
-                                            ShmError::Archive(e) => g(e),
-                                        },
-                                    )?;
+                                Part::Shm {
+                                    region,
+                                    mut offset,
+                                    len,
+                                } => {
+                                    e.write_from(len, |buf| {
+                                        region.read_at(offset, buf);
+                                        offset += buf.len() as u64;
+                                        Ok(())
+                                    })
+                                    .map_err(g)?;
                                     left -= len;
                                 }
                                 _ => {
@@ -751,48 +753,5 @@ impl Actor {
                 tracing::error!(archive = %self.path.display(), error = %e, "closing the archive failed");
             }
         }
-    }
-}
-
-/// Why reading a client's shared memory into an entry failed.
-enum ShmError {
-    /// The region could not be read: the client's fault, this frame fails.
-    Client(String),
-    /// Writing the archive failed.
-    Archive(gtar::Error),
-}
-
-/// Copy `len` bytes at `offset` of a client's shared memory file into the
-/// entry. `pread`, not a mapping: a client can shrink its file at any time,
-/// which under a mapping is a SIGBUS for the whole daemon; here it is a
-/// short read and an error for this frame only.
-fn shm_read(
-    e: &mut gtar::EntryWriter<'_, '_>,
-    file: &std::fs::File,
-    offset: u64,
-    len: u64,
-) -> Result<(), ShmError> {
-    use std::os::unix::fs::FileExt;
-    let mut at = offset;
-    let mut unreadable = None;
-    let res = e.write_from(len, |buf| {
-        let r = file.read_exact_at(buf, at);
-        if let Err(err) = &r {
-            let end = at + buf.len() as u64;
-            unreadable = Some(if err.kind() == std::io::ErrorKind::UnexpectedEof {
-                format!(
-                    "the shared memory region ends before byte {end} (did the client shrink it?)"
-                )
-            } else {
-                format!("cannot read bytes {at}..{end} of the shared memory region: {err}")
-            });
-        }
-        at += buf.len() as u64;
-        r
-    });
-    match (res, unreadable) {
-        (Ok(()), _) => Ok(()),
-        (Err(_), Some(why)) => Err(ShmError::Client(why)),
-        (Err(e), None) => Err(ShmError::Archive(e)),
     }
 }

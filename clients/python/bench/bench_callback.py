@@ -11,14 +11,18 @@ on a temp socket, and prints ratios. No assertions: numbers to read.
    Keras `model.save_weights(...weights.h5)` and, if importable, keras_gtar's
    in-process `Trajectory.save_weights`.
 2. 20 epochs with a save every epoch vs no logging before and after it
-   (target <= 5 % slower than their mean), at
+   (target <= 5 % slower than their mean; BENCH_ROUNDS=3 interleaved rounds,
+   median, for the short epochs, BENCH_LONG_ROUNDS=1 for the long ones), at
    two epoch lengths (512 and BENCH_LONG_SAMPLES=4096 samples of 2048 floats:
    about 0.5 s and 4 s per epoch on the 2-core dev VM), with the CPU each
    save costs outside the training thread (daemon, and this process beyond
    the unlogged run). On a machine whose cores training keeps busy, that CPU
    is what a save takes from training, so overhead ~ CPU per save / epoch
-   time / cores.
-3. End-to-end throughput of `Writer` to the daemon, 100 MB frames.
+   time / cores. Each logged run is done twice: tensor bytes through shared
+   memory (the default on a Unix socket) and through the socket
+   (`shared_memory=False`), so the two compare in the same run.
+3. End-to-end throughput of `Writer` to the daemon, 100 MB frames, through
+   the socket, shared memory, and the socket again.
 """
 import os
 import statistics
@@ -40,6 +44,8 @@ import pathlib  # noqa: E402
 
 EPOCHS = int(os.environ.get("BENCH_EPOCHS", "20"))
 LONG_SAMPLES = int(os.environ.get("BENCH_LONG_SAMPLES", "4096"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+LONG_ROUNDS = int(os.environ.get("BENCH_LONG_ROUNDS", "1"))
 TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -50,8 +56,24 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TCK
 
 
-def whole_run(model, d, samples, tag):
-    """20 epochs without and with GTARLogger; returns the logger."""
+def logged_run(model, d, x, y, tag, shared_memory):
+    """One run with GTARLogger: (logger, seconds, this process's CPU, daemon CPU)."""
+    me = os.getpid()
+    logger = GTARLogger(f"bench/{tag}.zip", address=d.address, append=False,
+                        shared_memory=shared_memory)
+    c0, dc0, t0 = cpu_seconds(me), cpu_seconds(d.proc.pid), time.perf_counter()
+    model.fit(x, y, batch_size=128, epochs=EPOCHS, verbose=0, callbacks=[logger])
+    out = (logger, time.perf_counter() - t0, cpu_seconds(me) - c0, cpu_seconds(d.proc.pid) - dc0)
+    os.remove(d.path(f"bench/{tag}.zip"))  # 2 GB a run: keep the disk from filling
+    return out
+
+
+def whole_run(model, d, samples, tag, rounds):
+    """`rounds` x (no logging, GTARLogger with bytes through shared memory,
+    GTARLogger with bytes through the socket), then no logging once more.
+    Each logged run is compared with the mean of the unlogged runs either
+    side of it (the machine drifts; the spread shows by how much); the
+    medians over rounds are the headline. Returns a shared-memory logger."""
     rng = np.random.default_rng(samples)
     x = rng.standard_normal((samples, 2048)).astype("float32")
     y = rng.standard_normal((samples, 2048)).astype("float32")
@@ -63,27 +85,36 @@ def whole_run(model, d, samples, tag):
         model.fit(x, y, batch_size=128, epochs=EPOCHS, verbose=0)
         return time.perf_counter() - t0, cpu_seconds(me) - c0
 
-    # Unlogged runs before and after the logged one: the machine drifts
-    # (shared host), and the spread of the two shows by how much.
-    b1, cpu1 = unlogged()
-    logger = GTARLogger(f"bench/{tag}.zip", address=d.address, append=False)
-    c0, dc0, t0 = cpu_seconds(me), cpu_seconds(d.proc.pid), time.perf_counter()
-    model.fit(x, y, batch_size=128, epochs=EPOCHS, verbose=0, callbacks=[logger])
-    logged_s = time.perf_counter() - t0
-    logged_cpu = cpu_seconds(me) - c0
-    daemon_cpu = cpu_seconds(d.proc.pid) - dc0
-    b2, cpu2 = unlogged()
-    base_s, base_cpu = (b1 + b2) / 2, (cpu1 + cpu2) / 2
-    client_cpu = logged_cpu - base_cpu
-    n = len(logger.save_seconds)
-    print(f"\n[2] {EPOCHS} epochs of {samples} samples ({base_s / EPOCHS:.2f} s per epoch): "
-          f"no logging {b1:.2f} s before, {b2:.2f} s after; GTARLogger every epoch "
-          f"{logged_s:.2f} s (incl. waiting for durability at train end) -> "
-          f"{100 * (logged_s / base_s - 1):+.1f} % vs their mean  (target <= +5 %)")
-    print(f"    CPU per save beyond the unlogged runs: daemon {1e3 * daemon_cpu / n:.0f} ms, "
-          f"this process {1e3 * client_cpu / n:+.0f} ms (training itself used "
-          f"{base_cpu / base_s:.2f} cores)")
-    return logger
+    kinds = (("shared memory", None), ("socket", False))
+    base, logged = [unlogged()], {k: [] for k, _ in kinds}
+    for r in range(rounds):
+        for how, shm in kinds:
+            logged[how].append(logged_run(model, d, x, y, f"{tag}-{r}-{shm}", shm))
+        base.append(unlogged())
+    base_s = statistics.mean(b for b, _ in base)
+    cores = statistics.mean(c for _, c in base) / base_s
+    print(f"\n[2] {EPOCHS} epochs of {samples} samples ({base_s / EPOCHS:.2f} s per epoch, "
+          f"training used {cores:.2f} cores), {rounds} round(s). GTARLogger saving every epoch "
+          f"(incl. waiting for durability at train end) vs the mean of the unlogged runs "
+          f"before and after it (target <= +5 %):")
+    print("    unlogged runs: " + ", ".join(f"{b:.2f} s" for b, _ in base))
+    for how, runs in logged.items():
+        over, dcpu, ccpu, stall, end = [], [], [], [], []
+        for r, (logger, secs, cpu, daemon_cpu) in enumerate(runs):
+            (b0, c0), (b1, c1) = base[r], base[r + 1]
+            n = len(logger.save_seconds)
+            over.append(100 * (secs / ((b0 + b1) / 2) - 1))
+            stall.append(100 * sum(logger.save_seconds) / secs)
+            end.append(100 * logger.stats["end_wait_seconds"] / secs)
+            dcpu.append(1e3 * daemon_cpu / n)
+            ccpu.append(1e3 * (cpu - (c0 + c1) / 2) / n)
+        print(f"    bytes via {how:13s}: median {statistics.median(over):+.1f} % "
+              f"(rounds: {', '.join(f'{o:+.1f}' for o in over)}); CPU per save, median: "
+              f"daemon {statistics.median(dcpu):.0f} ms, this process "
+              f"{statistics.median(ccpu):+.0f} ms beyond the unlogged runs; of the run, "
+              f"{statistics.median(stall):.1f} % in the callback's saves and "
+              f"{statistics.median(end):.1f} % waiting at train end for the last frame")
+    return logged["shared memory"][0][0]
 
 
 def big_model():
@@ -104,9 +135,9 @@ def main():
         print(f"model: 6 x Dense(2048), {nbytes / 1e6:.1f} MB float32")
 
         # --- 2. whole-run overhead (and 1. stall per save from the first run) ---
-        logger = whole_run(model, d, 512, "short")
+        logger = whole_run(model, d, 512, "short", ROUNDS)
         if LONG_SAMPLES:
-            whole_run(model, d, LONG_SAMPLES, "long")
+            whole_run(model, d, LONG_SAMPLES, "long", LONG_ROUNDS)
 
         # --- 1. stall per save vs get_weights, same process, same state ---
         gw = []
@@ -138,15 +169,21 @@ def main():
         frame = {f"w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())}
         fb = sum(a.nbytes for a in frame.values())
         n = int(os.environ.get("BENCH_FRAMES", "10"))
-        with Client(d.address) as c:
-            with c.writer("bench/throughput.zip", mode="create", max_pending_bytes=3 * fb) as w:
-                t0 = time.perf_counter()
-                for i in range(n):
-                    w.write_tensors(str(i), frame)
-                w.flush(600)
-                el = time.perf_counter() - t0
-        print(f"\n[3] Python -> daemon over UDS, {n} frames of {fb / 1e6:.1f} MB, durable: "
-              f"{n / el:.2f} frames/s, {n * fb / el / 1e6:.0f} MB/s")
+        print(f"\n[3] Python -> daemon over UDS, {n} frames of {fb / 1e6:.1f} MB, durable:")
+        rates = {}
+        for how, shm in (("socket", False), ("shared memory", None), ("socket", False)):
+            with Client(d.address) as c:
+                with c.writer("bench/throughput.zip", mode="create", max_pending_bytes=3 * fb,
+                              shared_memory=shm) as w:
+                    t0 = time.perf_counter()
+                    for i in range(n):
+                        w.write_tensors(str(i), frame)
+                    w.flush(600)
+                    el = time.perf_counter() - t0
+            rates.setdefault(how, []).append(n * fb / el)
+            print(f"    bytes via {how:13s}: {n / el:.2f} frames/s, {n * fb / el / 1e6:.0f} MB/s")
+        print(f"    ratio shared memory / socket (mean of the two socket runs): "
+              f"{rates['shared memory'][0] / statistics.mean(rates['socket']):.2f}")
     finally:
         d.stop()
         d.cleanup()

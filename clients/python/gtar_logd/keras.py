@@ -3,9 +3,11 @@
     from gtar_logd.keras import GTARLogger
     model.fit(x, y, callbacks=[GTARLogger("runs/mnist.zip", period=1)])
 
-The training thread only takes host copies of the weights (with the JAX
-backend, zero-copy NumPy views of JAX's immutable arrays) and enqueues them;
-a background thread streams them to the daemon, which does all the disk I/O.
+The training thread only copies the weights once, into shared memory that
+the daemon reads (on a Unix socket, daemon of the same user; else it takes
+host copies -- with the JAX backend zero-copy NumPy views of JAX's immutable
+arrays) and enqueues them; a background thread streams them to the daemon,
+which does all the disk I/O.
 See `_keras_layout.py` for what goes where in the archive.
 """
 from __future__ import annotations
@@ -113,12 +115,15 @@ class GTARLogger(keras.callbacks.Callback):
     :param reconnect_timeout: seconds to keep trying when the daemon goes away
     :param copy: 'auto' (zero-copy views with JAX, copies with tensorflow and torch),
         'always', or 'never' (unsafe where the backend updates variables in place)
+    :param compression: 0 (store) or a deflate level 1..9, applied by the daemon
+    :param shared_memory: pass tensor bytes to the daemon through shared memory
+        (None: on a Unix socket, when the daemon runs as the same user; False: never)
     """
 
     def __init__(self, archive, period=1, when="post_epoch", append=True, step_offset=0,
                  group=None, address=None, save_optimizer="never", log_metrics="epoch",
                  max_pending_bytes=1 << 30, durable_timeout=600.0, reconnect_timeout=120.0,
-                 copy="auto", compression=0):
+                 copy="auto", compression=0, shared_memory=None):
         super().__init__()
         if when not in _WHEN:
             raise ValueError(f"when must be one of {_WHEN}, not {when!r}")
@@ -144,6 +149,7 @@ class GTARLogger(keras.callbacks.Callback):
         self.reconnect_timeout = reconnect_timeout
         self.copy = copy
         self.compression = compression
+        self.shared_memory = shared_memory
         self.batches = 0
         self.writer = None
         self.client = None
@@ -163,12 +169,13 @@ class GTARLogger(keras.callbacks.Callback):
         self.writer = self.client.writer(
             self.archive, mode="append" if self.append else "create", group=self.group,
             max_pending_bytes=self.max_pending_bytes, reconnect_timeout=self.reconnect_timeout,
-            compression=self.compression)
+            compression=self.compression, shared_memory=self.shared_memory)
         self.writer.write_records(model_units(self.model))
 
     def on_train_end(self, logs=None):
         if self.writer is None:
             return
+        t0 = time.perf_counter()
         try:
             if self.save_optimizer == "exit":
                 self._finish_with_optimizer()
@@ -182,7 +189,9 @@ class GTARLogger(keras.callbacks.Callback):
         finally:
             w = self.writer
             self.stats = {"reconnects": w.reconnects, "resent": w.resent, "skipped": w.skipped,
-                          "durable": w.durable_count, "blocked_seconds": w.blocked_seconds}
+                          "durable": w.durable_count, "blocked_seconds": w.blocked_seconds,
+                          "shm_bytes": w.shm_bytes, "shm_refused": w.shm_refused,
+                          "end_wait_seconds": time.perf_counter() - t0}
             w.abort()  # no-op after a clean close; stops the threads otherwise
             self.client.close()
             self.writer = None
@@ -234,12 +243,21 @@ class GTARLogger(keras.callbacks.Callback):
         self.save_seconds.append(time.perf_counter() - t0)
 
     def _frame(self, model, index, with_optimizer):
-        tensors, records = weight_entries(model, self.copy)
+        # With shared memory the one copy is `stage`'s, into memory the
+        # daemon reads: no host copy first, and no reference to the
+        # backend's arrays kept past this call (with JAX a kept reference
+        # stops XLA from updating the weights in place).
+        stage = self.copy == "auto" and self.writer.stages
+        copy = "never" if stage else self.copy
+        tensors, records = weight_entries(model, copy)
         if with_optimizer:
-            t, r = optimizer_entries(model, self.copy)
+            t, r = optimizer_entries(model, copy)
             tensors += t
             records += r
-        return Unit(index, tensors, records)
+        unit = Unit(index, tensors, records)
+        if stage:
+            self.writer.stage(unit)
+        return unit
 
     def _submit(self, unit):
         if self._scalars:

@@ -152,3 +152,85 @@ def test_hand_encoded_chunk_matches_protobuf():
         assert pb.WriteRequest.FromString(got) == want, n
         if n:  # protobuf omits an empty bytes field; we don't need to
             assert got == want.SerializeToString(), n
+
+
+def _write_all(w, frames):
+    for i, f in enumerate(frames):
+        w.write_tensors(str(i), f)
+    w.flush(60)
+
+
+@pytest.mark.parametrize("shared_memory", [None, False])
+def test_shared_memory_carries_the_bytes_on_the_unix_socket(client, archive, shared_memory):
+    rng = np.random.default_rng(3)
+    frames = [dict(_all_dtypes(), big=rng.standard_normal((3, 1 << 20)).astype(np.float32))
+              for _ in range(3)]
+    with client.writer(archive, shared_memory=shared_memory) as w:
+        _write_all(w, frames)
+    total = sum(np.asarray(a).nbytes for f in frames for a in f.values())
+    assert w.shm_refused is None
+    assert w.shm_bytes == (total if shared_memory is None else 0)
+    for i, f in enumerate(frames):
+        back = client.read_frame(archive, str(i))
+        for k, a in f.items():
+            assert _bits(back[k]) == _bits(a), (i, k)
+
+
+def test_shared_memory_over_tcp_is_refused_and_bytes_flow(daemon, archive):
+    frames = [{"a": np.arange(1 << 18, dtype=np.float32) + i} for i in range(3)]
+    with Client(daemon.tcp_address) as c:
+        with c.writer(archive, shared_memory=True) as w:
+            _write_all(w, frames)
+        assert "Unix socket" in w.shm_refused and w.shm_bytes == 0
+        for i, f in enumerate(frames):
+            assert np.array_equal(c.read_frame(archive, str(i))["a"], f["a"])
+
+
+def test_region_spans_never_overlap_and_restart_at_zero():
+    from gtar_logd._writer import _Region
+    rng = np.random.default_rng(5)
+    r = _Region(1 << 16)
+    try:
+        live, next_id = [], 0
+        for _ in range(5000):
+            if live and (rng.random() < 0.45 or len(live) > 6):
+                r.free(live.pop(0))  # durable in order, as on a stream
+            else:
+                n = int(rng.integers(1, 1 << 15))
+                at = r.alloc(next_id, n)
+                if at is None:  # refused only when no free stretch of the ring fits
+                    spans = list(r.spans.values())  # oldest first
+                    head, tail = spans[0][0], spans[-1][1]
+                    if tail >= head:
+                        assert n > r.size - tail and n > head, (spans, n)
+                    else:
+                        assert n > head - tail, (spans, n)
+                    continue
+                spans = sorted(r.spans.values())
+                assert 0 <= at and at + n <= r.size
+                assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+                live.append(next_id)
+                next_id += 1
+            if not live:
+                assert not r.spans
+        for uid in live:
+            r.free(uid)
+        assert r.alloc(next_id, 10) == 0  # empty: from the start again
+        assert r.alloc(next_id + 1, 1 << 16) is None  # more than what is free
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("shared_memory", [None, False])
+def test_arrays_may_change_as_soon_as_write_returns(client, archive, shared_memory):
+    """A state_dict's .numpy() views change as training goes on: each frame
+    must hold the values at the time of its write."""
+    live = np.zeros((1 << 20,), np.float32)  # 4 MiB, updated in place
+    with client.writer(archive, shared_memory=shared_memory) as w:
+        for i in range(5):
+            live[:] = i
+            w.write_tensors(str(i), {"p": live})
+        live[:] = -1
+        w.flush(60)
+    for i in range(5):
+        assert np.all(client.read_frame(archive, str(i))["p"] == i), i

@@ -62,6 +62,8 @@ def test_kill9_and_restart_during_training(own_daemon):
     assert own_daemon.starts == 1 + len(KILL_AFTER)
     print("writer stats:", logger.stats)
     assert logger.stats["reconnects"] >= 1, logger.stats
+    # The bytes went through shared memory (a fresh region per reconnect).
+    assert logger.stats["shm_bytes"] > 0 and logger.stats["shm_refused"] is None, logger.stats
     with Trajectory("crash.zip", address=own_daemon.address) as t:
         assert t.frames == [str(e) for e in range(EPOCHS)]
         for e in range(EPOCHS):

@@ -1,8 +1,8 @@
-//! Attaching a client's shared memory region to a Write stream, so tensor
-//! bytes skip gRPC and the socket (`OpenArchive.shm`, `ShmChunk`).
+//! Client shared memory regions: tensor bytes passed in a client's memfd
+//! instead of through gRPC and the socket (`OpenArchive.shm`, `ShmChunk`).
 //!
 //! Invariants:
-//! * The region is opened only through the peer's own descriptor table,
+//! * A region is opened only through the peer's own descriptor table,
 //!   `/proc/<pid>/fd/<fd>`, with the pid from the socket's peer credentials
 //!   (never from the message). The kernel decides whether the daemon may
 //!   open it, which in practice means "same user"; a daemon of another
@@ -10,24 +10,69 @@
 //! * The file must be a regular file owned by the peer's uid, so a client
 //!   can only hand over bytes it could read itself (not, say, a file it
 //!   holds open write-only that the daemon's user may read).
-//! * It is only ever read with `pread` (see `writer::shm_read`), never
-//!   mapped: a client that shrinks it costs its own frame, not a SIGBUS.
+//! * It must be sealed against shrinking (`F_SEAL_SHRINK`, a memfd made
+//!   with `MFD_ALLOW_SEALING`) before it is mapped: a mapping of a file
+//!   that shrinks faults with SIGBUS, which would kill the whole daemon.
+//! * The mapping is only read through [`Region::read_at`], a raw copy into
+//!   our own buffer: no `&[u8]` of it ever exists, because the client could
+//!   (against the protocol) write while we read; then its own frame gets
+//!   whatever bytes were there, CRC'd as copied, and nothing else is hurt.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::sync::Arc;
 
 use tokio::net::unix::UCred;
 
 use crate::proto::v1::SharedMemory;
 
-/// An attached region: the client's file and the size it declared.
+/// An attached region: the client's file, mapped read-only.
 pub struct Region {
-    pub file: Arc<File>,
-    pub size: u64,
+    map: memmap2::Mmap,
+    size: u64,
 }
 
-/// Open the region a client offers; `Err` says why not, for `Opened.shm_refused`.
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Region({} bytes)", self.size)
+    }
+}
+
+impl Region {
+    /// Bytes of the region; every range read lies inside it.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether `[offset, offset + len)` lies inside the region.
+    pub fn contains(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.size)
+    }
+
+    /// Copy the bytes at `offset` into `out`.
+    ///
+    /// # Panics
+    /// If the range is not inside the region (callers check [`Region::contains`]).
+    pub fn read_at(&self, offset: u64, out: &mut [u8]) {
+        assert!(
+            self.contains(offset, out.len() as u64),
+            "range outside the region"
+        );
+        // SAFETY: the range is inside the mapping, which lives as long as
+        // `self` and cannot fault (the file is sealed against shrinking and
+        // at least `size` long); `out` is our own memory, disjoint from it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(offset as usize),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        }
+    }
+}
+
+/// Open and map the region a client offers; `Err` says why not, for
+/// `Opened.shm_refused`.
 pub fn attach(peer: Option<UCred>, req: &SharedMemory) -> Result<Region, String> {
     let peer = peer.ok_or("shared memory needs the Unix socket")?;
     let pid = peer
@@ -36,6 +81,7 @@ pub fn attach(peer: Option<UCred>, req: &SharedMemory) -> Result<Region, String>
     if req.size == 0 {
         return Err("shm.size must be more than 0".into());
     }
+    let size = usize::try_from(req.size).map_err(|_| "shm.size is too large".to_string())?;
     let path = format!("/proc/{pid}/fd/{}", req.fd);
     let file = File::open(&path).map_err(|e| {
         let hint = match e.kind() {
@@ -63,6 +109,15 @@ pub fn attach(peer: Option<UCred>, req: &SharedMemory) -> Result<Region, String>
             peer.uid()
         ));
     }
+    // SAFETY: fcntl on a descriptor we own; F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        return Err(format!(
+            "descriptor {} is not sealed against shrinking (a memfd made with \
+             MFD_ALLOW_SEALING, then F_ADD_SEALS F_SEAL_SHRINK)",
+            req.fd
+        ));
+    }
     if meta.len() < req.size {
         return Err(format!(
             "descriptor {} is {} bytes, less than shm.size {}",
@@ -71,8 +126,13 @@ pub fn attach(peer: Option<UCred>, req: &SharedMemory) -> Result<Region, String>
             req.size
         ));
     }
+    // SAFETY: the file cannot shrink (sealed, checked above) and is at least
+    // `size` long, so no access inside the mapping faults; it is only read
+    // through `read_at`, never as a reference.
+    let map = unsafe { memmap2::MmapOptions::new().len(size).map(&file) }
+        .map_err(|e| format!("cannot map descriptor {}: {e}", req.fd))?;
     Ok(Region {
-        file: Arc::new(file),
+        map,
         size: req.size,
     })
 }
@@ -89,18 +149,25 @@ mod tests {
         a.peer_cred().unwrap()
     }
 
-    fn memfd(len: u64) -> File {
-        let fd = unsafe { libc::memfd_create(c"gtar-logd-test".as_ptr(), libc::MFD_CLOEXEC) };
+    fn memfd(len: u64, seal: bool) -> File {
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        let fd = unsafe { libc::memfd_create(c"gtar-logd-test".as_ptr(), flags) };
         assert!(fd >= 0);
         let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         f.set_len(len).unwrap();
+        if seal {
+            assert_eq!(
+                unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+                0
+            );
+        }
         f
     }
 
     #[tokio::test]
     async fn attaches_a_memfd_of_the_peer_and_reads_it() {
         use std::os::unix::fs::FileExt;
-        let f = memfd(1 << 20);
+        let f = memfd(1 << 20, true);
         f.write_all_at(b"hello", 4096).unwrap();
         let r = attach(
             Some(me()),
@@ -111,13 +178,21 @@ mod tests {
         )
         .unwrap();
         let mut buf = [0; 5];
-        r.file.read_exact_at(&mut buf, 4096).unwrap();
+        r.read_at(4096, &mut buf);
         assert_eq!(&buf, b"hello");
+        // Written after attaching: seen (it is the same memory).
+        f.write_all_at(b"later", 4096 + 5).unwrap();
+        r.read_at(4096 + 5, &mut buf);
+        assert_eq!(&buf, b"later");
+        assert!(r.contains(0, 1 << 20) && !r.contains(1, 1 << 20));
+        assert!(!r.contains(u64::MAX, 2));
+        // Sealed: the client cannot shrink it under the mapping.
+        assert!(f.set_len(4096).is_err());
     }
 
     #[tokio::test]
     async fn refusals_say_why() {
-        let f = memfd(4096);
+        let f = memfd(4096, true);
         let fd = f.as_raw_fd() as u32;
         let why = |peer, fd, size| attach(peer, &SharedMemory { fd, size }).err().unwrap();
         assert!(why(None, fd, 4096).contains("Unix socket"));
@@ -127,6 +202,9 @@ mod tests {
         let dir = std::fs::File::open("/").unwrap();
         let d = dir.as_raw_fd() as u32;
         assert!(why(Some(me()), d, 1).contains("not a regular file"));
+        let unsealed = memfd(4096, false);
+        let u = unsealed.as_raw_fd() as u32;
+        assert!(why(Some(me()), u, 4096).contains("not sealed"));
         // A file of another user: root's, or as root one given to nobody.
         let tmp = tempfile::NamedTempFile::new().unwrap();
         let (other, owner) = if me().uid() == 0 {
