@@ -13,10 +13,12 @@
 //! * It must be sealed against shrinking (`F_SEAL_SHRINK`, a memfd made
 //!   with `MFD_ALLOW_SEALING`) before it is mapped: a mapping of a file
 //!   that shrinks faults with SIGBUS, which would kill the whole daemon.
-//! * The mapping is only read through [`Region::read_at`], a raw copy into
-//!   our own buffer: no `&[u8]` of it ever exists, because the client could
-//!   (against the protocol) write while we read; then its own frame gets
-//!   whatever bytes were there, CRC'd as copied, and nothing else is hurt.
+//! * The mapping is read through [`Region::read_at`] (a copy into our own
+//!   buffer) or lent as a slice for one call through [`Region::with_bytes`]
+//!   (CRC, then a direct write from it). The client promises not to write
+//!   those bytes until the frame is durable; if it does anyway, the bytes are
+//!   plain data with no invariant to break: its own frame may end up with a
+//!   CRC that does not match (readers report it), nothing else is touched.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -68,6 +70,25 @@ impl Region {
                 out.len(),
             )
         }
+    }
+}
+
+impl Region {
+    /// Lend the bytes at `[offset, offset + len)` to `f` for the duration of
+    /// the call, without copying them.
+    ///
+    /// # Panics
+    /// If the range is not inside the region (callers check [`Region::contains`]).
+    pub fn with_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> R {
+        assert!(self.contains(offset, len), "range outside the region");
+        // SAFETY: in bounds of a mapping that lives as long as `self` and
+        // cannot fault (sealed against shrinking, at least `size` long). The
+        // client may write to it only in breach of the protocol; those are
+        // plain bytes either way (see the module docs).
+        let bytes = unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(offset as usize), len as usize)
+        };
+        f(bytes)
     }
 }
 

@@ -107,6 +107,11 @@ async fn send_shm_frame(
             }
             continue;
         }
+        if piece == u64::MAX {
+            // Page-aligned, as the Python client places tensors: the daemon
+            // then writes whole blocks straight from the region.
+            *at = at.next_multiple_of(4096);
+        }
         region.write_all_at(&bytes, *at).unwrap();
         let mut off = 0;
         while off < bytes.len() as u64 {

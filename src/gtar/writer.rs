@@ -18,7 +18,9 @@
 //!   entry of at least [`DIRECT_MIN`] bytes starts on a 4 KiB boundary (a
 //!   padding extra field in its local header) and its whole blocks go through
 //!   a second, `O_DIRECT` descriptor from two aligned staging buffers (an I/O
-//!   thread writes one while the writer thread fills the other); its last
+//!   thread writes one while the writer thread fills the other), or, with
+//!   [`EntryWriter::write_unstaged`], straight from the caller's block-aligned
+//!   memory, synchronously, when nothing is staged; its last
 //!   partial block and every header go through the page cache as before. The
 //!   two never touch the same block, and the kernel keeps the page cache
 //!   coherent with direct writes. No direct write is in flight when an entry
@@ -183,6 +185,9 @@ struct Direct {
     io: Option<std::sync::mpsc::Sender<IoReq>>,
     done: std::sync::mpsc::Receiver<IoDone>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The files, shared with the I/O thread, for writes made straight from
+    /// the caller's memory ([`EntryWriter::write_unstaged`]).
+    files: Arc<(File, File)>,
 }
 
 impl std::fmt::Debug for Direct {
@@ -237,17 +242,15 @@ impl Direct {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<IoDone>();
         let refused = Arc::new(AtomicBool::new(false));
         let refused2 = refused.clone();
+        let files = Arc::new((direct, buffered));
+        let files2 = files.clone();
         let thread = std::thread::Builder::new()
             .name("gtar-direct-io".into())
             .spawn(move || {
+                let (direct, buffered) = &*files2;
                 for r in req_rx {
-                    let result = write_blocks(
-                        &direct,
-                        &buffered,
-                        &r.stage.bytes()[..r.len],
-                        r.at,
-                        &refused2,
-                    );
+                    let result =
+                        write_blocks(direct, buffered, &r.stage.bytes()[..r.len], r.at, &refused2);
                     let done = IoDone {
                         stage: r.stage,
                         result,
@@ -266,6 +269,7 @@ impl Direct {
             io: Some(req_tx),
             done: done_rx,
             thread: Some(thread),
+            files,
         })
     }
 
@@ -488,6 +492,19 @@ impl ArchiveWriter {
             rest = later;
             Ok(())
         })
+    }
+
+    /// Write whole blocks at the direct position straight from `data`, on
+    /// this thread, once the write in flight is done; nothing may be staged.
+    fn direct_unstaged(&mut self, data: &[u8]) -> Result<(), Error> {
+        let d = self.direct.as_mut().expect("direct_begin ran");
+        debug_assert_eq!(d.staged, 0);
+        debug_assert_eq!(data.len() % DIRECT_ALIGN, 0);
+        d.drain()?;
+        let (direct, buffered) = &*d.files;
+        write_blocks(direct, buffered, data, d.at, &d.refused)?;
+        d.at += data.len() as u64;
+        Ok(())
     }
 
     /// Stage the next `len` bytes, which `fill` writes into the stage piece
@@ -966,6 +983,39 @@ impl EntryWriter<'_, '_> {
         Ok(())
     }
 
+    /// [`EntryWriter::write`] without the copy into the writer's stage, for
+    /// data in memory that outlives the call anyway (a client's shared
+    /// memory): when the entry is direct, nothing is staged and `data` is
+    /// block-aligned in memory, its whole blocks are written with direct I/O
+    /// from where they are, on this thread; only the last partial block is
+    /// staged. Otherwise it is `write`.
+    pub fn write_unstaged(&mut self, data: &[u8]) -> Result<(), Error> {
+        let staged = self.txn.w.direct.as_ref().map_or(1, |d| d.staged);
+        let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
+        if !self.direct || staged != 0 || !aligned {
+            return self.write(data);
+        }
+        self.check_whole()?;
+        if self.written + data.len() as u64 > self.size {
+            return Err(Error::Invalid(format!(
+                "{}: {} bytes written, more than the declared {}",
+                self.name,
+                self.written + data.len() as u64,
+                self.size
+            )));
+        }
+        self.crc.update(data);
+        self.broken = true;
+        let (whole, tail) = data.split_at(data.len() / DIRECT_ALIGN * DIRECT_ALIGN);
+        if !whole.is_empty() {
+            self.txn.w.direct_unstaged(whole)?;
+        }
+        self.txn.w.direct_write(tail)?;
+        self.broken = false;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
     /// Append the next `len` bytes of the entry's data, which `fill` writes
     /// into the buffer it is given (all of it, piece by piece, in order).
     /// With direct I/O the pieces are the writer's own stage, so bytes read
@@ -1098,11 +1148,23 @@ mod tests {
                 let name = format!("frames/{f}/r{k}.u8.uni");
                 if k % 2 == 0 {
                     t.add(&name, &data, Compression::Stored).unwrap();
-                } else if k % 4 == 1 {
+                } else if (k / 2 + f) % 3 == 0 {
                     let mut e = t.start_entry(&name, n as u64).unwrap();
                     for piece in data.chunks(65_537) {
                         e.write(piece).unwrap();
                     }
+                    e.finish().unwrap();
+                } else if (k / 2 + f) % 3 == 1 {
+                    // write_unstaged from block-aligned memory, in two calls
+                    // split on a block boundary (both zero-copy when direct).
+                    let mut buf = vec![0u8; n + DIRECT_ALIGN];
+                    let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                    buf[off..off + n].copy_from_slice(&data);
+                    let aligned = &buf[off..off + n];
+                    let cut = n / 2 / DIRECT_ALIGN * DIRECT_ALIGN;
+                    let mut e = t.start_entry(&name, n as u64).unwrap();
+                    e.write_unstaged(&aligned[..cut]).unwrap();
+                    e.write_unstaged(&aligned[cut..]).unwrap();
                     e.finish().unwrap();
                 } else {
                     // write_from in calls of odd sizes, each filled piece by
@@ -1155,7 +1217,7 @@ mod tests {
         if !w.enable_direct_io() {
             eprintln!("no direct I/O on this file system: the buffered path is tested instead");
         }
-        let expect = write_frames(&mut w, 0..2);
+        let expect = write_frames(&mut w, 0..3);
         w.close().unwrap();
         check(&path, &expect, true);
     }

@@ -111,8 +111,8 @@ pub enum Part {
     },
     Data(prost::bytes::Bytes),
     /// The next `len` bytes of the started entry, at `offset` of a client's
-    /// shared memory region (checked to lie inside it). Copied here, on the
-    /// writer thread, straight into the writer's buffers.
+    /// shared memory region (checked to lie inside it). Written from there
+    /// by the writer thread: with direct I/O, whole blocks without a copy.
     Shm {
         region: Arc<crate::shm::Region>,
         offset: u64,
@@ -667,15 +667,12 @@ impl Actor {
                                 }
                                 Part::Shm {
                                     region,
-                                    mut offset,
+                                    offset,
                                     len,
                                 } => {
-                                    e.write_from(len, |buf| {
-                                        region.read_at(offset, buf);
-                                        offset += buf.len() as u64;
-                                        Ok(())
-                                    })
-                                    .map_err(g)?;
+                                    region
+                                        .with_bytes(offset, len, |b| e.write_unstaged(b))
+                                        .map_err(g)?;
                                     left -= len;
                                 }
                                 _ => {

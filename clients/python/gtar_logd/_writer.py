@@ -90,7 +90,7 @@ _FATAL = {
 _ids = itertools.count()
 
 # Tensors start on a page boundary in a shared memory region, so the daemon
-# reads whole pages.
+# writes whole blocks straight from it (O_DIRECT wants aligned memory).
 _SHM_ALIGN = 4096
 
 
@@ -146,15 +146,18 @@ class _Region:
     def free(self, uid: int) -> None:
         self.spans.pop(uid, None)
 
-    def write(self, at: int, data: memoryview) -> np.ndarray:
-        """Copy `data` to `at`; returns the copy (a uint8 view of the region)."""
-        src = np.frombuffer(data, np.uint8)
+    def write(self, items) -> list:
+        """Copy each (offset, memoryview) into the region; returns the copies
+        (uint8 views of the region)."""
         with self._lock:
             if self._map is None:
                 raise WriteFailed("gtar-logd: the writer's shared memory region is closed")
-            dst = np.frombuffer(self._map, np.uint8, count=len(src), offset=at)
-        np.copyto(dst, src)  # releases the GIL
-        return dst
+            views = [np.frombuffer(self._map, np.uint8, count=len(mv), offset=at)
+                     for at, mv in items]
+        # One thread: two measured no faster inside a training loop.
+        for dst, (_, mv) in zip(views, items):
+            np.copyto(dst, np.frombuffer(mv, np.uint8))  # releases the GIL
+        return views
 
     def close(self) -> None:
         with self._lock:
@@ -305,16 +308,16 @@ class Writer:
         if region is not None and unit.tensors:
             with self._cond:
                 at = region.alloc(unit.id, sum(sizes))
-        tensors = []
-        for k, ((group, name, code, shape, arr), size) in enumerate(zip(unit.tensors, sizes)):
-            if at is not None:
-                arr = region.write(at, dtypes.byte_view(arr))
-                unit.place[k] = at
-                at += size
-            else:
-                arr = np.array(arr, copy=True)
-            tensors.append((group, name, code, shape, arr))
-        unit.tensors = tensors
+        if at is None:
+            unit.tensors = [(g, n, c, s, np.array(a, copy=True)) for g, n, c, s, a in unit.tensors]
+            return
+        items = []
+        for k, size in enumerate(sizes):
+            unit.place[k] = at
+            items.append((at, dtypes.byte_view(unit.tensors[k][4])))
+            at += size
+        views = region.write(items)
+        unit.tensors = [(g, n, c, s, v) for (g, n, c, s, _), v in zip(unit.tensors, views)]
 
     def submit(self, unit: Unit) -> None:
         """Queue a unit; blocks while the memory budget is exceeded."""
