@@ -135,6 +135,24 @@ async fn send_shm_frame(
     s.send(req(In::Commit(pb::CommitFrame {}))).await
 }
 
+/// Open frame `index` and in it a u8 tensor of `len` bytes, whose bytes the
+/// caller sends.
+async fn begin_u8_tensor(s: &mut Session, index: &str, len: u64) {
+    s.send(req(In::Begin(pb::BeginFrame {
+        index: index.into(),
+    })))
+    .await
+    .unwrap();
+    s.send(req(In::Tensor(pb::TensorHeader {
+        group: "w".into(),
+        name: "a".into(),
+        dtype: DType::Uint8 as i32,
+        shape: vec![len],
+    })))
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_through_shared_memory_read_back_bit_exact() {
     let d = Daemon::start();
@@ -221,17 +239,7 @@ async fn a_region_offered_over_tcp_or_not_openable_is_refused_and_chunks_still_w
         s.send_frame(&f, 1 << 20).await.unwrap();
         s.wait_durable(1).await.unwrap();
         // Without a region, a shm_chunk is refused.
-        s.send(req(In::Begin(pb::BeginFrame { index: "x".into() })))
-            .await
-            .unwrap();
-        s.send(req(In::Tensor(pb::TensorHeader {
-            group: "w".into(),
-            name: "a".into(),
-            dtype: DType::Uint8 as i32,
-            shape: vec![4],
-        })))
-        .await
-        .unwrap();
+        begin_u8_tensor(&mut s, "x", 4).await;
         let _ = s
             .send(req(In::ShmChunk(pb::ShmChunk {
                 offset: 0,
@@ -295,17 +303,7 @@ async fn a_range_outside_the_region_fails_its_frame_only() {
                 .unwrap();
             s.wait_durable(1).await.unwrap();
         }
-        s.send(req(In::Begin(pb::BeginFrame { index: "9".into() })))
-            .await
-            .unwrap();
-        s.send(req(In::Tensor(pb::TensorHeader {
-            group: "w".into(),
-            name: "a".into(),
-            dtype: DType::Uint8 as i32,
-            shape: vec![length],
-        })))
-        .await
-        .unwrap();
+        begin_u8_tensor(&mut s, "9", length).await;
         let _ = s
             .send(req(In::ShmChunk(pb::ShmChunk { offset, length })))
             .await;

@@ -951,15 +951,7 @@ impl Drop for EntryWriter<'_, '_> {
 impl EntryWriter<'_, '_> {
     /// Append the next piece of the entry's data.
     pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
-        self.check_whole()?;
-        if self.written + data.len() as u64 > self.size {
-            return Err(Error::Invalid(format!(
-                "{}: {} bytes written, more than the declared {}",
-                self.name,
-                self.written + data.len() as u64,
-                self.size
-            )));
-        }
+        self.check_room(data.len() as u64)?;
         self.crc.update(data);
         self.broken = true;
         if self.direct {
@@ -973,11 +965,21 @@ impl EntryWriter<'_, '_> {
         Ok(())
     }
 
-    fn check_whole(&self) -> Result<(), Error> {
+    /// Whether `n` more bytes may be written: no earlier write failed, and
+    /// they fit the declared size.
+    fn check_room(&self, n: u64) -> Result<(), Error> {
         if self.broken {
             return Err(Error::Invalid(format!(
                 "{}: an earlier write to this entry failed",
                 self.name
+            )));
+        }
+        if self.written + n > self.size {
+            return Err(Error::Invalid(format!(
+                "{}: {} bytes written, more than the declared {}",
+                self.name,
+                self.written + n,
+                self.size
             )));
         }
         Ok(())
@@ -995,15 +997,7 @@ impl EntryWriter<'_, '_> {
         if !self.direct || staged != 0 || !aligned {
             return self.write(data);
         }
-        self.check_whole()?;
-        if self.written + data.len() as u64 > self.size {
-            return Err(Error::Invalid(format!(
-                "{}: {} bytes written, more than the declared {}",
-                self.name,
-                self.written + data.len() as u64,
-                self.size
-            )));
-        }
+        self.check_room(data.len() as u64)?;
         self.crc.update(data);
         self.broken = true;
         let (whole, tail) = data.split_at(data.len() / DIRECT_ALIGN * DIRECT_ALIGN);
@@ -1027,15 +1021,7 @@ impl EntryWriter<'_, '_> {
         len: u64,
         mut fill: impl FnMut(&mut [u8]) -> std::io::Result<()>,
     ) -> Result<(), Error> {
-        self.check_whole()?;
-        if self.written + len > self.size {
-            return Err(Error::Invalid(format!(
-                "{}: {} bytes written, more than the declared {}",
-                self.name,
-                self.written + len,
-                self.size
-            )));
-        }
+        self.check_room(len)?;
         if self.direct {
             let crc = &mut self.crc;
             self.broken = true;
@@ -1063,7 +1049,7 @@ impl EntryWriter<'_, '_> {
 
     /// Complete the entry: every declared byte must have been written.
     pub fn finish(mut self) -> Result<(), Error> {
-        self.check_whole()?;
+        self.check_room(0)?;
         if self.written != self.size {
             return Err(Error::Invalid(format!(
                 "{}: {} bytes written, {} declared",
