@@ -104,7 +104,7 @@ class _Region:
     Sealed against shrinking (the daemon maps it, and refuses a file that
     could shrink under its mapping) and mapped here too: a tensor's bytes
     are one memcpy into pages that stay warm from save to save, and the
-    daemon copies them straight into its direct-I/O buffers.
+    daemon writes them to disk straight from those pages (O_DIRECT).
 
     A ring of spans, one per unit in flight, freed when the unit is durable.
     When nothing is in flight the next span starts at 0 again, so a run that
@@ -122,11 +122,11 @@ class _Region:
             os.close(self.fd)
             raise
         self.size = size
-        # Held around each copy and by close(): a copy racing the close of a
-        # broken stream's region must not touch an unmapped region.
+        # Orders taking views against close(). A view holds an export of the
+        # map, which makes close() leave the map alone (BufferError) until
+        # the last view is gone, so no copy ever touches unmapped memory.
         self._lock = threading.Lock()
         self.spans = collections.OrderedDict()  # unit id -> (start, end), oldest first
-        self.attached = None  # set from `opened`: True, or the daemon's reason
 
     def alloc(self, uid: int, n: int):
         """Start of a free span of `n` bytes for unit `uid`, or None."""
