@@ -13,9 +13,9 @@
 //! * It must be sealed against shrinking (`F_SEAL_SHRINK`, a memfd made
 //!   with `MFD_ALLOW_SEALING`) before it is mapped: a mapping of a file
 //!   that shrinks faults with SIGBUS, which would kill the whole daemon.
-//! * The mapping is read through [`Region::read_at`] (a copy into our own
-//!   buffer) or lent as a slice for one call through [`Region::with_bytes`]
-//!   (CRC, then a direct write from it). The client promises not to write
+//! * The mapping is only lent as a slice for one call, through
+//!   [`Region::with_bytes`] (CRC, then a direct write from it, or a copy
+//!   into a compression buffer). The client promises not to write
 //!   those bytes until the frame is durable; if it does anyway, the bytes are
 //!   plain data with no invariant to break: its own frame may end up with a
 //!   CRC that does not match (readers report it), nothing else is touched.
@@ -51,29 +51,6 @@ impl Region {
         offset.checked_add(len).is_some_and(|end| end <= self.size)
     }
 
-    /// Copy the bytes at `offset` into `out`.
-    ///
-    /// # Panics
-    /// If the range is not inside the region (callers check [`Region::contains`]).
-    pub fn read_at(&self, offset: u64, out: &mut [u8]) {
-        assert!(
-            self.contains(offset, out.len() as u64),
-            "range outside the region"
-        );
-        // SAFETY: the range is inside the mapping, which lives as long as
-        // `self` and cannot fault (the file is sealed against shrinking and
-        // at least `size` long); `out` is our own memory, disjoint from it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.map.as_ptr().add(offset as usize),
-                out.as_mut_ptr(),
-                out.len(),
-            )
-        }
-    }
-}
-
-impl Region {
     /// Lend the bytes at `[offset, offset + len)` to `f` for the duration of
     /// the call, without copying them.
     ///
@@ -149,7 +126,7 @@ pub fn attach(peer: Option<UCred>, req: &SharedMemory) -> Result<Region, String>
     }
     // SAFETY: the file cannot shrink (sealed, checked above) and is at least
     // `size` long, so no access inside the mapping faults; it is only read
-    // through `read_at`, never as a reference.
+    // through `with_bytes`.
     let map = unsafe { memmap2::MmapOptions::new().len(size).map(&file) }
         .map_err(|e| format!("cannot map descriptor {}: {e}", req.fd))?;
     Ok(Region {
@@ -198,13 +175,10 @@ mod tests {
             },
         )
         .unwrap();
-        let mut buf = [0; 5];
-        r.read_at(4096, &mut buf);
-        assert_eq!(&buf, b"hello");
+        r.with_bytes(4096, 5, |b| assert_eq!(b, b"hello"));
         // Written after attaching: seen (it is the same memory).
         f.write_all_at(b"later", 4096 + 5).unwrap();
-        r.read_at(4096 + 5, &mut buf);
-        assert_eq!(&buf, b"later");
+        r.with_bytes(4096 + 5, 5, |b| assert_eq!(b, b"later"));
         assert!(r.contains(0, 1 << 20) && !r.contains(1, 1 << 20));
         assert!(!r.contains(u64::MAX, 2));
         // Sealed: the client cannot shrink it under the mapping.

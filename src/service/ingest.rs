@@ -79,8 +79,9 @@ struct Pending {
 /// Where the bytes of a tensor piece are.
 enum Piece {
     Bytes(prost::bytes::Bytes),
-    /// `offset` of the stream's shared memory region.
+    /// At `offset` of the stream's shared memory region.
     Shm {
+        region: Arc<Region>,
         offset: u64,
     },
 }
@@ -359,7 +360,10 @@ impl Stream {
                         ),
                     ));
                 }
-                let piece = Piece::Shm { offset: c.offset };
+                let piece = Piece::Shm {
+                    region: r.clone(),
+                    offset: c.offset,
+                };
                 self.piece("shm_chunk.length", c.length, piece).await
             }
             In::Record(r) => {
@@ -395,7 +399,6 @@ impl Stream {
 
     /// The next `n` bytes of the open tensor.
     async fn piece(&mut self, field: &str, n: u64, piece: Piece) -> Result<(), Status> {
-        let region = self.shm.clone();
         let f = self.frame(field)?;
         let t = f
             .tensor
@@ -416,14 +419,11 @@ impl Stream {
         if let Some(g) = t.gather.as_mut() {
             match piece {
                 Piece::Bytes(b) => g.extend_from_slice(&b),
-                Piece::Shm { offset } => {
-                    let region = region.expect("checked by the caller");
+                Piece::Shm { region, offset } => {
                     let mut buf = std::mem::take(g);
                     // Up to COMPRESS_MAX bytes: copied off the async threads.
                     *g = tokio::task::spawn_blocking(move || {
-                        let at = buf.len();
-                        buf.resize(at + n as usize, 0);
-                        region.read_at(offset, &mut buf[at..]);
+                        region.with_bytes(offset, n, |b| buf.extend_from_slice(b));
                         buf
                     })
                     .await
@@ -438,9 +438,9 @@ impl Stream {
                 // `Bytes` sliced out of tonic's receive buffer by prost:
                 // it reaches the writer thread without a copy.
                 Piece::Bytes(b) => Part::Data(b),
-                // Copied by the writer thread, into its own buffers.
-                Piece::Shm { offset } => Part::Shm {
-                    region: region.expect("checked by the caller"),
+                // Written by the writer thread straight from the region.
+                Piece::Shm { region, offset } => Part::Shm {
+                    region,
                     offset,
                     len: n,
                 },
