@@ -27,6 +27,12 @@
 //! `host:port`; the default is `$GTAR_LOGD_ADDRESS`, then `$GTAR_LOGD_UDS`, then
 //! the daemon's default socket (see [`Address::from_env`]). For code without
 //! an async runtime, see [`blocking`].
+//!
+//! On a Unix socket, tensor bytes go through a shared memory region (a sealed
+//! memfd the daemon maps) instead of the socket, when the daemon runs as the
+//! same user: one copy here, and the daemon writes them to disk from those
+//! pages. [`Opened::shm_attached`] says whether it did; turn it off with
+//! [`OpenOptions::shared_memory`].
 
 #![deny(missing_docs)]
 
@@ -35,6 +41,7 @@ pub mod blocking;
 mod client;
 mod error;
 pub mod proto;
+mod shm;
 mod tensor;
 mod writer;
 
@@ -44,6 +51,7 @@ pub use error::{Error, Result};
 pub use tensor::{DType, DynArray, Element, TensorData};
 pub use writer::{
     Ack, FrameHandle, FrameWriter, NewFrame, OpenMode, OpenOptions, Opened, CHUNK_BYTES,
+    DEFAULT_SHM_SIZE,
 };
 
 pub use half;

@@ -15,6 +15,10 @@
 //!   in commit order and numbered by `seq` from 0. The task checks that order
 //!   and resolves the matching [`FrameHandle`]s; on a stream error every
 //!   pending handle gets the error.
+//! * Tensor bytes go through the shared memory region when the daemon
+//!   attached it (see [`crate::shm`] for its invariants), else in `chunk`s.
+//!   A frame whose tensors do not fit in the free part of the region goes in
+//!   `chunk`s: a write never waits for room.
 
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
@@ -32,6 +36,7 @@ use crate::proto::{
     self, logd_client::LogdClient, write_request::Msg as In, write_response::Msg as Out,
     WriteRequest, WriteResponse,
 };
+use crate::shm::{self, Region, Ring};
 use crate::tensor::TensorData;
 
 /// Tensors are sent in chunks of at most this many bytes (the daemon takes
@@ -52,8 +57,13 @@ pub enum OpenMode {
     Create,
 }
 
+/// Default size of a writer's shared memory region: 1 GiB, sparse (pages
+/// are used only as frames are written, and reused from the start whenever
+/// every frame so far is durable).
+pub const DEFAULT_SHM_SIZE: u64 = 1 << 30;
+
 /// Options of a write stream.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
     /// Append (default) or create.
     pub mode: OpenMode,
@@ -63,6 +73,26 @@ pub struct OpenOptions {
     /// 0 = store (fastest, default); 1..=9 = deflate level, done by the daemon
     /// off its writer thread.
     pub compression: u32,
+    /// Offer the daemon a shared memory region for tensor bytes (default
+    /// true). It takes it on a Unix socket when the daemon runs as the same
+    /// user; otherwise (TCP, another user, `--shared-memory false`) bytes go
+    /// through the socket and [`Opened::shm_refused`] says why.
+    pub shared_memory: bool,
+    /// Size of that region in bytes ([`DEFAULT_SHM_SIZE`]): frames in flight
+    /// (written, not yet durable) that do not fit go through the socket.
+    pub shm_size: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
+        OpenOptions {
+            mode: OpenMode::Append,
+            group: String::new(),
+            compression: 0,
+            shared_memory: true,
+            shm_size: DEFAULT_SHM_SIZE,
+        }
+    }
 }
 
 impl OpenOptions {
@@ -90,6 +120,18 @@ impl OpenOptions {
         self.compression = level;
         self
     }
+
+    /// Offer shared memory (true, the default) or always use the socket.
+    pub fn shared_memory(mut self, on: bool) -> OpenOptions {
+        self.shared_memory = on;
+        self
+    }
+
+    /// Set the size of the shared memory region.
+    pub fn shm_size(mut self, bytes: u64) -> OpenOptions {
+        self.shm_size = bytes;
+        self
+    }
 }
 
 /// The daemon's answer to opening a write stream.
@@ -101,6 +143,11 @@ pub struct Opened {
     pub existing_frames: u64,
     /// Set when the archive had to be repaired on open: what was done.
     pub repaired: Option<String>,
+    /// Tensor bytes go through shared memory.
+    pub shm_attached: bool,
+    /// Why the daemon refused the shared memory region offered (`None` when
+    /// it attached it, or none was offered).
+    pub shm_refused: Option<String>,
 }
 
 /// An acknowledgement of one committed frame.
@@ -258,6 +305,8 @@ struct Progress {
 struct Shared {
     progress: watch::Sender<Progress>,
     waiters: Mutex<VecDeque<Waiter>>,
+    /// Spans of the shared memory region still in use (empty without one).
+    ring: Mutex<Ring>,
 }
 
 impl Shared {
@@ -316,6 +365,8 @@ impl Shared {
                 a.seq, a.index, w.index
             )));
         }
+        // The daemon is done with the frame's bytes before it acks durable.
+        self.ring.lock().expect("ring lock").free_through(a.seq);
         if let Some(tx) = w.durable {
             let _ = tx.send(Ok(a.into()));
         }
@@ -453,6 +504,9 @@ impl IntoFuture for FrameHandle {
 /// ends the stream after every frame is durable.
 pub struct FrameWriter {
     tx: Option<mpsc::Sender<WriteRequest>>,
+    /// The shared memory region, when the daemon attached it.
+    region: Option<Region>,
+    shm_bytes: u64,
     shared: Arc<Shared>,
     opened: Opened,
     next_seq: u64,
@@ -477,6 +531,13 @@ impl FrameWriter {
         options: OpenOptions,
     ) -> Result<FrameWriter> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        // A region we cannot make (no memfd: not Linux, or out of memory)
+        // only means bytes go through the socket.
+        let region = if options.shared_memory && options.shm_size > 0 {
+            Region::new(shm::align(options.shm_size)).ok()
+        } else {
+            None
+        };
         let open = proto::OpenArchive {
             archive: archive.into(),
             mode: match options.mode {
@@ -485,9 +546,10 @@ impl FrameWriter {
             } as i32,
             group: options.group,
             compression: options.compression,
-            // Tensor bytes go in `chunk`s: this crate does not use shared
-            // memory (the Python client does).
-            shm: None,
+            shm: region.as_ref().map(|r| proto::SharedMemory {
+                fd: r.fd() as u32,
+                size: r.size(),
+            }),
         };
         tx.send(WriteRequest {
             msg: Some(In::Open(open)),
@@ -502,6 +564,8 @@ impl FrameWriter {
                 archive: o.archive,
                 existing_frames: o.existing_frames,
                 repaired: (!o.repaired.is_empty()).then_some(o.repaired),
+                shm_attached: o.shm_attached,
+                shm_refused: (!o.shm_refused.is_empty()).then_some(o.shm_refused),
             },
             Some(other) => {
                 return Err(Error::Protocol(format!(
@@ -515,13 +579,18 @@ impl FrameWriter {
                 ))
             }
         };
+        // Not attached: drop it (the daemon never mapped it).
+        let region = region.filter(|_| opened.shm_attached);
         let shared = Arc::new(Shared {
             progress: watch::Sender::new(Progress::default()),
             waiters: Mutex::new(VecDeque::new()),
+            ring: Mutex::new(Ring::new(region.as_ref().map_or(0, Region::size))),
         });
         let pump = tokio::spawn(pump(resp, shared.clone()));
         Ok(FrameWriter {
             tx: Some(tx),
+            region,
+            shm_bytes: 0,
             shared,
             opened,
             next_seq: 0,
@@ -533,6 +602,12 @@ impl FrameWriter {
     /// What the daemon said on open.
     pub fn opened(&self) -> &Opened {
         &self.opened
+    }
+
+    /// Tensor bytes sent through shared memory so far (the rest went through
+    /// the socket).
+    pub fn shm_bytes(&self) -> u64 {
+        self.shm_bytes
     }
 
     /// Commits sent so far (frames plus records and scalars sent outside one).
@@ -616,6 +691,22 @@ impl FrameWriter {
         self.usable()?;
         self.mid_frame = true;
         let NewFrame { index, items } = frame;
+        // Where this frame's tensors go in shared memory, if they fit: one
+        // span for the frame, freed when its commit (seq `next_seq`) is durable.
+        let mut shm_at = self.region.as_ref().and_then(|_| {
+            let n = items
+                .iter()
+                .map(|i| match i {
+                    Item::Tensor { data, .. } => shm::align(data.bytes().len() as u64),
+                    _ => 0,
+                })
+                .sum();
+            self.shared
+                .ring
+                .lock()
+                .expect("ring lock")
+                .alloc(self.next_seq, n)
+        });
         self.send(In::Begin(proto::BeginFrame {
             index: index.clone(),
         }))
@@ -631,6 +722,19 @@ impl FrameWriter {
                         shape,
                     }))
                     .await?;
+                    if let (Some(at), Some(region)) = (shm_at.as_mut(), self.region.as_mut()) {
+                        if !bytes.is_empty() {
+                            region.write(*at, &bytes);
+                            let c = proto::ShmChunk {
+                                offset: *at,
+                                length: bytes.len() as u64,
+                            };
+                            *at += shm::align(c.length);
+                            self.shm_bytes += c.length;
+                            self.send(In::ShmChunk(c)).await?;
+                        }
+                        continue;
+                    }
                     // One buffer, sent as slices of it: no copy per chunk.
                     let bytes = Bytes::from(bytes);
                     for at in (0..bytes.len()).step_by(CHUNK_BYTES) {

@@ -198,6 +198,15 @@ async fn every_dtype_round_trips_bit_exactly_over_uds_and_tcp() {
             .await
             .unwrap();
         assert_eq!(w.opened().existing_frames, 0);
+        // Shared memory on the Unix socket; refused, with the reason, over TCP.
+        let o = w.opened();
+        if prefix == "run" {
+            assert!(o.shm_attached && o.shm_refused.is_none(), "{o:?}");
+        } else {
+            assert!(!o.shm_attached, "{o:?}");
+            let why = o.shm_refused.as_deref().unwrap();
+            assert!(why.contains("needs the Unix socket"), "{o:?}");
+        }
         let mut frame = NewFrame::new("7");
         for c in &cases {
             frame.push_tensor(c.group.clone(), c.name.clone(), c.data.clone());
@@ -207,7 +216,10 @@ async fn every_dtype_round_trips_bit_exactly_over_uds_and_tcp() {
         assert_eq!((received.index.as_str(), received.seq), ("7", 0));
         let durable = h.await.unwrap();
         assert_eq!(durable, received);
+        let sent = w.shm_bytes();
         w.close().await.unwrap();
+        let total: usize = cases.iter().map(|c| c.data.bytes().len()).sum();
+        assert_eq!(sent, if prefix == "run" { total as u64 } else { 0 });
         for (reader, via) in [(&uds, "uds"), (&tcp, "tcp")] {
             let via = format!("{archive} read over {via}");
             let f = reader.get_frame(archive, "7").await.unwrap();
@@ -226,6 +238,86 @@ async fn every_dtype_round_trips_bit_exactly_over_uds_and_tcp() {
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].index, "7");
         assert_eq!(got_bits(&h[0].tensors[0].array), c.bits);
+    }
+}
+
+/// 1 MiB + a bit per frame, distinct bits per frame.
+fn shm_frame(i: u32) -> Array1<u32> {
+    Array1::from_iter((0..(1 << 18) + 77).map(|k| k ^ i.rotate_left(20)))
+}
+
+/// Shared memory on a Unix socket: a region too small for every frame in
+/// flight sends the frames that do not fit through the socket, the ring wraps
+/// and is reused once frames are durable, compressed and empty tensors go
+/// through it too, and every frame reads back bit-exactly whichever way its
+/// bytes went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_wraps_falls_back_and_round_trips() {
+    let d = Daemon::start();
+    let c = Client::connect(&d.uds_addr()).await.unwrap();
+    let frame_bytes = 4 * ((1u64 << 18) + 77);
+    for (archive, opts) in [
+        // Room for 2 frames in flight: 12 back-to-back writes must fall back.
+        (
+            "small.zip",
+            OpenOptions::create().shm_size(2 * frame_bytes + 8192),
+        ),
+        // Deflated by the daemon from the shared pages.
+        (
+            "deflate.zip",
+            OpenOptions::create()
+                .shm_size(3 * frame_bytes)
+                .compression(6),
+        ),
+        // Smaller than one frame: all through the socket, still attached.
+        ("tiny.zip", OpenOptions::create().shm_size(4096)),
+        ("off.zip", OpenOptions::create().shared_memory(false)),
+    ] {
+        let on = opts.shared_memory;
+        let mut w = c.writer(archive, opts).await.unwrap();
+        assert_eq!(w.opened().shm_attached, on, "{archive}: {:?}", w.opened());
+        assert_eq!(w.opened().shm_refused, None, "{archive}");
+        let mut handles = Vec::new();
+        for i in 0..12u32 {
+            let f = NewFrame::new(i.to_string())
+                .tensor("layer/0", "weight", &shm_frame(i))
+                .tensor("layer/0", "empty", &Array1::<f32>::zeros(0))
+                .scalar("metrics", "loss", f64::from(i));
+            handles.push(w.write(f).await.unwrap());
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        let after_burst = w.shm_bytes();
+        // Durable frames free their spans: one at a time, every frame fits
+        // (from the start of the region again) where one fits at all.
+        for i in 12..16u32 {
+            let h = w
+                .write_frame(i.to_string(), [("layer/0", "weight", &shm_frame(i))])
+                .await
+                .unwrap();
+            h.await.unwrap();
+        }
+        let per_frame = w.shm_bytes() - after_burst;
+        match archive {
+            "small.zip" | "deflate.zip" => {
+                assert!(after_burst >= 2 * frame_bytes, "{archive}: {after_burst}");
+                assert!(after_burst < 12 * frame_bytes, "{archive}: {after_burst}");
+                assert_eq!(per_frame, 4 * frame_bytes, "{archive}");
+            }
+            _ => assert_eq!(w.shm_bytes(), 0, "{archive}"),
+        }
+        w.close().await.unwrap();
+        for i in 0..16u32 {
+            let f = c.get_frame(archive, i.to_string()).await.unwrap();
+            let t = f
+                .tensors
+                .iter()
+                .find(|t| t.path.contains("/weight."))
+                .unwrap();
+            let got = t.array.as_array::<u32>().unwrap();
+            assert_eq!(got, &shm_frame(i).into_dyn(), "{archive} frame {i}");
+        }
     }
 }
 
@@ -281,6 +373,7 @@ async fn frames_positions_groups_records_scalars_and_history() {
                 mode: OpenMode::Append,
                 group: "run2".into(),
                 compression: 6,
+                ..OpenOptions::default()
             },
         )
         .await
@@ -571,43 +664,53 @@ fn quickstart_example_runs_over_both_transports() {
 }
 
 // Single-threaded runtime: nothing drains the request queue while the write
-// is being polled, so the timeout reliably cancels it mid-frame.
+// is being polled, so the timeout reliably cancels it mid-frame. Both ways
+// tensor bytes travel: chunks, and shared memory.
 #[tokio::test(flavor = "current_thread")]
 async fn a_cancelled_write_leaves_no_partial_frame() {
     let d = Daemon::start();
     let c = Client::connect(&d.uds_addr()).await.unwrap();
-    let mut w = c.writer("cancel.zip", OpenOptions::create()).await.unwrap();
-    w.write_frame("0", [("", "x", arr0(1.0f32))])
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    // 40 MiB: more chunks than the request queue holds, so the write is
-    // pending halfway through the frame when the timeout cancels it.
-    let big = Array1::<u8>::from_elem(40 << 20, 7);
-    let r = tokio::time::timeout(
-        std::time::Duration::ZERO,
-        w.write_frame("1", [("", "x", big.view())]),
-    )
-    .await;
-    assert!(r.is_err(), "the write should still be in progress");
-    let e = w
-        .write_frame("2", [("", "x", arr0(2.0f32))])
-        .await
-        .unwrap_err();
-    assert!(matches!(e, Error::WriterClosed(_)), "{e}");
-    assert!(w.close().await.is_err());
-    // Once the stream is gone the daemon drops the half-sent frame.
-    assert_eq!(c.list_frames("cancel.zip", "").await.unwrap(), ["0"]);
-    let mut w = c.writer("cancel.zip", OpenOptions::append()).await.unwrap();
-    assert_eq!(w.opened().existing_frames, 1);
-    w.write_frame("1", [("", "x", arr0(3.0f32))])
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    w.close().await.unwrap();
-    let f = c.get_frame("cancel.zip", FrameSel::LAST).await.unwrap();
-    assert_eq!(f.index, "1");
-    assert_eq!(f.tensors[0].array.as_array::<f32>().unwrap()[[]], 3.0);
+    for (archive, shm) in [("cancel.zip", false), ("cancel-shm.zip", true)] {
+        let opts = OpenOptions::create().shared_memory(shm);
+        let mut w = c.writer(archive, opts.clone()).await.unwrap();
+        assert_eq!(w.opened().shm_attached, shm);
+        w.write_frame("0", [("", "x", arr0(1.0f32))])
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        // 20 tensors of 2 MiB: more messages than the request queue holds
+        // either way, so the write is pending halfway through the frame when
+        // the timeout cancels it.
+        let big = Array1::<u8>::from_elem(2 << 20, 7);
+        let mut frame = NewFrame::new("1");
+        for k in 0..20 {
+            frame.push_tensor("", format!("x{k}"), big.view());
+        }
+        let r = tokio::time::timeout(std::time::Duration::ZERO, w.write(frame)).await;
+        assert!(r.is_err(), "the write should still be in progress");
+        let e = w
+            .write_frame("2", [("", "x", arr0(2.0f32))])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::WriterClosed(_)), "{e}");
+        assert!(w.close().await.is_err());
+        // Once the stream is gone the daemon drops the half-sent frame.
+        assert_eq!(c.list_frames(archive, "").await.unwrap(), ["0"]);
+        let opts = OpenOptions {
+            mode: OpenMode::Append,
+            ..opts
+        };
+        let mut w = c.writer(archive, opts).await.unwrap();
+        assert_eq!(w.opened().existing_frames, 1);
+        w.write_frame("1", [("", "x", arr0(3.0f32))])
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        w.close().await.unwrap();
+        let f = c.get_frame(archive, FrameSel::LAST).await.unwrap();
+        assert_eq!(f.index, "1");
+        assert_eq!(f.tensors[0].array.as_array::<f32>().unwrap()[[]], 3.0);
+    }
 }
