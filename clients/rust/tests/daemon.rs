@@ -280,8 +280,8 @@ async fn shared_memory_wraps_falls_back_and_round_trips() {
         let mut handles = Vec::new();
         for i in 0..12u32 {
             let f = NewFrame::new(i.to_string())
-                .tensor("layer/0", "weight", &shm_frame(i))
-                .tensor("layer/0", "empty", &Array1::<f32>::zeros(0))
+                .tensor("layer/0", "weight", shm_frame(i))
+                .tensor("layer/0", "empty", Array1::<f32>::zeros(0))
                 .scalar("metrics", "loss", f64::from(i));
             handles.push(w.write(f).await.unwrap());
         }
