@@ -132,14 +132,14 @@ impl FrameWriter {
     }
 
     /// See [`crate::FrameWriter::write`].
-    pub fn write(&mut self, frame: NewFrame) -> Result<FrameHandle> {
+    pub fn write(&mut self, frame: NewFrame<'_>) -> Result<FrameHandle> {
         let rt = self.rt.clone();
         let h = rt.block_on(self.w().write(frame))?;
         Ok(FrameHandle { rt, inner: h })
     }
 
     /// See [`crate::FrameWriter::write_frame`].
-    pub fn write_frame<I, G, N, T>(
+    pub fn write_frame<'t, I, G, N, T>(
         &mut self,
         index: impl Into<String>,
         tensors: I,
@@ -148,7 +148,7 @@ impl FrameWriter {
         I: IntoIterator<Item = (G, N, T)>,
         G: Into<String>,
         N: Into<String>,
-        T: Into<TensorData>,
+        T: Into<TensorData<'t>>,
     {
         let rt = self.rt.clone();
         let h = rt.block_on(self.w().write_frame(index, tensors))?;

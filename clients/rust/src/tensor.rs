@@ -6,6 +6,7 @@
 //! sent as what they look like, not as their memory. Decoding is bit-exact:
 //! NaN payloads of every float type and the sign of zero survive.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use half::{bf16, f16};
@@ -355,35 +356,64 @@ impl<T: Element> From<ArrayD<T>> for DynArray {
     }
 }
 
+/// The wire encoding of a row-major contiguous slice, without a copy: on a
+/// little-endian target every [`Element`]'s memory is its little-endian
+/// encoding. `None` on a big-endian target.
+fn le_bytes<T: Element>(s: &[T]) -> Option<&[u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: `Element` is sealed to primitive integers and floats,
+        // `half`'s f16/bf16 (`repr(transparent)` over u16) and bool: no
+        // padding and every byte initialised; a bool's byte is 0 or 1, which
+        // is its encoding. u8 needs no alignment, and the length is the
+        // slice's size in bytes.
+        Some(unsafe {
+            std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s))
+        })
+    } else {
+        None
+    }
+}
+
 fn encode<S, D, T>(a: &ArrayBase<S, D>) -> Vec<u8>
 where
     S: Data<Elem = T>,
     D: Dimension,
     T: Element,
 {
-    let mut out = Vec::with_capacity(a.len() * T::DTYPE.itemsize());
-    match a.as_slice() {
-        Some(s) => s.iter().for_each(|x| x.put_le(&mut out)),
-        // `iter` visits elements in logical row-major order whatever the strides.
-        None => a.iter().for_each(|x| x.put_le(&mut out)),
+    if let Some(b) = a.as_slice().and_then(le_bytes) {
+        return b.to_vec();
     }
+    let mut out = Vec::with_capacity(a.len() * T::DTYPE.itemsize());
+    // `iter` visits elements in logical row-major order whatever the strides.
+    a.iter().for_each(|x| x.put_le(&mut out));
     out
 }
 
 /// A tensor encoded for sending: dtype, shape and row-major little-endian
 /// bytes. Make one from any ndarray array or view (`TensorData::from(&a)`,
 /// `a.view().into()`) or from a [`DynArray`].
+///
+/// From a borrowed array in row-major (C) order it borrows the array's memory
+/// (on a little-endian machine, where that memory is already the encoding),
+/// so writing it costs one copy: into shared memory or into the gRPC
+/// messages. Other layouts, and owned arrays, are encoded into a buffer of
+/// its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TensorData {
+pub struct TensorData<'a> {
     dtype: DType,
     shape: Vec<u64>,
-    bytes: Vec<u8>,
+    bytes: Cow<'a, [u8]>,
 }
 
-impl TensorData {
-    /// From already encoded bytes; fails unless `bytes.len()` is the product of
-    /// `shape` times the dtype's item size.
-    pub fn new(dtype: DType, shape: Vec<u64>, bytes: Vec<u8>) -> Result<TensorData> {
+impl<'a> TensorData<'a> {
+    /// From already encoded bytes (a `Vec<u8>` or a `&[u8]`); fails unless
+    /// `bytes.len()` is the product of `shape` times the dtype's item size.
+    pub fn new(
+        dtype: DType,
+        shape: Vec<u64>,
+        bytes: impl Into<Cow<'a, [u8]>>,
+    ) -> Result<TensorData<'a>> {
+        let bytes = bytes.into();
         let want = shape
             .iter()
             .try_fold(dtype.itemsize() as u64, |n, &d| n.checked_mul(d));
@@ -400,17 +430,31 @@ impl TensorData {
         })
     }
 
-    /// Encode an ndarray array or view of any dimensionality and layout.
-    pub fn from_array<S, D, T>(a: &ArrayBase<S, D>) -> TensorData
+    /// Encode an ndarray array or view of any dimensionality and layout
+    /// (borrowing its memory when it is row-major contiguous).
+    pub fn from_array<S, D, T>(a: &'a ArrayBase<S, D>) -> TensorData<'a>
     where
         S: Data<Elem = T>,
         D: Dimension,
         T: Element,
     {
+        let bytes = match a.as_slice().and_then(le_bytes) {
+            Some(b) => Cow::Borrowed(b),
+            None => Cow::Owned(encode(a)),
+        };
         TensorData {
             dtype: T::DTYPE,
             shape: a.shape().iter().map(|&d| d as u64).collect(),
-            bytes: encode(a),
+            bytes,
+        }
+    }
+
+    /// A copy that owns its bytes, to keep beyond the array's lifetime.
+    pub fn into_owned(self) -> TensorData<'static> {
+        TensorData {
+            dtype: self.dtype,
+            shape: self.shape,
+            bytes: Cow::Owned(self.bytes.into_owned()),
         }
     }
 
@@ -435,43 +479,51 @@ impl TensorData {
         DynArray::from_le_bytes(self.dtype, &shape, &self.bytes)
     }
 
-    pub(crate) fn into_parts(self) -> (DType, Vec<u64>, Vec<u8>) {
+    pub(crate) fn into_parts(self) -> (DType, Vec<u64>, Cow<'a, [u8]>) {
         (self.dtype, self.shape, self.bytes)
     }
 }
 
-impl<S, D, T> From<&ArrayBase<S, D>> for TensorData
+impl<'a, S, D, T> From<&'a ArrayBase<S, D>> for TensorData<'a>
 where
     S: Data<Elem = T>,
     D: Dimension,
     T: Element,
 {
-    fn from(a: &ArrayBase<S, D>) -> TensorData {
+    fn from(a: &'a ArrayBase<S, D>) -> TensorData<'a> {
         TensorData::from_array(a)
     }
 }
 
-impl<T: Element, D: Dimension> From<ArrayView<'_, T, D>> for TensorData {
-    fn from(a: ArrayView<'_, T, D>) -> TensorData {
-        TensorData::from_array(&a)
+impl<'a, T: Element, D: Dimension> From<ArrayView<'a, T, D>> for TensorData<'a> {
+    fn from(a: ArrayView<'a, T, D>) -> TensorData<'a> {
+        match a.to_slice().and_then(le_bytes) {
+            // Borrows what the view borrows, not the view itself.
+            Some(b) => TensorData {
+                dtype: T::DTYPE,
+                shape: a.shape().iter().map(|&d| d as u64).collect(),
+                bytes: Cow::Borrowed(b),
+            },
+            None => TensorData::from_array(&a).into_owned(),
+        }
     }
 }
 
-impl<T: Element, D: Dimension> From<Array<T, D>> for TensorData {
-    fn from(a: Array<T, D>) -> TensorData {
-        TensorData::from_array(&a)
+impl<T: Element, D: Dimension> From<Array<T, D>> for TensorData<'static> {
+    fn from(a: Array<T, D>) -> TensorData<'static> {
+        TensorData::from_array(&a).into_owned()
     }
 }
 
-impl From<&DynArray> for TensorData {
-    fn from(a: &DynArray) -> TensorData {
+impl<'a> From<&'a DynArray> for TensorData<'a> {
+    fn from(a: &'a DynArray) -> TensorData<'a> {
         each!(a, x => TensorData::from_array(x))
     }
 }
 
-impl From<DynArray> for TensorData {
-    fn from(a: DynArray) -> TensorData {
-        TensorData::from(&a)
+impl From<DynArray> for TensorData<'static> {
+    fn from(a: DynArray) -> TensorData<'static> {
+        TensorData::from(&a).into_owned()
     }
 }
 
@@ -492,6 +544,28 @@ mod tests {
         let t = TensorData::from(v);
         let back = t.to_array().unwrap().into_array::<u16>().unwrap();
         assert_eq!(back, v.to_owned().into_dyn());
+    }
+
+    #[test]
+    fn contiguous_arrays_are_borrowed_and_others_encoded() {
+        let a = Array3::<f32>::from_shape_fn((2, 3, 4), |(i, j, k)| (i * 12 + j * 4 + k) as f32);
+        let expect: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let t = TensorData::from(&a);
+        assert!(matches!(t.bytes, Cow::Borrowed(_)) == cfg!(target_endian = "little"));
+        assert_eq!(t.bytes(), expect);
+        let t = TensorData::from(a.view());
+        assert!(matches!(t.bytes, Cow::Borrowed(_)) == cfg!(target_endian = "little"));
+        assert_eq!(t.bytes(), expect);
+        // A transposed view is not row-major: encoded in logical order.
+        let t = TensorData::from(a.t());
+        assert!(matches!(t.bytes, Cow::Owned(_)));
+        let back = t.to_array().unwrap().into_array::<f32>().unwrap();
+        assert_eq!(back, a.t().to_owned().into_dyn());
+        // Owned arrays and into_owned copy.
+        let t = TensorData::from(a.clone()).into_owned();
+        assert_eq!(t.bytes(), expect);
+        let b = ndarray::Array1::from(vec![true, false, true]);
+        assert_eq!(TensorData::from(&b).bytes(), [1, 0, 1]);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //!   A frame whose tensors do not fit in the free part of the region goes in
 //!   `chunk`s: a write never waits for room.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -171,11 +172,11 @@ impl From<proto::FrameAck> for Ack {
     }
 }
 
-enum Item {
+enum Item<'a> {
     Tensor {
         group: String,
         name: String,
-        data: TensorData,
+        data: TensorData<'a>,
     },
     Record {
         path: String,
@@ -190,7 +191,8 @@ enum Item {
 }
 
 /// A frame to write: tensors, records and scalars under one frame index,
-/// committed atomically.
+/// committed atomically. It borrows the arrays it was given (see
+/// [`TensorData`]) until it is written.
 ///
 /// ```
 /// # use gtar_logd_client::{NewFrame};
@@ -199,15 +201,15 @@ enum Item {
 ///     .tensor("layer/0", "weight", &w)
 ///     .scalar("metrics", "loss", 0.25);
 /// ```
-pub struct NewFrame {
+pub struct NewFrame<'a> {
     index: String,
-    items: Vec<Item>,
+    items: Vec<Item<'a>>,
 }
 
-impl NewFrame {
+impl<'a> NewFrame<'a> {
     /// An empty frame with this index (e.g. the epoch, `"12"`). Frames order
     /// shorter-first, then bytewise, as libgetar orders them.
-    pub fn new(index: impl Into<String>) -> NewFrame {
+    pub fn new(index: impl Into<String>) -> NewFrame<'a> {
         NewFrame {
             index: index.into(),
             items: Vec::new(),
@@ -225,8 +227,8 @@ impl NewFrame {
         mut self,
         group: impl Into<String>,
         name: impl Into<String>,
-        data: impl Into<TensorData>,
-    ) -> NewFrame {
+        data: impl Into<TensorData<'a>>,
+    ) -> NewFrame<'a> {
         self.push_tensor(group, name, data);
         self
     }
@@ -236,7 +238,7 @@ impl NewFrame {
         &mut self,
         group: impl Into<String>,
         name: impl Into<String>,
-        data: impl Into<TensorData>,
+        data: impl Into<TensorData<'a>>,
     ) {
         self.items.push(Item::Tensor {
             group: group.into(),
@@ -247,7 +249,7 @@ impl NewFrame {
 
     /// Add a record at a path of its own inside the stream's group, e.g.
     /// `"keras/model.json"`, committed with this frame.
-    pub fn record(mut self, path: impl Into<String>, data: impl Into<Vec<u8>>) -> NewFrame {
+    pub fn record(mut self, path: impl Into<String>, data: impl Into<Vec<u8>>) -> NewFrame<'a> {
         self.items.push(Item::Record {
             path: path.into(),
             data: data.into(),
@@ -257,7 +259,12 @@ impl NewFrame {
 
     /// Add a scalar (continuous GETAR record) at this frame's index: stored at
     /// `{group}/vars/{name}.f64.uni/{index}`.
-    pub fn scalar(self, group: impl Into<String>, name: impl Into<String>, value: f64) -> NewFrame {
+    pub fn scalar(
+        self,
+        group: impl Into<String>,
+        name: impl Into<String>,
+        value: f64,
+    ) -> NewFrame<'a> {
         self.scalar_at(group, name, "", value)
     }
 
@@ -268,7 +275,7 @@ impl NewFrame {
         name: impl Into<String>,
         index: impl Into<String>,
         value: f64,
-    ) -> NewFrame {
+    ) -> NewFrame<'a> {
         self.items.push(Item::Scalar {
             group: group.into(),
             name: name.into(),
@@ -687,7 +694,7 @@ impl FrameWriter {
     /// Send one frame. Returns when the whole frame is handed to the stream
     /// (waiting if the daemon is slower than the caller); the handle resolves
     /// when the daemon acks it.
-    pub async fn write(&mut self, frame: NewFrame) -> Result<FrameHandle> {
+    pub async fn write(&mut self, frame: NewFrame<'_>) -> Result<FrameHandle> {
         self.usable()?;
         self.mid_frame = true;
         let NewFrame { index, items } = frame;
@@ -735,14 +742,21 @@ impl FrameWriter {
                         }
                         continue;
                     }
-                    // One buffer, sent as slices of it: no copy per chunk.
-                    let bytes = Bytes::from(bytes);
-                    for at in (0..bytes.len()).step_by(CHUNK_BYTES) {
-                        let end = bytes.len().min(at + CHUNK_BYTES);
-                        self.send(In::Chunk(proto::Chunk {
-                            data: bytes.slice(at..end),
-                        }))
-                        .await?;
+                    // An owned buffer goes as slices of it; borrowed bytes are
+                    // copied a chunk at a time (the stream needs owned
+                    // messages), so at most a queue's worth is ever copied.
+                    let len = bytes.len();
+                    let (owned, borrowed) = match bytes {
+                        Cow::Owned(v) => (Some(Bytes::from(v)), &[][..]),
+                        Cow::Borrowed(b) => (None, b),
+                    };
+                    for at in (0..len).step_by(CHUNK_BYTES) {
+                        let end = len.min(at + CHUNK_BYTES);
+                        let data = match &owned {
+                            Some(b) => b.slice(at..end),
+                            None => Bytes::copy_from_slice(&borrowed[at..end]),
+                        };
+                        self.send(In::Chunk(proto::Chunk { data })).await?;
                     }
                 }
                 Item::Record { path, data } => {
@@ -774,7 +788,7 @@ impl FrameWriter {
 
     /// Send one frame of tensors given as `(group, name, tensor)` triples, e.g.
     /// `[("layer/0", "weight", TensorData::from(&w))]`.
-    pub async fn write_frame<I, G, N, T>(
+    pub async fn write_frame<'t, I, G, N, T>(
         &mut self,
         index: impl Into<String>,
         tensors: I,
@@ -783,7 +797,7 @@ impl FrameWriter {
         I: IntoIterator<Item = (G, N, T)>,
         G: Into<String>,
         N: Into<String>,
-        T: Into<TensorData>,
+        T: Into<TensorData<'t>>,
     {
         let mut f = NewFrame::new(index);
         for (g, n, t) in tensors {

@@ -64,7 +64,7 @@ fn got_bits(a: &DynArray) -> Vec<u64> {
 struct Case {
     group: String,
     name: String,
-    data: TensorData,
+    data: TensorData<'static>,
     dtype: DType,
     shape: Vec<usize>,
     bits: Vec<u64>,
@@ -79,7 +79,7 @@ where
     out.push(Case {
         group: group.into(),
         name: name.into(),
-        data: TensorData::from(a),
+        data: TensorData::from(a).into_owned(),
         dtype: T::DTYPE,
         shape: a.shape().to_vec(),
         // ndarray's `iter` is logical row-major order: what must come back.

@@ -23,18 +23,24 @@ fn workspace_root() -> PathBuf {
 
 static BUILD: Mutex<()> = Mutex::new(());
 
-/// Build `args` with cargo unless `path` exists already.
+/// Build `args` with cargo unless `path` exists already (in release mode when
+/// this binary is a release build, e.g. a bench, so `path` is where cargo
+/// puts it).
 fn ensure_built(path: &Path, args: &[&str]) -> PathBuf {
     let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut args = args.to_vec();
+        if target_dir().ends_with("release") {
+            args.push("--release");
+        }
         eprintln!(
             "building {} with `cargo {}`",
             path.display(),
             args.join(" ")
         );
         let st = Command::new(cargo)
-            .args(args)
+            .args(&args)
             .current_dir(workspace_root())
             .status()
             .expect("run cargo");
@@ -145,6 +151,11 @@ impl Daemon {
     /// `127.0.0.1:PORT`
     pub fn tcp_addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
