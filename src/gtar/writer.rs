@@ -105,8 +105,6 @@ pub struct Committed {
 /// Small writes are gathered here and written in one call; large data goes
 /// straight to the file.
 const BUF_CAP: usize = 1 << 20;
-/// Piece size of [`EntryWriter::write_from`] when the entry is not direct.
-const FILL_PIECE: u64 = 1 << 20;
 
 /// Entries at least this large go through direct I/O when it is enabled.
 pub const DIRECT_MIN: u64 = 1 << 20;
@@ -484,14 +482,19 @@ impl ArchiveWriter {
     }
 
     /// Stage `data`; every full stage goes to the I/O thread.
-    fn direct_write(&mut self, data: &[u8]) -> Result<(), Error> {
-        let mut rest = data;
-        self.direct_fill(data.len() as u64, &mut |buf| {
-            let (now, later) = rest.split_at(buf.len());
-            buf.copy_from_slice(now);
-            rest = later;
-            Ok(())
-        })
+    fn direct_write(&mut self, mut data: &[u8]) -> Result<(), Error> {
+        let d = self.direct.as_mut().expect("direct_begin ran");
+        while !data.is_empty() {
+            let k = data.len().min(DIRECT_STAGE - d.staged);
+            let (now, later) = data.split_at(k);
+            d.cur.bytes_mut()[d.staged..d.staged + k].copy_from_slice(now);
+            d.staged += k;
+            data = later;
+            if d.staged == DIRECT_STAGE {
+                d.submit(DIRECT_STAGE)?;
+            }
+        }
+        Ok(())
     }
 
     /// Write whole blocks at the direct position straight from `data`, on
@@ -504,27 +507,6 @@ impl ArchiveWriter {
         let (direct, buffered) = &*d.files;
         write_blocks(direct, buffered, data, d.at, &d.refused)?;
         d.at += data.len() as u64;
-        Ok(())
-    }
-
-    /// Stage the next `len` bytes, which `fill` writes into the stage piece
-    /// by piece; every full stage goes to the I/O thread.
-    fn direct_fill(
-        &mut self,
-        mut len: u64,
-        fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
-    ) -> Result<(), Error> {
-        let d = self.direct.as_mut().expect("direct_begin ran");
-        while len > 0 {
-            let k = len.min((DIRECT_STAGE - d.staged) as u64) as usize;
-            let from = d.staged;
-            fill(&mut d.cur.bytes_mut()[from..from + k])?;
-            d.staged += k;
-            len -= k as u64;
-            if d.staged == DIRECT_STAGE {
-                d.submit(DIRECT_STAGE)?;
-            }
-        }
         Ok(())
     }
 
@@ -1010,43 +992,6 @@ impl EntryWriter<'_, '_> {
         Ok(())
     }
 
-    /// Append the next `len` bytes of the entry's data, which `fill` writes
-    /// into the buffer it is given (all of it, piece by piece, in order).
-    /// With direct I/O the pieces are the writer's own stage, so bytes read
-    /// from another file (e.g. a client's shared memory) are copied once,
-    /// not once into a buffer of ours and again into the stage. An error
-    /// from `fill` leaves the entry unfinished: the frame is aborted.
-    pub fn write_from(
-        &mut self,
-        len: u64,
-        mut fill: impl FnMut(&mut [u8]) -> std::io::Result<()>,
-    ) -> Result<(), Error> {
-        self.check_room(len)?;
-        if self.direct {
-            let crc = &mut self.crc;
-            self.broken = true;
-            self.txn.w.direct_fill(len, &mut |buf| {
-                fill(buf)?;
-                crc.update(buf);
-                Ok(())
-            })?;
-            self.broken = false;
-            self.written += len;
-        } else {
-            let mut buf = vec![0; len.min(FILL_PIECE) as usize];
-            let mut left = len;
-            while left > 0 {
-                let piece = &mut buf[..left.min(FILL_PIECE) as usize];
-                self.broken = true;
-                fill(piece)?;
-                self.broken = false;
-                self.write(piece)?;
-                left -= piece.len() as u64;
-            }
-        }
-        Ok(())
-    }
-
     /// Complete the entry: every declared byte must have been written.
     pub fn finish(mut self) -> Result<(), Error> {
         self.check_room(0)?;
@@ -1153,19 +1098,12 @@ mod tests {
                     e.write_unstaged(&aligned[cut..]).unwrap();
                     e.finish().unwrap();
                 } else {
-                    // write_from in calls of odd sizes, each filled piece by
-                    // piece as the writer asks.
+                    // write_unstaged from memory that is not block-aligned:
+                    // the staged path.
                     let mut e = t.start_entry(&name, n as u64).unwrap();
-                    let mut at = 0;
-                    for call in data.chunks(3 * 1_048_573) {
-                        e.write_from(call.len() as u64, |buf| {
-                            buf.copy_from_slice(&data[at..at + buf.len()]);
-                            at += buf.len();
-                            Ok(())
-                        })
-                        .unwrap();
+                    for piece in data.chunks(3 * 1_048_573) {
+                        e.write_unstaged(piece).unwrap();
                     }
-                    assert_eq!(at, n);
                     e.finish().unwrap();
                 }
                 expect.push((name, data));
@@ -1269,45 +1207,36 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_fill_aborts_its_frame_and_the_writer_goes_on() {
-        for direct in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("f.zip");
-            let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
-            if direct {
-                w.enable_direct_io();
-            }
-            let mut expect = write_frames(&mut w, 0..1);
-            let end = w.committed_len();
-            {
-                let mut t = w.begin().unwrap();
-                let size = 3 * DIRECT_STAGE as u64;
-                let mut e = t.start_entry("frames/x/b.u8.uni", size).unwrap();
-                // The source ends after a stage and a bit: like a shared
-                // memory region that shrank under the daemon.
-                let mut left = DIRECT_STAGE + 4097;
-                let err = e
-                    .write_from(size, |buf| {
-                        if buf.len() > left {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                "source ended",
-                            ));
-                        }
-                        left -= buf.len();
-                        buf.fill(7);
-                        Ok(())
-                    })
-                    .unwrap_err();
-                assert!(err.to_string().contains("source ended"), "{err}");
-                let again = e.write_from(1, |_| Ok(())).unwrap_err();
-                assert!(again.to_string().contains("earlier write"), "{again}");
-            }
-            assert_eq!(w.committed_len(), end);
-            assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
-            expect.extend(write_frames(&mut w, 1..2));
-            drop(w);
-            check(&path, &expect, direct);
+    fn a_failing_write_breaks_its_entry_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.zip");
+        let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
+        w.enable_direct_io();
+        let mut expect = write_frames(&mut w, 0..1);
+        let end = w.committed_len();
+        // A direct side whose files refuse writes (opened read-only: EBADF),
+        // like a disk failing in the middle of an entry.
+        let ro = || File::open(&path).unwrap();
+        w.direct = Some(Direct::new(ro(), ro()).unwrap());
+        {
+            let mut t = w.begin().unwrap();
+            let size = 3 * DIRECT_STAGE;
+            let mut e = t.start_entry("frames/x/b.u8.uni", size as u64).unwrap();
+            let mut buf = vec![7u8; size + DIRECT_ALIGN];
+            let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            let err = e.write_unstaged(&buf[off..off + size]).unwrap_err();
+            assert!(err.to_string().contains("Bad file descriptor"), "{err}");
+            // What reached the file is unknown: the entry takes nothing more.
+            let again = e.write(&[1]).unwrap_err();
+            assert!(again.to_string().contains("earlier write"), "{again}");
+            buf.clear();
         }
+        assert_eq!(w.committed_len(), end);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
+        w.direct = None;
+        w.enable_direct_io();
+        expect.extend(write_frames(&mut w, 1..2));
+        drop(w);
+        check(&path, &expect, true);
     }
 }
