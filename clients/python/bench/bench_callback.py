@@ -22,7 +22,8 @@ on a temp socket, and prints ratios. No assertions: numbers to read.
    memory (the default on a Unix socket) and through the socket
    (`shared_memory=False`), so the two compare in the same run.
 3. End-to-end throughput of `Writer` to the daemon, 100 MB frames, through
-   the socket, shared memory, and the socket again.
+   the socket, shared memory, and the socket again, with the CPU each frame
+   costs the calling thread, the process's other threads and the daemon.
 """
 import os
 import statistics
@@ -171,17 +172,26 @@ def main():
         n = int(os.environ.get("BENCH_FRAMES", "10"))
         print(f"\n[3] Python -> daemon over UDS, {n} frames of {fb / 1e6:.1f} MB, durable:")
         rates = {}
+        me = os.getpid()
         for how, shm in (("socket", False), ("shared memory", None), ("socket", False)):
             with Client(d.address) as c:
                 with c.writer("bench/throughput.zip", mode="create", max_pending_bytes=3 * fb,
                               shared_memory=shm) as w:
-                    t0 = time.perf_counter()
+                    caller = 0.0
+                    c0, dc0, t0 = cpu_seconds(me), cpu_seconds(d.proc.pid), time.perf_counter()
                     for i in range(n):
+                        tc = time.thread_time()
                         w.write_tensors(str(i), frame)
+                        caller += time.thread_time() - tc
                     w.flush(600)
                     el = time.perf_counter() - t0
+                    cpu, dcpu = cpu_seconds(me) - c0, cpu_seconds(d.proc.pid) - dc0
             rates.setdefault(how, []).append(n * fb / el)
-            print(f"    bytes via {how:13s}: {n / el:.2f} frames/s, {n * fb / el / 1e6:.0f} MB/s")
+            # What a save costs in CPU wherever it runs: the caller's share is
+            # the training thread's stall; the rest competes with training.
+            print(f"    bytes via {how:13s}: {n / el:.2f} frames/s, {n * fb / el / 1e6:.0f} MB/s; "
+                  f"CPU per frame: calling thread {1e3 * caller / n:.1f} ms, this process's "
+                  f"other threads {1e3 * max(cpu - caller, 0) / n:.1f} ms, daemon {1e3 * dcpu / n:.1f} ms")
         print(f"    ratio shared memory / socket (mean of the two socket runs): "
               f"{rates['shared memory'][0] / statistics.mean(rates['socket']):.2f}")
     finally:

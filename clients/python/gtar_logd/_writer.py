@@ -300,14 +300,29 @@ class Writer:
 
     def stage(self, unit: Unit) -> None:
         """Snapshot the unit's tensors now, so their arrays may change (or be
-        freed) as soon as this returns: into shared memory when there is room,
-        else into private copies. Call before `submit`."""
+        freed) as soon as this returns: into shared memory (waiting, like
+        `submit`, while the budget is spent), else -- no region, or a unit
+        bigger than it -- into private copies. Call before `submit`."""
         region = self._region
         sizes = [_align(t[4].nbytes) for t in unit.tensors]
         at = None
-        if region is not None and unit.tensors:
+        if region is not None and unit.tensors and sum(sizes) <= region.size:
+            # The region is the size of the memory budget, so no room in it
+            # means the budget is spent: wait for the daemon, as `submit`
+            # would, rather than make a private copy (fresh pages cost
+            # several times the copy into warm shared memory).
+            got = []
+
+            def room():
+                if self._region is not region:  # dropped meanwhile: copy
+                    return True
+                got.append(region.alloc(unit.id, sum(sizes)))
+                return got[-1] is not None
+
             with self._cond:
-                at = region.alloc(unit.id, sum(sizes))
+                self._wait_for(room)
+                self._check()
+            at = got[-1] if got else None
         if at is None:
             unit.tensors = [(g, n, c, s, np.array(a, copy=True)) for g, n, c, s, a in unit.tensors]
             return
@@ -323,18 +338,8 @@ class Writer:
         """Queue a unit; blocks while the memory budget is exceeded."""
         with self._cond:
             self._check()
-            if self._pending and self._pending_bytes + unit.nbytes > self.max_pending_bytes:
-                t0 = time.monotonic()
-                warnings.warn(
-                    f"gtar-logd: {self._pending_bytes / 2**20:.0f} MiB of {len(self._pending)} "
-                    f"unit(s) are waiting for the daemon (budget "
-                    f"{self.max_pending_bytes / 2**20:.0f} MiB); blocking until it catches up",
-                    RuntimeWarning, stacklevel=3)
-                while (self._pending and self._error is None
-                       and self._pending_bytes + unit.nbytes > self.max_pending_bytes):
-                    self._cond.wait(1.0)
-                self.blocked_seconds += time.monotonic() - t0
-                self._check()
+            self._wait_for(lambda: self._pending_bytes + unit.nbytes <= self.max_pending_bytes)
+            self._check()
             self._pending[unit.id] = unit
             self._pending_bytes += unit.nbytes
             self._to_send.append(unit)
@@ -431,6 +436,25 @@ class Writer:
             call.cancel()
 
     # ----------------------------------------------------------- internals
+    def _wait_for(self, room) -> None:
+        """With `_cond` held: block, with a warning, while units are pending
+        and `room()` is false (nothing pending: go ahead, a unit bigger than
+        the budget goes alone)."""
+        t0 = None
+        while not room():  # asked again after every wake-up, last when nothing is pending
+            if not self._pending or self._error is not None:
+                break
+            if t0 is None:
+                t0 = time.monotonic()
+                warnings.warn(
+                    f"gtar-logd: {self._pending_bytes / 2**20:.0f} MiB of {len(self._pending)} "
+                    f"unit(s) are waiting for the daemon (budget "
+                    f"{self.max_pending_bytes / 2**20:.0f} MiB); blocking until it catches up",
+                    RuntimeWarning, stacklevel=4)
+            self._cond.wait(1.0)
+        if t0 is not None:
+            self.blocked_seconds += time.monotonic() - t0
+
     def _check(self):
         if self._error is not None:
             raise self._error

@@ -126,7 +126,13 @@ def test_full_budget_blocks_with_a_warning_and_drops_nothing(client, archive):
             for i, a in enumerate(arrays):
                 w.write_tensors(str(i), {"a": a})
         w.flush(60)
+        stages = w.stages
     assert any("blocking" in str(c.message) for c in caught)
+    # With shared memory (the region is the budget's size) a full budget
+    # waits for room in it: every frame still goes through it, none falls
+    # back to a private copy.
+    if stages:
+        assert w.shm_bytes == sum(a.nbytes for a in arrays)
     assert client.list_frames(archive) == [str(i) for i in range(8)]
     for i, a in enumerate(arrays):
         assert np.array_equal(client.read_frame(archive, str(i))["a"], a)

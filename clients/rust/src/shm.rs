@@ -148,6 +148,11 @@ impl Ring {
         }
     }
 
+    /// No span is live.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
     /// Bytes held by live spans.
     #[cfg(test)]
     fn used(&self) -> u64 {

@@ -17,8 +17,9 @@
 //!   pending handle gets the error.
 //! * Tensor bytes go through the shared memory region when the daemon
 //!   attached it (see [`crate::shm`] for its invariants), else in `chunk`s.
-//!   A frame whose tensors do not fit in the free part of the region goes in
-//!   `chunk`s: a write never waits for room.
+//!   A frame that does not fit in the free part of the region waits for the
+//!   frames in flight to be durable (which frees their spans); only a frame
+//!   bigger than the whole region goes in `chunk`s.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -79,8 +80,9 @@ pub struct OpenOptions {
     /// user; otherwise (TCP, another user, `--shared-memory false`) bytes go
     /// through the socket and [`Opened::shm_refused`] says why.
     pub shared_memory: bool,
-    /// Size of that region in bytes ([`DEFAULT_SHM_SIZE`]): frames in flight
-    /// (written, not yet durable) that do not fit go through the socket.
+    /// Size of that region in bytes ([`DEFAULT_SHM_SIZE`]): it bounds the
+    /// tensor bytes in flight (written, not yet durable); a write waits for
+    /// room, and a frame bigger than the region goes through the socket.
     pub shm_size: u64,
 }
 
@@ -691,29 +693,59 @@ impl FrameWriter {
         })
     }
 
+    /// Where the next frame's `need` bytes of tensors go in shared memory:
+    /// one span for the frame, freed when its commit (seq `next_seq`) is
+    /// durable. With no room while earlier frames are in flight it waits for
+    /// their durable acks (backpressure, as the request queue gives on the
+    /// socket) rather than send the bytes the costlier way. `None`: no
+    /// region, or a frame bigger than the whole region (sent in chunks).
+    async fn shm_span(&self, need: u64) -> Result<Option<u64>> {
+        let Some(region) = &self.region else {
+            return Ok(None);
+        };
+        if need > region.size() {
+            return Ok(None);
+        }
+        let mut progress = self.shared.progress.subscribe();
+        loop {
+            let durable = progress.borrow_and_update().durable;
+            {
+                let mut ring = self.shared.ring.lock().expect("ring lock");
+                if let Some(at) = ring.alloc(self.next_seq, need) {
+                    return Ok(Some(at));
+                }
+                if ring.is_empty() {
+                    return Ok(None); // cannot happen: need <= size
+                }
+            }
+            let p = progress
+                .wait_for(|p| p.durable > durable || p.ended)
+                .await
+                .map_err(|_| Error::WriterClosed("writer state dropped".into()))?;
+            if p.durable == durable {
+                drop(p);
+                return Err(self.closed_error().await);
+            }
+        }
+    }
+
     /// Send one frame. Returns when the whole frame is handed to the stream
     /// (waiting if the daemon is slower than the caller); the handle resolves
     /// when the daemon acks it.
     pub async fn write(&mut self, frame: NewFrame<'_>) -> Result<FrameHandle> {
         self.usable()?;
-        self.mid_frame = true;
         let NewFrame { index, items } = frame;
-        // Where this frame's tensors go in shared memory, if they fit: one
-        // span for the frame, freed when its commit (seq `next_seq`) is durable.
-        let mut shm_at = self.region.as_ref().and_then(|_| {
-            let n = items
-                .iter()
-                .map(|i| match i {
-                    Item::Tensor { data, .. } => shm::align(data.bytes().len() as u64),
-                    _ => 0,
-                })
-                .sum();
-            self.shared
-                .ring
-                .lock()
-                .expect("ring lock")
-                .alloc(self.next_seq, n)
-        });
+        let need = items
+            .iter()
+            .map(|i| match i {
+                Item::Tensor { data, .. } => shm::align(data.bytes().len() as u64),
+                _ => 0,
+            })
+            .sum();
+        // Before anything is sent, so a write cancelled while it waits for
+        // room leaves the stream usable.
+        let mut shm_at = self.shm_span(need).await?;
+        self.mid_frame = true;
         self.send(In::Begin(proto::BeginFrame {
             index: index.clone(),
         }))
