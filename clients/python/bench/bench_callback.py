@@ -57,14 +57,36 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TCK
 
 
+class EpochClock(keras.callbacks.Callback):
+    """Wall-clock length of each epoch (end to end, saves included: the
+    logger runs before this callback)."""
+
+    def on_train_begin(self, logs=None):
+        self.marks = [time.perf_counter()]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.marks.append(time.perf_counter())
+
+    def steady(self):
+        """Median length of the epochs after the first (which also pays for
+        first-time costs: the shared memory region's pages, the archive)."""
+        return statistics.median(np.diff(self.marks)[1:])
+
+    def first(self):
+        return self.marks[1] - self.marks[0]
+
+
 def logged_run(model, d, x, y, tag, shared_memory):
-    """One run with GTARLogger: (logger, seconds, this process's CPU, daemon CPU)."""
+    """One run with GTARLogger: (logger, seconds, this process's CPU, daemon
+    CPU, epoch clock)."""
     me = os.getpid()
     logger = GTARLogger(f"bench/{tag}.zip", address=d.address, append=False,
                         shared_memory=shared_memory)
+    clock = EpochClock()
     c0, dc0, t0 = cpu_seconds(me), cpu_seconds(d.proc.pid), time.perf_counter()
-    model.fit(x, y, batch_size=128, epochs=EPOCHS, verbose=0, callbacks=[logger])
-    out = (logger, time.perf_counter() - t0, cpu_seconds(me) - c0, cpu_seconds(d.proc.pid) - dc0)
+    model.fit(x, y, batch_size=128, epochs=EPOCHS, verbose=0, callbacks=[logger, clock])
+    out = (logger, time.perf_counter() - t0, cpu_seconds(me) - c0, cpu_seconds(d.proc.pid) - dc0,
+           clock)
     os.remove(d.path(f"bench/{tag}.zip"))  # 2 GB a run: keep the disk from filling
     return out
 
@@ -82,9 +104,10 @@ def whole_run(model, d, samples, tag, rounds):
     me = os.getpid()
 
     def unlogged():
+        clock = EpochClock()
         c0, t0 = cpu_seconds(me), time.perf_counter()
-        model.fit(x, y, batch_size=128, epochs=EPOCHS, verbose=0)
-        return time.perf_counter() - t0, cpu_seconds(me) - c0
+        model.fit(x, y, batch_size=128, epochs=EPOCHS, verbose=0, callbacks=[clock])
+        return time.perf_counter() - t0, cpu_seconds(me) - c0, clock
 
     kinds = (("shared memory", None), ("socket", False))
     base, logged = [unlogged()], {k: [] for k, _ in kinds}
@@ -92,29 +115,43 @@ def whole_run(model, d, samples, tag, rounds):
         for how, shm in kinds:
             logged[how].append(logged_run(model, d, x, y, f"{tag}-{r}-{shm}", shm))
         base.append(unlogged())
-    base_s = statistics.mean(b for b, _ in base)
-    cores = statistics.mean(c for _, c in base) / base_s
+    base_s = statistics.mean(b for b, _, _ in base)
+    cores = statistics.mean(c for _, c, _ in base) / base_s
     print(f"\n[2] {EPOCHS} epochs of {samples} samples ({base_s / EPOCHS:.2f} s per epoch, "
           f"training used {cores:.2f} cores), {rounds} round(s). GTARLogger saving every epoch "
           f"(incl. waiting for durability at train end) vs the mean of the unlogged runs "
           f"before and after it (target <= +5 %):")
-    print("    unlogged runs: " + ", ".join(f"{b:.2f} s" for b, _ in base))
+    print("    unlogged runs: " + ", ".join(f"{b:.2f} s" for b, _, _ in base))
+    med = statistics.median
     for how, runs in logged.items():
         over, dcpu, ccpu, stall, end = [], [], [], [], []
-        for r, (logger, secs, cpu, daemon_cpu) in enumerate(runs):
-            (b0, c0), (b1, c1) = base[r], base[r + 1]
+        steady, save, first, end_ms = [], [], [], []
+        for r, (logger, secs, cpu, daemon_cpu, clock) in enumerate(runs):
+            (b0, c0, k0), (b1, c1, k1) = base[r], base[r + 1]
             n = len(logger.save_seconds)
             over.append(100 * (secs / ((b0 + b1) / 2) - 1))
             stall.append(100 * sum(logger.save_seconds) / secs)
             end.append(100 * logger.stats["end_wait_seconds"] / secs)
             dcpu.append(1e3 * daemon_cpu / n)
             ccpu.append(1e3 * (cpu - (c0 + c1) / 2) / n)
+            steady.append(1e3 * (clock.steady() - (k0.steady() + k1.steady()) / 2))
+            save.append(1e3 * med(logger.save_seconds[1:] or logger.save_seconds))
+            first.append(1e3 * (clock.first() - (k0.first() + k1.first()) / 2))
+            end_ms.append(1e3 * logger.stats["end_wait_seconds"])
         print(f"    bytes via {how:13s}: median {statistics.median(over):+.1f} % "
               f"(rounds: {', '.join(f'{o:+.1f}' for o in over)}); CPU per save, median: "
               f"daemon {statistics.median(dcpu):.0f} ms, this process "
               f"{statistics.median(ccpu):+.0f} ms beyond the unlogged runs; of the run, "
               f"{statistics.median(stall):.1f} % in the callback's saves and "
               f"{statistics.median(end):.1f} % waiting at train end for the last frame")
+        # Where the time goes: every epoch after the first is longer by the
+        # save's stall plus what the save's work elsewhere (daemon, sender
+        # thread, memory traffic) takes from training; the first epoch and
+        # the end add fixed costs.
+        print(f"      per run, medians: each epoch after the first {med(steady):+.0f} ms "
+              f"({med(steady) / (10 * base_s / EPOCHS):+.1f} % of an epoch; the save's stall "
+              f"{med(save):.0f} ms of it), the first epoch {med(first):+.0f} ms, "
+              f"the wait at train end {med(end_ms):.0f} ms")
     return logged["shared memory"][0][0]
 
 
