@@ -15,6 +15,10 @@
 //! * CPU of this process and of the daemon (all threads, from /proc). On a
 //!   machine busy with training, that CPU is what a save takes from it.
 //!
+//! Then it reads the last frame back with `get_frame` (GetFrame over the Unix
+//! socket, decoded into arrays) BENCH_READS (default 5) times and prints the
+//! median time and MB/s.
+//!
 //! Every timed run starts after a `sync(2)`, outside the clock, so dirty pages
 //! from earlier work are not written back during it. Timings are printed,
 //! never asserted.
@@ -162,5 +166,31 @@ async fn main() {
         median(speed),
         median(dcpu),
         median(mecpu)
+    );
+
+    // Reading back: a frame written once, fetched whole and decoded.
+    let mut w = c
+        .writer("bench/read.zip", OpenOptions::create())
+        .await
+        .unwrap();
+    let mut f = NewFrame::new("0");
+    for (k, a) in weights.iter().enumerate() {
+        f.push_tensor(format!("layer/{k}"), "weight", a);
+    }
+    w.write(f).await.unwrap().await.unwrap();
+    w.close().await.unwrap();
+    let bytes: usize = weights.iter().map(|a| a.len() * 4).sum();
+    let mut times = Vec::new();
+    for _ in 0..env_u64("BENCH_READS", 5).max(1) {
+        let t = Instant::now();
+        let f = c.get_frame("bench/read.zip", "0").await.unwrap();
+        times.push(t.elapsed().as_secs_f64());
+        assert_eq!(f.tensors.len(), weights.len());
+    }
+    let t = median(times);
+    println!(
+        "read back: get_frame of one 100.7 MB frame, median {:.1} ms ({:.0} MB/s)",
+        t * 1e3,
+        bytes as f64 / t / 1e6
     );
 }

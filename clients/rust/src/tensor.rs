@@ -251,9 +251,34 @@ macro_rules! each {
 }
 
 fn decode<T: Element>(shape: &[usize], bytes: &[u8]) -> Result<DynArray> {
-    let a = ArrayD::from_shape_vec(IxDyn(shape), T::decode_le(bytes))
+    let a = ArrayD::from_shape_vec(IxDyn(shape), decode_vec::<T>(bytes))
         .map_err(|e| Error::Tensor(format!("shape {shape:?}: {e}")))?;
     Ok(T::wrap(a))
+}
+
+/// Elements from little-endian bytes (`bytes.len()` a multiple of the item
+/// size): one `memcpy` on a little-endian target, where the bytes already are
+/// the elements' memory; element by element otherwise, and always for bool
+/// (any non-zero byte reads as `true`, and a bool whose byte is not 0 or 1
+/// would be undefined behaviour).
+fn decode_vec<T: Element>(bytes: &[u8]) -> Vec<T> {
+    if cfg!(target_endian = "big") || T::DTYPE == DType::Bool {
+        return T::decode_le(bytes);
+    }
+    let size = std::mem::size_of::<T>();
+    debug_assert_eq!(size, T::DTYPE.itemsize());
+    debug_assert_eq!(bytes.len() % size, 0);
+    let n = bytes.len() / size;
+    let mut v = Vec::<T>::with_capacity(n);
+    // SAFETY: every `Element` but bool (excluded above) is a plain integer
+    // or float type for which any bit pattern is a valid value; the vector
+    // has room for `n` elements, exactly `bytes.len()` bytes, which are
+    // initialised by the copy before `set_len`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), n * size);
+        v.set_len(n);
+    }
+    v
 }
 
 impl DynArray {
@@ -566,6 +591,21 @@ mod tests {
         assert_eq!(t.bytes(), expect);
         let b = ndarray::Array1::from(vec![true, false, true]);
         assert_eq!(TensorData::from(&b).bytes(), [1, 0, 1]);
+    }
+
+    #[test]
+    fn decoding_copies_bytes_and_reads_any_nonzero_byte_as_true() {
+        let vals = [1.5f64, -0.0, f64::from_bits(0x7ff8_dead_beef_0001)];
+        let bytes: Vec<u8> = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let got: Vec<f64> = decode_vec(&bytes);
+        assert!(got
+            .iter()
+            .zip(&vals)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let u: Vec<u16> = decode_vec(&[1, 2, 0xff, 0xfe]);
+        assert_eq!(u, [0x0201, 0xfeff]);
+        let b: Vec<bool> = decode_vec(&[0, 1, 2, 255]);
+        assert_eq!(b, [false, true, true, true]);
     }
 
     #[test]
