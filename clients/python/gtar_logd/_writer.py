@@ -135,11 +135,12 @@ class _Region:
         else:
             head = next(iter(self.spans.values()))[0]
             tail = next(reversed(self.spans.values()))[1]
-            if tail >= head:  # free: [tail, size) and [0, head)
+            # Spans are never empty, so tail == head means wrapped and full.
+            if tail > head:  # free: [tail, size) and [0, head)
                 at = tail if tail + n <= self.size else (0 if n <= head else None)
             else:  # wrapped: free [tail, head)
                 at = tail if tail + n <= head else None
-        if at is not None:
+        if at is not None and n > 0:  # nothing to hold: no span
             self.spans[uid] = (at, at + n)
         return at
 

@@ -207,7 +207,7 @@ def test_region_spans_never_overlap_and_restart_at_zero():
                 if at is None:  # refused only when no free stretch of the ring fits
                     spans = list(r.spans.values())  # oldest first
                     head, tail = spans[0][0], spans[-1][1]
-                    if tail >= head:
+                    if tail > head:
                         assert n > r.size - tail and n > head, (spans, n)
                     else:
                         assert n > head - tail, (spans, n)
@@ -225,6 +225,35 @@ def test_region_spans_never_overlap_and_restart_at_zero():
         assert r.alloc(next_id + 1, 1 << 16) is None  # more than what is free
     finally:
         r.close()
+
+
+def test_ring_exactly_full_after_wrapping_has_no_room():
+    from gtar_logd._writer import _Region
+    r = _Region(3 * 4096)
+    try:
+        assert [r.alloc(i, 4096) for i in range(3)] == [0, 4096, 8192]
+        r.free(0)
+        assert r.alloc(3, 4096) == 0  # wraps into the freed start
+        # Full again, tail == head: units 1 and 2 are still in flight.
+        assert r.alloc(4, 4096) is None
+        r.free(1)
+        assert r.alloc(6, 4096) == 4096
+    finally:
+        r.close()
+
+
+def test_a_full_region_never_overwrites_frames_in_flight(client, archive):
+    # A budget of exactly three page-aligned frames: the ring fills exactly,
+    # wraps and fills again while frames are in flight.
+    frames = [np.full((1024, 1024), i, np.float32) for i in range(12)]  # 4 MiB each
+    with client.writer(archive, max_pending_bytes=3 * frames[0].nbytes) as w:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, a in enumerate(frames):
+                w.write_tensors(str(i), {"a": a})
+        w.flush(60)
+    for i, a in enumerate(frames):
+        assert np.array_equal(client.read_frame(archive, str(i))["a"], a), i
 
 
 @pytest.mark.parametrize("shared_memory", [None, False])
