@@ -31,24 +31,25 @@ use crate::proto::v1::SharedMemory;
 /// An attached region: the client's file, mapped read-only.
 pub struct Region {
     map: memmap2::Mmap,
-    size: u64,
 }
 
 impl std::fmt::Debug for Region {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Region({} bytes)", self.size)
+        write!(f, "Region({} bytes)", self.size())
     }
 }
 
 impl Region {
     /// Bytes of the region; every range read lies inside it.
     pub fn size(&self) -> u64 {
-        self.size
+        self.map.len() as u64
     }
 
     /// Whether `[offset, offset + len)` lies inside the region.
     pub fn contains(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_some_and(|end| end <= self.size)
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size())
     }
 
     /// Lend the bytes at `[offset, offset + len)` to `f` for the duration of
@@ -129,10 +130,7 @@ pub fn attach(peer: Option<UCred>, req: &SharedMemory) -> Result<Region, String>
     // through `with_bytes`.
     let map = unsafe { memmap2::MmapOptions::new().len(size).map(&file) }
         .map_err(|e| format!("cannot map descriptor {}: {e}", req.fd))?;
-    Ok(Region {
-        map,
-        size: req.size,
-    })
+    Ok(Region { map })
 }
 
 #[cfg(test)]

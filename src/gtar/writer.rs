@@ -974,9 +974,9 @@ impl EntryWriter<'_, '_> {
     /// from where they are, on this thread; only the last partial block is
     /// staged. Otherwise it is `write`.
     pub fn write_unstaged(&mut self, data: &[u8]) -> Result<(), Error> {
-        let staged = self.txn.w.direct.as_ref().map_or(1, |d| d.staged);
+        let nothing_staged = self.txn.w.direct.as_ref().is_some_and(|d| d.staged == 0);
         let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
-        if !self.direct || staged != 0 || !aligned {
+        if !self.direct || !nothing_staged || !aligned {
             return self.write(data);
         }
         self.check_room(data.len() as u64)?;
@@ -1222,14 +1222,13 @@ mod tests {
             let mut t = w.begin().unwrap();
             let size = 3 * DIRECT_STAGE;
             let mut e = t.start_entry("frames/x/b.u8.uni", size as u64).unwrap();
-            let mut buf = vec![7u8; size + DIRECT_ALIGN];
+            let buf = vec![7u8; size + DIRECT_ALIGN];
             let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
             let err = e.write_unstaged(&buf[off..off + size]).unwrap_err();
             assert!(err.to_string().contains("Bad file descriptor"), "{err}");
             // What reached the file is unknown: the entry takes nothing more.
             let again = e.write(&[1]).unwrap_err();
             assert!(again.to_string().contains("earlier write"), "{again}");
-            buf.clear();
         }
         assert_eq!(w.committed_len(), end);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), end);

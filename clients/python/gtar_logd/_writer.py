@@ -306,8 +306,9 @@ class Writer:
         bigger than it -- into private copies. Call before `submit`."""
         region = self._region
         sizes = [_align(t[4].nbytes) for t in unit.tensors]
+        need = sum(sizes)
         at = None
-        if region is not None and unit.tensors and sum(sizes) <= region.size:
+        if region is not None and unit.tensors and need <= region.size:
             # The region is the size of the memory budget, so no room in it
             # means the budget is spent: wait for the daemon, as `submit`
             # would, rather than make a private copy (fresh pages cost
@@ -317,7 +318,7 @@ class Writer:
             def room():
                 if self._region is not region:  # dropped meanwhile: copy
                     return True
-                got.append(region.alloc(unit.id, sum(sizes)))
+                got.append(region.alloc(unit.id, need))
                 return got[-1] is not None
 
             with self._cond:
