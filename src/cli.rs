@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::gtar::{self, Archive, OpenState};
+use gtar::{Archive, OpenState};
 
 fn open(path: &Path) -> Result<Archive> {
     let a =
@@ -30,7 +30,7 @@ pub fn frames(path: &Path, group: Option<&str>, out: &mut dyn Write) -> Result<(
             let ix = a.index();
             if !ix
                 .record_types()
-                .any(|rt| gtar::index::group_under(&rt.group, Some(g)))
+                .any(|rt| gtar::group_under(&rt.group, Some(g)))
             {
                 anyhow::bail!("{}: no group {g:?} in this archive", path.display());
             }

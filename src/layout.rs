@@ -18,8 +18,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::gtar::path::check_component;
-use crate::gtar::{Format, RecordType};
+use gtar::check_component;
+use gtar::{Format, RecordType};
 use crate::proto::v1::DType;
 
 /// Group of the manifest record (below the stream's prefix).
@@ -214,7 +214,7 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gtar::{Behavior, RecordPath, Resolution};
+    use gtar::{Behavior, RecordPath, Resolution};
 
     #[test]
     fn paths_parse_as_libgetar_records() {

@@ -5,7 +5,6 @@
 
 pub mod catalog;
 pub mod cli;
-pub mod gtar;
 pub mod layout;
 pub mod proto;
 pub mod query;

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::gtar::{index::group_under, Archive, Behavior, Entry, Format, RecordType, Resolution};
+use gtar::{group_under, Archive, Behavior, Entry, Format, RecordType, Resolution};
 use crate::layout::{self, Manifest};
 use crate::proto::v1::{DType, DescribeArchiveResponse, RecordTypeInfo, TensorInfo};
 
@@ -18,7 +18,7 @@ pub enum QueryError {
     #[error("{field}: {why}")]
     Bad { field: &'static str, why: String },
     #[error(transparent)]
-    Format(#[from] crate::gtar::Error),
+    Format(#[from] gtar::Error),
 }
 
 fn resolution_name(r: Resolution) -> &'static str {
@@ -52,8 +52,8 @@ pub fn describe(a: &Archive, name: &str, size: u64) -> DescribeArchiveResponse {
     }
     let frames = ix.frames_under(None);
     let recovered = match a.state() {
-        crate::gtar::OpenState::Clean => String::new(),
-        crate::gtar::OpenState::Recovered(r) => r.reason.clone(),
+        gtar::OpenState::Clean => String::new(),
+        gtar::OpenState::Recovered(r) => r.reason.clone(),
     };
     DescribeArchiveResponse {
         archive: name.into(),
@@ -242,7 +242,7 @@ pub fn history_frames(
             "no discrete or continuous record {name:?} in group {group:?}"
         )));
     }
-    frames.sort_by(|x, y| crate::gtar::index_cmp(x, y));
+    frames.sort_by(|x, y| gtar::index_cmp(x, y));
     frames.dedup();
     let n = frames.len() as i64;
     let clamp = |v: i64| if v < 0 { (n + v).max(0) } else { v.min(n) };

@@ -126,8 +126,8 @@ async fn a_frame_over_4_gib_round_trips() {
     d.stop().unwrap();
 
     // A clean zip64 archive afterwards.
-    let a = gtar_logd::gtar::Archive::open(d.data.join("big.zip")).unwrap();
-    assert!(matches!(a.state(), gtar_logd::gtar::OpenState::Clean));
+    let a = gtar::Archive::open(d.data.join("big.zip")).unwrap();
+    assert!(matches!(a.state(), gtar::OpenState::Clean));
     let ix = a.index();
     assert_eq!(ix.get("big/frames/0/w.f32.uni").unwrap().size(), len);
     assert!(ix.get("small/frames/1/b.u8.uni").is_some());

@@ -709,8 +709,8 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
     // no entry, and no dead bytes (the archive is exactly its entries).
     let data = d.data.clone();
     d.stop().unwrap();
-    let a = gtar_logd::gtar::Archive::open(data.join(ar)).unwrap();
-    assert!(matches!(a.state(), gtar_logd::gtar::OpenState::Clean));
+    let a = gtar::Archive::open(data.join(ar)).unwrap();
+    assert!(matches!(a.state(), gtar::OpenState::Clean));
     let names: Vec<String> = a
         .index()
         .entries()
@@ -734,12 +734,12 @@ async fn archives_appearing_under_the_data_dir_are_served() {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     {
         let (mut w, _) =
-            gtar_logd::gtar::ArchiveWriter::open(&path, gtar_logd::gtar::OpenMode::Create).unwrap();
+            gtar::ArchiveWriter::open(&path, gtar::OpenMode::Create).unwrap();
         let mut t = w.begin().unwrap();
         t.add(
             "frames/7/x.f64.uni",
             &2.5f64.to_le_bytes(),
-            gtar_logd::gtar::Compression::Stored,
+            gtar::Compression::Stored,
         )
         .unwrap();
         t.commit().unwrap();

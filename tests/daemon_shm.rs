@@ -185,7 +185,7 @@ async fn frames_through_shared_memory_read_back_bit_exact() {
             assert_frame_eq(&got, f);
         }
         // The file itself, through the format library (CRCs checked).
-        let a = gtar_logd::gtar::Archive::open(d.data.join(archive)).unwrap();
+        let a = gtar::Archive::open(d.data.join(archive)).unwrap();
         assert_eq!(a.read("note.txt").unwrap(), b"through shm");
     }
 }

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use notify::{RecursiveMode, Watcher};
 
-use crate::gtar::{self, Archive};
+use gtar::{Archive};
 use crate::writer::Registry;
 
 /// Errors of the catalog layer.

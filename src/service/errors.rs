@@ -5,7 +5,6 @@
 use tonic::{Code, Status};
 
 use crate::catalog::CatalogError;
-use crate::gtar;
 use crate::writer::WriterError;
 
 /// What went wrong, as far as a client is concerned.

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use crate::gtar::{Committed, OpenMode as GtarMode, Precompressed};
+use gtar::{Committed, OpenMode as GtarMode, Precompressed};
 use crate::layout::{self, Manifest, ManifestTensor};
 use crate::proto::v1::{
     write_request::Msg as In, write_response::Msg as Out, DType, FrameAck, OpenMode, Opened,
@@ -569,7 +569,7 @@ fn check_record_path(p: &str) -> Result<(), Status> {
         ));
     }
     for c in p.split('/') {
-        crate::gtar::path::check_component("record.path", c).map_err(|e| bad("record.path", e))?;
+        gtar::check_component("record.path", c).map_err(|e| bad("record.path", e))?;
     }
     Ok(())
 }

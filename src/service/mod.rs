@@ -64,7 +64,7 @@ fn size_of(state: &State, name: &str) -> u64 {
 }
 
 /// Open an archive for reading off the async threads.
-async fn open_read(state: &Arc<State>, name: String) -> Result<crate::gtar::Archive, Status> {
+async fn open_read(state: &Arc<State>, name: String) -> Result<gtar::Archive, Status> {
     let st = state.clone();
     tokio::task::spawn_blocking(move || st.catalog.open_read(&name))
         .await
@@ -74,7 +74,7 @@ async fn open_read(state: &Arc<State>, name: String) -> Result<crate::gtar::Arch
 
 /// Stream tensors (header, then chunks) from a blocking thread.
 fn send_tensors(
-    archive: crate::gtar::Archive,
+    archive: gtar::Archive,
     frames: Vec<(String, Vec<TensorRef>)>,
     tx: mpsc::Sender<Result<pb::FrameData, Status>>,
 ) {

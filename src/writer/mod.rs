@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::gtar::{self, Archive, ArchiveWriter, Committed, OpenMode, Precompressed, ScanReport};
+use gtar::{Archive, ArchiveWriter, Committed, OpenMode, Precompressed, ScanReport};
 
 mod syncer;
 use syncer::Syncer;

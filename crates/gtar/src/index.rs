@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::path::{index_cmp, Behavior, FrameIndex, RecordPath, RecordType};
-use super::zipfmt::CentralEntry;
+use crate::path::{index_cmp, Behavior, FrameIndex, RecordPath, RecordType};
+use crate::zipfmt::CentralEntry;
 
 /// One zip entry and where its data lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +144,7 @@ pub fn group_under(group: &str, prefix: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gtar::zipfmt::CentralEntry;
+    use crate::zipfmt::CentralEntry;
 
     fn entry(name: &str, off: u64) -> Entry {
         Entry {

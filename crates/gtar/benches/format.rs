@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gtar_logd::gtar::{Archive, ArchiveWriter, Behavior, Compression, OpenMode, OpenState};
+use gtar::{Archive, ArchiveWriter, Behavior, Compression, OpenMode, OpenState};
 
 const MIB: usize = 1 << 20;
 const FRAMES: usize = 100;

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 
-use gtar_logd::gtar::{ArchiveWriter, Compression, OpenMode};
+use gtar::{ArchiveWriter, Compression, OpenMode};
 
 #[test]
 fn the_zip_crate_reads_our_archives() {

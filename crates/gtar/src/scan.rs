@@ -35,13 +35,12 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use flate2::read::DeflateDecoder;
 
-use super::index::Entry;
-use super::zipfmt::*;
-use super::Error;
+use crate::index::Entry;
+use crate::zipfmt::*;
+use crate::Error;
 
 /// What a scan found.
 #[derive(Debug, Clone, Default)]
@@ -349,32 +348,3 @@ pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> 
     Ok(rep)
 }
 
-/// Repair `path` in place if its central directory is missing or invalid:
-/// keep every complete frame, drop the torn tail, write a new central
-/// directory and fsync. Returns `None` if the archive was already valid.
-pub fn repair(path: &Path) -> Result<Option<ScanReport>, Error> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)?;
-    super::writer::lock_exclusive(&file)?;
-    let len = file.metadata()?.len();
-    match super::reader::read_tail(&file, len) {
-        Ok(_) => Ok(None),
-        Err(why) => {
-            let rep = scan(&file, len, why)?;
-            write_repaired(&file, &rep)?;
-            Ok(Some(rep))
-        }
-    }
-}
-
-/// Truncate to the end of the kept entries, write a tail, fsync.
-pub(crate) fn write_repaired(file: &File, rep: &ScanReport) -> Result<(), Error> {
-    file.set_len(rep.end)?;
-    let cds: Vec<CentralEntry> = rep.entries.iter().map(|e| e.cd.clone()).collect();
-    let tail = encode_tail(&cds, rep.end);
-    file.write_all_at(&tail, rep.end)?;
-    file.sync_all()?;
-    Ok(())
-}

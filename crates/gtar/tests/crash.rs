@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gtar_logd::gtar::{self, Archive, ArchiveWriter, Compression, OpenMode, OpenState};
+use gtar::{self, Archive, ArchiveWriter, Compression, OpenMode, OpenState};
 use rand::{Rng, SeedableRng};
 
 const CHILD_ENV: &str = "GTAR_CRASH_CHILD";

@@ -41,14 +41,16 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::index::{Entry, Index};
-use super::reader::{read_tail, Archive};
-use super::recover::{scan, write_repaired, ScanReport};
-use super::zipfmt::*;
-use super::Error;
+use crate::direct::{DirectIo, DIRECT_ALIGN, DIRECT_MIN};
+use crate::fsutil::{lock_exclusive, sync_parent_dir};
+use crate::index::{Entry, Index};
+use crate::reader::{read_tail, Archive};
+use crate::repair::write_repaired;
+use crate::scan::{scan, ScanReport};
+use crate::zipfmt::*;
+use crate::Error;
 
 /// What to do with an existing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,226 +108,6 @@ pub struct Committed {
 /// straight to the file.
 const BUF_CAP: usize = 1 << 20;
 
-/// Entries at least this large go through direct I/O when it is enabled.
-pub const DIRECT_MIN: u64 = 1 << 20;
-/// Alignment of direct I/O offsets, lengths and memory: 4 KiB suits every
-/// common logical block size (512 or 4096).
-const DIRECT_ALIGN: usize = 4096;
-/// Size of the staging buffer, i.e. of one direct write.
-const DIRECT_STAGE: usize = 4 << 20;
-
-/// One aligned staging buffer: `DIRECT_STAGE` bytes starting at `off` in a
-/// plain `Vec` with one page of slack, sliced at its first aligned address
-/// (no unsafe code, no custom allocation). Allocated on first use, so a
-/// writer that never sees a large entry costs no memory for it.
-struct Stage {
-    buf: Vec<u8>,
-    off: usize,
-}
-
-impl Stage {
-    fn new() -> Stage {
-        Stage {
-            buf: Vec::new(),
-            off: 0,
-        }
-    }
-
-    /// The staged bytes (empty if never filled).
-    fn bytes(&self) -> &[u8] {
-        self.buf
-            .get(self.off..self.off + DIRECT_STAGE)
-            .unwrap_or(&[])
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; DIRECT_STAGE + DIRECT_ALIGN];
-            self.off = self.buf.as_ptr().align_offset(DIRECT_ALIGN);
-        }
-        &mut self.buf[self.off..self.off + DIRECT_STAGE]
-    }
-}
-
-/// A stage to write: its first `len` bytes at file offset `at`.
-struct IoReq {
-    stage: Stage,
-    len: usize,
-    at: u64,
-}
-
-/// The stage back, with how its write went.
-struct IoDone {
-    stage: Stage,
-    result: std::io::Result<()>,
-}
-
-/// The `O_DIRECT` side of a writer (see the module docs).
-///
-/// Double-buffered: while one stage is being written by the I/O thread, the
-/// writer thread copies the next chunk of data into the other, so the copy
-/// and the device transfer overlap (they alternated before, and the copy
-/// left the disk idle for a quarter of the time). At most one write is in
-/// flight; `drain` waits for it, and nothing is truncated or committed while
-/// one is.
-struct Direct {
-    /// The stage being filled.
-    cur: Stage,
-    /// The other stage, when it is not being written.
-    spare: Option<Stage>,
-    /// Bytes staged in `cur`, and the (aligned) file offset of its first.
-    staged: usize,
-    at: u64,
-    /// The file system refused a direct write (EINVAL): the I/O thread then
-    /// writes through the page cache, and new entries no longer use this path.
-    /// Shared with the I/O thread, which sets it.
-    refused: Arc<AtomicBool>,
-    io: Option<std::sync::mpsc::Sender<IoReq>>,
-    done: std::sync::mpsc::Receiver<IoDone>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// The files, shared with the I/O thread, for writes made straight from
-    /// the caller's memory ([`EntryWriter::write_unstaged`]).
-    files: Arc<(File, File)>,
-}
-
-impl std::fmt::Debug for Direct {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Direct")
-            .field("staged", &self.staged)
-            .field("at", &self.at)
-            .field("in_flight", &self.spare.is_none())
-            .field("refused", &self.refused.load(Ordering::Relaxed))
-            .finish()
-    }
-}
-
-/// Write `data` at `at`: direct while offset and length are aligned and the
-/// file system takes it, through `buffered` otherwise (sets `refused` on
-/// EINVAL, for good).
-fn write_blocks(
-    direct: &File,
-    buffered: &File,
-    data: &[u8],
-    at: u64,
-    refused: &AtomicBool,
-) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < data.len() {
-        let chunk = &data[done..];
-        let pos = at + done as u64;
-        let aligned =
-            pos.is_multiple_of(DIRECT_ALIGN as u64) && chunk.len().is_multiple_of(DIRECT_ALIGN);
-        if refused.load(Ordering::Relaxed) || !aligned {
-            return buffered.write_all_at(chunk, pos);
-        }
-        match direct.write_at(chunk, pos) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(k) => done += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(
-                    "direct I/O refused by the file system ({e}); writing through the page cache"
-                );
-                refused.store(true, Ordering::Relaxed);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-impl Direct {
-    fn new(direct: File, buffered: File) -> std::io::Result<Direct> {
-        let (req_tx, req_rx) = std::sync::mpsc::channel::<IoReq>();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<IoDone>();
-        let refused = Arc::new(AtomicBool::new(false));
-        let refused2 = refused.clone();
-        let files = Arc::new((direct, buffered));
-        let files2 = files.clone();
-        let thread = std::thread::Builder::new()
-            .name("gtar-direct-io".into())
-            .spawn(move || {
-                let (direct, buffered) = &*files2;
-                for r in req_rx {
-                    let result =
-                        write_blocks(direct, buffered, &r.stage.bytes()[..r.len], r.at, &refused2);
-                    let done = IoDone {
-                        stage: r.stage,
-                        result,
-                    };
-                    if done_tx.send(done).is_err() {
-                        return;
-                    }
-                }
-            })?;
-        Ok(Direct {
-            cur: Stage::new(),
-            spare: Some(Stage::new()),
-            staged: 0,
-            at: 0,
-            refused,
-            io: Some(req_tx),
-            done: done_rx,
-            thread: Some(thread),
-            files,
-        })
-    }
-
-    /// Wait for the write in flight, if any, and return how it went.
-    fn drain(&mut self) -> std::io::Result<()> {
-        if self.spare.is_some() {
-            return Ok(());
-        }
-        match self.done.recv() {
-            Ok(d) => {
-                self.spare = Some(d.stage);
-                d.result
-            }
-            Err(_) => {
-                self.spare = Some(Stage::new());
-                Err(std::io::Error::other("the direct I/O thread stopped"))
-            }
-        }
-    }
-
-    /// Whether new entries use this path (the file system has not refused).
-    fn usable(&self) -> bool {
-        !self.refused.load(Ordering::Relaxed)
-    }
-
-    /// Hand the first `len` staged bytes to the I/O thread (waiting for the
-    /// previous write first) and continue in the other stage at `at + len`.
-    /// `len` is `staged` or its whole blocks, with the rest already copied
-    /// elsewhere by the caller.
-    fn submit(&mut self, len: usize) -> std::io::Result<()> {
-        self.drain()?;
-        let next = self.spare.take().expect("drained");
-        let stage = std::mem::replace(&mut self.cur, next);
-        let req = IoReq {
-            stage,
-            len,
-            at: self.at,
-        };
-        self.at += len as u64;
-        self.staged = 0;
-        let sent = self.io.as_ref().map(|io| io.send(req));
-        if !matches!(sent, Some(Ok(()))) {
-            self.spare = Some(Stage::new());
-            return Err(std::io::Error::other("the direct I/O thread stopped"));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Direct {
-    fn drop(&mut self) {
-        self.io = None; // ends the thread's loop once it has written
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Appends frames to one archive. See the module docs for the invariants.
 #[derive(Debug)]
 pub struct ArchiveWriter {
@@ -340,25 +122,7 @@ pub struct ArchiveWriter {
     unsynced: bool,
     buf: Vec<u8>,
     buf_at: u64,
-    direct: Option<Direct>,
-}
-
-/// Exclusive advisory lock so two writers never interleave in one file.
-pub(crate) fn lock_exclusive(file: &File) -> Result<(), Error> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked),
-        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
-    }
-}
-
-fn sync_parent_dir(path: &Path) -> Result<(), Error> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)?.sync_all()?;
-    Ok(())
+    direct: Option<DirectIo>,
 }
 
 impl ArchiveWriter {
@@ -445,91 +209,48 @@ impl ArchiveWriter {
     /// that way (e.g. a file system without direct I/O); a file system that
     /// accepts the flag but refuses the writes is detected at the first one.
     pub fn enable_direct_io(&mut self) -> bool {
-        use std::os::unix::fs::OpenOptionsExt;
-        use std::os::unix::io::AsRawFd;
         if self.direct.is_none() {
-            // Reopen *this* file through procfs, not its path, which another
-            // program may have renamed or replaced since we opened it.
-            let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-            let opened = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&proc_path)
-                .and_then(|f| Direct::new(f, self.file.try_clone()?));
-            match opened {
+            match DirectIo::open(&self.file) {
                 Ok(d) => self.direct = Some(d),
                 Err(e) => tracing::debug!("{}: no direct I/O: {e}", self.path.display()),
             }
         }
-        self.direct.as_ref().is_some_and(Direct::usable)
+        self.direct.as_ref().is_some_and(DirectIo::usable)
     }
 
     /// Whether an entry of `len` bytes is written with direct I/O.
     fn direct_for(&self, len: u64) -> bool {
-        len >= DIRECT_MIN && self.direct.as_ref().is_some_and(Direct::usable)
+        len >= DIRECT_MIN && self.direct.as_ref().is_some_and(DirectIo::usable)
     }
 
-    /// Begin direct data at `at` (aligned, the append position).
+    /// The direct engine of an entry that [`direct_for`](Self::direct_for)
+    /// chose, once its data has begun.
+    fn direct(&mut self) -> &mut DirectIo {
+        self.direct.as_mut().expect("direct_for chose direct I/O")
+    }
+
+    /// Begin direct data at `at` (aligned, the append position): what is
+    /// buffered goes out first, so the two paths never share a block.
     fn direct_begin(&mut self, at: u64) -> Result<(), Error> {
         self.flush_buf()?;
         debug_assert_eq!(at, self.buf_at);
-        debug_assert_eq!(at % DIRECT_ALIGN as u64, 0);
-        let d = self.direct.as_mut().expect("direct_for checked");
-        d.drain()?;
-        d.staged = 0;
-        d.at = at;
-        Ok(())
+        Ok(self.direct().begin(at)?)
     }
 
-    /// Stage `data`; every full stage goes to the I/O thread.
-    fn direct_write(&mut self, mut data: &[u8]) -> Result<(), Error> {
-        let d = self.direct.as_mut().expect("direct_begin ran");
-        while !data.is_empty() {
-            let k = data.len().min(DIRECT_STAGE - d.staged);
-            let (now, later) = data.split_at(k);
-            d.cur.bytes_mut()[d.staged..d.staged + k].copy_from_slice(now);
-            d.staged += k;
-            data = later;
-            if d.staged == DIRECT_STAGE {
-                d.submit(DIRECT_STAGE)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Write whole blocks at the direct position straight from `data`, on
-    /// this thread, once the write in flight is done; nothing may be staged.
-    fn direct_unstaged(&mut self, data: &[u8]) -> Result<(), Error> {
-        let d = self.direct.as_mut().expect("direct_begin ran");
-        debug_assert_eq!(d.staged, 0);
-        debug_assert_eq!(data.len() % DIRECT_ALIGN, 0);
-        d.drain()?;
-        let (direct, buffered) = &*d.files;
-        write_blocks(direct, buffered, data, d.at, &d.refused)?;
-        d.at += data.len() as u64;
-        Ok(())
-    }
-
-    /// End direct data: whole blocks go direct, the last partial block into
-    /// the (buffered) append buffer, which continues right after it. Returns
-    /// once every byte is written, so the entry can be committed.
+    /// End direct data: the last partial block continues in the (buffered)
+    /// append buffer. Returns once every byte is written.
     fn direct_end(&mut self) -> Result<(), Error> {
         let d = self.direct.as_mut().expect("direct_begin ran");
-        let whole = d.staged / DIRECT_ALIGN * DIRECT_ALIGN;
         self.buf.clear();
-        self.buf.extend_from_slice(&d.cur.bytes()[whole..d.staged]);
-        self.buf_at = d.at + whole as u64;
-        if whole > 0 {
-            d.submit(whole)?;
-        }
-        Ok(d.drain()?)
+        self.buf_at = d.end(&mut self.buf)?;
+        Ok(())
     }
 
     /// Wait for a direct write in flight (before truncating the file). Its
     /// error does not matter: the frame is being dropped anyway.
     fn direct_drain(&mut self) {
         if let Some(d) = self.direct.as_mut() {
-            let _ = d.drain();
+            d.drain_quietly();
         }
     }
 
@@ -756,14 +477,14 @@ impl<'a> Txn<'a> {
             compressed_size: data.len() as u64,
             uncompressed_size: usize_,
             mark: self.mark(false),
-            pad: if direct { align_pad(at, name, 4096) } else { 0 },
+            pad: if direct { align_pad(at, name, DIRECT_ALIGN as u64) } else { 0 },
         }
         .encode();
         self.w.append(at, &header)?;
         let data_at = at + header.len() as u64;
         if direct {
             self.w.direct_begin(data_at)?;
-            self.w.direct_write(data)?;
+            self.w.direct().write(data)?;
             self.w.direct_end()?;
         } else {
             self.w.append(data_at, data)?;
@@ -793,7 +514,7 @@ impl<'a> Txn<'a> {
         Self::check_name(name)?;
         let at = self.pos;
         let direct = self.w.direct_for(size);
-        let pad = if direct { align_pad(at, name, 4096) } else { 0 };
+        let pad = if direct { align_pad(at, name, DIRECT_ALIGN as u64) } else { 0 };
         let header = LocalHeader {
             name,
             method: METHOD_STORED,
@@ -937,7 +658,7 @@ impl EntryWriter<'_, '_> {
         self.crc.update(data);
         self.broken = true;
         if self.direct {
-            self.txn.w.direct_write(data)?;
+            self.txn.w.direct().write(data)?;
         } else {
             let at = self.data_at + self.written;
             self.txn.w.append(at, data)?;
@@ -974,7 +695,7 @@ impl EntryWriter<'_, '_> {
     /// from where they are, on this thread; only the last partial block is
     /// staged. Otherwise it is `write`.
     pub fn write_unstaged(&mut self, data: &[u8]) -> Result<(), Error> {
-        let nothing_staged = self.txn.w.direct.as_ref().is_some_and(|d| d.staged == 0);
+        let nothing_staged = self.txn.w.direct.as_ref().is_some_and(DirectIo::nothing_staged);
         let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
         if !self.direct || !nothing_staged || !aligned {
             return self.write(data);
@@ -984,9 +705,9 @@ impl EntryWriter<'_, '_> {
         self.broken = true;
         let (whole, tail) = data.split_at(data.len() / DIRECT_ALIGN * DIRECT_ALIGN);
         if !whole.is_empty() {
-            self.txn.w.direct_unstaged(whole)?;
+            self.txn.w.direct().write_unstaged(whole)?;
         }
-        self.txn.w.direct_write(tail)?;
+        self.txn.w.direct().write(tail)?;
         self.broken = false;
         self.written += data.len() as u64;
         Ok(())
@@ -1036,6 +757,7 @@ impl EntryWriter<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::direct::DIRECT_STAGE;
 
     fn bytes(seed: u64, n: usize) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -1116,7 +838,7 @@ mod tests {
 
     fn check(path: &Path, expect: &[(String, Vec<u8>)], aligned: bool) {
         let a = Archive::open(path).unwrap();
-        assert!(matches!(a.state(), crate::gtar::OpenState::Clean));
+        assert!(matches!(a.state(), crate::OpenState::Clean));
         for (name, data) in expect {
             assert!(a.read(name).unwrap() == *data, "{name}");
         }
@@ -1155,7 +877,7 @@ mod tests {
         // that takes it; marking it refused then exercises the fallback in
         // the middle of an entry's data.
         w.direct =
-            Some(Direct::new(w.file.try_clone().unwrap(), w.file.try_clone().unwrap()).unwrap());
+            Some(DirectIo::new(w.file.try_clone().unwrap(), w.file.try_clone().unwrap()).unwrap());
         let mut expect = write_frames(&mut w, 0..1);
         let mut t = w.begin().unwrap();
         let data = bytes(9, DIRECT_STAGE * 2 + 11);
@@ -1163,13 +885,7 @@ mod tests {
             .start_entry("frames/9/x.u8.uni", data.len() as u64)
             .unwrap();
         e.write(&data[..DIRECT_STAGE + 5]).unwrap();
-        e.txn
-            .w
-            .direct
-            .as_ref()
-            .unwrap()
-            .refused
-            .store(true, Ordering::Relaxed);
+        e.txn.w.direct.as_ref().unwrap().refuse();
         e.write(&data[DIRECT_STAGE + 5..]).unwrap();
         e.finish().unwrap();
         t.commit().unwrap();
@@ -1217,7 +933,7 @@ mod tests {
         // A direct side whose files refuse writes (opened read-only: EBADF),
         // like a disk failing in the middle of an entry.
         let ro = || File::open(&path).unwrap();
-        w.direct = Some(Direct::new(ro(), ro()).unwrap());
+        w.direct = Some(DirectIo::new(ro(), ro()).unwrap());
         {
             let mut t = w.begin().unwrap();
             let size = 3 * DIRECT_STAGE;

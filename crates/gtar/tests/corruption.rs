@@ -17,7 +17,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::*;
-use gtar_logd::gtar::{self, Archive, ArchiveWriter, Compression, OpenMode, OpenState};
+use gtar::{self, Archive, ArchiveWriter, Compression, OpenMode, OpenState};
 use rand::{Rng, SeedableRng};
 
 const TAIL: usize = 64 * 1024;

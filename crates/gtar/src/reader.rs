@@ -4,9 +4,9 @@
 //! consistent: the EOCD is the last record of the file, the zip64 locator and
 //! record (when present) agree with it, every central header parses, and every
 //! local header offset lies before the directory. Otherwise the archive is
-//! recovered in memory by [`scan`](super::recover::scan) without touching the
-//! file; only [`ArchiveWriter`](super::writer::ArchiveWriter) and
-//! [`repair`](super::recover::repair) modify files.
+//! recovered in memory by [`scan`](crate::scan::scan) without touching the
+//! file; only [`ArchiveWriter`](crate::ArchiveWriter) and
+//! [`repair`](crate::repair()) modify files.
 //!
 //! Every read checks the entry's CRC-32 and size, so a corrupted entry is an
 //! error naming the entry, never wrong data.
@@ -19,11 +19,11 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use flate2::read::DeflateDecoder;
 
-use super::index::{Entry, Index};
-use super::path::RecordType;
-use super::recover::{scan, ScanReport};
-use super::zipfmt::*;
-use super::Error;
+use crate::index::{Entry, Index};
+use crate::path::RecordType;
+use crate::scan::{scan, ScanReport};
+use crate::zipfmt::*;
+use crate::Error;
 
 /// How the index of an opened archive was obtained.
 #[derive(Debug, Clone)]
@@ -41,9 +41,6 @@ pub struct Tail {
     pub cd_offset: u64,
     pub cd_size: u64,
     pub entries: u64,
-    /// Whether a zip64 end-of-central-directory record is present, which is
-    /// what libgetar requires before it will append.
-    pub zip64: bool,
 }
 
 /// A read-only view of an archive: an open file and its index.
@@ -325,7 +322,6 @@ pub fn read_tail(file: &File, len: u64) -> Result<(Tail, Vec<Entry>), String> {
         entries: rd16(eocd, 10) as u64,
         cd_size: rd32(eocd, 12) as u64,
         cd_offset: rd32(eocd, 16) as u64,
-        zip64: false,
     };
     let eocd_pos = base + i as u64;
     let mut cd_end_limit = eocd_pos;
@@ -348,7 +344,6 @@ pub fn read_tail(file: &File, len: u64) -> Result<(Tail, Vec<Entry>), String> {
                 entries: rd64(&z, 32),
                 cd_size: rd64(&z, 40),
                 cd_offset: rd64(&z, 48),
-                zip64: true,
             };
             cd_end_limit = z_off;
         }
