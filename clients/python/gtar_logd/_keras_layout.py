@@ -26,7 +26,6 @@ KERAS_GROUP = "keras"
 OPTIMIZER_GROUP = "gtar_logd/optimizer"
 METRICS_GROUP = "metrics"
 WEIGHT_NAME = "weight"
-VALUE_NAME = "value"
 WEIGHT_RE = re.compile(r"(?:^|/)keras/layer/(\d+)/weight/(\d+)$")
 OPTIMIZER_RE = re.compile(r"(?:^|/)gtar_logd/optimizer/(\d+)$")
 

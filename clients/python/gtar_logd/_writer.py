@@ -46,8 +46,8 @@ import numpy as np
 
 from . import dtypes
 from ._proto import logd_pb2 as pb
-from .client import DEFAULT_COLLECTION, VALUE_NAME, NotFound, join, key_to_group
-from .errors import DaemonUnavailable, DurabilityTimeout, GtarLogdError, WriteFailed
+from ._names import DEFAULT_COLLECTION, VALUE_NAME, join, key_to_group
+from .errors import DaemonUnavailable, DurabilityTimeout, GtarLogdError, NotFound, WriteFailed
 
 log = logging.getLogger("gtar_logd")
 

@@ -15,54 +15,15 @@ from . import dtypes
 from ._address import resolve
 from ._proto import logd_pb2 as pb
 from ._proto import logd_pb2_grpc as pb_grpc
-from .errors import DaemonUnavailable, GtarLogdError
+from ._names import DEFAULT_COLLECTION, VALUE_NAME, group_to_key, join, key_to_group
+from ._writer import Writer
+from .errors import DaemonUnavailable, GtarLogdError, NotFound
 
 # The daemon's messages are at most a few MiB; leave room.
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]
-
-#: Group under which `write_frame` stores a dict's arrays (below the stream group).
-DEFAULT_COLLECTION = "tensors"
-#: Record name of each array of such a dict.
-VALUE_NAME = "value"
-_RESERVED = {"", ".", "..", "frames", "vars"}
-
-
-class NotFound(GtarLogdError, KeyError):
-    """The daemon has no such archive, group, frame or record."""
-
-    def __str__(self):  # KeyError would repr() the message
-        return self.args[0] if self.args else ""
-
-
-def join(*parts) -> str:
-    """Join group components, skipping empty and None ones."""
-    return "/".join(p.strip("/") for p in parts if p)
-
-
-def key_to_group(key: str) -> str:
-    """Encode a dict key as a group path below the collection.
-
-    Keys whose '/'-separated components are all acceptable GETAR group
-    components are kept as they are ("layer1.weight", "params/dense/kernel"),
-    so the archive stays readable; any other key is stored as one component
-    "~" + hex(utf-8). `group_to_key` inverts it.
-    """
-    if not isinstance(key, str):
-        raise TypeError(f"tensor names must be str, not {type(key).__name__}: {key!r}")
-    parts = key.split("/")
-    if all(p not in _RESERVED and not p.startswith("~")
-           and not any(ord(c) < 32 or ord(c) == 127 for c in p) for p in parts):
-        return key
-    return "~" + key.encode("utf-8").hex()
-
-
-def group_to_key(group: str) -> str:
-    if group.startswith("~") and "/" not in group:
-        return bytes.fromhex(group[1:]).decode("utf-8")
-    return group
 
 
 def _wrap(e: grpc.RpcError, address: str, what: str):
@@ -184,7 +145,6 @@ class Client:
     # ------------------------------------------------------------ writing
     def writer(self, archive: str, mode: str = "append", group: str | None = None, **kw):
         """A background `Writer` streaming to `archive` (mode 'append' or 'create')."""
-        from ._writer import Writer
         return Writer(self, archive, mode=mode, group=group, **kw)
 
     def write_frame(self, archive: str, index, tensors: dict, *, group: str | None = None,

@@ -22,6 +22,13 @@ class DaemonUnavailable(GtarLogdError):
         super().__init__(msg)
 
 
+class NotFound(GtarLogdError, KeyError):
+    """The daemon has no such archive, group, frame or record."""
+
+    def __str__(self):  # KeyError would repr() the message
+        return self.args[0] if self.args else ""
+
+
 class WriteFailed(GtarLogdError):
     """The daemon refused what we sent, or we gave up reconnecting."""
 

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from . import _keras_layout as L
+from ._names import VALUE_NAME
 from ._writer import Unit, tensor
 from .client import Client
 
@@ -83,7 +84,7 @@ def optimizer_entries(model, copy="auto"):
     tensors, meta = [], []
     for k, v in enumerate(opt.variables):
         a = host_copy(v, copy)
-        tensors.append(tensor(f"{L.OPTIMIZER_GROUP}/{k}", L.VALUE_NAME, a))
+        tensors.append(tensor(f"{L.OPTIMIZER_GROUP}/{k}", VALUE_NAME, a))
         meta.append({"index": k, "path": getattr(v, "path", v.name), "name": v.name,
                      "dtype": str(a.dtype), "shape": [int(s) for s in a.shape]})
     rec = (L.OPTIMIZER_JSON, L.dumps({"format": "gtar-logd/keras-optimizer/1",

@@ -18,7 +18,10 @@ import warnings
 import numpy as np
 
 from . import _keras_layout as L
-from .client import Client, NotFound, join
+from ._names import VALUE_NAME, join
+from ._writer import Unit
+from .client import Client
+from .errors import NotFound
 
 
 class Trajectory:
@@ -175,7 +178,7 @@ class Trajectory:
         index = self._resolve(frame, None if isinstance(frame, str) else self.optimizer_frames())
         _, tensors = self.client.get_frame(self.archive, index,
                                            group=self._get_path(L.OPTIMIZER_GROUP),
-                                           names=[L.VALUE_NAME])
+                                           names=[VALUE_NAME])
         found = {}
         for info, arr in tensors:
             m = L.OPTIMIZER_RE.search(info.group)
@@ -230,8 +233,7 @@ class Trajectory:
     def save(self, model, frame=None, only_weights=False):
         """Save the model description and/or the weights as frame `frame` (a str),
         and wait until the daemon has them on disk."""
-        from .keras import model_units, weight_entries
-        from ._writer import Unit
+        from .keras import model_units, weight_entries  # imports keras: only when saving
 
         w = self._w()
         if not only_weights:
