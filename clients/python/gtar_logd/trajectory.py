@@ -6,8 +6,10 @@
         w = traj.get_weights(frame=3)
 
 `frame` arguments are positions in `frames` (negative counts from the end),
-as in keras_gtar; a str is taken as a frame index ("12"). Keras is imported
-only by the methods that need a model.
+as in keras_gtar; a str is taken as a frame index ("12"). (The generic
+`Client.read_frame` differs: there an int is a frame index, as written, and
+positions are `position=`.) Keras is imported only by the methods that need a
+model.
 """
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ class Trajectory:
             self._writer = self.client.writer(archive, mode="create", group=group)
         else:
             self.client.ping()
+        if mode == "r":
+            # As libgetar does on opening a missing file: say so now, rather
+            # than show a typo'd name as an empty trajectory.
+            self._check_archive()
 
     # ------------------------------------------------------------- basics
     def __enter__(self):
@@ -63,22 +69,51 @@ class Trajectory:
     def _get_path(self, name):
         return join(self.group, name)
 
+    def _check_archive(self):
+        """Raise NotFound naming the archive unless the daemon has it."""
+        try:
+            self.client.list_frames(self.archive)
+        except NotFound as e:
+            raise NotFound(f"no archive {self.archive!r} on the gtar-logd daemon at "
+                           f"{self.client.address!r} (archive names are relative to its "
+                           f"data directory): {e}") from None
+
     @property
     def frames(self):
-        """Frame indices (strings, GETAR order) that have model weights."""
+        """Frame indices (strings, GETAR order) that have model weights.
+
+        In mode 'r' a missing archive raises NotFound; an archive without
+        model weights (or without `group`) has no frames.
+        """
         try:
             return self.client.list_frames(self.archive, self._get_path(L.KERAS_GROUP))
         except NotFound:
+            if self.mode == "r":
+                self._check_archive()
             return []
 
     def __len__(self):
         return len(self.frames)
 
-    def _resolve(self, frame, frames=None):
+    def _resolve(self, frame, frames=None, what="frames"):
+        """The index string of `frame`: a str as it is, an int as a position
+        in `frames` (keras_gtar's meaning)."""
         if isinstance(frame, str):
             return frame
+        if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+            raise TypeError(f"frame must be a position (int) or a frame index (str), "
+                            f"not {type(frame).__name__}: {frame!r}")
         frames = self.frames if frames is None else frames
-        return frames[frame]  # IndexError like keras_gtar
+        try:
+            return frames[frame]
+        except IndexError:
+            where = f"{self.archive!r}" + (f" (group {self.group!r})" if self.group else "")
+            msg = (f"frame {frame} is out of range: {where} has {len(frames)} {what}"
+                   + (f" (positions {-len(frames)}..{len(frames) - 1})" if frames else ""))
+            if str(frame) in frames:
+                msg += (f"; ints are positions, as in keras_gtar: for the frame with "
+                        f"index {str(frame)!r} pass frame={str(frame)!r}")
+            raise IndexError(msg) from None
 
     def _record(self, name):
         return self.client.read_record(self.archive, self._get_path(name))
@@ -175,7 +210,8 @@ class Trajectory:
 
         With `model`, also assign them to `model.optimizer` (built if needed).
         """
-        index = self._resolve(frame, None if isinstance(frame, str) else self.optimizer_frames())
+        index = self._resolve(frame, None if isinstance(frame, str) else self.optimizer_frames(),
+                              what="frames with optimizer state")
         _, tensors = self.client.get_frame(self.archive, index,
                                            group=self._get_path(L.OPTIMIZER_GROUP),
                                            names=[VALUE_NAME])
@@ -216,7 +252,7 @@ class Trajectory:
                 continue
             # One streamed TensorHistory call: the steps of a continuous
             # record, whatever they are, in GETAR order.
-            hist = self.client.tensor_history(self.archive, group, rec.name)
+            hist = self.client.record_history(self.archive, group, rec.name)
             steps = [idx for idx, _ in hist]
             values = np.array([np.asarray(a).reshape(-1)[0] for _, a in hist], dtype=np.float64)
             out[rec.name] = (steps, values)
