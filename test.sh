@@ -61,7 +61,8 @@ echo "== pytest clients/python keras tests, KERAS_BACKEND=tensorflow"
 rc_tf=0
 KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 \
   "$TFV/bin/python" -m pytest -q -p no:cacheprovider \
-  clients/python/tests/test_backends.py clients/python/tests/test_keras.py || rc_tf=$?
+  clients/python/tests/test_backends.py clients/python/tests/test_keras.py \
+  clients/python/tests/test_resume.py || rc_tf=$?
 if [ "$rc_tf" -eq 5 ]; then echo "pytest collected no tensorflow tests: that is a failure here"; rc_tf=1; fi
 [ "$rc" -ne 0 ] || rc=$rc_tf
 exit "$rc"

@@ -108,6 +108,7 @@ class GTARLogger(keras.callbacks.Callback):
         self._epoch = 0  # the current epoch, Keras's number
         self._epoch_steps = None  # batches in an epoch, once one has ended
         self._initial_epoch_before = None
+        self._initial_epoch_set = False
         self._batch_in_epoch = None
         self.writer = None
         self.client = None
@@ -124,13 +125,20 @@ class GTARLogger(keras.callbacks.Callback):
     # ------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs=None):
         self.client = Client(self.address)
-        if self.resume:
-            self.client.ping(timeout=10.0)
-            self._resume()
-        self.writer = self.client.writer(
-            self.archive, mode="append" if self.append else "create", group=self.group,
-            max_pending_bytes=self.max_pending_bytes, reconnect_timeout=self.reconnect_timeout,
-            compression=self.compression, shared_memory=self.shared_memory)
+        try:
+            if self.resume:
+                self.client.ping(timeout=10.0)
+                self._resume()
+            self.writer = self.client.writer(
+                self.archive, mode="append" if self.append else "create", group=self.group,
+                max_pending_bytes=self.max_pending_bytes,
+                reconnect_timeout=self.reconnect_timeout, compression=self.compression,
+                shared_memory=self.shared_memory)
+        except BaseException:
+            # fit() does not call on_train_end after this fails.
+            self._put_back_initial_epoch()
+            self.client.close()
+            raise
         self.writer.write_records(model_units(self.model))
 
     def on_train_end(self, logs=None):
@@ -156,10 +164,7 @@ class GTARLogger(keras.callbacks.Callback):
             w.abort()  # no-op after a clean close; stops the threads otherwise
             self.client.close()
             self.writer = None
-            if self.resumed is not None:
-                # `_initial_epoch` outlives fit(): a later fit() of this model
-                # without resume must start where it is told to.
-                self.model._initial_epoch = self._initial_epoch_before
+            self._put_back_initial_epoch()
 
     # ------------------------------------------------------------- hooks
     def on_train_batch_begin(self, batch, logs=None):
@@ -178,6 +183,7 @@ class GTARLogger(keras.callbacks.Callback):
         self._batch_in_epoch = batch
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._put_back_initial_epoch()  # fit() has read it by now
         self._epoch = epoch
         self._batch_in_epoch = None
         self._save(epoch, "pre_epoch", step=self.batches, epochs_done=epoch)
@@ -191,8 +197,17 @@ class GTARLogger(keras.callbacks.Callback):
         self._save(epoch, "post_epoch", step=self.batches, epochs_done=epoch + 1)
 
     # ------------------------------------------------------------- internals
+    def _put_back_initial_epoch(self):
+        """`model._initial_epoch` outlives fit(): once fit() has read it, put
+        back what it was, so a later fit() of this model (without resume)
+        starts where it is told to."""
+        if self._initial_epoch_set:
+            self._initial_epoch_set = False
+            self.model._initial_epoch = self._initial_epoch_before
+
     def _resume(self):
         """Restore the newest frame that ends an epoch; see `resume`."""
+        self.resumed = None
         traj = Trajectory._over(self.client, self.archive, self.group)
         point = traj.resume_point(self.when, self.step_offset)
         if point is None:
@@ -216,6 +231,7 @@ class GTARLogger(keras.callbacks.Callback):
         # Keras 3's fit() reads this right after on_train_begin
         # (keras.callbacks.BackupAndRestore sets it the same way).
         self._initial_epoch_before = getattr(model, "_initial_epoch", None)
+        self._initial_epoch_set = True
         model._initial_epoch = epochs_done
         self.resumed = {"frame": index, "epoch": epochs_done, "step": self.batches,
                         "optimizer": has_optimizer}
