@@ -56,3 +56,40 @@ def test_each_constant_function_and_class_is_defined_once():
                 where.setdefault(n, []).append(mod)
     dup = {n: ms for n, ms in where.items() if len(ms) > 1}
     assert not dup, dup
+
+
+def _needs_cargo():
+    import shutil
+    import pytest
+    if shutil.which("cargo") is None:
+        pytest.skip("cargo is not on PATH")
+
+
+def test_tests_find_the_daemon_in_cargos_target_directory(tmp_path, monkeypatch):
+    _needs_cargo()
+    from conftest import _default_bin
+    monkeypatch.setenv("CARGO_TARGET_DIR", str(tmp_path / "tgt"))
+    assert _default_bin() == tmp_path / "tgt" / "debug" / "gtar-logd"
+
+
+def test_test_sh_takes_the_daemon_from_cargos_target_directory(tmp_path):
+    """Run test.sh's own lines that pick GTAR_LOGD_BIN, with CARGO_TARGET_DIR set."""
+    import os
+    import re
+    import subprocess
+    import sys
+    _needs_cargo()
+    root = pathlib.Path(__file__).resolve().parents[3]
+    script = (root / "test.sh").read_text()
+    # Just the two statements (TARGET_DIR=$(...) over two lines, then the
+    # export): nothing that could build or test.
+    m = re.search(r"^TARGET_DIR=\$\(cargo metadata[^\n]*\n[^\n]*\)\n"
+                  r"export GTAR_LOGD_BIN=[^\n]*$", script, re.M)
+    assert m, "test.sh no longer sets TARGET_DIR and GTAR_LOGD_BIN as this test expects"
+    assert "build" not in m.group(0) and m.group(0).count("\n") == 2, m.group(0)
+    env = dict(os.environ, CLIENT=sys.prefix, CARGO_TARGET_DIR=str(tmp_path / "tgt"))
+    env.pop("GTAR_LOGD_BIN", None)
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", m.group(0) + '\necho "$GTAR_LOGD_BIN"'],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "tgt" / "debug" / "gtar-logd")
