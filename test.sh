@@ -32,11 +32,16 @@ fi
 echo "== pip install ./clients/python"
 "$CLIENT/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./clients/python
 "$CLIENT/bin/pip" check -q >/dev/null 2>&1 || "$CLIENT/bin/pip" install -q --disable-pip-version-check ./clients/python
-[ -x "$ROOT/target/debug/gtar-logd" ] || cargo build --quiet --bin gtar-logd
-echo "== pytest clients/python"
+# The daemon the Python tests start: the one built above, in cargo's target
+# directory (which honours CARGO_TARGET_DIR and build.target-dir).
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
+  "$CLIENT/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+export GTAR_LOGD_BIN=$TARGET_DIR/debug/gtar-logd
+[ -x "$GTAR_LOGD_BIN" ] || cargo build --quiet --bin gtar-logd
+echo "== pytest clients/python (daemon: $GTAR_LOGD_BIN)"
 rc=0
 # From the repo root, so the installed package (not the source tree) is tested.
-GTAR_LOGD_BIN="$ROOT/target/debug/gtar-logd" KERAS_BACKEND=jax JAX_PLATFORMS=cpu \
+KERAS_BACKEND=jax JAX_PLATFORMS=cpu \
   "$CLIENT/bin/python" -m pytest -q -p no:cacheprovider clients/python/tests || rc=$?
 if [ "$rc" -eq 5 ]; then echo "pytest collected no Python tests: that is a failure here"; rc=1; fi
 
@@ -54,9 +59,10 @@ fi
 "$TFV/bin/pip" check -q >/dev/null 2>&1 || "$TFV/bin/pip" install -q --disable-pip-version-check ./clients/python
 echo "== pytest clients/python keras tests, KERAS_BACKEND=tensorflow"
 rc_tf=0
-GTAR_LOGD_BIN="$ROOT/target/debug/gtar-logd" KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 \
+KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 \
   "$TFV/bin/python" -m pytest -q -p no:cacheprovider \
-  clients/python/tests/test_backends.py clients/python/tests/test_keras.py || rc_tf=$?
+  clients/python/tests/test_backends.py clients/python/tests/test_keras.py \
+  clients/python/tests/test_resume.py || rc_tf=$?
 if [ "$rc_tf" -eq 5 ]; then echo "pytest collected no tensorflow tests: that is a failure here"; rc_tf=1; fi
 [ "$rc" -ne 0 ] || rc=$rc_tf
 exit "$rc"

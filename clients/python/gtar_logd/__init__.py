@@ -5,8 +5,8 @@
 * `gtar_logd.Client` -- queries, and frames of named numpy arrays
 """
 from ._address import default_socket_path, resolve as resolve_address
-from .client import Client, NotFound
-from .errors import DaemonUnavailable, DurabilityTimeout, GtarLogdError, WriteFailed
+from .client import Client
+from .errors import DaemonUnavailable, DurabilityTimeout, GtarLogdError, NotFound, WriteFailed
 from .trajectory import Trajectory
 
 __version__ = "0.1.0"

@@ -1,7 +1,13 @@
-"""Where the daemon listens by default (the same rules as `gtar-logd serve`)."""
+"""Where the daemon listens by default (the same rules as `gtar-logd serve`),
+and a quick check of whether anything listens at an address at all."""
 from __future__ import annotations
 
+import errno
 import os
+import socket
+
+#: The default socket's rule, as `gtar-logd serve --help` states it.
+DEFAULT_SOCKET_RULE = "$XDG_RUNTIME_DIR/gtar-logd/gtar-logd.sock, else /tmp/gtar-logd-$UID/gtar-logd.sock"
 
 
 def default_socket_path() -> str:
@@ -28,3 +34,68 @@ def resolve(address: str | None = None) -> str:
     if uds:
         return "unix:" + os.path.abspath(uds)
     return "unix:" + default_socket_path()
+
+
+def unix_path(target: str) -> str | None:
+    """The socket path of a `unix:` target (None for TCP targets)."""
+    if target.startswith("unix:"):
+        rest = target[len("unix:"):]
+        # gRPC spells absolute paths `unix:/p` and `unix:///p`.
+        return rest[2:] if rest.startswith("//") else rest
+    if target.startswith("unix-abstract:"):
+        return "\0" + target[len("unix-abstract:"):]
+    return None
+
+
+def host_port(target: str):
+    """(host, port) of a TCP target, or None when it is not one we can parse."""
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme):]
+            break
+    if target.startswith("["):  # [::1]:7461
+        host, _, port = target[1:].partition("]:")
+    else:
+        host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host, int(port)
+
+
+# Answers that say at once that no daemon listens there. Anything else
+# (a timeout, a full backlog) may be a daemon that is only slow: let gRPC wait.
+_ABSENT = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR, errno.EACCES, errno.EPERM,
+           errno.ENOTSOCK, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
+
+
+def why_unreachable(target: str, timeout: float = 1.0) -> str | None:
+    """Why no daemon can be listening at `target`, or None if something
+    accepted a connection (or the answer did not come within `timeout`).
+
+    A plain socket connect, closed at once: a missing socket file or a
+    refused connection are known in microseconds, where a gRPC call would
+    wait out its deadline.
+    """
+    path = unix_path(target)
+    try:
+        if path is not None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(path)
+            return None
+        hp = host_port(target)
+        if hp is None:
+            return None
+        with socket.create_connection(hp, timeout=timeout):
+            return None
+    except socket.gaierror as e:
+        return f"cannot resolve the host name: {e.strerror}"
+    except OSError as e:
+        if e.errno not in _ABSENT:
+            return None
+        if e.errno == errno.ENOENT and path is not None:
+            return f"no socket file {path}"
+        if e.errno == errno.ECONNREFUSED:
+            where = "on the socket file" if path is not None else "there"
+            return f"connection refused: nothing listens {where}"
+        return e.strerror or str(e)

@@ -8,6 +8,7 @@ Per frame F (one atomic frame):
   keras/layer/{i}/weight/{j}/shape.u32.uni                 shape      (keras_gtar, rewritten)
   gtar_logd/optimizer/{k}/frames/F/value.{fmt}.uni         optimizer variable k (optional)
   gtar_logd/keras/optimizer.json                           optimizer variable names (with it)
+  gtar_logd/keras/frames/F/progress.json                   where training was (GTARLogger)
 Metrics (continuous records, GETAR vars/):
   metrics/epoch/vars/{name}.f64.uni/{epoch + step_offset}
   metrics/batch/vars/{name}.f64.uni/{batch + step_offset}
@@ -26,7 +27,11 @@ KERAS_GROUP = "keras"
 OPTIMIZER_GROUP = "gtar_logd/optimizer"
 METRICS_GROUP = "metrics"
 WEIGHT_NAME = "weight"
-VALUE_NAME = "value"
+#: Per-frame training progress, a discrete text record (libgetar and
+#: keras_gtar list it and ignore it, as they do the daemon's manifest).
+PROGRESS_GROUP = "gtar_logd/keras"
+PROGRESS_NAME = "progress.json"
+PROGRESS_FORMAT = "gtar-logd/keras-progress/1"
 WEIGHT_RE = re.compile(r"(?:^|/)keras/layer/(\d+)/weight/(\d+)$")
 OPTIMIZER_RE = re.compile(r"(?:^|/)gtar_logd/optimizer/(\d+)$")
 
@@ -37,6 +42,29 @@ def weight_group(i: int, j: int) -> str:
 
 def shape_record(i: int, j: int, shape) -> tuple:
     return (f"{weight_group(i, j)}/shape.u32.uni", np.asarray(shape, dtype="<u4").tobytes())
+
+
+def progress_path(index: str) -> str:
+    return f"{PROGRESS_GROUP}/frames/{index}/{PROGRESS_NAME}"
+
+
+def progress_record(index: str, *, when: str, epoch, batch, step: int, epochs_done) -> tuple:
+    """Where training was when frame `index` was taken:
+
+    * epoch: Keras's epoch number (from 0) the frame was taken in (or before,
+      for 'pre_epoch')
+    * batch: the batch number within that epoch ('pre_batch'/'post_batch'),
+      else None
+    * step: batches trained in all, over every `fit` of this archive: the
+      frame's weights have seen this many updates
+    * epochs_done: when the frame lies on an epoch boundary, the number of
+      whole epochs its weights have been trained for: `fit(initial_epoch=
+      epochs_done)` continues exactly after it. None for a frame taken
+      within an epoch.
+    """
+    return (progress_path(index), dumps({
+        "format": PROGRESS_FORMAT, "when": when, "epoch": epoch, "batch": batch,
+        "step": int(step), "epochs_done": epochs_done}))
 
 
 def metric_name(key: str) -> str:

@@ -28,6 +28,9 @@ Invariants a reader must not break:
   span (`shm_chunk`); others send the span's bytes. A span is freed only when
   its unit is durable (or found in the archive), so bytes a daemon may still
   be reading never change. Refused at the first open: no region, `chunk`s.
+* An outage is logged in one line when the stream breaks and one when it is
+  back (with what is resent), at most once per `OUTAGE_LOG_INTERVAL`;
+  retries in between are silent. User-facing text says "frame", not "unit".
 """
 from __future__ import annotations
 
@@ -46,8 +49,8 @@ import numpy as np
 
 from . import dtypes
 from ._proto import logd_pb2 as pb
-from .client import DEFAULT_COLLECTION, VALUE_NAME, NotFound, join, key_to_group
-from .errors import DaemonUnavailable, DurabilityTimeout, GtarLogdError, WriteFailed
+from ._names import DEFAULT_COLLECTION, VALUE_NAME, join, key_to_group
+from .errors import DaemonUnavailable, DurabilityTimeout, GtarLogdError, NotFound, WriteFailed
 
 log = logging.getLogger("gtar_logd")
 
@@ -202,10 +205,45 @@ class Unit:
         out += [(len(self.records) + k, "scalar", x) for k, x in enumerate(self.scalars)]
         return [p for p in out if p[0] not in self.parts_done]
 
-    def describe(self):
-        if self.index is not None:
-            return f"frame {self.index!r}"
-        return "records " + ", ".join(repr(p) for p, _ in self.records[:3])
+
+def _summary(units) -> str:
+    """'3 frames ('4', '5', '6')', '1 frame ('2') and 1 record write', ''."""
+    units = list(units)
+    idx = [u.index for u in units if u.index is not None]
+    loose = len(units) - len(idx)
+    out = []
+    if idx:
+        shown = ", ".join(repr(i) for i in idx[:5]) + (", ..." if len(idx) > 5 else "")
+        out.append(f"{len(idx)} frame{'s' * (len(idx) != 1)} ({shown})")
+    if loose:
+        out.append(f"{loose} record write{'s' * (loose != 1)}")
+    return " and ".join(out)
+
+
+def _short(why: str, limit: int = 120) -> str:
+    why = " ".join(str(why).split())
+    return why if len(why) <= limit else why[:limit - 3] + "..."
+
+
+#: Seconds between two logged stream outages of one writer.
+OUTAGE_LOG_INTERVAL = 60.0
+
+
+class _RateLimit:
+    """Allows one event per `interval` seconds and counts the others."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.last = None
+        self.quiet = 0
+
+    def allow(self, now: float):
+        """(allowed, events not allowed since the last allowed one)."""
+        if self.last is None or now - self.last >= self.interval:
+            quiet, self.quiet, self.last = self.quiet, 0, now
+            return True, quiet
+        self.quiet += 1
+        return False, 0
 
 
 def tensor(group: str, name: str, array):
@@ -265,9 +303,13 @@ class Writer:
         self._closing = False
         self._closed = False
         self._call = None
+        self._resending = ""  # what the last reconnect resends, for its log line
+        # One line when a stream breaks and one when it is back; a daemon
+        # that flaps must not flood the training job's stderr.
+        self._outage_log = _RateLimit(OUTAGE_LOG_INTERVAL)
         # Statistics, for benchmarks and tests.
-        self.reconnects = 0
-        self.resent = 0
+        self.reconnects = 0  # times the stream came back after breaking
+        self.resent = 0  # frames (and record writes) sent again after a reconnect
         self.skipped = 0
         self.durable_count = 0
         self.blocked_seconds = 0.0
@@ -385,11 +427,9 @@ class Writer:
             while self._pending and self._error is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    waiting = [u.describe() for u in self._pending.values()]
                     raise DurabilityTimeout(
-                        f"gtar-logd: {len(waiting)} unit(s) for {self.archive!r} were not "
-                        f"acknowledged as durable within {timeout:.0f} s: "
-                        f"{', '.join(waiting[:10])}{' ...' if len(waiting) > 10 else ''}. "
+                        f"gtar-logd: {_summary(self._pending.values())} for {self.archive!r} "
+                        f"were not acknowledged as durable within {timeout:.0f} s. "
                         f"Is the daemon at {self.client.address!r} running and its disk "
                         f"writable? (reconnects so far: {self.reconnects})")
                 self._cond.wait(1.0 if left is None else min(left, 1.0))
@@ -449,8 +489,8 @@ class Writer:
             if t0 is None:
                 t0 = time.monotonic()
                 warnings.warn(
-                    f"gtar-logd: {self._pending_bytes / 2**20:.0f} MiB of {len(self._pending)} "
-                    f"unit(s) are waiting for the daemon (budget "
+                    f"gtar-logd: {self._pending_bytes / 2**20:.0f} MiB in "
+                    f"{_summary(self._pending.values())} are waiting for the daemon (budget "
                     f"{self.max_pending_bytes / 2**20:.0f} MiB); blocking until it catches up",
                     RuntimeWarning, stacklevel=4)
             self._cond.wait(1.0)
@@ -477,7 +517,8 @@ class Writer:
         log.error("%s", err)
 
     def _run(self):
-        retry_deadline = None
+        outage = None  # (monotonic start, why) while the stream is down
+        logged = False  # whether this outage's start was logged
         backoff = 0.05
         while True:
             with self._cond:
@@ -510,10 +551,22 @@ class Writer:
                                     self._region.close()
                                     self._region = None
                             self._cond.notify_all()
-                        if resp.opened.repaired:
+                        repaired = resp.opened.repaired
+                        if outage is not None:
+                            # A daemon that was killed repairs the archive on
+                            # reopening it: expected, so part of this line.
+                            self.reconnects += 1
+                            (log.warning if logged else log.debug)(
+                                "gtar-logd: reconnected to the daemon after %.1f s, resending "
+                                "%s%s", time.monotonic() - outage[0],
+                                self._resending or "nothing",
+                                "; it repaired the archive on reopening it" if repaired else "")
+                            if repaired:
+                                log.debug("gtar-logd repaired %s: %s", self.archive, repaired)
+                            outage = None
+                        elif repaired:
                             log.warning("gtar-logd repaired %s on open: %s",
-                                        self.archive, resp.opened.repaired)
-                        retry_deadline = None
+                                        self.archive, repaired)
                         backoff = 0.05
                     elif kind in ("received", "durable"):
                         self._on_ack(gen, getattr(resp, kind), kind == "durable")
@@ -532,22 +585,35 @@ class Writer:
                         f"{code.name}: {e.details()}"))
                     return
                 why = f"{code.name}: {e.details()}"
-            except GtarLogdError as e:  # a query during reconnection failed
+            except DaemonUnavailable as e:  # a query during reconnection failed
+                why = e.detail or "daemon unavailable"
+            except GtarLogdError as e:
                 why = str(e)
             except Exception as e:  # pragma: no cover - a bug; surface it
                 self._fail(WriteFailed(f"gtar-logd writer crashed: {e!r}"))
                 return
             now = time.monotonic()
-            if retry_deadline is None:
-                retry_deadline = now + self.reconnect_timeout
-            if now > retry_deadline:
+            if outage is None:
+                outage = (now, why)
+                logged, quiet = self._outage_log.allow(now)
+                if logged:
+                    with self._cond:
+                        kept = _summary(self._pending.values())
+                    log.warning(
+                        "gtar-logd: lost the stream to the daemon at %s (%s); reconnecting for "
+                        "up to %.0f s, %s kept meanwhile%s", self.client.address, _short(why),
+                        self.reconnect_timeout, kept or "nothing",
+                        f" ({quiet} more brief outage{'s' * (quiet != 1)} not logged)"
+                        if quiet else "")
+            elif now > outage[0] + self.reconnect_timeout:
+                with self._cond:
+                    kept = _summary(self._pending.values())
                 self._fail(WriteFailed(
-                    f"gtar-logd: lost the daemon at {self.client.address!r} ({why}) and could "
-                    f"not reconnect within {self.reconnect_timeout:.0f} s; "
-                    f"{len(self._pending)} unit(s) not durable. Is `gtar-logd serve` running?"))
+                    f"gtar-logd: lost the daemon at {self.client.address!r} ({_short(outage[1])}) "
+                    f"and could not reconnect within {self.reconnect_timeout:.0f} s (last "
+                    f"attempt: {_short(why)}); {kept} not stored in {self.archive!r}. "
+                    f"Is `gtar-logd serve` running?"))
                 return
-            log.warning("gtar-logd: stream to %s broke (%s); reconnecting", self.archive, why)
-            self.reconnects += 1
             time.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
@@ -556,6 +622,7 @@ class Writer:
         present = set(self._list_frames()) - self._initial_frames
         with self._cond:
             keep = collections.deque()
+            resend = []
             for u in list(self._pending.values()):
                 if u.index is not None and u.index in present:
                     self._done(u)
@@ -565,8 +632,9 @@ class Writer:
                     self.skipped += 1
                 else:
                     if u.sent_gen is not None:
-                        self.resent += 1
+                        resend.append(u)
                     keep.append(u)
+            self._resending = _summary(resend)
             self._to_send = keep
             self._cond.notify_all()
 
@@ -644,6 +712,8 @@ class Writer:
                     if self._closing and not self._pending:
                         return
                     self._cond.wait(0.5)
+                if u.sent_gen is not None:
+                    self.resent += 1
                 u.sent_gen = gen
                 if u.index is None:
                     parts = u.parts()

@@ -12,10 +12,12 @@ import grpc
 import numpy as np
 
 from . import dtypes
-from ._address import resolve
+from ._address import resolve, why_unreachable
 from ._proto import logd_pb2 as pb
 from ._proto import logd_pb2_grpc as pb_grpc
-from .errors import DaemonUnavailable, GtarLogdError
+from ._names import DEFAULT_COLLECTION, VALUE_NAME, group_to_key, join, key_to_group
+from ._writer import Writer
+from .errors import DaemonUnavailable, GtarLogdError, NotFound
 
 # The daemon's messages are at most a few MiB; leave room.
 _CHANNEL_OPTIONS = [
@@ -23,52 +25,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
 ]
 
-#: Group under which `write_frame` stores a dict's arrays (below the stream group).
-DEFAULT_COLLECTION = "tensors"
-#: Record name of each array of such a dict.
-VALUE_NAME = "value"
-_RESERVED = {"", ".", "..", "frames", "vars"}
-
-
-class NotFound(GtarLogdError, KeyError):
-    """The daemon has no such archive, group, frame or record."""
-
-    def __str__(self):  # KeyError would repr() the message
-        return self.args[0] if self.args else ""
-
-
-def join(*parts) -> str:
-    """Join group components, skipping empty and None ones."""
-    return "/".join(p.strip("/") for p in parts if p)
-
-
-def key_to_group(key: str) -> str:
-    """Encode a dict key as a group path below the collection.
-
-    Keys whose '/'-separated components are all acceptable GETAR group
-    components are kept as they are ("layer1.weight", "params/dense/kernel"),
-    so the archive stays readable; any other key is stored as one component
-    "~" + hex(utf-8). `group_to_key` inverts it.
-    """
-    if not isinstance(key, str):
-        raise TypeError(f"tensor names must be str, not {type(key).__name__}: {key!r}")
-    parts = key.split("/")
-    if all(p not in _RESERVED and not p.startswith("~")
-           and not any(ord(c) < 32 or ord(c) == 127 for c in p) for p in parts):
-        return key
-    return "~" + key.encode("utf-8").hex()
-
-
-def group_to_key(group: str) -> str:
-    if group.startswith("~") and "/" not in group:
-        return bytes.fromhex(group[1:]).decode("utf-8")
-    return group
-
 
 def _wrap(e: grpc.RpcError, address: str, what: str):
     code = e.code()
     if code == grpc.StatusCode.UNAVAILABLE:
-        return DaemonUnavailable(address, e.details() or "")
+        return DaemonUnavailable(address, why_unreachable(address) or e.details() or "")
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(f"{what}: {e.details()}")
     return GtarLogdError(f"{what} failed: {code.name}: {e.details()}")
@@ -111,12 +72,21 @@ class Client:
         self.close()
 
     def ping(self, timeout: float = 5.0) -> None:
-        """Raise DaemonUnavailable unless the daemon answers within `timeout`."""
+        """Raise DaemonUnavailable unless the daemon answers within `timeout`.
+
+        A missing socket file or a refused connection raise at once; a daemon
+        that accepted the connection gets the whole `timeout` to answer.
+        """
+        why = why_unreachable(self.address, timeout=min(timeout, 1.0))
+        if why:
+            raise DaemonUnavailable(self.address, why)
         try:
             self.stub.ListArchives(pb.ListArchivesRequest(prefix="\x00none"),
                                    timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DaemonUnavailable(self.address, f"no answer within {timeout:g} s") from None
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise DaemonUnavailable(self.address, e.details() or e.code().name) from None
             # Any other answer means someone is listening.
 
@@ -149,63 +119,106 @@ class Client:
                         f"ReadRecord({archive!r}, {path!r})")
         return r.data
 
-    def get_frame(self, archive: str, frame=-1, group: str | None = None, names=None):
+    def get_frame(self, archive: str, frame=None, group: str | None = None, names=None, *,
+                  position: int | None = None):
         """(index, [(TensorInfo, ndarray)]) of one frame.
 
-        `frame` is a position (int, negative from the end) or an index string.
+        `frame` is a frame index as written (int or str: 2000 and "2000" are
+        the same frame); `position=` picks by place in the frame list instead
+        (0 = first, negative from the end). Neither: the last frame.
         """
         req = pb.GetFrameRequest(archive=archive, group=group or "", names=list(names or []))
-        if isinstance(frame, str):
-            req.index = frame
+        if frame is not None and position is not None:
+            raise TypeError("pass a frame index or position=, not both")
+        if frame is not None:
+            req.index = _index(frame)
+            what = f"frame {req.index!r} of {archive!r}"
         else:
-            req.position = int(frame)
-        what = f"GetFrame({archive!r}, frame={frame!r}, group={group!r})"
+            req.position = -1 if position is None else int(position)
+            what = f"frame at position {req.position} of {archive!r}"
+        if group:
+            what += f", group {group!r}"
         try:
             frames = _collect(self.stub.GetFrame(req, timeout=self.timeout * 10), what)
         except grpc.RpcError as e:
-            raise _wrap(e, self.address, what) from None
+            err = _wrap(e, self.address, what)
+            if isinstance(err, NotFound) and isinstance(frame, int) and frame < 0:
+                err = NotFound(f"{err} (frame={frame} is a frame index as written; for the "
+                               f"last frame pass position={frame})")
+            raise err from None
         if not frames:
             raise NotFound(f"{what}: no frame in the answer")
         return frames[0]
 
-    def tensor_history(self, archive: str, group: str, name: str, start: int = 0,
+    def record_history(self, archive: str, group: str, name: str, start: int = 0,
                        stop: int | None = None):
-        """[(index, ndarray)] of one tensor over a slice of its frames."""
+        """[(index, ndarray)] of one discrete or continuous record over its frames.
+
+        The record is named as stored: `group` (with any stream group in
+        front, e.g. "tensors/layer1.bias") and `name` (e.g. "value").
+        `start`/`stop` are positions in the record's frame list, like a
+        Python slice (negative from the end).
+        """
         req = pb.TensorHistoryRequest(archive=archive, group=group, name=name, start=start)
         if stop is not None:
             req.stop = stop
-        what = f"TensorHistory({archive!r}, {group!r}, {name!r})"
+        what = f"record {name!r} of group {group!r} in {archive!r}"
         try:
             frames = _collect(self.stub.TensorHistory(req, timeout=self.timeout * 10), what)
         except grpc.RpcError as e:
             raise _wrap(e, self.address, what) from None
         return [(idx, ts[0][1] if ts else None) for idx, ts in frames]
 
+    def tensor_history(self, archive: str, key: str, *, group: str | None = None,
+                       collection: str = DEFAULT_COLLECTION, start: int = 0,
+                       stop: int | None = None):
+        """[(index, ndarray)] of the array written as `tensors[key]` by
+        `write_frame` (same `group` and `collection`), over its frames.
+
+        `start`/`stop` are positions in that tensor's frame list, like a
+        Python slice (negative from the end). For any other record, see
+        `record_history`.
+        """
+        base = join(group, collection, key_to_group(key))
+        try:
+            return self.record_history(archive, base, VALUE_NAME, start, stop)
+        except NotFound as e:
+            raise NotFound(f"no tensor {key!r} in {archive!r}"
+                           + (f" (group {group!r})" if group else "")
+                           + f": {e}") from None
+
     # ------------------------------------------------------------ writing
     def writer(self, archive: str, mode: str = "append", group: str | None = None, **kw):
         """A background `Writer` streaming to `archive` (mode 'append' or 'create')."""
-        from ._writer import Writer
         return Writer(self, archive, mode=mode, group=group, **kw)
 
-    def write_frame(self, archive: str, index, tensors: dict, *, group: str | None = None,
+    def write_frame(self, archive: str, frame, tensors: dict, *, group: str | None = None,
                     collection: str = DEFAULT_COLLECTION, records: dict | None = None,
                     mode: str = "append", timeout: float = 300.0) -> None:
         """Write one frame of named arrays and wait until it is durable.
 
-        Each array `tensors[key]` becomes the record
-        `{group/}{collection}/{key}/frames/{index}/value.{fmt}.uni` (see
+        `frame` is the frame's index (int or str: 2000 and "2000" name the
+        same frame; `read_frame(archive, 2000)` reads it back). Each array
+        `tensors[key]` becomes the record
+        `{group/}{collection}/{key}/frames/{frame}/value.{fmt}.uni` (see
         `key_to_group`); dtype and shape are kept by the daemon's manifest.
         `records` maps extra constant-record paths to bytes.
         """
         with self.writer(archive, mode=mode, group=group) as w:
-            w.write_tensors(str(index), tensors, collection=collection, records=records)
+            w.write_tensors(_index(frame), tensors, collection=collection, records=records)
             w.flush(timeout)
 
-    def read_frame(self, archive: str, frame=-1, *, group: str | None = None,
-                   collection: str = DEFAULT_COLLECTION) -> dict:
-        """The dict written by `write_frame` at `frame` (position or index string)."""
+    def read_frame(self, archive: str, frame=None, *, position: int | None = None,
+                   group: str | None = None, collection: str = DEFAULT_COLLECTION) -> dict:
+        """The dict `write_frame` wrote as frame `frame`.
+
+        `frame` is the frame index as written (int or str, as `write_frame`
+        takes it). To pick by place instead, pass `position=` (0 = first,
+        -1 = last, negative from the end). Neither: the last frame.
+        """
         base = join(group, collection)
-        _, tensors = self.get_frame(archive, frame, group=base, names=[VALUE_NAME])
+        _, tensors = self.get_frame(archive, frame, group=base, names=[VALUE_NAME],
+                                    position=position)
         out = {}
         for info, arr in tensors:
             g = info.group
@@ -215,6 +228,14 @@ class Client:
                 g = g[len(base) + 1:]
             out[group_to_key(g)] = arr
         return out
+
+
+def _index(frame) -> str:
+    """A frame index as the archive spells it: ints in decimal."""
+    if isinstance(frame, bool) or not isinstance(frame, (int, str, np.integer)):
+        raise TypeError(f"a frame index is an int or a str, not {type(frame).__name__}: "
+                        f"{frame!r}")
+    return str(int(frame)) if not isinstance(frame, str) else frame
 
 
 def _encode(m) -> bytes:

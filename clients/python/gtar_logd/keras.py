@@ -14,81 +14,21 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import keras
 import numpy as np
 
 from . import _keras_layout as L
-from ._writer import Unit, tensor
+from ._keras_frames import (host_copy, model_units, optimizer_entries,  # noqa: F401 (API)
+                            weight_entries, weights_meta)
+from ._writer import Unit
 from .client import Client
+from .trajectory import Trajectory
 
 log = logging.getLogger("gtar_logd")
 
 _WHEN = ("pre_batch", "post_batch", "pre_epoch", "post_epoch")
-
-
-def host_copy(variable, copy: str = "auto") -> np.ndarray:
-    """A host numpy array holding the variable's current value.
-
-    With the JAX backend values are immutable arrays, so a NumPy view of one
-    (no copy on CPU) stays valid after the variable is updated. Other
-    backends (tensorflow, torch) update in place, so we copy. `copy='always'`
-    forces a copy; `copy='never'` takes whatever the backend's conversion
-    gives, which is a snapshot only where values are immutable.
-    """
-    value = variable.value if hasattr(variable, "value") else variable
-    if keras.backend.backend() == "jax" and copy != "always":
-        return np.asarray(value)
-    # convert_to_numpy, not np.asarray: torch refuses .numpy() on a tensor that
-    # requires grad, and keras knows how to bring a value to the host.
-    a = keras.ops.convert_to_numpy(value)
-    return a if copy == "never" else np.array(a, copy=True)
-
-
-def weights_meta(model) -> dict:
-    layers = []
-    for i, layer in enumerate(model.layers):
-        layers.append({
-            "index": i,
-            "name": layer.name,
-            "class": type(layer).__name__,
-            "weights": [{"index": j, "name": v.name, "path": getattr(v, "path", v.name),
-                         "dtype": str(v.dtype), "shape": [int(s) for s in v.shape]}
-                        for j, v in enumerate(layer.weights)],
-        })
-    return {"format": "gtar-logd/keras/1", "layers": layers}
-
-
-def model_units(model):
-    """The constant records describing a model: model.json and weights.json."""
-    return [(L.MODEL_JSON, model.to_json().encode("utf-8")),
-            (L.WEIGHTS_JSON, L.dumps(weights_meta(model)))]
-
-
-def weight_entries(model, copy="auto"):
-    """(tensors, records) of one frame of weights in keras_gtar's layout."""
-    tensors, records = [], []
-    for i, layer in enumerate(model.layers):
-        for j, v in enumerate(layer.weights):
-            a = host_copy(v, copy)
-            tensors.append(tensor(L.weight_group(i, j), L.WEIGHT_NAME, a))
-            records.append(L.shape_record(i, j, a.shape))
-    return tensors, records
-
-
-def optimizer_entries(model, copy="auto"):
-    opt = getattr(model, "optimizer", None)
-    if opt is None or not getattr(opt, "variables", None):
-        return [], []
-    tensors, meta = [], []
-    for k, v in enumerate(opt.variables):
-        a = host_copy(v, copy)
-        tensors.append(tensor(f"{L.OPTIMIZER_GROUP}/{k}", L.VALUE_NAME, a))
-        meta.append({"index": k, "path": getattr(v, "path", v.name), "name": v.name,
-                     "dtype": str(a.dtype), "shape": [int(s) for s in a.shape]})
-    rec = (L.OPTIMIZER_JSON, L.dumps({"format": "gtar-logd/keras-optimizer/1",
-                                      "class": type(opt).__name__, "variables": meta}))
-    return tensors, [rec]
 
 
 class GTARLogger(keras.callbacks.Callback):
@@ -118,12 +58,20 @@ class GTARLogger(keras.callbacks.Callback):
     :param compression: 0 (store) or a deflate level 1..9, applied by the daemon
     :param shared_memory: pass tensor bytes to the daemon through shared memory
         (None: on a Unix socket, when the daemon runs as the same user; False: never)
+    :param resume: at the start of `fit`, if the archive (and `group`) has frames,
+        restore the newest one that ends an epoch -- weights, optimizer state when
+        the frame has it (else a warning: the optimizer starts over) -- and make
+        `fit` continue with the next epoch, as keras.callbacks.BackupAndRestore
+        does. With when='post_batch' (or 'pre_batch') only frames on an epoch
+        boundary qualify: `fit` restarts at epoch boundaries, so the batches trained
+        after that frame are trained again and their frames written again. What
+        was restored is in `self.resumed` (None: nothing to resume).
     """
 
     def __init__(self, archive, period=1, when="post_epoch", append=True, step_offset=0,
                  group=None, address=None, save_optimizer="never", log_metrics="epoch",
                  max_pending_bytes=1 << 30, durable_timeout=600.0, reconnect_timeout=120.0,
-                 copy="auto", compression=0, shared_memory=None):
+                 copy="auto", compression=0, shared_memory=None, resume=False):
         super().__init__()
         if when not in _WHEN:
             raise ValueError(f"when must be one of {_WHEN}, not {when!r}")
@@ -134,6 +82,9 @@ class GTARLogger(keras.callbacks.Callback):
             raise ValueError(f"copy must be 'auto', 'always' or 'never', not {copy!r}")
         if log_metrics not in ("epoch", "batch", "both", "none", None):
             raise ValueError(f"log_metrics must be 'epoch', 'batch', 'both' or 'none'")
+        if resume and not append:
+            raise ValueError("resume=True continues the archive's run: it needs append=True "
+                             "(append=False replaces the archive)")
         self.archive = archive
         self.filename = archive  # keras_gtar's name for it
         self.period = period
@@ -150,7 +101,15 @@ class GTARLogger(keras.callbacks.Callback):
         self.copy = copy
         self.compression = compression
         self.shared_memory = shared_memory
-        self.batches = 0
+        self.resume = resume
+        #: after a resume: {'frame', 'epoch', 'step', 'optimizer'} of what was restored
+        self.resumed = None
+        self.batches = 0  # batches trained in all (continued on resume)
+        self._epoch = 0  # the current epoch, Keras's number
+        self._epoch_steps = None  # batches in an epoch, once one has ended
+        self._initial_epoch_before = None
+        self._initial_epoch_set = False
+        self._batch_in_epoch = None
         self.writer = None
         self.client = None
         #: seconds the training thread spent in each save (for benchmarks)
@@ -166,10 +125,20 @@ class GTARLogger(keras.callbacks.Callback):
     # ------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs=None):
         self.client = Client(self.address)
-        self.writer = self.client.writer(
-            self.archive, mode="append" if self.append else "create", group=self.group,
-            max_pending_bytes=self.max_pending_bytes, reconnect_timeout=self.reconnect_timeout,
-            compression=self.compression, shared_memory=self.shared_memory)
+        try:
+            if self.resume:
+                self.client.ping(timeout=10.0)
+                self._resume()
+            self.writer = self.client.writer(
+                self.archive, mode="append" if self.append else "create", group=self.group,
+                max_pending_bytes=self.max_pending_bytes,
+                reconnect_timeout=self.reconnect_timeout, compression=self.compression,
+                shared_memory=self.shared_memory)
+        except BaseException:
+            # fit() does not call on_train_end after this fails.
+            self._put_back_initial_epoch()
+            self.client.close()
+            raise
         self.writer.write_records(model_units(self.model))
 
     def on_train_end(self, logs=None):
@@ -195,27 +164,81 @@ class GTARLogger(keras.callbacks.Callback):
             w.abort()  # no-op after a clean close; stops the threads otherwise
             self.client.close()
             self.writer = None
+            self._put_back_initial_epoch()
 
     # ------------------------------------------------------------- hooks
     def on_train_batch_begin(self, batch, logs=None):
-        self._save(self.batches, "pre_batch")
+        # Before an epoch's first batch the weights are those of the epoch boundary.
+        self._save(self.batches, "pre_batch", batch=batch, step=self.batches,
+                   epochs_done=self._epoch if batch == 0 else None)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.log_metrics in ("batch", "both") and logs:
             self._metrics("batch", self.batches + self.step_offset, logs)
-        self._save(self.batches, "post_batch")
+        steps = (self.params or {}).get("steps") or self._epoch_steps
+        last = steps is not None and batch + 1 >= steps
+        self._save(self.batches, "post_batch", batch=batch, step=self.batches + 1,
+                   epochs_done=self._epoch + 1 if last else None)
         self.batches += 1
+        self._batch_in_epoch = batch
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._save(epoch, "pre_epoch")
+        self._put_back_initial_epoch()  # fit() has read it by now
+        self._epoch = epoch
+        self._batch_in_epoch = None
+        self._save(epoch, "pre_epoch", step=self.batches, epochs_done=epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         self._last_epoch = epoch
+        if self._batch_in_epoch is not None:  # for data of unknown length
+            self._epoch_steps = self._batch_in_epoch + 1
         if self.log_metrics in ("epoch", "both") and logs:
             self._metrics("epoch", epoch + self.step_offset, logs)
-        self._save(epoch, "post_epoch")
+        self._save(epoch, "post_epoch", step=self.batches, epochs_done=epoch + 1)
 
     # ------------------------------------------------------------- internals
+    def _put_back_initial_epoch(self):
+        """`model._initial_epoch` outlives fit(): once fit() has read it, put
+        back what it was, so a later fit() of this model (without resume)
+        starts where it is told to."""
+        if self._initial_epoch_set:
+            self._initial_epoch_set = False
+            self.model._initial_epoch = self._initial_epoch_before
+
+    def _resume(self):
+        """Restore the newest frame that ends an epoch; see `resume`."""
+        self.resumed = None
+        traj = Trajectory._over(self.client, self.archive, self.group)
+        point = traj.resume_point(self.when, self.step_offset)
+        if point is None:
+            if traj.frames:
+                warnings.warn(f"gtar-logd: resume=True but no frame of {self.archive!r} ends "
+                              f"an epoch; training starts from the beginning", UserWarning)
+            else:
+                log.info("gtar-logd: nothing to resume in %s; starting from the beginning",
+                         self.archive)
+            return
+        index, epochs_done, info = point
+        model = self.model
+        has_optimizer = traj._restore_state(model, index)
+        if info is not None:
+            self.batches = int(info["step"])
+        else:  # keras_gtar's frames say nothing of batches
+            steps = (self.params or {}).get("steps")
+            self.batches = epochs_done * steps if steps else 0
+        self._last_epoch = epochs_done - 1 if epochs_done > 0 else None
+        self._epoch = epochs_done
+        # Keras 3's fit() reads this right after on_train_begin
+        # (keras.callbacks.BackupAndRestore sets it the same way).
+        self._initial_epoch_before = getattr(model, "_initial_epoch", None)
+        self._initial_epoch_set = True
+        model._initial_epoch = epochs_done
+        self.resumed = {"frame": index, "epoch": epochs_done, "step": self.batches,
+                        "optimizer": has_optimizer}
+        log.info("gtar-logd: resumed from frame %r of %s (%s); fit continues at epoch %d",
+                 index, self.archive, "weights and optimizer state" if has_optimizer
+                 else "weights only", epochs_done)
+
     def _metrics(self, level, index, logs):
         for k, v in logs.items():
             try:
@@ -224,7 +247,7 @@ class GTARLogger(keras.callbacks.Callback):
                 continue
             self._scalars.append((f"{L.METRICS_GROUP}/{level}", L.metric_name(k), str(index), value))
 
-    def _save(self, index, required):
+    def _save(self, index, required, *, batch=None, step, epochs_done):
         if self.when != required:
             return
         index = index + self.step_offset
@@ -232,7 +255,10 @@ class GTARLogger(keras.callbacks.Callback):
             return
         t0 = time.perf_counter()
         model = self.model  # with JAX this syncs the training state into the variables
-        unit = self._frame(model, str(index), with_optimizer=self.save_optimizer == "always")
+        progress = L.progress_record(str(index), when=self.when, epoch=self._epoch, batch=batch,
+                                     step=step, epochs_done=epochs_done)
+        unit = self._frame(model, str(index), with_optimizer=self.save_optimizer == "always",
+                           progress=progress)
         if self.save_optimizer == "exit":
             held, self._held = self._held, unit
             if held is not None:
@@ -242,7 +268,7 @@ class GTARLogger(keras.callbacks.Callback):
         self.saved_frames.append(str(index))
         self.save_seconds.append(time.perf_counter() - t0)
 
-    def _frame(self, model, index, with_optimizer):
+    def _frame(self, model, index, with_optimizer, progress):
         # With shared memory the one copy is `stage`'s, into memory the
         # daemon reads: no host copy first, and no reference to the
         # backend's arrays kept past this call (with JAX a kept reference
@@ -254,6 +280,7 @@ class GTARLogger(keras.callbacks.Callback):
             t, r = optimizer_entries(model, copy)
             tensors += t
             records += r
+        records.append(progress)
         unit = Unit(index, tensors, records)
         if stage:
             self.writer.stage(unit)
@@ -292,5 +319,9 @@ class GTARLogger(keras.callbacks.Callback):
         if index is None or index in self.saved_frames:
             log.warning("gtar-logd: no frame for the final state; optimizer state not saved")
             return
-        self._held = self._frame(model, index, with_optimizer=True)
+        # Training ends at an epoch boundary unless an exception cut it short.
+        done = None if self._last_epoch is None else self._last_epoch + 1
+        progress = L.progress_record(index, when=self.when, epoch=self._epoch, batch=None,
+                                     step=self.batches, epochs_done=done)
+        self._held = self._frame(model, index, with_optimizer=True, progress=progress)
         self.saved_frames.append(index)

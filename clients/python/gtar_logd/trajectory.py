@@ -6,8 +6,10 @@
         w = traj.get_weights(frame=3)
 
 `frame` arguments are positions in `frames` (negative counts from the end),
-as in keras_gtar; a str is taken as a frame index ("12"). Keras is imported
-only by the methods that need a model.
+as in keras_gtar; a str is taken as a frame index ("12"). (The generic
+`Client.read_frame` differs: there an int is a frame index, as written, and
+positions are `position=`.) Keras is imported only by the methods that need a
+model.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ import warnings
 import numpy as np
 
 from . import _keras_layout as L
-from .client import Client, NotFound, join
+from ._names import VALUE_NAME, join
+from ._writer import Unit
+from .client import Client
+from .errors import NotFound
 
 
 class Trajectory:
@@ -38,11 +43,29 @@ class Trajectory:
         self.mode = mode
         self.group = group
         self.client = Client(address)
+        self._owns_client = True
         self._writer = None
         if mode == "w":
             self._writer = self.client.writer(archive, mode="create", group=group)
         else:
             self.client.ping()
+        if mode == "r":
+            # As libgetar does on opening a missing file: say so now, rather
+            # than show a typo'd name as an empty trajectory.
+            self._check_archive()
+
+    @classmethod
+    def _over(cls, client, archive, group=None):
+        """A read-only view through an existing client (GTARLogger's resume):
+        no connection of its own, and no check that the archive exists."""
+        t = cls.__new__(cls)
+        t.archive = t.filename = archive
+        t.mode = "a"  # a missing archive has no frames: nothing to resume
+        t.group = group
+        t.client = client
+        t._owns_client = False
+        t._writer = None
+        return t
 
     # ------------------------------------------------------------- basics
     def __enter__(self):
@@ -55,27 +78,57 @@ class Trajectory:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        self.client.close()
+        if self._owns_client:
+            self.client.close()
 
     def _get_path(self, name):
         return join(self.group, name)
 
+    def _check_archive(self):
+        """Raise NotFound naming the archive unless the daemon has it."""
+        try:
+            self.client.list_frames(self.archive)
+        except NotFound as e:
+            raise NotFound(f"no archive {self.archive!r} on the gtar-logd daemon at "
+                           f"{self.client.address!r} (archive names are relative to its "
+                           f"data directory): {e}") from None
+
     @property
     def frames(self):
-        """Frame indices (strings, GETAR order) that have model weights."""
+        """Frame indices (strings, GETAR order) that have model weights.
+
+        In mode 'r' a missing archive raises NotFound; an archive without
+        model weights (or without `group`) has no frames.
+        """
         try:
             return self.client.list_frames(self.archive, self._get_path(L.KERAS_GROUP))
         except NotFound:
+            if self.mode == "r":
+                self._check_archive()
             return []
 
     def __len__(self):
         return len(self.frames)
 
-    def _resolve(self, frame, frames=None):
+    def _resolve(self, frame, frames=None, what="frames"):
+        """The index string of `frame`: a str as it is, an int as a position
+        in `frames` (keras_gtar's meaning)."""
         if isinstance(frame, str):
             return frame
+        if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+            raise TypeError(f"frame must be a position (int) or a frame index (str), "
+                            f"not {type(frame).__name__}: {frame!r}")
         frames = self.frames if frames is None else frames
-        return frames[frame]  # IndexError like keras_gtar
+        try:
+            return frames[frame]
+        except IndexError:
+            where = f"{self.archive!r}" + (f" (group {self.group!r})" if self.group else "")
+            msg = (f"frame {frame} is out of range: {where} has {len(frames)} {what}"
+                   + (f" (positions {-len(frames)}..{len(frames) - 1})" if frames else ""))
+            if str(frame) in frames:
+                msg += (f"; ints are positions, as in keras_gtar: for the frame with "
+                        f"index {str(frame)!r} pass frame={str(frame)!r}")
+            raise IndexError(msg) from None
 
     def _record(self, name):
         return self.client.read_record(self.archive, self._get_path(name))
@@ -161,6 +214,7 @@ class Trajectory:
 
     # ------------------------------------------------------------- optimizer
     def optimizer_frames(self):
+        """Indices of the frames that hold optimizer state (GETAR order)."""
         try:
             return self.client.list_frames(self.archive, self._get_path(L.OPTIMIZER_GROUP))
         except NotFound:
@@ -172,10 +226,11 @@ class Trajectory:
 
         With `model`, also assign them to `model.optimizer` (built if needed).
         """
-        index = self._resolve(frame, None if isinstance(frame, str) else self.optimizer_frames())
+        index = self._resolve(frame, None if isinstance(frame, str) else self.optimizer_frames(),
+                              what="frames with optimizer state")
         _, tensors = self.client.get_frame(self.archive, index,
                                            group=self._get_path(L.OPTIMIZER_GROUP),
-                                           names=[L.VALUE_NAME])
+                                           names=[VALUE_NAME])
         found = {}
         for info, arr in tensors:
             m = L.OPTIMIZER_RE.search(info.group)
@@ -198,6 +253,98 @@ class Trajectory:
                 v.assign(a)
         return out
 
+    # ------------------------------------------------------------- resume
+    def progress(self, frame=-1):
+        """Where training was at `frame`, as GTARLogger recorded it: a dict
+        with 'epoch', 'batch', 'step' and 'epochs_done' (see
+        `_keras_layout.progress_record`), or None for a frame written without
+        it (by keras_gtar, or by `save`)."""
+        index = self._resolve(frame)
+        info = self._json(L.progress_path(index))
+        return info if info and info.get("format") == L.PROGRESS_FORMAT else None
+
+    def resume_point(self, when="post_epoch", step_offset=0):
+        """(frame index, epochs done, progress) of the newest frame that ends
+        an epoch, or None when there is none.
+
+        Frames that GTARLogger took within an epoch ('post_batch' and
+        'pre_batch' frames other than an epoch's first or last batch) are
+        skipped: `fit` can only start at an epoch boundary. Frames without a
+        progress record (keras_gtar's) are read by `when` and `step_offset`,
+        the logger's parameters that wrote them: a 'post_epoch' frame F ends
+        epoch F - step_offset, a 'pre_epoch' frame starts it; batch frames
+        cannot be placed and are skipped.
+        """
+        for index in reversed(self.frames):
+            info = self.progress(index)
+            if info is not None:
+                if info.get("epochs_done") is not None:
+                    return index, int(info["epochs_done"]), info
+                continue
+            if when in ("post_epoch", "pre_epoch") and index.isdigit():
+                done = int(index) - step_offset + (1 if when == "post_epoch" else 0)
+                if done >= 0:
+                    return index, done, None
+        return None
+
+    def restore(self, model, frame=-1):
+        """Set `model`'s weights and its optimizer's state from `frame`
+        (keras_gtar's meaning: an int is a position, -1 the last frame; a str
+        an index) and return the epoch to continue at:
+
+            epoch = traj.restore(model)
+            model.fit(x, y, epochs=10, initial_epoch=epoch)
+
+        The model must be compiled with the same optimizer as the run that
+        was saved. A frame without optimizer state (GTARLogger's
+        save_optimizer='never', or 'exit' in a run that did not finish)
+        restores the weights only, with a warning: the optimizer starts over,
+        so training does not continue exactly as it would have.
+
+        The epoch comes from the frame's progress record: the epochs its
+        weights were trained for. A frame taken within an epoch (when=
+        'post_batch') returns that epoch, with a warning, since `fit` starts
+        epochs at their first batch. A frame without a progress record (written
+        by keras_gtar) is taken as keras_gtar's default, a 'post_epoch' frame
+        whose index is the epoch, with a warning.
+        """
+        index = self._resolve(frame)
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError("restore() needs a compiled model: the optimizer state goes into "
+                             "model.optimizer (for the weights alone, use load_weights_into)")
+        info = self.progress(index)
+        self._restore_state(model, index)
+        if info is not None and info.get("epochs_done") is not None:
+            return int(info["epochs_done"])
+        if info is not None:
+            warnings.warn(
+                f"frame {index!r} of {self.archive!r} was taken within epoch {info['epoch']} "
+                f"(after its batch {info['batch']}); fit() starts epochs at their first batch, "
+                f"so continuing at epoch {info['epoch']} trains those batches again",
+                UserWarning, stacklevel=2)
+            return int(info["epoch"])
+        if not index.isdigit():
+            raise ValueError(f"frame {index!r} of {self.archive!r} has no progress record and "
+                             f"its index is not an epoch number: cannot tell the epoch")
+        warnings.warn(f"frame {index!r} of {self.archive!r} has no progress record (not written "
+                      f"by GTARLogger): taking it as a 'post_epoch' frame of epoch {index}",
+                      UserWarning, stacklevel=2)
+        return int(index) + 1
+
+    def _restore_state(self, model, index):
+        """Frame `index`'s weights, and its optimizer state when it has one
+        (else a warning), into `model`; whether it had optimizer state."""
+        self._assign(model, self._layers(index), by_name=False, skip_mismatch=False)
+        if index in self.optimizer_frames():
+            self.load_optimizer(index, model=model)
+            return True
+        warnings.warn(
+            f"gtar-logd: frame {index!r} of {self.archive!r} has no optimizer state "
+            f"(GTARLogger saves it with save_optimizer='always'): restored the weights only; "
+            f"the optimizer starts over, so training will not continue exactly as the "
+            f"interrupted run would have", UserWarning, stacklevel=3)
+        return False
+
     # ------------------------------------------------------------- metrics
     def metrics(self, level="epoch"):
         """History of the metrics GTARLogger stored: {name: (steps, values)}.
@@ -213,7 +360,7 @@ class Trajectory:
                 continue
             # One streamed TensorHistory call: the steps of a continuous
             # record, whatever they are, in GETAR order.
-            hist = self.client.tensor_history(self.archive, group, rec.name)
+            hist = self.client.record_history(self.archive, group, rec.name)
             steps = [idx for idx, _ in hist]
             values = np.array([np.asarray(a).reshape(-1)[0] for _, a in hist], dtype=np.float64)
             out[rec.name] = (steps, values)
@@ -230,8 +377,7 @@ class Trajectory:
     def save(self, model, frame=None, only_weights=False):
         """Save the model description and/or the weights as frame `frame` (a str),
         and wait until the daemon has them on disk."""
-        from .keras import model_units, weight_entries
-        from ._writer import Unit
+        from ._keras_frames import model_units, weight_entries  # imports keras: only here
 
         w = self._w()
         if not only_weights:
@@ -248,4 +394,5 @@ class Trajectory:
 
     def save_model(self, model):
         return self.save(model)
+
 

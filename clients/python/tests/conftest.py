@@ -1,11 +1,12 @@
 """Fixtures: the REAL gtar-logd daemon on a temp Unix socket and 127.0.0.1 port.
 
-The binary is $GTAR_LOGD_BIN, else target/debug/gtar-logd of this repo
-(test.sh builds it). Keras runs with $KERAS_BACKEND, by default jax on CPU
+The binary is $GTAR_LOGD_BIN (test.sh sets it from cargo's target
+directory), else debug/gtar-logd in cargo's target directory for this repo. Keras runs with $KERAS_BACKEND, by default jax on CPU
 (test.sh runs the Keras tests under tensorflow too).
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -23,7 +24,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
-BIN = pathlib.Path(os.environ.get("GTAR_LOGD_BIN") or ROOT / "target" / "debug" / "gtar-logd")
+
+
+def _default_bin() -> pathlib.Path:
+    """target/debug/gtar-logd under cargo's target directory (which honours
+    CARGO_TARGET_DIR), else under the repo."""
+    try:
+        out = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        target = json.loads(out.stdout)["target_directory"]
+    except (OSError, ValueError, KeyError, subprocess.SubprocessError):
+        target = ROOT / "target"
+    return pathlib.Path(target) / "debug" / "gtar-logd"
+
+
+BIN = pathlib.Path(os.environ.get("GTAR_LOGD_BIN") or _default_bin())
 
 
 def _free_port() -> int:

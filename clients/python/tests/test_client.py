@@ -71,8 +71,8 @@ def test_multi_chunk_tensor_and_positions(client, archive):
     client.write_frame(archive, 5, {"big": big, "small": np.ones(3, np.int64)})
     client.write_frame(archive, 10, {"big": big * 2, "small": np.zeros(3, np.int64)})
     assert client.list_frames(archive) == ["5", "10"]
-    assert np.array_equal(client.read_frame(archive, -1)["big"], big * 2)
-    assert np.array_equal(client.read_frame(archive, 0)["big"], big)
+    assert np.array_equal(client.read_frame(archive, position=-1)["big"], big * 2)
+    assert np.array_equal(client.read_frame(archive, position=0)["big"], big)
     assert np.array_equal(client.read_frame(archive, "5")["small"], np.ones(3, np.int64))
     with pytest.raises(NotFound):
         client.read_frame(archive, 7)
@@ -83,13 +83,70 @@ def test_state_dict_and_pytree_keys(client, archive):
             "weird//key", "frames", "../up", "tab\tkey", "~tilde", "ünï"]
     data = {k: np.full((2,), i, np.float32) for i, k in enumerate(keys)}
     client.write_frame(archive, "3", data, group="run1", collection="state")
-    back = client.read_frame(archive, -1, group="run1", collection="state")
+    back = client.read_frame(archive, position=-1, group="run1", collection="state")
     assert sorted(back) == sorted(keys)
     for k in keys:
         assert np.array_equal(back[k], data[k])
         assert group_to_key(key_to_group(k)) == k
     # Readable names stay readable in the archive.
     assert key_to_group("layers.0.weight") == "layers.0.weight"
+
+
+def test_a_frame_number_means_the_same_to_write_and_read(client, archive):
+    steps = [1000, 2000, 3000]
+    for s in steps:
+        client.write_frame(archive, s, {"w": np.full(2, s, np.int64)})
+    assert client.list_frames(archive) == ["1000", "2000", "3000"]
+    # An int is the frame index as written, whatever the frame's place.
+    assert client.read_frame(archive, 2000)["w"].tolist() == [2000, 2000]
+    assert client.read_frame(archive, "2000")["w"].tolist() == [2000, 2000]
+    assert client.read_frame(archive, np.int64(3000))["w"].tolist() == [3000, 3000]
+    # Places are position=; no argument is the last frame.
+    assert client.read_frame(archive, position=0)["w"].tolist() == [1000, 1000]
+    assert client.read_frame(archive, position=-2)["w"].tolist() == [2000, 2000]
+    assert client.read_frame(archive)["w"].tolist() == [3000, 3000]
+    with pytest.raises(NotFound, match="'1'"):
+        client.read_frame(archive, 1)
+    with pytest.raises(NotFound, match=r"position=-1"):
+        client.read_frame(archive, -1)
+    with pytest.raises(NotFound, match="position 5"):
+        client.read_frame(archive, position=5)
+    with pytest.raises(TypeError):
+        client.read_frame(archive, 2000, position=0)
+    with pytest.raises(TypeError):
+        client.read_frame(archive, 2.0)
+
+
+def test_tensor_history_by_the_key_written(client, archive):
+    keys = ["layer1.bias", "params/dense/kernel", "weird//key"]
+    for s in (10, 20, 30):
+        client.write_frame(archive, s, {k: np.full(3, s + i, np.float32)
+                                        for i, k in enumerate(keys)})
+        client.write_frame(archive, s, {"layer1.bias": np.full(2, -s, np.int16)}, group="g",
+                           collection="state")
+    for i, k in enumerate(keys):
+        hist = client.tensor_history(archive, k)
+        assert [idx for idx, _ in hist] == ["10", "20", "30"], k
+        for (idx, a), s in zip(hist, (10, 20, 30)):
+            assert np.array_equal(a, np.full(3, s + i, np.float32)), (k, idx)
+    hist = client.tensor_history(archive, "layer1.bias", group="g", collection="state")
+    assert [a.tolist() for _, a in hist] == [[-10, -10], [-20, -20], [-30, -30]]
+    assert [idx for idx, _ in client.tensor_history(archive, "layer1.bias", start=-2)] \
+        == ["20", "30"]
+    with pytest.raises(NotFound, match="no tensor 'layer1.weight'"):
+        client.tensor_history(archive, "layer1.weight")
+    # The record as stored, for anything else.
+    raw = client.record_history(archive, "tensors/layer1.bias", "value")
+    assert [idx for idx, _ in raw] == ["10", "20", "30"]
+
+
+def test_read_only_trajectory_of_a_missing_archive_names_it(daemon, archive):
+    from gtar_logd import Trajectory
+    with pytest.raises(NotFound, match=f"no archive {archive!r}"):
+        Trajectory(archive, address=daemon.address).frames
+    # Appending creates it: nothing there yet is not an error.
+    with Trajectory(archive, "a", address=daemon.address) as t:
+        assert t.frames == []
 
 
 def test_tcp_address_works(daemon, archive):

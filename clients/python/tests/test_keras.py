@@ -32,8 +32,9 @@ def test_every_epoch_exact_load_and_metrics(daemon, archive):
             same(t.get_weights(e), cap.post_epoch[e])
         same(t.get_weights(), model.get_weights())
         same(t.get_weights("2"), cap.post_epoch[2])
-        with pytest.raises(IndexError):
-            t.get_weights(EPOCHS)
+        with pytest.raises(IndexError, match=rf"frame 99 is out of range: {archive!r} has "
+                                             rf"{EPOCHS} frames \(positions -{EPOCHS}\.\.{EPOCHS - 1}\)"):
+            t.get_weights(99)
         # load() rebuilds the model; predictions match exactly.
         x, _ = data(seed=5)
         loaded = t.load()
@@ -77,6 +78,20 @@ def test_when_period_step_offset_group(daemon, archive, when, period, offset, ep
     # The group keeps the run apart: nothing outside it.
     with Trajectory(archive, address=daemon.address) as t:
         assert t.frames == []
+
+
+def test_positions_out_of_range_say_what_there_is(daemon, archive):
+    fit(make_model(seed=3), [GTARLogger(archive, period=2, address=daemon.address)], epochs=5)
+    with Trajectory(archive, address=daemon.address) as t:
+        assert t.frames == ["0", "2", "4"]
+        # keras_gtar's meaning: an int is a position; the message says so
+        # when the user probably meant the index.
+        with pytest.raises(IndexError, match=r"frame 4 is out of range: .* has 3 frames.*"
+                                             r"for the frame with index '4' pass frame='4'"):
+            t.get_weights(4)
+        same(t.get_weights("4"), t.get_weights(-1))
+        with pytest.raises(IndexError, match="has 0 frames with optimizer state"):
+            t.load_optimizer(-1)
 
 
 def test_append_false_replaces_the_archive(daemon, archive):
