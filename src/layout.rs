@@ -19,6 +19,9 @@
 use serde::{Deserialize, Serialize};
 
 use gtar::check_component;
+
+use crate::error::BadField;
+use crate::limits::{MAX_COMPONENT_BYTES, MAX_RANK};
 use gtar::{Format, RecordType};
 use crate::proto::v1::DType;
 
@@ -26,7 +29,6 @@ use crate::proto::v1::DType;
 pub const MANIFEST_GROUP: &str = "gtar_logd";
 pub const MANIFEST_NAME: &str = "manifest.json";
 /// Most dimensions a tensor may have.
-pub const MAX_RANK: usize = 32;
 
 /// Element size and storage format of a dtype; `None` for UNSPECIFIED.
 pub fn dtype_storage(d: DType) -> Option<(usize, Format)> {
@@ -106,36 +108,62 @@ pub fn tensor_bytes(d: DType, shape: &[u64], max_bytes: u64) -> Result<u64, Stri
     Ok(n)
 }
 
+/// Validate one name component: what libgetar allows in a path component,
+/// and at most [`MAX_COMPONENT_BYTES`].
+fn check_part(what: &str, s: &str) -> Result<(), BadField> {
+    if s.len() > MAX_COMPONENT_BYTES {
+        let head: String = s.chars().take(32).collect();
+        return Err(BadField::new(
+            what,
+            format!(
+                "{what} {head:?}… is {} bytes long, over the limit of {MAX_COMPONENT_BYTES}",
+                s.len()
+            ),
+        ));
+    }
+    check_component(what, s).map_err(|why| BadField::new(what, why))
+}
+
 /// Validate a group path (components separated by '/', may be empty).
-pub fn check_group(what: &str, g: &str) -> Result<(), String> {
+pub fn check_group(what: &str, g: &str) -> Result<(), BadField> {
     if g.is_empty() {
         return Ok(());
     }
     for c in g.split('/') {
-        check_component(what, c)?;
+        check_part(what, c)?;
         if c == "frames" || c == "vars" {
-            return Err(format!("{what} {g:?} uses the reserved component {c:?}"));
+            return Err(BadField::new(
+                what,
+                format!("{what} {g:?} uses the reserved component {c:?}"),
+            ));
         }
     }
     Ok(())
 }
 
 /// Validate a record name (one component, no '.').
-pub fn check_name(what: &str, n: &str) -> Result<(), String> {
-    check_component(what, n)?;
+pub fn check_name(what: &str, n: &str) -> Result<(), BadField> {
+    check_part(what, n)?;
     if n.contains('.') {
-        return Err(format!("{what} {n:?} must not contain '.'"));
+        return Err(BadField::new(what, format!("{what} {n:?} must not contain '.'")));
     }
     Ok(())
 }
 
 /// Validate a frame index.
-pub fn check_index(what: &str, i: &str) -> Result<(), String> {
-    check_component(what, i)?;
-    if i.len() > 256 {
-        return Err(format!("{what} is {} bytes long, over 256", i.len()));
+pub fn check_index(what: &str, i: &str) -> Result<(), BadField> {
+    check_part(what, i)
+}
+
+/// Validate a record path relative to a stream's group (`keras/model.json`).
+pub fn check_record_path(what: &str, p: &str) -> Result<(), BadField> {
+    if p.is_empty() || p.starts_with('/') || p.ends_with('/') {
+        return Err(BadField::new(
+            what,
+            format!("{what} {p:?} is not a relative record path"),
+        ));
     }
-    Ok(())
+    p.split('/').try_for_each(|c| check_part(what, c))
 }
 
 /// Join group parts, skipping empty ones.

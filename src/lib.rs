@@ -5,7 +5,9 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod error;
 pub mod layout;
+pub mod limits;
 pub mod proto;
 pub mod query;
 pub mod server;

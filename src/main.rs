@@ -62,7 +62,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 120)]
     writer_stall_secs: u64,
     /// Largest tensor accepted, in bytes
-    #[arg(long, env = "GTAR_LOGD_MAX_TENSOR_BYTES", default_value_t = 1 << 40)]
+    #[arg(long, env = "GTAR_LOGD_MAX_TENSOR_BYTES", default_value_t = gtar_logd::limits::DEFAULT_MAX_TENSOR_BYTES)]
     max_tensor_bytes: u64,
     /// Frames that may queue per archive before writers get RESOURCE_EXHAUSTED (at least 2: one stream keeps up to 2 frames in flight and is slowed down, not refused)
     #[arg(long, default_value_t = 64)]

@@ -6,6 +6,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::error::{Classify, Kind};
+use crate::limits::{RECORD_READ_DEFAULT, RECORD_READ_MAX, RECORD_TEXT_MAX};
 use gtar::{group_under, Archive, Behavior, Entry, Format, RecordType, Resolution};
 use crate::layout::{self, Manifest};
 use crate::proto::v1::{DType, DescribeArchiveResponse, RecordTypeInfo, TensorInfo};
@@ -19,6 +21,16 @@ pub enum QueryError {
     Bad { field: &'static str, why: String },
     #[error(transparent)]
     Format(#[from] gtar::Error),
+}
+
+impl Classify for QueryError {
+    fn kind(&self) -> Kind {
+        match self {
+            QueryError::NotFound(_) => Kind::NotFound,
+            QueryError::Bad { .. } => Kind::BadInput,
+            QueryError::Format(g) => g.kind(),
+        }
+    }
 }
 
 fn resolution_name(r: Resolution) -> &'static str {
@@ -275,4 +287,53 @@ pub fn history_tensor(
     // look for any manifest at this frame.
     let manifest = manifests_at(a, None, index);
     Ok(tensor_ref(a, &rt, &e, &manifest))
+}
+
+/// A piece of a record, as ReadRecord answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordPiece {
+    pub data: Vec<u8>,
+    /// The record's total size.
+    pub size: u64,
+    /// Where `data` starts in the record.
+    pub offset: u64,
+}
+
+impl RecordPiece {
+    /// The record as text: only for a whole record of at most
+    /// [`RECORD_TEXT_MAX`] bytes that is valid UTF-8.
+    pub fn text(&self) -> Option<String> {
+        let whole = self.offset == 0 && self.data.len() as u64 == self.size;
+        (whole && self.size <= RECORD_TEXT_MAX)
+            .then(|| String::from_utf8(self.data.clone()).ok())
+            .flatten()
+    }
+}
+
+/// Bytes `offset ..` of record `path`, at most `max_bytes` of them (0: the
+/// default; never more than [`RECORD_READ_MAX`]).
+pub fn record_range(
+    a: &Archive,
+    path: &str,
+    offset: u64,
+    max_bytes: u64,
+) -> Result<RecordPiece, QueryError> {
+    let e = a
+        .index()
+        .get(path)
+        .cloned()
+        .ok_or_else(|| QueryError::NotFound(format!("no record {path:?}")))?;
+    let size = e.size();
+    if offset > size {
+        return Err(QueryError::Bad {
+            field: "offset",
+            why: format!("{offset} is past the end of {path} ({size} bytes)"),
+        });
+    }
+    let len = match max_bytes {
+        0 => RECORD_READ_DEFAULT,
+        n => n.min(RECORD_READ_MAX),
+    };
+    let data = a.read_range(&e, offset, len)?;
+    Ok(RecordPiece { data, size, offset })
 }

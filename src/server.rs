@@ -25,8 +25,6 @@ use crate::proto::v1::logd_server::LogdServer;
 use crate::service::{Service, State};
 use crate::writer::{Limits, Registry};
 
-/// Largest message the daemon accepts (a chunk plus headers).
-pub const MAX_MESSAGE: usize = 16 << 20;
 /// HTTP/2 flow control: bytes a client may have in flight per stream and
 /// per connection (bounded memory: at most this much is buffered unread).
 const STREAM_WINDOW: u32 = 8 << 20;
@@ -74,7 +72,7 @@ impl Config {
         Config {
             data_dir,
             limits: Limits::default(),
-            max_tensor_bytes: 1 << 40,
+            max_tensor_bytes: crate::limits::DEFAULT_MAX_TENSOR_BYTES,
             grace: Duration::from_secs(10),
             shared_memory: true,
         }
@@ -158,8 +156,8 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let logd = LogdServer::new(Service::new(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(crate::limits::MAX_MESSAGE)
+        .max_encoding_message_size(crate::limits::MAX_MESSAGE);
 
     let mut servers = tokio::task::JoinSet::new();
     for l in listeners {

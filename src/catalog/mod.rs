@@ -18,6 +18,8 @@ use std::time::SystemTime;
 
 use notify::{RecursiveMode, Watcher};
 
+use crate::error::{io_kind, Classify, Kind};
+
 use gtar::{Archive};
 use crate::writer::Registry;
 
@@ -34,6 +36,18 @@ pub enum CatalogError {
     Format { name: String, source: gtar::Error },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl Classify for CatalogError {
+    fn kind(&self) -> Kind {
+        match self {
+            CatalogError::BadName { .. } => Kind::BadInput,
+            CatalogError::Outside(_) => Kind::Outside,
+            CatalogError::NotFound(_) => Kind::NotFound,
+            CatalogError::Format { source, .. } => source.kind(),
+            CatalogError::Io(io) => io_kind(io),
+        }
+    }
 }
 
 /// One archive found under the data directory.

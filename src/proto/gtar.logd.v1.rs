@@ -113,8 +113,14 @@ pub struct ConstRecord {
     /// the current frame (if one is open) or as a frame of its own.
     #[prost(string, tag = "1")]
     pub path: ::prost::alloc::string::String,
+    /// The record's bytes, for records that fit in one message (up to a few MiB).
     #[prost(bytes = "vec", tag = "2")]
     pub data: ::prost::alloc::vec::Vec<u8>,
+    /// For records of any size up to the daemon's --max-tensor-bytes: leave
+    /// `data` empty, set `size`, and send the bytes in `chunk`s that follow, as
+    /// for a tensor (each chunk at most a few MiB).
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -350,15 +356,31 @@ pub struct ReadRecordRequest {
     /// Path inside the archive, e.g. "keras/model.json".
     #[prost(string, tag = "2")]
     pub path: ::prost::alloc::string::String,
+    /// Byte range to read: from `offset`, at most `max_bytes` (0: the default
+    /// of 3 MiB, which keeps every answer under the 4 MiB that grpcurl and
+    /// grpcio accept by default). A record larger than one answer is read in
+    /// pieces: repeat with `offset` += len(data) until `offset` == `size`.
+    #[prost(uint64, tag = "3")]
+    pub offset: u64,
+    #[prost(uint64, tag = "4")]
+    pub max_bytes: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReadRecordResponse {
+    /// The requested bytes of the record.
     #[prost(bytes = "vec", tag = "1")]
     pub data: ::prost::alloc::vec::Vec<u8>,
-    /// The same bytes as text when they are valid UTF-8.
+    /// The same bytes as text, when this answer holds the whole record, it is
+    /// valid UTF-8 and at most 1 MiB (grpcurl shows `data` as base64).
     #[prost(string, tag = "2")]
     pub text: ::prost::alloc::string::String,
+    /// The record's total size in bytes.
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    /// Where `data` starts in the record.
+    #[prost(uint64, tag = "4")]
+    pub offset: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

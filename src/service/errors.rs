@@ -1,30 +1,12 @@
 //! The one table that maps error kinds to gRPC codes (DESIGN.md → Errors).
-//! Each layer keeps its own error enum; here each is classified into a
-//! [`Kind`], and [`code`] is the single place a kind becomes a code.
+//! Each layer's error enum states its [`Kind`] next to its definition (see
+//! [`crate::error`]); [`code`] is the single place a kind becomes a code, and
+//! [`to_status`] the single place an error becomes a [`Status`].
 
 use tonic::{Code, Status};
 
-use crate::catalog::CatalogError;
-use crate::writer::WriterError;
-
-/// What went wrong, as far as a client is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Malformed request: the message names the field.
-    BadInput,
-    /// A path that would leave the data directory.
-    Outside,
-    /// Unknown archive, group, record or frame.
-    NotFound,
-    /// Queue or disk full.
-    Exhausted,
-    /// Conflicting use of an archive (another writer, CREATE while in use).
-    Conflict,
-    /// The daemon is shutting down.
-    ShuttingDown,
-    /// Any other I/O or internal failure.
-    Internal,
-}
+pub use crate::error::Kind;
+use crate::error::{BadField, Classify};
 
 /// The table.
 pub fn code(kind: Kind) -> Code {
@@ -42,6 +24,29 @@ pub fn code(kind: Kind) -> Code {
 pub fn status(kind: Kind, msg: impl Into<String>) -> Status {
     Status::new(code(kind), msg)
 }
+
+/// Any classified error as a status: its kind's code, its message.
+pub fn to_status(e: &impl Classify) -> Status {
+    status(e.kind(), e.to_string())
+}
+
+/// `From` for each layer's error, so handlers can use `?` (a blanket impl
+/// over [`Classify`] is not allowed for a foreign type like `Status`).
+macro_rules! status_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Status {
+            fn from(e: $t) -> Status {
+                to_status(&e)
+            }
+        }
+    )*};
+}
+status_from!(
+    BadField,
+    crate::catalog::CatalogError,
+    crate::writer::WriterError,
+    crate::query::QueryError
+);
 
 /// Prefix of prost's decode errors, which tonic reports as INTERNAL.
 const DECODE_ERROR: &str = "failed to decode Protobuf message";
@@ -82,48 +87,11 @@ pub fn bad(field: &str, why: impl std::fmt::Display) -> Status {
     status(Kind::BadInput, format!("{field}: {why}"))
 }
 
-pub fn gtar_kind(e: &gtar::Error) -> Kind {
-    match e {
-        gtar::Error::Io(io) if io.raw_os_error() == Some(28) => Kind::Exhausted,
-        gtar::Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound => Kind::NotFound,
-        gtar::Error::Io(_) | gtar::Error::Corrupt(_) => Kind::Internal,
-        gtar::Error::NotFound(_) => Kind::NotFound,
-        gtar::Error::Invalid(_) => Kind::BadInput,
-        gtar::Error::Locked => Kind::Conflict,
-    }
-}
-
-impl From<CatalogError> for Status {
-    fn from(e: CatalogError) -> Status {
-        let kind = match &e {
-            CatalogError::BadName { .. } => Kind::BadInput,
-            CatalogError::Outside(_) => Kind::Outside,
-            CatalogError::NotFound(_) => Kind::NotFound,
-            CatalogError::Format { source, .. } => gtar_kind(source),
-            CatalogError::Io(io) if io.raw_os_error() == Some(28) => Kind::Exhausted,
-            CatalogError::Io(_) => Kind::Internal,
-        };
-        status(kind, e.to_string())
-    }
-}
-
-impl From<WriterError> for Status {
-    fn from(e: WriterError) -> Status {
-        let kind = match &e {
-            WriterError::Format(_) | WriterError::Failed { .. } => Kind::Internal,
-            WriterError::DiskFull(_) | WriterError::QueueFull(_) => Kind::Exhausted,
-            WriterError::Aborted(_) => Kind::BadInput,
-            WriterError::ShuttingDown => Kind::ShuttingDown,
-            WriterError::Invalid(_) => Kind::BadInput,
-            WriterError::Locked(_) | WriterError::Busy(_) => Kind::Conflict,
-        };
-        status(kind, e.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::CatalogError;
+    use crate::writer::WriterError;
 
     #[test]
     fn the_table_matches_the_design() {

@@ -28,6 +28,7 @@ use tonic::{Status, Streaming};
 
 use gtar::{Committed, OpenMode as GtarMode, Precompressed};
 use crate::layout::{self, Manifest, ManifestTensor};
+use crate::limits::COMPRESS_MAX;
 use crate::proto::v1::{
     write_request::Msg as In, write_response::Msg as Out, DType, FrameAck, OpenMode, Opened,
     WriteRequest, WriteResponse,
@@ -43,9 +44,6 @@ use crate::writer::{FrameTicket, Lease, Part, WriterError};
 /// is shared with other streams and answers RESOURCE_EXHAUSTED when full.
 pub const FRAMES_IN_FLIGHT: usize = 2;
 
-/// Tensors up to this size are compressed whole off the writer thread when
-/// the stream asks for compression; larger ones are stored.
-const COMPRESS_MAX: u64 = 256 << 20;
 
 type Tx = mpsc::Sender<Result<WriteResponse, Status>>;
 
@@ -149,7 +147,7 @@ impl Stream {
         peer: Option<UCred>,
         tx: &Tx,
     ) -> Result<Stream, Status> {
-        layout::check_group("open.group", &o.group).map_err(|e| bad("open.group", e))?;
+        layout::check_group("open.group", &o.group)?;
         if o.compression > 9 {
             return Err(bad(
                 "open.compression",
@@ -237,7 +235,7 @@ impl Stream {
                 format!("frame {:?} is still open; commit it first", f.index),
             ));
         }
-        layout::check_index("begin.index", &index).map_err(|e| bad("begin.index", e))?;
+        layout::check_index("begin.index", &index)?;
         self.open_frame(index).await
     }
 
@@ -299,9 +297,8 @@ impl Stream {
             In::Begin(b) => self.begin(b.index).await,
             In::Tensor(t) => {
                 self.tensor_done("tensor")?;
-                layout::check_group("tensor.group", &t.group)
-                    .map_err(|e| bad("tensor.group", e))?;
-                layout::check_name("tensor.name", &t.name).map_err(|e| bad("tensor.name", e))?;
+                layout::check_group("tensor.group", &t.group)?;
+                layout::check_name("tensor.name", &t.name)?;
                 let dtype = DType::try_from(t.dtype)
                     .ok()
                     .filter(|d| *d != DType::DtypeUnspecified)
@@ -368,23 +365,21 @@ impl Stream {
             }
             In::Record(r) => {
                 self.tensor_done("record")?;
-                check_record_path(&r.path)?;
+                layout::check_record_path("record.path", &r.path)?;
                 let path = layout::join(&[&self.prefix, &r.path]);
                 self.whole(path, r.data).await
             }
             In::Scalar(s) => {
                 self.tensor_done("scalar")?;
-                layout::check_group("scalar.group", &s.group)
-                    .map_err(|e| bad("scalar.group", e))?;
-                layout::check_name("scalar.name", &s.name).map_err(|e| bad("scalar.name", e))?;
+                layout::check_group("scalar.group", &s.group)?;
+                layout::check_name("scalar.name", &s.name)?;
                 let index = if s.index.is_empty() {
                     self.frame
                         .as_ref()
                         .map(|f| f.index.clone())
                         .ok_or_else(|| bad("scalar.index", "required outside a frame"))?
                 } else {
-                    layout::check_index("scalar.index", &s.index)
-                        .map_err(|e| bad("scalar.index", e))?;
+                    layout::check_index("scalar.index", &s.index)?;
                     s.index
                 };
                 let path = layout::scalar_path(&self.prefix, &s.group, &s.name, &index);
@@ -559,19 +554,6 @@ async fn forward_acks(
         }
         let _ = dtx.send((ack, p.durable));
     }
-}
-
-fn check_record_path(p: &str) -> Result<(), Status> {
-    if p.is_empty() || p.starts_with('/') || p.ends_with('/') {
-        return Err(bad(
-            "record.path",
-            format!("{p:?} is not a relative record path"),
-        ));
-    }
-    for c in p.split('/') {
-        gtar::check_component("record.path", c).map_err(|e| bad("record.path", e))?;
-    }
-    Ok(())
 }
 
 async fn send(tx: &Tx, m: Out) -> Result<(), Status> {

@@ -15,12 +15,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::proto::v1::{self as pb, logd_server::Logd};
-use crate::query::{self, QueryError, TensorRef};
+use crate::query::{self, TensorRef};
+use crate::error::Classify;
+use crate::limits::SEND_CHUNK;
 use errors::{bad, status, Kind};
 
-/// Chunk size of streamed answers: well under the 4 MiB that grpcio and
-/// grpcurl accept by default.
-pub const SEND_CHUNK: usize = 1 << 20;
 
 /// What every handler shares.
 pub struct State {
@@ -39,16 +38,6 @@ pub struct Service {
 impl Service {
     pub fn new(state: Arc<State>) -> Service {
         Service { state }
-    }
-}
-
-impl From<QueryError> for Status {
-    fn from(e: QueryError) -> Status {
-        match e {
-            QueryError::NotFound(m) => status(Kind::NotFound, m),
-            QueryError::Bad { field, why } => bad(field, why),
-            QueryError::Format(g) => status(errors::gtar_kind(&g), g.to_string()),
-        }
     }
 }
 
@@ -92,7 +81,7 @@ fn send_tensors(
             let mut r = match archive.entry_reader(&t.entry) {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = tx.blocking_send(Err(status(errors::gtar_kind(&e), e.to_string())));
+                    let _ = tx.blocking_send(Err(status(e.kind(), e.to_string())));
                     return;
                 }
             };
@@ -186,7 +175,7 @@ impl Logd for Service {
         let plan = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             let index = match r.frame {
                 Some(pb::get_frame_request::Frame::Index(i)) => {
-                    crate::layout::check_index("index", &i).map_err(|e| bad("index", e))?;
+                    crate::layout::check_index("index", &i)?;
                     i
                 }
                 Some(pb::get_frame_request::Frame::Position(p)) => {
@@ -212,29 +201,17 @@ impl Logd for Service {
             return Err(bad("path", "is empty"));
         }
         let a = open_read(&self.state, r.archive).await?;
-        let data = tokio::task::spawn_blocking(move || {
-            let e = a
-                .index()
-                .get(&r.path)
-                .cloned()
-                .ok_or_else(|| status(Kind::NotFound, format!("no record {:?}", r.path)))?;
-            if e.size() > 64 << 20 {
-                return Err(status(
-                    Kind::Exhausted,
-                    format!(
-                        "{} is {} bytes; use GetFrame for large records",
-                        r.path,
-                        e.size()
-                    ),
-                ));
-            }
-            a.read_entry(&e)
-                .map_err(|e| status(errors::gtar_kind(&e), e.to_string()))
+        let piece = tokio::task::spawn_blocking(move || {
+            query::record_range(&a, &r.path, r.offset, r.max_bytes)
         })
         .await
         .map_err(|e| status(Kind::Internal, e.to_string()))??;
-        let text = String::from_utf8(data.clone()).unwrap_or_default();
-        Ok(Response::new(pb::ReadRecordResponse { data, text }))
+        Ok(Response::new(pb::ReadRecordResponse {
+            text: piece.text().unwrap_or_default(),
+            data: piece.data,
+            size: piece.size,
+            offset: piece.offset,
+        }))
     }
 
     async fn tensor_history(

@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::error::{is_disk_full, Classify, Kind};
+
 use gtar::{Archive, ArchiveWriter, Committed, OpenMode, Precompressed, ScanReport};
 
 mod syncer;
@@ -58,10 +60,22 @@ pub enum WriterError {
     Busy(String),
 }
 
+impl Classify for WriterError {
+    fn kind(&self) -> Kind {
+        match self {
+            WriterError::Format(_) | WriterError::Failed { .. } => Kind::Internal,
+            WriterError::DiskFull(_) | WriterError::QueueFull(_) => Kind::Exhausted,
+            WriterError::Aborted(_) | WriterError::Invalid(_) => Kind::BadInput,
+            WriterError::ShuttingDown => Kind::ShuttingDown,
+            WriterError::Locked(_) | WriterError::Busy(_) => Kind::Conflict,
+        }
+    }
+}
+
 impl WriterError {
     fn from_gtar(path: &Path, e: gtar::Error) -> WriterError {
         match e {
-            gtar::Error::Io(io) if io.raw_os_error() == Some(28) => {
+            gtar::Error::Io(io) if is_disk_full(&io) => {
                 WriterError::DiskFull(path.display().to_string())
             }
             gtar::Error::Invalid(s) => WriterError::Invalid(s),

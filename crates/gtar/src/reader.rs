@@ -143,6 +143,33 @@ impl Archive {
         Ok(out)
     }
 
+    /// Bytes `offset .. offset + len` of an entry's uncompressed data,
+    /// clamped to its end. Like every read, a range that reaches the entry's
+    /// end is checked against the CRC (the entry is read from its start for
+    /// that); a range before the end of a stored entry is read in place, and
+    /// its check comes with the last range.
+    pub fn read_range(&self, e: &Entry, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+        let size = e.size();
+        let start = offset.min(size);
+        let end = start.saturating_add(len).min(size);
+        let mut out = vec![0u8; (end - start) as usize];
+        if end < size && e.cd.method == METHOD_STORED {
+            let data_offset = match e.data_offset {
+                Some(o) => o,
+                None => local_data_offset(&self.file, e)?,
+            };
+            self.file.read_exact_at(&mut out, data_offset + start)?;
+            return Ok(out);
+        }
+        let mut r = self.entry_reader(e)?;
+        io::copy(&mut (&mut r).take(start), &mut io::sink())?;
+        r.read_exact(&mut out)?;
+        if end == size {
+            r.read(&mut [0u8; 1])?; // an empty range at the end: check it all
+        }
+        Ok(out)
+    }
+
     /// A streaming reader over an entry's uncompressed bytes. It returns an
     /// error instead of end-of-file if the size or CRC do not match.
     pub fn entry_reader(&self, e: &Entry) -> Result<EntryReader, Error> {

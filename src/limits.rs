@@ -1,0 +1,58 @@
+//! Every size limit of the daemon, in one place, and the checks that they
+//! agree with each other (compile-time asserts below).
+//!
+//! The wire: a gRPC message the daemon accepts or sends is at most
+//! [`MAX_MESSAGE`]. Anything bigger travels in pieces: tensors and records
+//! are written as a header plus `chunk`s, and read as a stream of
+//! [`SEND_CHUNK`]-sized chunks (GetFrame, TensorHistory) or in ranges of at
+//! most [`RECORD_READ_DEFAULT`] (ReadRecord), which stay under the 4 MiB
+//! that grpcurl and grpcio receive by default.
+
+/// Largest gRPC message the daemon accepts or sends (a chunk plus headers).
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// What grpcurl and grpcio accept by default; answers a client did not ask
+/// to be bigger stay under it.
+pub const CLIENT_DEFAULT_RECEIVE: usize = 4 << 20;
+
+/// Chunk size of streamed answers (GetFrame, TensorHistory).
+pub const SEND_CHUNK: usize = 1 << 20;
+
+/// Bytes of a record one ReadRecord answer holds unless the request asks
+/// for fewer (`max_bytes`) — or more, up to [`RECORD_READ_MAX`].
+pub const RECORD_READ_DEFAULT: u64 = 3 << 20;
+/// The most one ReadRecord answer holds whatever the request asks.
+pub const RECORD_READ_MAX: u64 = 12 << 20;
+/// A record is also returned as `text` only when it is at most this big
+/// (and whole in the answer, and UTF-8): `data` + `text` then stay small.
+pub const RECORD_TEXT_MAX: u64 = 1 << 20;
+
+/// Default of `--max-tensor-bytes`: the largest tensor or record a client
+/// may write (1 TiB).
+pub const DEFAULT_MAX_TENSOR_BYTES: u64 = 1 << 40;
+
+/// Tensors up to this size are compressed whole off the writer thread when
+/// the stream asks for compression; larger ones are stored.
+pub const COMPRESS_MAX: u64 = 256 << 20;
+
+/// Largest number of dimensions of a tensor.
+pub const MAX_RANK: usize = 32;
+
+/// Longest name component (group part, tensor or scalar name, frame index),
+/// in bytes: like a file name, so an archive unzips anywhere.
+pub const MAX_COMPONENT_BYTES: usize = 255;
+
+/// Longest archive name (a path relative to the data directory), in bytes.
+pub const MAX_ARCHIVE_NAME_BYTES: usize = 4096;
+
+/// Room for the fields around the payload of one message.
+const ENVELOPE: usize = 64 << 10;
+
+const _: () = assert!(SEND_CHUNK + ENVELOPE <= CLIENT_DEFAULT_RECEIVE);
+// A ReadRecord answer holds `data`, plus `text` only for a whole record of
+// at most RECORD_TEXT_MAX (so then `data` is that small too).
+const _: () = assert!(RECORD_READ_DEFAULT as usize + ENVELOPE <= CLIENT_DEFAULT_RECEIVE);
+const _: () = assert!(2 * RECORD_TEXT_MAX as usize + ENVELOPE <= CLIENT_DEFAULT_RECEIVE);
+const _: () = assert!(RECORD_READ_MAX as usize + ENVELOPE <= MAX_MESSAGE);
+const _: () = assert!(RECORD_TEXT_MAX <= RECORD_READ_DEFAULT);
+const _: () = assert!(COMPRESS_MAX <= DEFAULT_MAX_TENSOR_BYTES);
