@@ -9,6 +9,10 @@ allowed in between) is a marker:
                                   background, wait until it is ready, stop it
                                   with SIGINT, expect a clean exit
     <!-- readme-test: skip -->    shown, not run (say why next to it)
+    <!-- readme-test: output -->  before a ```text block: what the section's
+                                  run blocks print; each of its lines must be
+                                  a line of their output, where `...` stands
+                                  for anything (numbers that vary)
 
 Every ```sh / ```bash / ```shell block under a section named on the command
 line must carry one of these markers, so a new block cannot slip in
@@ -17,6 +21,9 @@ untested; each such section must have at least one block that runs.
 Usage: extract.py README OUTDIR SECTION...
 Writes OUTDIR/blocks.tsv (one line a block: number, section, mode, README
 line, file) and OUTDIR/block-N.sh (the block, verbatim).
+
+       extract.py --check-output LOG EXPECTED README_LINE
+Checks that every line of the file EXPECTED is a line of LOG.
 """
 
 import pathlib
@@ -27,14 +34,33 @@ MARKER = re.compile(r"^<!--\s*readme-test:\s*(\S+)\s*-->\s*$")
 FENCE_OPEN = re.compile(r"^```(\S*)\s*$")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 SHELLS = {"sh", "bash", "shell"}
-MODES = {"run", "serve", "skip"}
+MODES = {"run", "serve", "skip", "output"}
 
 
 def fail(msg):
     sys.exit(f"tests/readme/extract.py: {msg}")
 
 
+def check_output(log, expected, line):
+    """Every line of `expected` must be a line of `log` (`...` = anything)."""
+    got = [g.rstrip() for g in pathlib.Path(log).read_text(errors="replace").split("\n")]
+    missing = []
+    for want in pathlib.Path(expected).read_text().split("\n"):
+        want = want.rstrip()
+        if not want:
+            continue
+        pattern = re.compile(".*".join(re.escape(p) for p in want.split("...")) + r"\Z")
+        if not any(pattern.match(g) for g in got):
+            missing.append(want)
+    if missing:
+        fail("the output shown at README.md line {} did not appear; missing lines:\n  {}".format(
+            line, "\n  ".join(missing)))
+
+
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--check-output":
+        check_output(*sys.argv[2:])
+        return
     if len(sys.argv) < 4:
         fail("usage: extract.py README OUTDIR SECTION...")
     readme = pathlib.Path(sys.argv[1])
@@ -71,12 +97,17 @@ def main():
             if j == len(lines):
                 fail(f"{readme}:{i + 1}: code block never closed")
             text = "\n".join(lines[start:j]) + "\n"
-            if lang in SHELLS and section in wanted:
+            if pending and pending[0] == "output":
+                if lang != "text":
+                    fail(f"{readme}:{pending[1]}: an output marker goes before a ```text block")
+                if section in wanted:
+                    blocks.append((section, "output", i + 1, text))
+            elif lang in SHELLS and section in wanted:
                 if not pending:
                     fail(f"{readme}:{i + 1}: ```{lang} block in section {section!r} has no "
                          "<!-- readme-test: run|serve|skip --> marker before it")
                 blocks.append((section, pending[0], i + 1, text))
-            elif pending and lang not in SHELLS:
+            elif pending and pending[0] != "output" and lang not in SHELLS:
                 fail(f"{readme}:{pending[1]}: readme-test marker before a ```{lang} block; "
                      "markers go before ```sh blocks")
             # A marked block of a section not asked for is left out.

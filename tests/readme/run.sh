@@ -30,7 +30,7 @@
 # README_TEST_TIMEOUT_SERVE (120), README_TEST_TIMEOUT_QUICKSTART (1800).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-README=$ROOT/README.md
+README=${README_TEST_FILE:-$ROOT/README.md}   # another file: to test this script
 if [ "$#" -eq 0 ]; then set -- "Install" "Run it" "Quickstart"; fi
 
 T0=$SECONDS
@@ -51,9 +51,11 @@ die() {
   exit 1
 }
 
-# Print the tail of every log a failed section left (e.g. a daemon's).
+# Print the tail of every log a failed section left in its temporary HOME
+# (e.g. a daemon's); nothing for a section run in the real HOME.
 show_logs() {
   local f
+  case $1 in "$WORK"/*) ;; *) return 0 ;; esac
   while IFS= read -r f; do
     printf -- '--- %s (last 40 lines)\n' "$f" >&2
     tail -n 40 "$f" >&2
@@ -89,12 +91,18 @@ run_section() {
       cat "$file"
     done <"$WORK/blocks/blocks.tsv"
   } >"$script"
-  local start=$SECONDS rc=0
+  local start=$SECONDS rc=0 out=$WORK/output-${section// /-}.log
+  : >"$out"
   # timeout makes itself a process group leader and signals the whole group
-  # when the time is up, so a backgrounded daemon goes too.
-  timeout --kill-after=10 "$limit" bash "$script" </dev/null &
+  # when the time is up, so a backgrounded daemon goes too. The output goes
+  # to a file (checked against the README's output blocks below) and is
+  # shown as it comes.
+  timeout --kill-after=10 "$limit" bash "$script" </dev/null >"$out" 2>&1 &
   local pgid=$!
+  tail -n +1 -f --pid="$pgid" "$out" &
+  local tailer=$!
   wait "$pgid" || rc=$?
+  wait "$tailer" || true
   local left
   left=$(leftovers "$pgid")
   if [ -n "$left" ]; then
@@ -105,12 +113,17 @@ run_section() {
   local where
   where=$(cat "$state")
   if [ "$rc" -ne 0 ] && [ $((SECONDS - start)) -ge "$limit" ]; then
-    show_logs "$HOME" "$WORK"
+    show_logs "$HOME"
     die "$where did not finish within $limit s (the whole '$section' section's limit)"
   elif [ "$rc" -ne 0 ]; then
-    show_logs "$HOME" "$WORK"
+    show_logs "$HOME"
     die "$where failed with exit status $rc"
   fi
+  while IFS=$'\t' read -r n sec mode line file; do
+    [ "$sec" = "$section" ] && [ "$mode" = output ] || continue
+    python3 "$ROOT/tests/readme/extract.py" --check-output "$out" "$file" "$line" \
+      || die "$section: the output shown at README.md line $line did not appear (see above)"
+  done <"$WORK/blocks/blocks.tsv"
   if [ -n "$left" ]; then
     die "'$section' left processes running after its last block (a README that starts a daemon must stop it):
 $left"
