@@ -140,6 +140,7 @@ serve_block() {
   local log=$WORK/serve-$n.log sock=$XDG_RUNTIME_DIR/gtar-logd/gtar-logd.sock
   printf '\n--- %s\n' "$where"
   sed "s/^/  | /" "$file"
+  : >"$log"
   setsid bash -euo pipefail "$file" </dev/null >"$log" 2>&1 &
   local pgid=$! waited=0
   until grep -qw ready "$log"; do
