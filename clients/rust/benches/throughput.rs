@@ -73,7 +73,7 @@ async fn run(c: &Client, d: &Daemon, shm: bool, frames: u64, weights: &[Array2<f
         "bench/socket.zip"
     };
     let mut w = c
-        .writer(archive, OpenOptions::create().shared_memory(shm))
+        .writer(archive, OpenOptions::replace().shared_memory(shm))
         .await
         .unwrap();
     assert_eq!(w.opened().shm_attached, shm, "{:?}", w.opened());
@@ -170,7 +170,7 @@ async fn main() {
 
     // Reading back: a frame written once, fetched whole and decoded.
     let mut w = c
-        .writer("bench/read.zip", OpenOptions::create())
+        .writer("bench/read.zip", OpenOptions::replace())
         .await
         .unwrap();
     let mut f = NewFrame::new("0");

@@ -12,7 +12,7 @@
 //!
 //! # async fn demo() -> gtar_logd_client::Result<()> {
 //! let client = Client::connect("unix:/run/user/1000/gtar-logd/gtar-logd.sock").await?;
-//! let mut w = client.writer("runs/demo.zip", OpenOptions::create()).await?;
+//! let mut w = client.writer("runs/demo.zip", OpenOptions::append()).await?;
 //! let weight = Array2::<f32>::eye(3);
 //! let frame = w.write_frame("0", [("layer/0", "weight", TensorData::from(&weight))]).await?;
 //! frame.await?; // durable

@@ -52,11 +52,13 @@ const QUEUE: usize = 8;
 /// What to do with an existing archive.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OpenMode {
-    /// Add to the archive, creating it if it does not exist.
+    /// Add to the archive, creating it if it does not exist. Never removes
+    /// anything that is in it.
     #[default]
     Append,
-    /// Start a new archive, replacing an existing one.
-    Create,
+    /// Start a new, empty archive, **deleting** an existing one with that
+    /// name: every frame and record in it, of every group, is gone.
+    Replace,
 }
 
 /// Default size of a writer's shared memory region: 1 GiB, sparse (pages
@@ -64,10 +66,26 @@ pub enum OpenMode {
 /// every frame so far is durable).
 pub const DEFAULT_SHM_SIZE: u64 = 1 << 30;
 
-/// Options of a write stream.
+/// Options of a write stream: [`append`](OpenOptions::append) (the default:
+/// create the archive if missing, else add to it) or
+/// [`replace`](OpenOptions::replace) (delete an existing archive and start
+/// an empty one), then a group prefix, compression and shared memory.
+///
+/// There is deliberately no `create()`: in `std::fs` "create" means "create
+/// if missing", and earlier versions of this crate used the name for what is
+/// now `replace()` (which cost a user an archive), so code written against
+/// either meaning has to choose anew.
+///
+/// ```
+/// # use gtar_logd_client::{OpenMode, OpenOptions};
+/// let opts = OpenOptions::append().group("run1");
+/// assert_eq!(opts.mode, OpenMode::Append);
+/// assert_eq!(OpenOptions::default(), OpenOptions::append());
+/// assert_eq!(OpenOptions::replace().mode, OpenMode::Replace);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
-    /// Append (default) or create.
+    /// [`OpenMode::Append`] (default) or [`OpenMode::Replace`].
     pub mode: OpenMode,
     /// Group prefix for everything this stream writes (keras_gtar's `group`),
     /// e.g. `"run1"`; empty = none.
@@ -99,15 +117,20 @@ impl Default for OpenOptions {
 }
 
 impl OpenOptions {
-    /// Append to the archive (creating it if needed).
+    /// Add to the archive, creating it if it does not exist. Frames, records
+    /// and groups already in it stay; see
+    /// [`Opened::existing_frames`] for how many frames the group has.
     pub fn append() -> OpenOptions {
         OpenOptions::default()
     }
 
-    /// Replace the archive with a new one.
-    pub fn create() -> OpenOptions {
+    /// Start a new, empty archive, **deleting** any existing archive of that
+    /// name with everything in it (all frames, records and groups, not only
+    /// this stream's group). Use it for a run that must start from scratch;
+    /// [`append`](OpenOptions::append) is the safe choice otherwise.
+    pub fn replace() -> OpenOptions {
         OpenOptions {
-            mode: OpenMode::Create,
+            mode: OpenMode::Replace,
             ..OpenOptions::default()
         }
     }
@@ -153,14 +176,15 @@ pub struct Opened {
     pub shm_refused: Option<String>,
 }
 
-/// An acknowledgement of one committed frame.
+/// An acknowledgement of one commit: a frame, or a record or scalar sent
+/// outside a frame (then `index` is empty).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
     /// The frame index (empty for a record or scalar sent outside a frame).
     pub index: String,
     /// Sequence number of the commit within this stream, from 0.
     pub seq: u64,
-    /// Bytes the frame took.
+    /// Bytes the commit took in the archive.
     pub bytes: u64,
 }
 
@@ -360,7 +384,7 @@ impl Shared {
         };
         if a.seq != expect || a.seq >= received {
             return Err(Error::Protocol(format!(
-                "`durable` ack for seq {} (frame {:?}); expected seq {expect} ({received} frames received)",
+                "`durable` ack for seq {} (frame {:?}); expected seq {expect} ({received} commits received)",
                 a.seq, a.index
             )));
         }
@@ -519,6 +543,8 @@ pub struct FrameWriter {
     shared: Arc<Shared>,
     opened: Opened,
     next_seq: u64,
+    /// Frames sent (`write` calls that handed a whole frame over).
+    frames: u64,
     /// Set while a frame is half sent; stays set if that send was cancelled.
     mid_frame: bool,
     pump: tokio::task::JoinHandle<()>,
@@ -528,6 +554,7 @@ impl std::fmt::Debug for FrameWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameWriter")
             .field("opened", &self.opened)
+            .field("frames", &self.frames)
             .field("commits", &self.next_seq)
             .finish_non_exhaustive()
     }
@@ -551,7 +578,7 @@ impl FrameWriter {
             archive: archive.into(),
             mode: match options.mode {
                 OpenMode::Append => proto::OpenMode::Append,
-                OpenMode::Create => proto::OpenMode::Create,
+                OpenMode::Replace => proto::OpenMode::Create,
             } as i32,
             group: options.group,
             compression: options.compression,
@@ -603,6 +630,7 @@ impl FrameWriter {
             shared,
             opened,
             next_seq: 0,
+            frames: 0,
             mid_frame: false,
             pump,
         })
@@ -619,7 +647,16 @@ impl FrameWriter {
         self.shm_bytes
     }
 
-    /// Commits sent so far (frames plus records and scalars sent outside one).
+    /// Frames sent so far: [`write`](Self::write) and
+    /// [`write_frame`](Self::write_frame) calls that handed a whole frame to
+    /// the stream. Records and scalars sent outside a frame are not frames.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Commits sent so far: frames, plus each record and scalar sent outside
+    /// a frame (each is committed, and acked, on its own). The daemon numbers
+    /// its acks by commit ([`Ack::seq`]).
     pub fn commits(&self) -> u64 {
         self.next_seq
     }
@@ -815,6 +852,7 @@ impl FrameWriter {
             .commit_with(index, In::Commit(proto::CommitFrame {}))
             .await?;
         self.mid_frame = false;
+        self.frames += 1;
         Ok(h)
     }
 
@@ -838,8 +876,10 @@ impl FrameWriter {
         self.write(f).await
     }
 
-    /// Write a record outside any frame (e.g. `"keras/model.json"`); the daemon
-    /// commits it as a frame of its own, acked with an empty index.
+    /// Write a record outside any frame (e.g. `"keras/model.json"`). It is not
+    /// a frame: the daemon commits it on its own and acks it with an empty
+    /// index; it counts in [`commits`](Self::commits), not in
+    /// [`frames`](Self::frames).
     pub async fn record(
         &mut self,
         path: impl Into<String>,
@@ -856,7 +896,8 @@ impl FrameWriter {
         .await
     }
 
-    /// Write a scalar outside any frame, at step `index`; committed on its own.
+    /// Write a scalar outside any frame, at step `index`; committed (and
+    /// acked, with an empty index) on its own; not a frame.
     pub async fn scalar(
         &mut self,
         group: impl Into<String>,

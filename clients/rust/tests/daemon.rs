@@ -194,7 +194,7 @@ async fn every_dtype_round_trips_bit_exactly_over_uds_and_tcp() {
     let cases = all_cases();
     for (writer, archive, prefix) in [(&uds, "via/uds.zip", "run"), (&tcp, "via/tcp.zip", "")] {
         let mut w = writer
-            .writer(archive, OpenOptions::create().group(prefix))
+            .writer(archive, OpenOptions::replace().group(prefix))
             .await
             .unwrap();
         assert_eq!(w.opened().existing_frames, 0);
@@ -261,18 +261,18 @@ async fn shared_memory_waits_for_room_wraps_and_round_trips() {
         // Room for 2 frames in flight: 12 back-to-back writes must wait.
         (
             "small.zip",
-            OpenOptions::create().shm_size(2 * frame_bytes + 8192),
+            OpenOptions::replace().shm_size(2 * frame_bytes + 8192),
         ),
         // Deflated by the daemon from the shared pages.
         (
             "deflate.zip",
-            OpenOptions::create()
+            OpenOptions::replace()
                 .shm_size(3 * frame_bytes)
                 .compression(6),
         ),
         // Smaller than one frame: all through the socket, still attached.
-        ("tiny.zip", OpenOptions::create().shm_size(4096)),
-        ("off.zip", OpenOptions::create().shared_memory(false)),
+        ("tiny.zip", OpenOptions::replace().shm_size(4096)),
+        ("off.zip", OpenOptions::replace().shared_memory(false)),
     ] {
         let on = opts.shared_memory;
         let mut w = c.writer(archive, opts).await.unwrap();
@@ -341,7 +341,7 @@ async fn frames_positions_groups_records_scalars_and_history() {
     let weight = |i: usize| Array2::from_elem((2, 3), i as f32);
     // run1: frames 0 1 2 10 (GETAR order puts 10 last), written out of order.
     let mut w = c
-        .writer(a, OpenOptions::create().group("run1"))
+        .writer(a, OpenOptions::replace().group("run1"))
         .await
         .unwrap();
     let rec = w.record("model.json", b"{}".to_vec()).await.unwrap();
@@ -357,7 +357,9 @@ async fn frames_positions_groups_records_scalars_and_history() {
     }
     w.scalar("metrics", "lr", "3", 0.5).await.unwrap();
     w.wait_durable().await.unwrap();
-    assert_eq!(w.commits(), 6);
+    // 4 frames; the record and the scalar sent outside a frame are commits,
+    // not frames.
+    assert_eq!((w.frames(), w.commits()), (4, 6));
     for (n, h) in handles.into_iter().enumerate() {
         let ack = h.await.unwrap();
         assert_eq!(ack.seq, n as u64 + 1);
@@ -536,7 +538,7 @@ async fn large_tensors_are_chunked_and_bad_input_fails_the_stream() {
     // 3 × 4 MiB + a bit: several chunks each way.
     let n = (3 * gtar_logd_client::CHUNK_BYTES) / 4 + 12345;
     let big = Array1::from_iter((0..n).map(|i| f32::from_bits(i as u32 ^ 0x7fc0_0000)));
-    let mut w = c.writer("big.zip", OpenOptions::create()).await.unwrap();
+    let mut w = c.writer("big.zip", OpenOptions::replace()).await.unwrap();
     let h = w.write_frame("0", [("", "big", big.view())]).await.unwrap();
     let ack = h.await.unwrap();
     assert!(ack.bytes >= (n * 4) as u64, "{ack:?}");
@@ -575,7 +577,7 @@ async fn large_tensors_are_chunked_and_bad_input_fails_the_stream() {
 
     // Refused on open: the error comes from `writer` itself.
     let e = c
-        .writer("../outside.zip", OpenOptions::create())
+        .writer("../outside.zip", OpenOptions::replace())
         .await
         .unwrap_err();
     assert!(
@@ -586,7 +588,7 @@ async fn large_tensors_are_chunked_and_bad_input_fails_the_stream() {
         "{e}"
     );
     let e = c
-        .writer("ok.zip", OpenOptions::create().compression(10))
+        .writer("ok.zip", OpenOptions::replace().compression(10))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
@@ -606,7 +608,7 @@ async fn large_tensors_are_chunked_and_bad_input_fails_the_stream() {
 fn blocking_client_round_trips() {
     let d = Daemon::start();
     let c = blocking::Client::connect(&d.uds_addr()).unwrap();
-    let mut w = c.writer("blocking.zip", OpenOptions::create()).unwrap();
+    let mut w = c.writer("blocking.zip", OpenOptions::replace()).unwrap();
     let mut last = None;
     for i in 0..3u8 {
         let a = Array2::from_shape_fn((2, 2), |(r, k)| {
@@ -634,13 +636,31 @@ fn blocking_client_round_trips() {
 }
 
 #[test]
-fn quickstart_example_runs_over_both_transports() {
+fn quickstart_example_appends_over_both_transports() {
     let d = Daemon::start();
     let exe = support::example_bin("quickstart");
-    for addr in [d.uds_addr(), d.tcp_addr()] {
+    let archive = "examples/quickstart.zip";
+    // An archive with data of its own, which the example must not touch.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = Client::connect(&d.uds_addr()).await.unwrap();
+        let mut w = c
+            .writer(archive, OpenOptions::append().group("mine"))
+            .await
+            .unwrap();
+        for i in 0..5 {
+            w.write_frame(i.to_string(), [("", "x", arr0(i as f64))])
+                .await
+                .unwrap();
+        }
+        w.record("notes.txt", b"keep me".to_vec()).await.unwrap();
+        w.close().await.unwrap();
+    });
+    // Each run appends 3 frames to the group "quickstart", numbered on.
+    for (run, addr) in [d.uds_addr(), d.tcp_addr()].into_iter().enumerate() {
         let out = std::process::Command::new(&exe)
             .arg(&addr)
-            .arg("examples/quickstart.zip")
+            .arg(archive)
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -650,7 +670,36 @@ fn quickstart_example_runs_over_both_transports() {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
+        let (first, last) = (run * 3, run * 3 + 2);
+        for want in [
+            format!("appending frames {first}..{last}"),
+            "3 frames durable".to_string(),
+            format!("last frame {last}:"),
+        ] {
+            assert!(stdout.contains(&want), "no {want:?} in:\n{stdout}");
+        }
+        assert!(!stdout.contains("commits"), "{stdout}");
     }
+    rt.block_on(async {
+        let c = Client::connect(&d.tcp_addr()).await.unwrap();
+        assert_eq!(
+            c.list_frames(archive, "quickstart").await.unwrap(),
+            ["0", "1", "2", "3", "4", "5"]
+        );
+        assert_eq!(
+            c.list_frames(archive, "mine").await.unwrap(),
+            ["0", "1", "2", "3", "4"]
+        );
+        let f = c.get_frame(archive, FrameSel::index("4")).await.unwrap();
+        assert_eq!(
+            f.get("mine", "x").unwrap().array.as_array::<f64>().unwrap()[[]],
+            4.0
+        );
+        assert_eq!(
+            c.read_record(archive, "mine/notes.txt").await.unwrap(),
+            b"keep me"
+        );
+    });
     // Default address from the environment.
     let out = std::process::Command::new(&exe)
         .env("GTAR_LOGD_ADDRESS", d.uds_addr())
@@ -663,6 +712,80 @@ fn quickstart_example_runs_over_both_transports() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_keeps_what_the_archive_has_and_replace_deletes_it() {
+    let d = Daemon::start();
+    let c = Client::connect(&d.uds_addr()).await.unwrap();
+    let a = "runs/modes.zip";
+    let x = |f: &gtar_logd_client::Frame, g: &str| {
+        f.get(g, "x").unwrap().array.as_array::<f32>().unwrap()[[]]
+    };
+
+    // Append to a missing archive creates it.
+    assert_eq!(
+        c.list_frames(a, "").await.unwrap_err().code(),
+        Some(Code::NotFound)
+    );
+    let mut w = c
+        .writer(a, OpenOptions::append().group("g1"))
+        .await
+        .unwrap();
+    assert_eq!(w.opened().existing_frames, 0);
+    for i in 0..3 {
+        w.write_frame(i.to_string(), [("", "x", arr0(i as f32))])
+            .await
+            .unwrap();
+    }
+    w.record("notes.txt", b"first run".to_vec()).await.unwrap();
+    w.close().await.unwrap();
+    let mut w = c
+        .writer(a, OpenOptions::append().group("g2"))
+        .await
+        .unwrap();
+    w.write_frame("0", [("", "x", arr0(20f32))]).await.unwrap();
+    w.close().await.unwrap();
+
+    // Append again: the frames, the record and the other group stay.
+    let mut w = c
+        .writer(a, OpenOptions::append().group("g1"))
+        .await
+        .unwrap();
+    assert_eq!(w.opened().existing_frames, 3);
+    w.write_frame("3", [("", "x", arr0(3f32))]).await.unwrap();
+    w.close().await.unwrap();
+    assert_eq!(c.list_frames(a, "g1").await.unwrap(), ["0", "1", "2", "3"]);
+    assert_eq!(c.list_frames(a, "g2").await.unwrap(), ["0"]);
+    for (i, want) in [(1i64, 1f32), (3, 3.0)] {
+        let f = c
+            .query_frame(a, &FrameQuery::new(i).group("g1"))
+            .await
+            .unwrap();
+        assert_eq!(x(&f, "g1"), want);
+    }
+    assert_eq!(
+        c.read_record(a, "g1/notes.txt").await.unwrap(),
+        b"first run"
+    );
+
+    // Replace: a new, empty archive with only what this stream writes; the
+    // other group and the record are gone too.
+    let mut w = c
+        .writer(a, OpenOptions::replace().group("g1"))
+        .await
+        .unwrap();
+    assert_eq!(w.opened().existing_frames, 0);
+    w.write_frame("9", [("", "x", arr0(9f32))]).await.unwrap();
+    w.close().await.unwrap();
+    assert_eq!(c.list_frames(a, "").await.unwrap(), ["9"]);
+    assert_eq!(c.list_frames(a, "g1").await.unwrap(), ["9"]);
+    let e = c.list_frames(a, "g2").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::NotFound), "{e}");
+    let e = c.read_record(a, "g1/notes.txt").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::NotFound), "{e}");
+    let f = c.get_frame(a, FrameSel::LAST).await.unwrap();
+    assert_eq!((f.index.as_str(), x(&f, "g1")), ("9", 9.0));
+}
+
 // Single-threaded runtime: nothing drains the request queue while the write
 // is being polled, so the timeout reliably cancels it mid-frame. Both ways
 // tensor bytes travel: chunks, and shared memory.
@@ -671,7 +794,7 @@ async fn a_cancelled_write_leaves_no_partial_frame() {
     let d = Daemon::start();
     let c = Client::connect(&d.uds_addr()).await.unwrap();
     for (archive, shm) in [("cancel.zip", false), ("cancel-shm.zip", true)] {
-        let opts = OpenOptions::create().shared_memory(shm);
+        let opts = OpenOptions::replace().shared_memory(shm);
         let mut w = c.writer(archive, opts.clone()).await.unwrap();
         assert_eq!(w.opened().shm_attached, shm);
         w.write_frame("0", [("", "x", arr0(1.0f32))])
