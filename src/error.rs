@@ -104,7 +104,10 @@ mod tests {
 
     #[test]
     fn a_bad_field_names_its_field_once() {
-        let e = BadField::new("open.group", "open.group \"a/frames\" uses the reserved component \"frames\"");
+        let e = BadField::new(
+            "open.group",
+            "open.group \"a/frames\" uses the reserved component \"frames\"",
+        );
         assert_eq!(e.to_string().matches("open.group").count(), 1);
     }
 }

@@ -22,8 +22,8 @@ use gtar::check_component;
 
 use crate::error::BadField;
 use crate::limits::{MAX_COMPONENT_BYTES, MAX_RANK};
-use gtar::{Format, RecordType};
 use crate::proto::v1::DType;
+use gtar::{Format, RecordType};
 
 /// Group of the manifest record (below the stream's prefix).
 pub const MANIFEST_GROUP: &str = "gtar_logd";
@@ -145,7 +145,10 @@ pub fn check_group(what: &str, g: &str) -> Result<(), BadField> {
 pub fn check_name(what: &str, n: &str) -> Result<(), BadField> {
     check_part(what, n)?;
     if n.contains('.') {
-        return Err(BadField::new(what, format!("{what} {n:?} must not contain '.'")));
+        return Err(BadField::new(
+            what,
+            format!("{what} {n:?} must not contain '.'"),
+        ));
     }
     Ok(())
 }

@@ -7,10 +7,10 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::error::{Classify, Kind};
-use crate::limits::{RECORD_READ_DEFAULT, RECORD_READ_MAX, RECORD_TEXT_MAX};
-use gtar::{group_under, Archive, Behavior, Entry, Format, RecordType, Resolution};
 use crate::layout::{self, Manifest};
+use crate::limits::{RECORD_READ_DEFAULT, RECORD_READ_MAX, RECORD_TEXT_MAX};
 use crate::proto::v1::{DType, DescribeArchiveResponse, RecordTypeInfo, TensorInfo};
+use gtar::{group_under, Archive, Behavior, Entry, Format, RecordType, Resolution};
 
 /// Errors of the query layer.
 #[derive(Debug, thiserror::Error)]

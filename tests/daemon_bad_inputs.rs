@@ -54,6 +54,7 @@ fn record(path: &str) -> pb::WriteRequest {
     req(In::Record(pb::ConstRecord {
         path: path.into(),
         data: b"x".to_vec(),
+        size: 0,
     }))
 }
 fn scalar(name: &str, index: &str) -> pb::WriteRequest {
@@ -613,6 +614,7 @@ async fn malformed_requests_get_the_right_code_and_touch_nothing_outside() {
                 .read_record(pb::ReadRecordRequest {
                     archive: a.into(),
                     path: p.into(),
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),

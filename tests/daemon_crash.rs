@@ -102,6 +102,7 @@ async fn check_frame(c: &mut Client, i: u64) {
         .read_record(pb::ReadRecordRequest {
             archive: ARCHIVE.into(),
             path: format!("metrics/vars/loss.f64.uni/{i}"),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("frame {i}'s scalar: {e:?}"))

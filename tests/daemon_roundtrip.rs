@@ -269,6 +269,7 @@ async fn positions_groups_records_scalars_and_history() {
     s.send(req(In::Record(pb::ConstRecord {
         path: "keras/model.json".into(),
         data: model.clone(),
+        size: 0,
     })))
     .await
     .unwrap();
@@ -424,6 +425,7 @@ async fn positions_groups_records_scalars_and_history() {
     let rr = |path: &str| pb::ReadRecordRequest {
         archive: ar.into(),
         path: path.into(),
+        ..Default::default()
     };
     let r = q
         .read_record(rr("run1/keras/model.json"))
@@ -733,8 +735,7 @@ async fn archives_appearing_under_the_data_dir_are_served() {
     let path = d.data.join("copied/in.zip");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     {
-        let (mut w, _) =
-            gtar::ArchiveWriter::open(&path, gtar::OpenMode::Create).unwrap();
+        let (mut w, _) = gtar::ArchiveWriter::open(&path, gtar::OpenMode::Create).unwrap();
         let mut t = w.begin().unwrap();
         t.add(
             "frames/7/x.f64.uni",

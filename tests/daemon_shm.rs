@@ -129,6 +129,7 @@ async fn send_shm_frame(
         s.send(req(In::Record(pb::ConstRecord {
             path: path.clone(),
             data: data.clone(),
+            size: 0,
         })))
         .await?;
     }

@@ -20,8 +20,8 @@ use notify::{RecursiveMode, Watcher};
 
 use crate::error::{io_kind, Classify, Kind};
 
-use gtar::{Archive};
 use crate::writer::Registry;
+use gtar::Archive;
 
 /// Errors of the catalog layer.
 #[derive(Debug, thiserror::Error)]

@@ -26,7 +26,6 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use gtar::{Committed, OpenMode as GtarMode, Precompressed};
 use crate::layout::{self, Manifest, ManifestTensor};
 use crate::limits::COMPRESS_MAX;
 use crate::proto::v1::{
@@ -37,13 +36,13 @@ use crate::service::errors::{bad, remap_decode, status, Kind};
 use crate::service::State;
 use crate::shm::{self, Region};
 use crate::writer::{FrameTicket, Lease, Part, WriterError};
+use gtar::{Committed, OpenMode as GtarMode, Precompressed};
 
 /// Frames of one stream handed to the writer and not yet committed: the next
 /// frame streams in while the last is written, and a fast client is slowed
 /// down here (backpressure) rather than filling the archive's queue, which
 /// is shared with other streams and answers RESOURCE_EXHAUSTED when full.
 pub const FRAMES_IN_FLIGHT: usize = 2;
-
 
 type Tx = mpsc::Sender<Result<WriteResponse, Status>>;
 
@@ -62,6 +61,9 @@ struct Frame {
     manifest: Manifest,
     tensor: Option<Tensor>,
     bytes: u64,
+    /// Opened only for one chunked record sent outside `begin`/`commit`:
+    /// committed as soon as the record's last byte has arrived.
+    own_record: bool,
 }
 
 /// A frame handed to the writer, waiting for its acks.
@@ -254,6 +256,7 @@ impl Stream {
             ticket,
             tensor: None,
             bytes: 0,
+            own_record: false,
         });
         Ok(())
     }
@@ -367,7 +370,10 @@ impl Stream {
                 self.tensor_done("record")?;
                 layout::check_record_path("record.path", &r.path)?;
                 let path = layout::join(&[&self.prefix, &r.path]);
-                self.whole(path, r.data).await
+                if r.size == 0 {
+                    return self.whole(path, r.data).await;
+                }
+                self.chunked_record(path, r.size, r.data.is_empty()).await
             }
             In::Scalar(s) => {
                 self.tensor_done("scalar")?;
@@ -441,6 +447,52 @@ impl Stream {
                 },
             })
             .await?;
+        }
+        if finished && self.frame.as_ref().is_some_and(|f| f.own_record) {
+            self.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// A record of `size` bytes whose data follows in `chunk`s, like a
+    /// tensor's: part of the open frame, or a frame of its own that commits
+    /// when its last byte has arrived.
+    async fn chunked_record(
+        &mut self,
+        path: String,
+        size: u64,
+        no_data: bool,
+    ) -> Result<(), Status> {
+        if !no_data {
+            return Err(bad(
+                "record.size",
+                "set either `data` or `size` (and then send the bytes in `chunk`s), not both",
+            ));
+        }
+        let max = self.state.max_tensor_bytes;
+        if size > max {
+            return Err(bad(
+                "record.size",
+                format!("{size} bytes is over the daemon's limit of {max} (--max-tensor-bytes)"),
+            ));
+        }
+        let own = self.frame.is_none();
+        if own {
+            self.open_frame(String::new()).await?;
+        }
+        let level = self.level;
+        let f = self.frame("record")?;
+        f.own_record = own;
+        f.bytes += size;
+        let gather = (level > 0 && size <= COMPRESS_MAX).then(Vec::new);
+        let stored = gather.is_none();
+        f.tensor = Some(Tensor {
+            path: path.clone(),
+            left: size,
+            gather,
+        });
+        if stored {
+            self.part(Part::Start { path, size }).await?;
         }
         Ok(())
     }

@@ -14,12 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{Catalog, CatalogError};
-use crate::proto::v1::{self as pb, logd_server::Logd};
-use crate::query::{self, TensorRef};
 use crate::error::Classify;
 use crate::limits::SEND_CHUNK;
+use crate::proto::v1::{self as pb, logd_server::Logd};
+use crate::query::{self, TensorRef};
 use errors::{bad, status, Kind};
-
 
 /// What every handler shares.
 pub struct State {

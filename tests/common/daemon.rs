@@ -547,6 +547,7 @@ pub fn frame_messages(f: &FrameSpec, chunk: usize) -> impl Iterator<Item = Write
         req(In::Record(pb::ConstRecord {
             path: p.clone(),
             data: d.clone(),
+            ..Default::default()
         }))
     });
     let scalars = f.scalars.iter().map(|(g, n, v)| {

@@ -70,6 +70,19 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def record_messages(path, data, step):
+    """The messages that write one constant record: inline when it fits in
+    one chunk, else a header with its size and the bytes in chunks, so
+    records of any size travel (a message is limited to a few MiB)."""
+    mv = memoryview(data).cast("B")
+    if len(mv) <= step:
+        yield pb.WriteRequest(record=pb.ConstRecord(path=path, data=bytes(mv)))
+        return
+    yield pb.WriteRequest(record=pb.ConstRecord(path=path, size=len(mv)))
+    for off in range(0, len(mv), step):
+        yield chunk_message(mv[off:off + step])
+
+
 def chunk_message(data) -> bytes:
     """`WriteRequest{chunk: Chunk{data}}` encoded by hand.
 
@@ -731,7 +744,7 @@ class Writer:
         if parts is not None:  # loose records / scalars: one frame each
             for _, kind, item in parts:
                 if kind == "record":
-                    yield W(record=pb.ConstRecord(path=item[0], data=bytes(item[1])))
+                    yield from record_messages(item[0], item[1], self.chunk_bytes)
                 else:
                     g, n, i, v = item
                     yield W(scalar=pb.Scalar(group=g, name=n, index=str(i), value=float(v)))
@@ -751,7 +764,7 @@ class Writer:
             for off in range(0, len(mv), step):
                 yield chunk_message(mv[off:off + step])
         for path, data in u.records:
-            yield W(record=pb.ConstRecord(path=path, data=bytes(data)))
+            yield from record_messages(path, data, step)
         for group, name, index, value in u.scalars:
             yield W(scalar=pb.Scalar(group=group, name=name, index=str(index), value=float(value)))
         if u.index is not None:

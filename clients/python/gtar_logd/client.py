@@ -114,10 +114,16 @@ class Client:
         return list(r.frames)
 
     def read_record(self, archive: str, path: str) -> bytes:
-        """Bytes of one record, e.g. 'keras/model.json'."""
-        r = self._unary("ReadRecord", pb.ReadRecordRequest(archive=archive, path=path),
-                        f"ReadRecord({archive!r}, {path!r})")
-        return r.data
+        """Bytes of one record, e.g. 'keras/model.json', of any size (a record
+        larger than one answer is read in ranges)."""
+        out = bytearray()
+        while True:
+            r = self._unary("ReadRecord",
+                            pb.ReadRecordRequest(archive=archive, path=path, offset=len(out)),
+                            f"ReadRecord({archive!r}, {path!r})")
+            out += r.data
+            if not r.data or len(out) >= r.size:
+                return bytes(out)
 
     def get_frame(self, archive: str, frame=None, group: str | None = None, names=None, *,
                   position: int | None = None):

@@ -326,3 +326,18 @@ def test_arrays_may_change_as_soon_as_write_returns(client, archive, shared_memo
         w.flush(60)
     for i in range(5):
         assert np.all(client.read_frame(archive, str(i))["p"] == i), i
+
+
+def test_a_40_mib_record_round_trips_binary_and_utf8(client, archive):
+    """Records bigger than one gRPC message go in chunks and come back in
+    ranges: bit-exact, inside a frame."""
+    n = 40 << 20
+    binary = ((np.arange(n, dtype=np.uint64) * 2654435761) >> 13).astype(np.uint8).tobytes()
+    text = ("ünïcødé → 模型 ✓ " * (n // 30)).encode()
+    w = client.writer(archive)
+    w.write_frame("1", [("t", "x", np.ones(3, np.float32))],
+                  records=[("big/binary.u8.uni", binary), ("big/text.json", text)])
+    w.flush(120)
+    w.close()
+    assert client.read_record(archive, "big/binary.u8.uni") == binary
+    assert client.read_record(archive, "big/text.json") == text

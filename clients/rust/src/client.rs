@@ -299,18 +299,31 @@ impl Client {
         Ok(frames.pop().expect("one frame"))
     }
 
-    /// One constant or text record, e.g. `"keras/model.json"`, as bytes.
+    /// One constant or text record, e.g. `"keras/model.json"`, as bytes, of
+    /// any size: a record larger than one answer is read in ranges.
     pub async fn read_record(&self, archive: &str, path: &str) -> Result<Vec<u8>> {
-        Ok(self
-            .inner
-            .clone()
-            .read_record(proto::ReadRecordRequest {
-                archive: archive.into(),
-                path: path.into(),
-            })
-            .await?
-            .into_inner()
-            .data)
+        let mut out = Vec::new();
+        loop {
+            let piece = self
+                .inner
+                .clone()
+                .read_record(proto::ReadRecordRequest {
+                    archive: archive.into(),
+                    path: path.into(),
+                    offset: out.len() as u64,
+                    max_bytes: 0,
+                })
+                .await?
+                .into_inner();
+            if out.is_empty() {
+                out.reserve_exact(piece.size as usize);
+            }
+            let done = piece.data.is_empty();
+            out.extend_from_slice(&piece.data);
+            if done || out.len() as u64 >= piece.size {
+                return Ok(out);
+            }
+        }
     }
 
     /// One discrete tensor (`group`, with any stream prefix, and `name`) over

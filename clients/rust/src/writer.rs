@@ -829,8 +829,9 @@ impl FrameWriter {
                     }
                 }
                 Item::Record { path, data } => {
-                    self.send(In::Record(proto::ConstRecord { path, data }))
-                        .await?
+                    for m in record_messages(path, data) {
+                        self.send(m).await?;
+                    }
                 }
                 Item::Scalar {
                     group,
@@ -886,14 +887,12 @@ impl FrameWriter {
         data: impl Into<Vec<u8>>,
     ) -> Result<FrameHandle> {
         self.usable()?;
-        self.commit_with(
-            String::new(),
-            In::Record(proto::ConstRecord {
-                path: path.into(),
-                data: data.into(),
-            }),
-        )
-        .await
+        let mut msgs = record_messages(path.into(), data.into());
+        let last = msgs.pop().expect("a record is at least one message");
+        for m in msgs {
+            self.send(m).await?;
+        }
+        self.commit_with(String::new(), last).await
     }
 
     /// Write a scalar outside any frame, at step `index`; committed (and
@@ -963,4 +962,31 @@ impl FrameWriter {
         }
         Ok(())
     }
+}
+
+/// The messages that write one constant record: inline when it fits in one
+/// chunk, else a header with its size and the bytes in chunks (slices of one
+/// buffer, no copies), so records of any size travel.
+fn record_messages(path: String, data: Vec<u8>) -> Vec<In> {
+    if data.len() <= CHUNK_BYTES {
+        return vec![In::Record(proto::ConstRecord {
+            path,
+            data,
+            size: 0,
+        })];
+    }
+    let size = data.len() as u64;
+    let data = Bytes::from(data);
+    let mut out = vec![In::Record(proto::ConstRecord {
+        path,
+        data: Vec::new(),
+        size,
+    })];
+    for at in (0..data.len()).step_by(CHUNK_BYTES) {
+        let end = data.len().min(at + CHUNK_BYTES);
+        out.push(In::Chunk(proto::Chunk {
+            data: data.slice(at..end),
+        }));
+    }
+    out
 }

@@ -837,3 +837,53 @@ async fn a_cancelled_write_leaves_no_partial_frame() {
         assert_eq!(f.tensors[0].array.as_array::<f32>().unwrap()[[]], 3.0);
     }
 }
+
+/// Records of any size up to the daemon's limit travel both ways (in
+/// chunks and in ranges), binary and UTF-8, inside a frame and on their own;
+/// one over the limit is refused with the limit named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_40_mib_round_trip_and_one_over_the_limit_names_it() {
+    const LIMIT: u64 = 50_000_000;
+    let d = Daemon::start_with(&["--max-tensor-bytes", &LIMIT.to_string()]);
+    let c = Client::connect(&d.uds_addr()).await.unwrap();
+    let a = "runs/records.zip";
+    let n = 40 << 20;
+    // Binary: every byte value, in an order that is not periodic in 4 MiB.
+    let binary: Vec<u8> = (0..n as u64)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    // UTF-8 with multi-byte characters straddling chunk boundaries.
+    let text = "ünïcødé → 模型 ✓ ".repeat(n / 30).into_bytes();
+    let mut w = c.writer(a, OpenOptions::append()).await.unwrap();
+    let h = w.record("big/binary.u8.uni", binary.clone()).await.unwrap();
+    h.durable().await.unwrap();
+    let x = Array1::from_elem(3, 1.5f32);
+    let frame = NewFrame::new("1")
+        .tensor("t", "x", &x)
+        .record("big/text.json", text.clone());
+    w.write(frame).await.unwrap().durable().await.unwrap();
+    let over = w
+        .record("big/over.u8.uni", vec![7u8; LIMIT as usize + 1])
+        .await;
+    let err = match over {
+        Ok(h) => h
+            .durable()
+            .await
+            .expect_err("a record over the limit is refused"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    assert!(
+        msg.contains("record.size")
+            && msg.contains(&LIMIT.to_string())
+            && msg.contains("--max-tensor-bytes"),
+        "{msg}"
+    );
+    drop(w);
+    assert!(c.read_record(a, "big/binary.u8.uni").await.unwrap() == binary);
+    assert!(c.read_record(a, "big/text.json").await.unwrap() == text);
+    assert!(c.read_record(a, "big/over.u8.uni").await.is_err());
+    // Over TCP too, and the ranges are what they say.
+    let t = Client::connect(&d.tcp_addr()).await.unwrap();
+    assert!(t.read_record(a, "big/text.json").await.unwrap() == text);
+}

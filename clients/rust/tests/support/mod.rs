@@ -86,6 +86,11 @@ fn free_port() -> u16 {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// A daemon with extra `serve` flags.
+    pub fn start_with(extra: &[&str]) -> Daemon {
         let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(base).unwrap();
         let dir = tempfile::Builder::new()
@@ -106,6 +111,7 @@ impl Daemon {
                 .arg(&uds)
                 .arg("--tcp")
                 .arg(format!("127.0.0.1:{port}"))
+                .args(extra)
                 .env("GTAR_LOGD_LOG", "warn")
                 .stdin(Stdio::null())
                 .spawn()
