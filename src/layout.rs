@@ -28,7 +28,6 @@ use gtar::{Format, RecordType};
 /// Group of the manifest record (below the stream's prefix).
 pub const MANIFEST_GROUP: &str = "gtar_logd";
 pub const MANIFEST_NAME: &str = "manifest.json";
-/// Most dimensions a tensor may have.
 
 /// Element size and storage format of a dtype; `None` for UNSPECIFIED.
 pub fn dtype_storage(d: DType) -> Option<(usize, Format)> {

@@ -5,9 +5,11 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod daemon;
 pub mod error;
 pub mod layout;
 pub mod limits;
+pub mod listen;
 pub mod proto;
 pub mod query;
 pub mod server;

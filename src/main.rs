@@ -1,12 +1,11 @@
 //! `gtar-logd`: parse the command line and run. Nothing else lives here.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use gtar_logd::server::{self, Listener};
-use tokio_util::sync::CancellationToken;
+use gtar_logd::daemon;
 
 #[derive(Parser)]
 #[command(name = "gtar-logd", version, about = "Keep every checkpoint of a training run in a GETAR archive", long_about = None)]
@@ -49,9 +48,9 @@ struct ServeArgs {
     /// Unix socket to listen on [default: $XDG_RUNTIME_DIR/gtar-logd/gtar-logd.sock or /tmp/gtar-logd-$UID/gtar-logd.sock]; "none" to disable
     #[arg(long, env = "GTAR_LOGD_UDS")]
     uds: Option<String>,
-    /// TCP address to listen on, e.g. 127.0.0.1:7461 (off unless given)
+    /// TCP address to listen on, HOST:PORT, e.g. 127.0.0.1:7461 or localhost:7461 (off unless given)
     #[arg(long, env = "GTAR_LOGD_TCP")]
-    tcp: Option<SocketAddr>,
+    tcp: Option<String>,
     /// Group (name or gid) whose members may connect to the Unix socket [default: none: only the daemon's user]
     #[arg(long, env = "GTAR_LOGD_SOCKET_GROUP")]
     socket_group: Option<String>,
@@ -81,155 +80,33 @@ struct ServeArgs {
     log: String,
 }
 
-fn uid() -> u32 {
-    // SAFETY: getuid cannot fail and has no preconditions.
-    unsafe { libc::getuid() }
-}
-
-fn default_data_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("gtar-logd");
+impl ServeArgs {
+    fn into_options(self) -> daemon::Options {
+        daemon::Options {
+            data_dir: self.data_dir,
+            listen: gtar_logd::listen::Request {
+                uds: self.uds,
+                tcp: self.tcp,
+                perms: None,
+            },
+            socket_mode: self.socket_mode,
+            socket_group: self.socket_group,
+            writer_stall: Duration::from_secs(self.writer_stall_secs.max(1)),
+            max_tensor_bytes: self.max_tensor_bytes,
+            queue_frames: self.queue_frames,
+            direct_io: self.direct_io,
+            shared_memory: self.shared_memory,
+            grace: Duration::from_secs(self.grace_secs),
+            log: self.log,
+        }
     }
-    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        Some(h) => PathBuf::from(h).join(".local/share/gtar-logd"),
-        None => PathBuf::from("gtar-logd-data"),
-    }
-}
-
-/// The default socket, shared with the clients' default address.
-fn default_uds() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d).join("gtar-logd/gtar-logd.sock"),
-        None => PathBuf::from(format!("/tmp/gtar-logd-{}/gtar-logd.sock", uid())),
-    }
-}
-
-fn init_logging(filter: &str) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        fmt.init();
-    } else {
-        // journald adds its own timestamps; keep lines plain.
-        fmt.without_time().with_ansi(false).init();
-    }
-}
-
-/// Keep freed message buffers for reuse instead of returning them to the
-/// kernel. Each tensor chunk arrives in a fresh multi-MiB buffer (prost hands
-/// slices of it to the writer thread, which frees them after writing); with
-/// glibc's defaults those come from mmap and go back with munmap, so every
-/// chunk paid for page faults and the kernel zeroing its pages — as much CPU
-/// as copying it (`perf`: `clear_page_erms`, 11 % of the daemon). Served from
-/// the heap, the same memory is reused; RSS stays at its peak (tens of MiB).
-fn keep_freed_buffers() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator tunables; called before any other
-    // thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
-
-fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    use gtar_logd::systemd;
-    keep_freed_buffers();
-    init_logging(&a.log);
-    // Sockets passed by systemd, taken before any other thread exists (it
-    // edits the environment). When there are some, they are the listeners.
-    let activation = systemd::take_listen_fds()?;
-    let perms =
-        systemd::SocketPermissions::parse(a.socket_mode.as_deref(), a.socket_group.as_deref())
-            .map_err(|e| anyhow::anyhow!("--socket-mode/--socket-group: {e}"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let mut listeners = Vec::new();
-        let activated = !activation.is_empty();
-        for (name, l) in activation.into_listeners() {
-            let l = Listener::from_activated(l)?;
-            let name = name.unwrap_or_default();
-            tracing::info!(address = %l.describe(), %name, "socket passed by systemd");
-            listeners.push(l);
-        }
-        if activated && (a.uds.is_some() || a.tcp.is_some()) {
-            tracing::info!("socket-activated: --uds/--tcp are ignored");
-        }
-        let uds = match a.uds.as_deref() {
-            _ if activated => None,
-            Some("none") | Some("") => None,
-            Some(p) => Some(PathBuf::from(p.strip_prefix("unix:").unwrap_or(p))),
-            None => Some(default_uds()),
-        };
-        if let Some(p) = &uds {
-            let l = server::bind_unix_with(p, perms)
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", p.display()))?;
-            listeners.push(Listener::Unix(l));
-        }
-        if let Some(addr) = a.tcp.filter(|_| !activated) {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-            listeners.push(Listener::Tcp(l));
-        }
-        if listeners.is_empty() {
-            anyhow::bail!("nothing to listen on: give --uds or --tcp");
-        }
-        let mut cfg = server::Config::new(a.data_dir.unwrap_or_else(default_data_dir));
-        cfg.max_tensor_bytes = a.max_tensor_bytes;
-        cfg.limits.queue_frames = a
-            .queue_frames
-            .max(gtar_logd::service::ingest::FRAMES_IN_FLIGHT);
-        cfg.limits.direct_io = a.direct_io;
-        cfg.shared_memory = a.shared_memory;
-        cfg.grace = std::time::Duration::from_secs(a.grace_secs);
-        let shutdown = CancellationToken::new();
-        {
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM"),
-                    _ = int.recv() => tracing::info!("SIGINT"),
-                }
-                systemd::notify_stopping("shutting down: flushing and closing archives");
-                shutdown.cancel();
-            });
-        }
-        let addrs: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
-        let stall = std::time::Duration::from_secs(a.writer_stall_secs.max(1));
-        let mut watchdog = None;
-        // Called once every listener is served and health says SERVING.
-        let on_ready = |registry: std::sync::Arc<gtar_logd::writer::Registry>| {
-            tracing::info!("ready");
-            systemd::notify_ready(&format!("serving on {}", addrs.join(", ")));
-            match systemd::spawn_watchdog_from_env(move || registry.healthy(stall)) {
-                Ok(w) => watchdog = w,
-                Err(e) => tracing::error!(error = %e, "cannot start the watchdog thread"),
-            }
-        };
-        let res = server::run(listeners, cfg, shutdown, on_ready).await;
-        drop(watchdog);
-        if let Some(p) = &uds {
-            let _ = std::fs::remove_file(p);
-        }
-        res
-    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut out = std::io::stdout().lock();
     let res = match cli.cmd {
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => daemon::run(a.into_options()),
         Cmd::Frames { archive, group } => {
             gtar_logd::cli::frames(&archive, group.as_deref(), &mut out)
         }

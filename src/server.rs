@@ -21,6 +21,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::catalog::Catalog;
+use crate::listen::Listener;
 use crate::proto::v1::logd_server::LogdServer;
 use crate::service::{Service, State};
 use crate::writer::{Limits, Registry};
@@ -31,29 +32,6 @@ const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 /// Largest HTTP/2 frame we accept (fewer frames per 4 MiB chunk).
 const MAX_FRAME: u32 = 1 << 20;
-
-/// A socket to serve on.
-pub enum Listener {
-    Unix(tokio::net::UnixListener),
-    Tcp(tokio::net::TcpListener),
-}
-
-impl Listener {
-    /// Describe the bound address, for logs.
-    pub fn describe(&self) -> String {
-        match self {
-            Listener::Unix(l) => match l
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
-            {
-                Some(p) => format!("unix:{}", p.display()),
-                None => "unix:(unnamed)".into(),
-            },
-            Listener::Tcp(l) => l.local_addr().map_or("tcp:?".into(), |a| a.to_string()),
-        }
-    }
-}
 
 /// Daemon configuration (what the CLI collects).
 #[derive(Debug, Clone)]
@@ -79,52 +57,16 @@ impl Config {
     }
 }
 
-/// Bind a Unix socket at `path` that only the daemon's user may connect to
-/// (mode 0600), replacing a stale socket file (one nobody listens on) and
-/// creating the parent directory (mode 0700 when we create it).
-pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
-    bind_unix_with(path, crate::systemd::SocketPermissions::new(None, None))
-}
+/// Whether the writer threads are alive and making progress: what the
+/// systemd watchdog pings on (see [`Registry::healthy`]).
+#[derive(Clone)]
+pub struct Liveness(Arc<Registry>);
 
-/// [`bind_unix`] with a chosen mode and group (`--socket-mode`,
-/// `--socket-group`): the socket file never has a wider mode, not even between
-/// bind and chmod ([`crate::systemd::bind_unix_listener`]). A parent directory
-/// we create is 0700, or 0750 owned by the group when one is given.
-pub fn bind_unix_with(
-    path: &std::path::Path,
-    perms: crate::systemd::SocketPermissions,
-) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::DirBuilderExt;
-    if let Some(parent) = path.parent() {
-        if !parent.as_os_str().is_empty() && !parent.exists() {
-            let mode = if perms.gid.is_some() { 0o750 } else { 0o700 };
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode)
-                .create(parent)?;
-            if let Some(gid) = perms.gid {
-                std::os::unix::fs::lchown(parent, None, Some(gid))?;
-            }
-        }
-    }
-    let l = crate::systemd::bind_unix_listener(path, perms)?;
-    l.set_nonblocking(true)?;
-    tokio::net::UnixListener::from_std(l)
-}
-
-impl Listener {
-    /// Adopt a socket that systemd passed (socket activation). Needs a runtime.
-    pub fn from_activated(l: crate::systemd::Listener) -> std::io::Result<Listener> {
-        Ok(match l {
-            crate::systemd::Listener::Unix(u) => {
-                u.set_nonblocking(true)?;
-                Listener::Unix(tokio::net::UnixListener::from_std(u)?)
-            }
-            crate::systemd::Listener::Tcp(t) => {
-                t.set_nonblocking(true)?;
-                Listener::Tcp(tokio::net::TcpListener::from_std(t)?)
-            }
-        })
+impl Liveness {
+    /// True unless a working writer has been stuck in one disk operation for
+    /// longer than `stall` (or its thread died).
+    pub fn check(&self, stall: Duration) -> bool {
+        self.0.healthy(stall)
     }
 }
 
@@ -134,10 +76,15 @@ pub async fn run(
     listeners: Vec<Listener>,
     cfg: Config,
     shutdown: CancellationToken,
-    on_ready: impl FnOnce(Arc<Registry>),
+    on_ready: impl FnOnce(Liveness),
 ) -> anyhow::Result<()> {
     let registry = Registry::new(cfg.limits.clone(), tokio::runtime::Handle::current());
-    let catalog = Catalog::new(&cfg.data_dir, registry.clone())?;
+    let catalog = Catalog::new(&cfg.data_dir, registry.clone()).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot use the data directory {} (--data-dir): {e}",
+            cfg.data_dir.display()
+        )
+    })?;
     tracing::info!(data_dir = %catalog.root().display(), "serving archives");
     let state = Arc::new(State {
         catalog,
@@ -195,18 +142,20 @@ pub async fn run(
         }
     }
 
-    // Writers that fail flip health to NOT_SERVING for their archive.
+    // Writers that fail flip health to NOT_SERVING for their archive, as
+    // soon as the registry publishes the failure.
     {
         let registry = registry.clone();
         let health = health.clone();
         let stop = shutdown.clone();
         let root = state.catalog.root().to_path_buf();
+        let mut failures = registry.watch_failures();
         tokio::spawn(async move {
             let mut reported = std::collections::HashSet::new();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    changed = failures.changed() => if changed.is_err() { return },
                 }
                 for (path, why) in registry.failed() {
                     if reported.insert(path.clone()) {
@@ -228,7 +177,7 @@ pub async fn run(
         });
     }
 
-    on_ready(registry.clone());
+    on_ready(Liveness(registry.clone()));
     shutdown.cancelled().await;
     tracing::info!("shutting down: no new connections; open frames are dropped");
     health.set_not_serving::<LogdServer<Service>>().await;

@@ -185,14 +185,14 @@ fn socket_units_name_their_fds() {
     assert!(uds.contains("ListenStream=/run/gtar-logd/gtar-logd.sock"));
     assert!(uds.contains(&format!(
         "FileDescriptorName={}",
-        gtar_logd::systemd::FDNAME_UDS
+        gtar_logd::listen::FDNAME_UDS
     )));
     assert!(uds.contains("SocketGroup=gtar-logd") && uds.contains("SocketMode=0660"));
     let tcp = std::fs::read_to_string(repo().join("systemd/gtar-logd-tcp.socket")).unwrap();
     assert!(tcp.contains("ListenStream=127.0.0.1:7461"));
     assert!(tcp.contains(&format!(
         "FileDescriptorName={}",
-        gtar_logd::systemd::FDNAME_TCP
+        gtar_logd::listen::FDNAME_TCP
     )));
 }
 
@@ -556,7 +556,7 @@ fn own_socket_mode_and_group() {
     let my_gid = unsafe { libc::getegid() };
     let gid = ["nogroup", "users"]
         .iter()
-        .find_map(|g| gtar_logd::systemd::resolve_group(g).ok())
+        .find_map(|g| gtar_logd::listen::resolve_group(g).ok())
         .filter(|_| my_gid == 0)
         .unwrap_or(my_gid);
     for (args, mode, want_gid) in [

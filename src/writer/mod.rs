@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{is_disk_full, Classify, Kind};
 
@@ -180,6 +180,17 @@ struct Shared {
     /// The registry's start: every writer's timestamps share it.
     epoch: Instant,
     streams: AtomicU64,
+    /// The registry's failure count, bumped when this writer fails, so the
+    /// health service learns of it at once (published, not polled).
+    failures: Arc<watch::Sender<u64>>,
+}
+
+impl Shared {
+    /// Mark the writer failed (for good) and publish it.
+    fn set_failed(&self, why: String) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = WriterState::Failed(why);
+        self.failures.send_modify(|n| *n += 1);
+    }
 }
 
 impl Shared {
@@ -268,6 +279,8 @@ pub struct Registry {
     slots: Mutex<HashMap<PathBuf, Slot>>,
     started: Instant,
     closed: std::sync::atomic::AtomicBool,
+    /// Counts writer failures; see [`Registry::watch_failures`].
+    failures: Arc<watch::Sender<u64>>,
 }
 
 impl Registry {
@@ -278,7 +291,13 @@ impl Registry {
             slots: Mutex::new(HashMap::new()),
             started: Instant::now(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            failures: Arc::new(watch::channel(0).0),
         })
+    }
+
+    /// Changes whenever a writer fails; then [`Registry::failed`] says which.
+    pub fn watch_failures(&self) -> watch::Receiver<u64> {
+        self.failures.subscribe()
     }
 
     /// The live writer of `path`, if any (for readers).
@@ -360,6 +379,7 @@ impl Registry {
             sync_since_ms: AtomicU64::new(0),
             epoch: self.started,
             streams: AtomicU64::new(1),
+            failures: self.failures.clone(),
         });
         let handle = WriterHandle {
             path: path.to_path_buf(),
@@ -504,15 +524,14 @@ impl Actor {
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.main_loop()));
         if res.is_err() {
             tracing::error!(archive = %path.display(), "writer thread panicked; archive marked failed");
-            *shared.state.lock().unwrap_or_else(|p| p.into_inner()) =
-                WriterState::Failed("the writer thread panicked".into());
+            shared.set_failed("the writer thread panicked".into());
             shared.busy_since_ms.store(0, Ordering::SeqCst);
         }
     }
 
     fn fail(&mut self, why: String) {
         tracing::error!(archive = %self.path.display(), error = %why, "writer failed; no more frames are accepted for this archive");
-        *self.shared.state.lock().unwrap() = WriterState::Failed(why);
+        self.shared.set_failed(why);
     }
 
     fn failed(&self) -> Option<WriterError> {

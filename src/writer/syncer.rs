@@ -115,8 +115,7 @@ fn run(file: File, path: PathBuf, shared: Arc<Shared>, queue: Arc<(Mutex<Queue>,
                 r.map_err(|e| {
                     let why = format!("fsync failed: {e}");
                     tracing::error!(archive = %path.display(), error = %why, "writer failed; no more frames are accepted for this archive");
-                    *shared.state.lock().unwrap_or_else(|p| p.into_inner()) =
-                        WriterState::Failed(why.clone());
+                    shared.set_failed(why.clone());
                     why
                 })
             }

@@ -14,11 +14,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use gtar_logd::listen::{self, Listener};
 use gtar_logd::proto::v1::{
     self as pb, logd_client::LogdClient, write_request::Msg as In, write_response::Msg as Out,
     FrameAck, OpenArchive, Opened, WriteRequest,
 };
-use gtar_logd::server::{self, Config, Listener};
+use gtar_logd::server::{self, Config};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -94,7 +95,7 @@ impl Daemon {
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    let u = server::bind_unix(&uds2)?;
+                    let u = listen::bind_unix(&uds2)?;
                     let t = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                     let addr = t.local_addr()?;
                     let listeners = vec![Listener::Unix(u), Listener::Tcp(t)];
