@@ -3,6 +3,7 @@
 //! Layers, bottom up: [`gtar`] (the file format, synchronous), then the
 //! writer pipeline, catalog and gRPC service built on it.
 
+pub mod archives;
 pub mod catalog;
 pub mod cli;
 pub mod daemon;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::catalog::Catalog;
+use crate::archives::Archives;
 use crate::listen::Listener;
 use crate::proto::v1::logd_server::LogdServer;
 use crate::service::{Service, State};
@@ -79,15 +79,15 @@ pub async fn run(
     on_ready: impl FnOnce(Liveness),
 ) -> anyhow::Result<()> {
     let registry = Registry::new(cfg.limits.clone(), tokio::runtime::Handle::current());
-    let catalog = Catalog::new(&cfg.data_dir, registry.clone()).map_err(|e| {
+    let archives = Archives::new(&cfg.data_dir, registry.clone()).map_err(|e| {
         anyhow::anyhow!(
             "cannot use the data directory {} (--data-dir): {e}",
             cfg.data_dir.display()
         )
     })?;
-    tracing::info!(data_dir = %catalog.root().display(), "serving archives");
+    tracing::info!(data_dir = %archives.root().display(), "serving archives");
     let state = Arc::new(State {
-        catalog,
+        archives,
         shutdown: shutdown.clone(),
         max_tensor_bytes: cfg.max_tensor_bytes,
         shared_memory: cfg.shared_memory,
@@ -148,7 +148,7 @@ pub async fn run(
         let registry = registry.clone();
         let health = health.clone();
         let stop = shutdown.clone();
-        let root = state.catalog.root().to_path_buf();
+        let root = state.archives.root().to_path_buf();
         let mut failures = registry.watch_failures();
         tokio::spawn(async move {
             let mut reported = std::collections::HashSet::new();

@@ -1,15 +1,15 @@
-//! The archives under the data directory: name → path confinement, the set
-//! of known archives kept fresh by a `notify` watcher, and read views.
+//! Names → files under the data directory, and nothing more: confinement,
+//! the set of known archives kept fresh by a `notify` watcher, and a cache
+//! of read views. (Live writers are the registry's; `archives` joins the two.)
 //!
 //! Invariants:
 //! * Every archive name from a request goes through [`Catalog::resolve`]: it
 //!   must be a relative path of plain components ending in `.zip`, and its
 //!   canonical location (symlinks followed) must stay inside the canonical
 //!   data directory. Nothing outside the data dir is opened or created.
-//! * Queries on an archive with a live writer use the writer's shared index,
-//!   so every committed frame is visible at once; other archives are opened
-//!   read-only and cached until their size or mtime changes (another program
-//!   appended) or the watcher reports a change.
+//! * Read views are opened read-only and cached until the file's size or
+//!   mtime changes (another program appended) or the watcher reports a
+//!   change.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
@@ -20,7 +20,6 @@ use notify::{RecursiveMode, Watcher};
 
 use crate::error::{io_kind, Classify, Kind};
 
-use crate::writer::Registry;
 use gtar::Archive;
 
 /// Errors of the catalog layer.
@@ -68,7 +67,6 @@ struct Cached {
 
 pub struct Catalog {
     root: PathBuf,
-    registry: Arc<Registry>,
     known: Arc<Mutex<BTreeMap<String, ()>>>,
     cache: Mutex<HashMap<PathBuf, Cached>>,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -110,7 +108,7 @@ pub fn check_name(name: &str) -> Result<(), CatalogError> {
 
 impl Catalog {
     /// Open the catalog over `root` (created if missing) and start watching.
-    pub fn new(root: &Path, registry: Arc<Registry>) -> Result<Catalog, CatalogError> {
+    pub fn new(root: &Path) -> Result<Catalog, CatalogError> {
         std::fs::create_dir_all(root)?;
         let root = root.canonicalize()?;
         let known = Arc::new(Mutex::new(BTreeMap::new()));
@@ -190,7 +188,6 @@ impl Catalog {
         };
         Ok(Catalog {
             root,
-            registry,
             known,
             cache: Mutex::new(HashMap::new()),
             _watcher: watcher,
@@ -199,10 +196,6 @@ impl Catalog {
 
     pub fn root(&self) -> &Path {
         &self.root
-    }
-
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
     }
 
     /// Map an archive name to its path, creating parent directories when
@@ -300,11 +293,8 @@ impl Catalog {
     }
 
     /// A read view of an existing archive; sees every acked frame.
-    pub fn open_read(&self, name: &str) -> Result<Archive, CatalogError> {
-        let path = self.resolve(name, false)?;
-        if let Some(h) = self.registry.get(&path) {
-            return Ok(h.reader().clone());
-        }
+    pub fn open_read(&self, name: &str, path: &Path) -> Result<Archive, CatalogError> {
+        let path = path.to_path_buf();
         let meta =
             std::fs::metadata(&path).map_err(|_| CatalogError::NotFound(name.to_string()))?;
         let (size, mtime) = (meta.len(), meta.modified().ok());
@@ -389,14 +379,9 @@ mod tests {
 
     #[test]
     fn the_watcher_sees_archives_other_programs_create_and_remove() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("before.zip"), b"PK").unwrap();
-        let reg = Registry::new(Default::default(), rt.handle().clone());
-        let cat = Catalog::new(dir.path(), reg).unwrap();
+        let cat = Catalog::new(dir.path()).unwrap();
         assert_eq!(wait_for(&cat, &["before.zip"]), vec!["before.zip"]);
         // A file written directly, a directory moved in with an archive inside.
         std::fs::write(dir.path().join("direct.zip"), b"PK").unwrap();
@@ -420,14 +405,9 @@ mod tests {
     /// get it (one of them used to fail with EEXIST from the lost race).
     #[test]
     fn concurrent_opens_create_a_new_directory_once() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         for round in 0..20 {
             let dir = tempfile::tempdir().unwrap();
-            let reg = Registry::new(Default::default(), rt.handle().clone());
-            let cat = Catalog::new(dir.path(), reg).unwrap();
+            let cat = Catalog::new(dir.path()).unwrap();
             let barrier = std::sync::Barrier::new(16);
             std::thread::scope(|s| {
                 for i in 0..16 {

@@ -44,6 +44,7 @@ macro_rules! status_from {
 status_from!(
     BadField,
     crate::catalog::CatalogError,
+    crate::archives::LeaseError,
     crate::writer::WriterError,
     crate::query::QueryError
 );

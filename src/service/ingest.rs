@@ -161,13 +161,11 @@ impl Stream {
             Ok(OpenMode::Create) => GtarMode::Create,
             Err(_) => return Err(bad("open.mode", format!("unknown mode {}", o.mode))),
         };
-        let path = state.catalog.resolve(&o.archive, true)?;
-        let reg = state.catalog.registry().clone();
-        let p2 = path.clone();
-        let lease = tokio::task::spawn_blocking(move || reg.acquire(&p2, mode))
+        let st = state.clone();
+        let name = o.archive.clone();
+        let lease = tokio::task::spawn_blocking(move || st.archives.lease(&name, mode))
             .await
             .map_err(|e| status(Kind::Internal, e.to_string()))??;
-        state.catalog.note(&o.archive);
         let existing = {
             let r = lease.handle.reader();
             let ix = r.index();

@@ -13,7 +13,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::catalog::{Catalog, CatalogError};
+use crate::archives::Archives;
+use crate::catalog::CatalogError;
 use crate::error::Classify;
 use crate::limits::SEND_CHUNK;
 use crate::proto::v1::{self as pb, logd_server::Logd};
@@ -22,7 +23,7 @@ use errors::{bad, status, Kind};
 
 /// What every handler shares.
 pub struct State {
-    pub catalog: Catalog,
+    pub archives: Archives,
     pub shutdown: CancellationToken,
     pub max_tensor_bytes: u64,
     /// Whether Write streams may attach a client's shared memory.
@@ -42,19 +43,10 @@ impl Service {
 
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
-fn size_of(state: &State, name: &str) -> u64 {
-    state
-        .catalog
-        .resolve(name, false)
-        .ok()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map_or(0, |m| m.len())
-}
-
 /// Open an archive for reading off the async threads.
 async fn open_read(state: &Arc<State>, name: String) -> Result<gtar::Archive, Status> {
     let st = state.clone();
-    tokio::task::spawn_blocking(move || st.catalog.open_read(&name))
+    tokio::task::spawn_blocking(move || st.archives.open_read(&name))
         .await
         .map_err(|e| status(Kind::Internal, e.to_string()))?
         .map_err(|e: CatalogError| e.into())
@@ -129,14 +121,14 @@ impl Logd for Service {
         req: Request<pb::ListArchivesRequest>,
     ) -> Result<Response<pb::ListArchivesResponse>, Status> {
         let prefix = req.into_inner().prefix;
-        let reg = self.state.catalog.registry();
-        let archives = self
-            .state
-            .catalog
-            .list(&prefix)
+        let st = self.state.clone();
+        let listed = tokio::task::spawn_blocking(move || st.archives.list(&prefix))
+            .await
+            .map_err(|e| status(Kind::Internal, e.to_string()))?;
+        let archives = listed
             .into_iter()
             .map(|l| pb::ArchiveInfo {
-                writing: reg.is_writing(&self.state.catalog.root().join(&l.name)),
+                writing: l.writing,
                 archive: l.name,
                 size_bytes: l.size,
             })
@@ -150,7 +142,11 @@ impl Logd for Service {
     ) -> Result<Response<pb::DescribeArchiveResponse>, Status> {
         let name = req.into_inner().archive;
         let a = open_read(&self.state, name.clone()).await?;
-        let size = size_of(&self.state, &name);
+        let st = self.state.clone();
+        let n = name.clone();
+        let size = tokio::task::spawn_blocking(move || st.archives.size(&n))
+            .await
+            .map_err(|e| status(Kind::Internal, e.to_string()))?;
         Ok(Response::new(query::describe(&a, &name, size)))
     }
 

@@ -1,0 +1,116 @@
+//! The one door the service uses to reach archives: read one, lease one for
+//! writing, list them, size one. Behind it, the catalog maps names to files
+//! under the data directory and the writer registry owns the live writers;
+//! neither knows the other.
+//!
+//! Invariants:
+//! * Every name goes through the catalog's confinement first: nothing
+//!   outside the data directory is opened, created or leased.
+//! * A read of an archive with a live writer uses that writer's shared
+//!   index, so every committed frame is visible at once; other archives are
+//!   read through the catalog's cache.
+//! * A lease does all the bookkeeping a lease implies (the parent directory,
+//!   the writer, the catalog learning the name) in one call.
+//! * Every method may touch the disk: call them off the async workers
+//!   (`spawn_blocking`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use gtar::{Archive, OpenMode};
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::error::{Classify, Kind};
+use crate::writer::{Lease, Registry, WriterError};
+
+/// Why a lease was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Name(#[from] CatalogError),
+    #[error(transparent)]
+    Writer(#[from] WriterError),
+}
+
+impl Classify for LeaseError {
+    fn kind(&self) -> Kind {
+        match self {
+            LeaseError::Name(e) => e.kind(),
+            LeaseError::Writer(e) => e.kind(),
+        }
+    }
+}
+
+/// One archive as `ListArchives` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub size: u64,
+    /// A stream is writing it now.
+    pub writing: bool,
+}
+
+pub struct Archives {
+    catalog: Catalog,
+    writers: Arc<Registry>,
+}
+
+impl Archives {
+    /// The archives under `root` (created if missing), written by `writers`.
+    pub fn new(root: &Path, writers: Arc<Registry>) -> Result<Archives, CatalogError> {
+        Ok(Archives {
+            catalog: Catalog::new(root)?,
+            writers,
+        })
+    }
+
+    /// The data directory (canonical).
+    pub fn root(&self) -> &Path {
+        self.catalog.root()
+    }
+
+    /// The live writers (for health and shutdown).
+    pub fn writers(&self) -> &Arc<Registry> {
+        &self.writers
+    }
+
+    /// A read view of archive `name`.
+    pub fn open_read(&self, name: &str) -> Result<Archive, CatalogError> {
+        let path = self.catalog.resolve(name, false)?;
+        match self.writers.get(&path) {
+            Some(h) => Ok(h.reader().clone()),
+            None => self.catalog.open_read(name, &path),
+        }
+    }
+
+    /// Lease archive `name` for writing (creating it, and its directory,
+    /// when missing; replacing it with [`OpenMode::Create`]).
+    pub fn lease(&self, name: &str, mode: OpenMode) -> Result<Lease, LeaseError> {
+        let path = self.catalog.resolve(name, true)?;
+        let lease = self.writers.acquire(&path, mode)?;
+        self.catalog.note(name);
+        Ok(lease)
+    }
+
+    /// Archives whose name starts with `prefix`, in name order.
+    pub fn list(&self, prefix: &str) -> Vec<Listed> {
+        self.catalog
+            .list(prefix)
+            .into_iter()
+            .map(|l| Listed {
+                writing: self.writers.is_writing(&self.root().join(&l.name)),
+                name: l.name,
+                size: l.size,
+            })
+            .collect()
+    }
+
+    /// Size of archive `name` in bytes (0 if it cannot be found).
+    pub fn size(&self, name: &str) -> u64 {
+        self.catalog
+            .resolve(name, false)
+            .ok()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len())
+    }
+}
