@@ -22,71 +22,105 @@ use gtar::check_component;
 
 use crate::error::BadField;
 use crate::limits::{MAX_COMPONENT_BYTES, MAX_RANK};
-use crate::proto::v1::DType;
 use gtar::{Format, RecordType};
 
 /// Group of the manifest record (below the stream's prefix).
 pub const MANIFEST_GROUP: &str = "gtar_logd";
 pub const MANIFEST_NAME: &str = "manifest.json";
 
-/// Element size and storage format of a dtype; `None` for UNSPECIFIED.
-pub fn dtype_storage(d: DType) -> Option<(usize, Format)> {
-    Some(match d {
-        DType::DtypeUnspecified => return None,
-        DType::Float32 => (4, Format::F32),
-        DType::Float64 => (8, Format::F64),
-        DType::Int32 => (4, Format::I32),
-        DType::Int64 => (8, Format::I64),
-        DType::Uint8 => (1, Format::U8),
-        DType::Uint32 => (4, Format::U32),
-        DType::Uint64 => (8, Format::U64),
-        DType::Float16 | DType::Bfloat16 | DType::Int16 | DType::Uint16 => (2, Format::U8),
-        DType::Int8 | DType::Bool => (1, Format::U8),
-    })
+/// Element types, as the daemon knows them (the wire's enum is converted to
+/// this at the edge, in `service::convert`). The seven libgetar types are
+/// stored as themselves; the others as raw little-endian bytes in a `.u8`
+/// record, their true dtype kept in the frame's manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F64,
+    I32,
+    I64,
+    U8,
+    U32,
+    U64,
+    F16,
+    BF16,
+    I8,
+    I16,
+    U16,
+    Bool,
 }
 
-/// The dtype a record of format `f` holds when nothing else is known.
-pub fn dtype_of_format(f: Format) -> DType {
-    match f {
-        Format::F32 => DType::Float32,
-        Format::F64 => DType::Float64,
-        Format::I32 => DType::Int32,
-        Format::I64 => DType::Int64,
-        Format::U8 => DType::Uint8,
-        Format::U32 => DType::Uint32,
-        Format::U64 => DType::Uint64,
+impl DType {
+    pub const ALL: [DType; 13] = [
+        DType::F32,
+        DType::F64,
+        DType::I32,
+        DType::I64,
+        DType::U8,
+        DType::U32,
+        DType::U64,
+        DType::F16,
+        DType::BF16,
+        DType::I8,
+        DType::I16,
+        DType::U16,
+        DType::Bool,
+    ];
+
+    /// Element size and the GETAR format it is stored as.
+    pub fn storage(self) -> (usize, Format) {
+        match self {
+            DType::F32 => (4, Format::F32),
+            DType::F64 => (8, Format::F64),
+            DType::I32 => (4, Format::I32),
+            DType::I64 => (8, Format::I64),
+            DType::U8 => (1, Format::U8),
+            DType::U32 => (4, Format::U32),
+            DType::U64 => (8, Format::U64),
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => (2, Format::U8),
+            DType::I8 | DType::Bool => (1, Format::U8),
+        }
     }
-}
 
-/// Name used for dtypes in manifests (numpy's spelling).
-pub fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::DtypeUnspecified => "unspecified",
-        DType::Float32 => "float32",
-        DType::Float64 => "float64",
-        DType::Int32 => "int32",
-        DType::Int64 => "int64",
-        DType::Uint8 => "uint8",
-        DType::Uint32 => "uint32",
-        DType::Uint64 => "uint64",
-        DType::Float16 => "float16",
-        DType::Bfloat16 => "bfloat16",
-        DType::Int8 => "int8",
-        DType::Int16 => "int16",
-        DType::Uint16 => "uint16",
-        DType::Bool => "bool",
+    /// The dtype a record of format `f` holds when nothing else is known.
+    pub fn of_format(f: Format) -> DType {
+        match f {
+            Format::F32 => DType::F32,
+            Format::F64 => DType::F64,
+            Format::I32 => DType::I32,
+            Format::I64 => DType::I64,
+            Format::U8 => DType::U8,
+            Format::U32 => DType::U32,
+            Format::U64 => DType::U64,
+        }
     }
-}
 
-pub fn dtype_from_name(s: &str) -> Option<DType> {
-    (1..=13)
-        .filter_map(|i| DType::try_from(i).ok())
-        .find(|d| dtype_name(*d) == s)
+    /// Name used for dtypes in manifests (numpy's spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::U8 => "uint8",
+            DType::U32 => "uint32",
+            DType::U64 => "uint64",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::I8 => "int8",
+            DType::I16 => "int16",
+            DType::U16 => "uint16",
+            DType::Bool => "bool",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.name() == s)
+    }
 }
 
 /// Byte size of a tensor, or why the shape is unacceptable.
 pub fn tensor_bytes(d: DType, shape: &[u64], max_bytes: u64) -> Result<u64, String> {
-    let (item, _) = dtype_storage(d).ok_or("dtype is missing or unknown")?;
+    let (item, _) = d.storage();
     if shape.len() > MAX_RANK {
         return Err(format!(
             "rank {} exceeds the limit of {MAX_RANK}",
@@ -180,7 +214,7 @@ pub fn join(parts: &[&str]) -> String {
 
 /// Path of a tensor record.
 pub fn tensor_path(prefix: &str, group: &str, name: &str, index: &str, d: DType) -> String {
-    let fmt = dtype_storage(d).map_or(Format::U8, |s| s.1);
+    let fmt = d.storage().1;
     let g = join(&[prefix, group]);
     let mut out = String::new();
     if !g.is_empty() {
@@ -248,13 +282,7 @@ mod tests {
 
     #[test]
     fn paths_parse_as_libgetar_records() {
-        let p = tensor_path(
-            "run1",
-            "keras/layer/0/weight/1",
-            "weight",
-            "12",
-            DType::Float32,
-        );
+        let p = tensor_path("run1", "keras/layer/0/weight/1", "weight", "12", DType::F32);
         assert_eq!(p, "run1/keras/layer/0/weight/1/frames/12/weight.f32.uni");
         let r = RecordPath::parse(&p);
         assert_eq!(r.rtype.behavior, Behavior::Discrete);
@@ -268,19 +296,18 @@ mod tests {
         assert_eq!(s.rtype.behavior, Behavior::Continuous);
         assert_eq!(s.index, "7");
         assert_eq!(
-            tensor_path("", "", "x", "1", DType::Bfloat16),
+            tensor_path("", "", "x", "1", DType::BF16),
             "frames/1/x.u8.uni"
         );
     }
 
     #[test]
     fn sizes_are_checked() {
-        assert_eq!(tensor_bytes(DType::Float16, &[3, 4], 1 << 40), Ok(24));
-        assert_eq!(tensor_bytes(DType::Float64, &[], 1 << 40), Ok(8));
-        assert!(tensor_bytes(DType::Float32, &[1 << 40, 1 << 40], u64::MAX).is_err());
-        assert!(tensor_bytes(DType::Float32, &[1; 100], u64::MAX).is_err());
-        assert!(tensor_bytes(DType::DtypeUnspecified, &[1], u64::MAX).is_err());
-        assert!(tensor_bytes(DType::Uint8, &[1 << 20], 1000).is_err());
+        assert_eq!(tensor_bytes(DType::F16, &[3, 4], 1 << 40), Ok(24));
+        assert_eq!(tensor_bytes(DType::F64, &[], 1 << 40), Ok(8));
+        assert!(tensor_bytes(DType::F32, &[1 << 40, 1 << 40], u64::MAX).is_err());
+        assert!(tensor_bytes(DType::F32, &[1; 100], u64::MAX).is_err());
+        assert!(tensor_bytes(DType::U8, &[1 << 20], 1000).is_err());
     }
 
     #[test]
@@ -291,9 +318,8 @@ mod tests {
         assert!(check_group("group", "a/frames").is_err());
         assert!(check_name("name", "w.x").is_err());
         assert!(check_index("index", "1\0").is_err());
-        for d in 1..=13 {
-            let d = DType::try_from(d).unwrap();
-            assert_eq!(dtype_from_name(dtype_name(d)), Some(d));
+        for d in DType::ALL {
+            assert_eq!(DType::from_name(d.name()), Some(d));
         }
     }
 }

@@ -7,9 +7,9 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::error::{Classify, Kind};
+use crate::layout::DType;
 use crate::layout::{self, Manifest};
 use crate::limits::{RECORD_READ_DEFAULT, RECORD_READ_MAX, RECORD_TEXT_MAX};
-use crate::proto::v1::{DType, DescribeArchiveResponse, RecordTypeInfo, TensorInfo};
 use gtar::{group_under, Archive, Behavior, Entry, Format, RecordType, Resolution};
 
 /// Errors of the query layer.
@@ -41,8 +41,37 @@ fn resolution_name(r: Resolution) -> &'static str {
     }
 }
 
+/// One record type of an archive, as DescribeArchive shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordTypeSummary {
+    pub group: String,
+    pub name: String,
+    pub behavior: &'static str,
+    pub format: &'static str,
+    pub resolution: &'static str,
+    pub frame_count: u64,
+    pub first_frame: String,
+    pub last_frame: String,
+    /// The path pattern, e.g. `keras/layer/0/weight/0/frames/*/weight.f32.uni`.
+    pub path: String,
+}
+
+/// What DescribeArchive answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    pub archive: String,
+    pub size_bytes: u64,
+    pub groups: Vec<String>,
+    pub records: Vec<RecordTypeSummary>,
+    pub frame_count: u64,
+    pub first_frame: String,
+    pub last_frame: String,
+    /// Why the archive was recovered in memory, or empty.
+    pub recovered: String,
+}
+
 /// DescribeArchive.
-pub fn describe(a: &Archive, name: &str, size: u64) -> DescribeArchiveResponse {
+pub fn describe(a: &Archive, name: &str, size: u64) -> Description {
     let ix = a.index();
     let mut groups = BTreeSet::new();
     let mut records = Vec::new();
@@ -50,12 +79,12 @@ pub fn describe(a: &Archive, name: &str, size: u64) -> DescribeArchiveResponse {
         groups.insert(rt.group.clone());
         let frames = ix.frames(rt);
         let path = rt.pattern();
-        records.push(RecordTypeInfo {
+        records.push(RecordTypeSummary {
             group: rt.group.clone(),
             name: rt.name.clone(),
-            behavior: rt.behavior.name().into(),
-            format: rt.format.suffix().into(),
-            resolution: resolution_name(rt.resolution).into(),
+            behavior: rt.behavior.name(),
+            format: rt.format.suffix(),
+            resolution: resolution_name(rt.resolution),
             frame_count: frames.len() as u64,
             first_frame: frames.first().map(|s| s.to_string()).unwrap_or_default(),
             last_frame: frames.last().map(|s| s.to_string()).unwrap_or_default(),
@@ -67,7 +96,7 @@ pub fn describe(a: &Archive, name: &str, size: u64) -> DescribeArchiveResponse {
         gtar::OpenState::Clean => String::new(),
         gtar::OpenState::Recovered(r) => r.reason.clone(),
     };
-    DescribeArchiveResponse {
+    Description {
         archive: name.into(),
         size_bytes: size,
         groups: groups.into_iter().collect(),
@@ -103,9 +132,21 @@ pub fn at_position(frames: &[String], pos: i64) -> Result<String, QueryError> {
     Ok(frames[i as usize].clone())
 }
 
+/// What a tensor is, as GetFrame and TensorHistory describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// The record's path in the archive.
+    pub path: String,
+    pub group: String,
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub size_bytes: u64,
+}
+
 /// A tensor to send back: what it is and where its bytes are.
 pub struct TensorRef {
-    pub info: TensorInfo,
+    pub info: TensorMeta,
     pub entry: Entry,
 }
 
@@ -130,7 +171,7 @@ fn manifests_at(
             continue;
         };
         for t in m.tensors {
-            if let Some(d) = layout::dtype_from_name(&t.dtype) {
+            if let Some(d) = DType::from_name(&t.dtype) {
                 out.insert(t.path, (d, t.shape));
             }
         }
@@ -170,9 +211,9 @@ fn tensor_ref(
         Some((d, s)) => (*d, s.clone()),
         None => {
             let d = if rt.resolution == Resolution::Text {
-                DType::Uint8
+                DType::U8
             } else {
-                layout::dtype_of_format(rt.format)
+                DType::of_format(rt.format)
             };
             let item = rt.format.size() as u64;
             let elements = size / item;
@@ -181,11 +222,11 @@ fn tensor_ref(
         }
     };
     TensorRef {
-        info: TensorInfo {
+        info: TensorMeta {
             path: e.name().to_string(),
             group: rt.group.clone(),
             name: rt.name.clone(),
-            dtype: dtype as i32,
+            dtype,
             shape,
             size_bytes: size,
         },

@@ -13,6 +13,11 @@
 //! * It must be sealed against shrinking (`F_SEAL_SHRINK`, a memfd made
 //!   with `MFD_ALLOW_SEALING`) before it is mapped: a mapping of a file
 //!   that shrinks faults with SIGBUS, which would kill the whole daemon.
+//! * Nothing here blocks on what the client offers: the descriptor is opened
+//!   `O_NONBLOCK` (a FIFO's open would otherwise wait for a writer forever)
+//!   and anything but a regular file is refused right after `fstat`, before
+//!   any read or map. [`attach`] does file-system calls: run it off the
+//!   async workers.
 //! * The mapping is only lent as a slice for one call, through
 //!   [`Region::with_bytes`] (CRC, then a direct write from it, or a copy
 //!   into a compression buffer). The client promises not to write
@@ -20,13 +25,10 @@
 //!   plain data with no invariant to break: its own frame may end up with a
 //!   CRC that does not match (readers report it), nothing else is touched.
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
 use tokio::net::unix::UCred;
-
-use crate::proto::v1::SharedMemory;
 
 /// An attached region: the client's file, mapped read-only.
 pub struct Region {
@@ -70,40 +72,42 @@ impl Region {
     }
 }
 
-/// Open and map the region a client offers; `Err` says why not, for
-/// `Opened.shm_refused`.
-pub fn attach(peer: Option<UCred>, req: &SharedMemory) -> Result<Region, String> {
+/// Open and map the region of `size` bytes a client offers as its
+/// descriptor `fd`; `Err` says why not, for `Opened.shm_refused`.
+pub fn attach(peer: Option<UCred>, fd: u32, size: u64) -> Result<Region, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     let peer = peer.ok_or("shared memory needs the Unix socket")?;
     let pid = peer
         .pid()
         .ok_or("the client's pid is not known from the socket")?;
-    if req.size == 0 {
+    if size == 0 {
         return Err("shm.size must be more than 0".into());
     }
-    let size = usize::try_from(req.size).map_err(|_| "shm.size is too large".to_string())?;
-    let path = format!("/proc/{pid}/fd/{}", req.fd);
-    let file = File::open(&path).map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::PermissionDenied => " (does the daemon run as another user?)",
-            std::io::ErrorKind::NotFound => " (is the descriptor open in the client?)",
-            _ if e.raw_os_error() == Some(libc::ENXIO) => " (a socket, not a memory file)",
-            _ => "",
-        };
-        format!(
-            "cannot open the client's descriptor {}: {path}: {e}{hint}",
-            req.fd
-        )
-    })?;
+    let map_len = usize::try_from(size).map_err(|_| "shm.size is too large".to_string())?;
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&path)
+        .map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => " (does the daemon run as another user?)",
+                std::io::ErrorKind::NotFound => " (is the descriptor open in the client?)",
+                _ if e.raw_os_error() == Some(libc::ENXIO) => " (a socket, not a memory file)",
+                _ => "",
+            };
+            format!("cannot open the client's descriptor {fd}: {path}: {e}{hint}")
+        })?;
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot stat {path}: {e}"))?;
     if !meta.file_type().is_file() {
-        return Err(format!("descriptor {} is not a regular file", req.fd));
+        return Err(format!("descriptor {} is not a regular file", fd));
     }
     if meta.uid() != peer.uid() {
         return Err(format!(
             "descriptor {} belongs to uid {}, not to the client's uid {}",
-            req.fd,
+            fd,
             meta.uid(),
             peer.uid()
         ));
@@ -114,28 +118,29 @@ pub fn attach(peer: Option<UCred>, req: &SharedMemory) -> Result<Region, String>
         return Err(format!(
             "descriptor {} is not sealed against shrinking (a memfd made with \
              MFD_ALLOW_SEALING, then F_ADD_SEALS F_SEAL_SHRINK)",
-            req.fd
+            fd
         ));
     }
-    if meta.len() < req.size {
+    if meta.len() < size {
         return Err(format!(
             "descriptor {} is {} bytes, less than shm.size {}",
-            req.fd,
+            fd,
             meta.len(),
-            req.size
+            size
         ));
     }
     // SAFETY: the file cannot shrink (sealed, checked above) and is at least
     // `size` long, so no access inside the mapping faults; it is only read
     // through `with_bytes`.
-    let map = unsafe { memmap2::MmapOptions::new().len(size).map(&file) }
-        .map_err(|e| format!("cannot map descriptor {}: {e}", req.fd))?;
+    let map = unsafe { memmap2::MmapOptions::new().len(map_len).map(&file) }
+        .map_err(|e| format!("cannot map descriptor {}: {e}", fd))?;
     Ok(Region { map })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::os::fd::AsRawFd;
 
     fn me() -> UCred {
@@ -165,14 +170,7 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let f = memfd(1 << 20, true);
         f.write_all_at(b"hello", 4096).unwrap();
-        let r = attach(
-            Some(me()),
-            &SharedMemory {
-                fd: f.as_raw_fd() as u32,
-                size: 1 << 20,
-            },
-        )
-        .unwrap();
+        let r = attach(Some(me()), f.as_raw_fd() as u32, 1 << 20).unwrap();
         r.with_bytes(4096, 5, |b| assert_eq!(b, b"hello"));
         // Written after attaching: seen (it is the same memory).
         f.write_all_at(b"later", 4096 + 5).unwrap();
@@ -187,7 +185,7 @@ mod tests {
     async fn refusals_say_why() {
         let f = memfd(4096, true);
         let fd = f.as_raw_fd() as u32;
-        let why = |peer, fd, size| attach(peer, &SharedMemory { fd, size }).err().unwrap();
+        let why = |peer, fd, size| attach(peer, fd, size).err().unwrap();
         assert!(why(None, fd, 4096).contains("Unix socket"));
         assert!(why(Some(me()), fd, 0).contains("more than 0"));
         assert!(why(Some(me()), fd, 8192).contains("less than shm.size"));
@@ -209,5 +207,30 @@ mod tests {
         let o = other.as_raw_fd() as u32;
         let msg = why(Some(me()), o, 1);
         assert!(msg.contains(&format!("belongs to uid {owner}")), "{msg}");
+    }
+
+    /// A FIFO with no writer, a character device: refused at once (opening
+    /// the FIFO without O_NONBLOCK would wait for a writer forever).
+    #[tokio::test]
+    async fn descriptors_that_could_block_are_refused_at_once() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let held = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let zero = File::open("/dev/zero").unwrap();
+        for f in [&held, &zero] {
+            let t = std::time::Instant::now();
+            let err = attach(Some(me()), f.as_raw_fd() as u32, 4096)
+                .err()
+                .unwrap();
+            assert!(err.contains("not a regular file"), "{err}");
+            assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        }
     }
 }

@@ -30,8 +30,13 @@ const ALL_DTYPES: [DType; 13] = [
     DType::Bool,
 ];
 
+/// The daemon's own view of a wire dtype (the conversion at its edge).
+fn domain(d: DType) -> gtar_logd::layout::DType {
+    gtar_logd::service::convert::dtype("dtype", d as i32).unwrap()
+}
+
 fn item_size(d: DType) -> u64 {
-    gtar_logd::layout::dtype_storage(d).unwrap().0 as u64
+    domain(d).storage().0 as u64
 }
 
 /// A frame with every dtype in several shapes (scalar, 1-D, 3-D, empty),
@@ -50,7 +55,7 @@ fn dtype_frame(index: &str, seed: u64) -> FrameSpec {
                 bytes.iter_mut().for_each(|b| *b &= 1);
             }
             tensors.push(TensorSpec::new(
-                &format!("dt/{}", gtar_logd::layout::dtype_name(d)),
+                &format!("dt/{}", domain(d).name()),
                 &format!("t{k}"),
                 d,
                 &shape,

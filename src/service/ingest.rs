@@ -29,9 +29,10 @@ use tonic::{Status, Streaming};
 use crate::layout::{self, Manifest, ManifestTensor};
 use crate::limits::COMPRESS_MAX;
 use crate::proto::v1::{
-    write_request::Msg as In, write_response::Msg as Out, DType, FrameAck, OpenMode, Opened,
-    WriteRequest, WriteResponse,
+    write_request::Msg as In, write_response::Msg as Out, FrameAck, OpenMode, Opened, WriteRequest,
+    WriteResponse,
 };
+use crate::service::convert;
 use crate::service::errors::{bad, remap_decode, status, Kind};
 use crate::service::State;
 use crate::shm::{self, Region};
@@ -185,13 +186,22 @@ impl Stream {
                 )
             })
             .unwrap_or_default();
-        let offer = o.shm.as_ref().map(|m| {
-            if state.shared_memory {
-                shm::attach(peer, m)
-            } else {
-                Err("shared memory is turned off in the daemon (--shared-memory false)".into())
+        let offer = match o.shm.as_ref() {
+            None => None,
+            Some(_) if !state.shared_memory => Some(Err(
+                "shared memory is turned off in the daemon (--shared-memory false)".to_string(),
+            )),
+            // Opening and mapping a client's descriptor are file-system
+            // calls: off the async workers (see `shm`).
+            Some(m) => {
+                let (fd, size) = (m.fd, m.size);
+                Some(
+                    tokio::task::spawn_blocking(move || shm::attach(peer, fd, size))
+                        .await
+                        .map_err(|e| status(Kind::Internal, e.to_string()))?,
+                )
             }
-        });
+        };
         let (shm, shm_refused) = match offer {
             None => (None, String::new()),
             Some(Ok(r)) => (Some(Arc::new(r)), String::new()),
@@ -300,10 +310,7 @@ impl Stream {
                 self.tensor_done("tensor")?;
                 layout::check_group("tensor.group", &t.group)?;
                 layout::check_name("tensor.name", &t.name)?;
-                let dtype = DType::try_from(t.dtype)
-                    .ok()
-                    .filter(|d| *d != DType::DtypeUnspecified)
-                    .ok_or_else(|| bad("tensor.dtype", format!("unknown dtype {}", t.dtype)))?;
+                let dtype = convert::dtype("tensor.dtype", t.dtype)?;
                 let size = layout::tensor_bytes(dtype, &t.shape, self.state.max_tensor_bytes)
                     .map_err(|e| bad("tensor.shape", e))?;
                 let level = self.level;
@@ -318,7 +325,7 @@ impl Stream {
                 }
                 f.manifest.tensors.push(ManifestTensor {
                     path: path.clone(),
-                    dtype: layout::dtype_name(dtype).into(),
+                    dtype: dtype.name().into(),
                     shape: t.shape,
                 });
                 f.bytes += size;

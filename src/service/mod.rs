@@ -2,6 +2,7 @@
 //! catalog / query / writer layers, and stream results; errors become
 //! statuses through the one table in [`errors`].
 
+pub mod convert;
 pub mod errors;
 pub mod ingest;
 
@@ -66,7 +67,7 @@ fn send_tensors(
             return;
         }
         for t in tensors {
-            if !out(Msg::Tensor(t.info.clone())) {
+            if !out(Msg::Tensor(t.info.clone().into())) {
                 return;
             }
             let mut r = match archive.entry_reader(&t.entry) {
@@ -147,7 +148,7 @@ impl Logd for Service {
         let size = tokio::task::spawn_blocking(move || st.archives.size(&n))
             .await
             .map_err(|e| status(Kind::Internal, e.to_string()))?;
-        Ok(Response::new(query::describe(&a, &name, size)))
+        Ok(Response::new(query::describe(&a, &name, size).into()))
     }
 
     async fn list_frames(

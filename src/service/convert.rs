@@ -1,0 +1,114 @@
+//! The wire ↔ domain conversions, all in one place: the protobuf types stop
+//! here and in `server.rs`; everything below the service speaks the daemon's
+//! own types (`layout::DType`, `query::Description`, `query::TensorMeta`, …).
+
+use crate::error::BadField;
+use crate::layout::DType;
+use crate::proto::v1 as pb;
+use crate::query::{Description, RecordTypeSummary, TensorMeta};
+
+/// A wire dtype, named by `field` when it is unknown or unset.
+pub fn dtype(field: &str, wire: i32) -> Result<DType, BadField> {
+    let d = match pb::DType::try_from(wire) {
+        Ok(pb::DType::Float32) => DType::F32,
+        Ok(pb::DType::Float64) => DType::F64,
+        Ok(pb::DType::Int32) => DType::I32,
+        Ok(pb::DType::Int64) => DType::I64,
+        Ok(pb::DType::Uint8) => DType::U8,
+        Ok(pb::DType::Uint32) => DType::U32,
+        Ok(pb::DType::Uint64) => DType::U64,
+        Ok(pb::DType::Float16) => DType::F16,
+        Ok(pb::DType::Bfloat16) => DType::BF16,
+        Ok(pb::DType::Int8) => DType::I8,
+        Ok(pb::DType::Int16) => DType::I16,
+        Ok(pb::DType::Uint16) => DType::U16,
+        Ok(pb::DType::Bool) => DType::Bool,
+        Ok(pb::DType::DtypeUnspecified) | Err(_) => {
+            return Err(BadField::new(
+                field,
+                format!("{field}: unknown dtype {wire} (FLOAT32 = 1 … BOOL = 13)"),
+            ))
+        }
+    };
+    Ok(d)
+}
+
+pub fn wire_dtype(d: DType) -> pb::DType {
+    match d {
+        DType::F32 => pb::DType::Float32,
+        DType::F64 => pb::DType::Float64,
+        DType::I32 => pb::DType::Int32,
+        DType::I64 => pb::DType::Int64,
+        DType::U8 => pb::DType::Uint8,
+        DType::U32 => pb::DType::Uint32,
+        DType::U64 => pb::DType::Uint64,
+        DType::F16 => pb::DType::Float16,
+        DType::BF16 => pb::DType::Bfloat16,
+        DType::I8 => pb::DType::Int8,
+        DType::I16 => pb::DType::Int16,
+        DType::U16 => pb::DType::Uint16,
+        DType::Bool => pb::DType::Bool,
+    }
+}
+
+impl From<TensorMeta> for pb::TensorInfo {
+    fn from(t: TensorMeta) -> pb::TensorInfo {
+        pb::TensorInfo {
+            path: t.path,
+            group: t.group,
+            name: t.name,
+            dtype: wire_dtype(t.dtype) as i32,
+            shape: t.shape,
+            size_bytes: t.size_bytes,
+        }
+    }
+}
+
+impl From<RecordTypeSummary> for pb::RecordTypeInfo {
+    fn from(r: RecordTypeSummary) -> pb::RecordTypeInfo {
+        pb::RecordTypeInfo {
+            group: r.group,
+            name: r.name,
+            behavior: r.behavior.into(),
+            format: r.format.into(),
+            resolution: r.resolution.into(),
+            frame_count: r.frame_count,
+            first_frame: r.first_frame,
+            last_frame: r.last_frame,
+            path: r.path,
+        }
+    }
+}
+
+impl From<Description> for pb::DescribeArchiveResponse {
+    fn from(d: Description) -> pb::DescribeArchiveResponse {
+        pb::DescribeArchiveResponse {
+            archive: d.archive,
+            size_bytes: d.size_bytes,
+            groups: d.groups,
+            records: d.records.into_iter().map(Into::into).collect(),
+            frame_count: d.frame_count,
+            first_frame: d.first_frame,
+            last_frame: d.last_frame,
+            recovered: d.recovered,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dtype_crosses_the_edge_and_back() {
+        for d in DType::ALL {
+            assert_eq!(dtype("tensor.dtype", wire_dtype(d) as i32), Ok(d));
+        }
+        let e = dtype("tensor.dtype", 0).unwrap_err();
+        assert!(
+            e.to_string().starts_with("tensor.dtype: unknown dtype 0"),
+            "{e}"
+        );
+        assert!(dtype("tensor.dtype", 99).is_err());
+    }
+}
