@@ -65,4 +65,12 @@ KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 \
   clients/python/tests/test_resume.py || rc_tf=$?
 if [ "$rc_tf" -eq 5 ]; then echo "pytest collected no tensorflow tests: that is a failure here"; rc_tf=1; fi
 [ "$rc" -ne 0 ] || rc=$rc_tf
+
+# --- the README, run verbatim ------------------------------------------------
+# Its Install, Run it and Quickstart blocks exactly as written (a release
+# build the first time, about 10 min on 2 cores; about 1 min after that).
+echo "== README (tests/readme/run.sh)"
+rc_readme=0
+tests/readme/run.sh || rc_readme=$?
+[ "$rc" -ne 0 ] || rc=$rc_readme
 exit "$rc"
