@@ -11,12 +11,22 @@ fn open(path: &Path) -> Result<Archive> {
     let a =
         Archive::open(path).with_context(|| format!("{}: cannot open archive", path.display()))?;
     if let OpenState::Recovered(rep) = a.state() {
-        eprintln!(
-            "warning: {}: {}; showing the {} complete entries (run `gtar-logd repair` to fix the file)",
-            path.display(),
-            rep.reason,
-            rep.entries.len()
-        );
+        if gtar::is_being_written(path).unwrap_or(false) {
+            // Not damage: a live writer removes the central directory while
+            // it appends and writes it again when the archive goes idle.
+            eprintln!(
+                "note: {}: being written by a running gtar-logd (or another writer); showing its {} complete entries as of now",
+                path.display(),
+                rep.entries.len()
+            );
+        } else {
+            eprintln!(
+                "warning: {}: {}; showing the {} complete entries (run `gtar-logd repair` to fix the file)",
+                path.display(),
+                rep.reason,
+                rep.entries.len()
+            );
+        }
     }
     Ok(a)
 }
@@ -66,7 +76,7 @@ pub fn repair(path: &Path, out: &mut dyn Write) -> Result<()> {
             writeln!(out, "{}: repaired ({})", path.display(), rep.reason)?;
             writeln!(
                 out,
-                "kept {} entries ({} complete gtar-logd frames), {} bytes",
+                "kept {} entries ({} complete gtar-logd commits: frames, and records written on their own), {} bytes",
                 rep.entries.len(),
                 rep.txns_kept,
                 rep.end

@@ -142,7 +142,7 @@ fn cli_frames_ls_repair_agree_with_libgetar() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("repaired") && out.contains("dropped"), "{out}");
-    assert!(out.contains("(4 complete gtar-logd frames)"), "{out}");
+    assert!(out.contains("(4 complete gtar-logd commits"), "{out}");
     let o = cli(&["frames", cut.to_str().unwrap()]);
     assert_eq!(
         stdout(&o).lines().collect::<Vec<_>>(),

@@ -27,8 +27,8 @@ use gtar::Archive;
 pub enum CatalogError {
     #[error("archive name {name:?}: {why}")]
     BadName { name: String, why: String },
-    #[error("archive name {0:?} leads outside the data directory")]
-    Outside(String),
+    #[error("archive name {name:?} leads outside the data directory {root}: archive names are paths relative to it, like runs/model.zip")]
+    Outside { name: String, root: String },
     #[error("no archive {0:?} in the data directory")]
     NotFound(String),
     #[error("{name}: {source}")]
@@ -41,7 +41,7 @@ impl Classify for CatalogError {
     fn kind(&self) -> Kind {
         match self {
             CatalogError::BadName { .. } => Kind::BadInput,
-            CatalogError::Outside(_) => Kind::Outside,
+            CatalogError::Outside { .. } => Kind::Outside,
             CatalogError::NotFound(_) => Kind::NotFound,
             CatalogError::Format { source, .. } => source.kind(),
             CatalogError::Io(io) => io_kind(io),
@@ -72,6 +72,14 @@ pub struct Catalog {
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
+/// The data directory is filled in by [`Catalog::resolve`].
+fn outside(name: &str) -> CatalogError {
+    CatalogError::Outside {
+        name: name.to_string(),
+        root: String::new(),
+    }
+}
+
 /// Check an archive name's shape (no I/O).
 pub fn check_name(name: &str) -> Result<(), CatalogError> {
     let bad = |why: &str| {
@@ -91,12 +99,12 @@ pub fn check_name(name: &str) -> Result<(), CatalogError> {
     }
     let p = Path::new(name);
     if p.is_absolute() {
-        return Err(CatalogError::Outside(name.to_string()));
+        return Err(outside(name));
     }
     for c in p.components() {
         match c {
             Component::Normal(_) => {}
-            Component::ParentDir => return Err(CatalogError::Outside(name.to_string())),
+            Component::ParentDir => return Err(outside(name)),
             _ => return bad("must be a plain relative path like runs/model.zip"),
         }
     }
@@ -201,6 +209,16 @@ impl Catalog {
     /// Map an archive name to its path, creating parent directories when
     /// `create` is set. Refuses anything that would leave the data dir.
     pub fn resolve(&self, name: &str, create: bool) -> Result<PathBuf, CatalogError> {
+        self.resolve_inner(name, create).map_err(|e| match e {
+            CatalogError::Outside { name, .. } => CatalogError::Outside {
+                name,
+                root: self.root.display().to_string(),
+            },
+            e => e,
+        })
+    }
+
+    fn resolve_inner(&self, name: &str, create: bool) -> Result<PathBuf, CatalogError> {
         check_name(name)?;
         let joined = self.root.join(name);
         let parent = joined.parent().unwrap_or(&self.root);
@@ -232,7 +250,7 @@ impl Catalog {
             Err(_) => return Err(CatalogError::NotFound(name.to_string())),
         };
         if !real_parent.starts_with(&self.root) {
-            return Err(CatalogError::Outside(name.to_string()));
+            return Err(outside(name));
         }
         let file = real_parent.join(joined.file_name().unwrap_or_default());
         match std::fs::symlink_metadata(&file) {
@@ -251,9 +269,9 @@ impl Catalog {
     fn confine(&self, name: &str, p: &Path) -> Result<(), CatalogError> {
         match p.canonicalize() {
             Ok(real) if real.starts_with(&self.root) => Ok(()),
-            Ok(_) => Err(CatalogError::Outside(name.to_string())),
+            Ok(_) => Err(outside(name)),
             // A dangling symlink: refuse rather than create through it.
-            Err(_) => Err(CatalogError::Outside(name.to_string())),
+            Err(_) => Err(outside(name)),
         }
     }
 
@@ -428,15 +446,15 @@ mod tests {
         assert!(check_name("runs/a.zip").is_ok());
         assert!(matches!(
             check_name("../a.zip"),
-            Err(CatalogError::Outside(_))
+            Err(CatalogError::Outside { .. })
         ));
         assert!(matches!(
             check_name("/etc/passwd"),
-            Err(CatalogError::Outside(_))
+            Err(CatalogError::Outside { .. })
         ));
         assert!(matches!(
             check_name("a/../../b.zip"),
-            Err(CatalogError::Outside(_))
+            Err(CatalogError::Outside { .. })
         ));
         assert!(check_name("a\0.zip").is_err());
         assert!(check_name("").is_err());

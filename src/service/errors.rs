@@ -101,7 +101,12 @@ mod tests {
         assert_eq!(code(Kind::Exhausted), Code::ResourceExhausted);
         assert_eq!(code(Kind::ShuttingDown), Code::Unavailable);
         assert_eq!(code(Kind::Internal), Code::Internal);
-        let s: Status = CatalogError::Outside("../x.zip".into()).into();
+        let s: Status = CatalogError::Outside {
+            name: "../x.zip".into(),
+            root: "/data".into(),
+        }
+        .into();
+        assert!(s.message().contains("/data"), "{}", s.message());
         assert_eq!(s.code(), Code::PermissionDenied);
         let s: Status = WriterError::DiskFull("a.zip".into()).into();
         assert_eq!(s.code(), Code::ResourceExhausted);

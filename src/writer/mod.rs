@@ -363,7 +363,7 @@ impl Registry {
                 archive = %path.display(),
                 reason = %rep.reason,
                 kept_entries = rep.entries.len(),
-                kept_frames = rep.txns_kept,
+                kept_commits = rep.txns_kept,
                 dropped_entries = rep.entries_dropped,
                 dropped_bytes = rep.bytes_dropped,
                 "repaired archive on open"

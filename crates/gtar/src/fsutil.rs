@@ -25,3 +25,15 @@ pub(crate) fn sync_parent_dir(path: &Path) -> Result<(), Error> {
     File::open(parent)?.sync_all()?;
     Ok(())
 }
+
+/// Whether a writer holds `path` open for appending right now (our writers
+/// hold an exclusive `flock` for as long as they live). An archive being
+/// written has no central directory between bursts, and that is not damage.
+pub fn is_being_written(path: &Path) -> Result<bool, Error> {
+    let file = File::open(path)?;
+    match file.try_lock_shared() {
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}

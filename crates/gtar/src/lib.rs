@@ -54,6 +54,7 @@ mod scan;
 mod writer;
 mod zipfmt;
 
+pub use fsutil::is_being_written;
 pub use index::{group_under, Entry, Index};
 pub use path::{
     check_component, index_cmp, Behavior, Format, FrameIndex, RecordPath, RecordType, Resolution,
