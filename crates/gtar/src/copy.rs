@@ -38,12 +38,6 @@ impl CopyStats {
     pub fn total(&self) -> u64 {
         self.reflinked + self.kernel + self.buffered
     }
-
-    pub(crate) fn add(&mut self, o: &CopyStats) {
-        self.reflinked += o.reflinked;
-        self.kernel += o.kernel;
-        self.buffered += o.buffered;
-    }
 }
 
 /// Copies ranges from one file to another, remembering what the kernel
