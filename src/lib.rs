@@ -6,6 +6,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod layout;
+pub mod lifecycle;
 pub mod proto;
 pub mod query;
 pub mod server;
