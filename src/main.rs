@@ -105,7 +105,10 @@ fn compact(c: CompactCli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         .as_deref()
         .map(str::parse::<gtar::Best>)
         .transpose()
-        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+        .map_err(|e| match e {
+            gtar::Error::Invalid(m) => anyhow::anyhow!("--{m}"),
+            e => e.into(),
+        })?;
     let keep_newer_than = c
         .keep_newer_than
         .as_deref()
