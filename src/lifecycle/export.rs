@@ -190,9 +190,14 @@ pub fn tensor_names(a: &Archive, group: &str, refs: &[TensorRef]) -> Vec<String>
                     };
                 }
             }
-            let rel = match g.strip_prefix(group) {
-                Some(r) if !group.is_empty() => r.trim_start_matches('/'),
-                _ => g,
+            let rel = if group.is_empty() {
+                g
+            } else if g == group {
+                ""
+            } else {
+                g.strip_prefix(group)
+                    .and_then(|r| r.strip_prefix('/'))
+                    .unwrap_or(g)
             };
             if n == "value" {
                 // The generic client's dict keys, under any writer prefix.
