@@ -841,3 +841,58 @@ print("ok", len(rows))
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok 13");
     }
 }
+
+/// Free bytes of the file system holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let c = std::ffi::CString::new(p(dir)).unwrap();
+    // SAFETY: statvfs fills the struct we own from a valid C string path.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0);
+        s.f_bavail * s.f_frsize
+    }
+}
+
+#[test]
+#[ignore = "needs GTAR_REFLINK_DIR: a directory on a reflink-capable file system (XFS, btrfs)"]
+fn snapshots_and_compactions_share_extents_where_the_file_system_can() {
+    let base = std::env::var_os("GTAR_REFLINK_DIR")
+        .expect("GTAR_REFLINK_DIR: a directory on XFS (reflink=1) or btrfs");
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let path = dir.path().join("run.zip");
+    let run = write_run(&path, 16, 8 << 20, |f| f as f64);
+    let size = std::fs::metadata(&path).unwrap().len();
+    // Snapshot: the committed prefix is cloned, not copied.
+    let free = free_bytes(dir.path());
+    let dst = dir.path().join("snap.zip");
+    let s = gtar::snapshot_path(&path, &dst).unwrap();
+    let used = free.saturating_sub(free_bytes(dir.path()));
+    eprintln!("snapshot: {:?}; {used} bytes of {size} newly used", s.stats);
+    assert!(s.stats.reflinked >= s.committed - 4096, "{:?}", s.stats);
+    assert!(
+        used < size / 10,
+        "{used} bytes used for a {size}-byte snapshot"
+    );
+    assert_snapshot_of_run(&dst, &run);
+    // Compaction: kept tensors keep their offsets modulo 4 KiB, so the
+    // kernel's copy shares their blocks too.
+    let free = free_bytes(dir.path());
+    ok(&["compact", p(&path), "--group", "run", "--keep-every", "2"]);
+    let used = free.saturating_sub(free_bytes(dir.path()));
+    let new_len = std::fs::metadata(&path).unwrap().len();
+    eprintln!("compaction: {size} -> {new_len} bytes; {used} bytes newly used");
+    assert!(
+        used < new_len / 10,
+        "{used} bytes used for a {new_len}-byte compaction"
+    );
+    assert_holds(
+        &path,
+        &run,
+        &set(&["0", "2", "4", "6", "8", "10", "12", "14", "15"]),
+    );
+}
+
+fn assert_snapshot_of_run(path: &Path, run: &Run) {
+    let all: BTreeSet<String> = run.frames.iter().cloned().collect();
+    assert_holds(path, run, &all);
+}
