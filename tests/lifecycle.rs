@@ -896,3 +896,40 @@ fn assert_snapshot_of_run(path: &Path, run: &Run) {
     let all: BTreeSet<String> = run.frames.iter().cloned().collect();
     assert_holds(path, run, &all);
 }
+
+#[test]
+fn compacting_an_archive_left_torn_keeps_its_complete_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.zip");
+    let run = write_run(&path, 6, 10_000, |f| f as f64);
+    // As a kill -9 mid-frame leaves it: no central directory, and the last
+    // frame cut short.
+    let f = std::fs::File::open(&path).unwrap();
+    let a = Archive::open(&path).unwrap();
+    let last = a
+        .index()
+        .entries()
+        .iter()
+        .filter(|e| e.name().contains("/frames/5/"))
+        .map(|e| e.cd.local_header_offset)
+        .min()
+        .unwrap();
+    drop((a, f));
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(last + 5000).unwrap();
+    drop(file);
+    let o = cli(&["compact", p(&path), "--group", "run", "--keep-last", "10"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("recovery finds"), "{err}");
+    let mut complete = run;
+    complete.records.retain(|name, _| {
+        let rp = gtar::RecordPath::parse(name);
+        rp.index != "5" || rp.rtype.behavior == gtar::Behavior::Constant
+    });
+    complete.records.insert(
+        "run/keras/layer/0/weight/0/shape.u32.uni".into(),
+        2500u32.to_le_bytes().to_vec(),
+    );
+    assert_holds(&path, &complete, &set(&["0", "1", "2", "3", "4"]));
+}

@@ -61,16 +61,6 @@ fn describe(d: &Decision) -> String {
 pub fn compact(path: &Path, args: &CompactArgs, out: &mut dyn Write) -> Result<CompactOutcome> {
     let scope = args.group.as_deref().filter(|g| !g.is_empty());
     let ex = open(path)?;
-    if let Some(rep) = ex.recovered() {
-        eprintln!(
-            "warning: {}: {}; compacting the {} complete entries recovery finds (the torn tail, \
-             {} bytes, is not kept)",
-            path.display(),
-            rep.reason,
-            rep.entries.len(),
-            rep.bytes_dropped
-        );
-    }
     if let Some(g) = scope {
         if !ex
             .index()
@@ -83,6 +73,32 @@ pub fn compact(path: &Path, args: &CompactArgs, out: &mut dyn Write) -> Result<C
     let reader = ex.reader()?;
     let facts = facts::frame_facts(&reader, ex.file(), scope, &args.policy)
         .with_context(|| format!("{}", path.display()))?;
+    if facts.is_empty() {
+        writeln!(
+            out,
+            "no frames{}: nothing to compact; {} left as it is",
+            scope
+                .map(|g| format!(" in group {g:?}"))
+                .unwrap_or_default(),
+            path.display()
+        )?;
+        return Ok(CompactOutcome {
+            decisions: Vec::new(),
+            old_len: ex.len(),
+            new_len: ex.len(),
+            written: false,
+        });
+    }
+    if let Some(rep) = ex.recovered() {
+        eprintln!(
+            "warning: {}: {}; compacting the {} complete entries recovery finds (the torn tail, \
+             {} bytes, is not kept)",
+            path.display(),
+            rep.reason,
+            rep.entries.len(),
+            rep.bytes_dropped
+        );
+    }
     let decisions = gtar::select(&facts, &args.policy, SystemTime::now())
         .with_context(|| format!("{}", path.display()))?;
     let keep: HashSet<&str> = decisions
