@@ -40,10 +40,15 @@ impl CommittedView {
     /// The view of an index whose entries are all committed (a writer's
     /// shared index, read under its lock, or an [`Archive`](crate::Archive)'s).
     pub fn of_index(src: &File, index: &Index) -> Result<CommittedView, Error> {
-        let mut end = 0;
-        for e in index.entries() {
-            end = end.max(entry_end(src, e)?);
-        }
+        // Entries never overlap: the one that starts last ends last.
+        let end = match index
+            .entries()
+            .iter()
+            .max_by_key(|e| e.cd.local_header_offset)
+        {
+            Some(e) => entry_end(src, e)?,
+            None => 0,
+        };
         Ok(CommittedView {
             entries: index.entries().to_vec(),
             end,
