@@ -327,3 +327,4 @@ impl Drop for DirectIo {
         }
     }
 }
+

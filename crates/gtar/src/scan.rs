@@ -347,3 +347,4 @@ pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> 
     rep.stopped = stopped;
     Ok(rep)
 }
+

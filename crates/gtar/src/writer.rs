@@ -477,11 +477,7 @@ impl<'a> Txn<'a> {
             compressed_size: data.len() as u64,
             uncompressed_size: usize_,
             mark: self.mark(false),
-            pad: if direct {
-                align_pad(at, name, DIRECT_ALIGN as u64)
-            } else {
-                0
-            },
+            pad: if direct { align_pad(at, name, DIRECT_ALIGN as u64) } else { 0 },
         }
         .encode();
         self.w.append(at, &header)?;
@@ -518,11 +514,7 @@ impl<'a> Txn<'a> {
         Self::check_name(name)?;
         let at = self.pos;
         let direct = self.w.direct_for(size);
-        let pad = if direct {
-            align_pad(at, name, DIRECT_ALIGN as u64)
-        } else {
-            0
-        };
+        let pad = if direct { align_pad(at, name, DIRECT_ALIGN as u64) } else { 0 };
         let header = LocalHeader {
             name,
             method: METHOD_STORED,
@@ -703,12 +695,7 @@ impl EntryWriter<'_, '_> {
     /// from where they are, on this thread; only the last partial block is
     /// staged. Otherwise it is `write`.
     pub fn write_unstaged(&mut self, data: &[u8]) -> Result<(), Error> {
-        let nothing_staged = self
-            .txn
-            .w
-            .direct
-            .as_ref()
-            .is_some_and(DirectIo::nothing_staged);
+        let nothing_staged = self.txn.w.direct.as_ref().is_some_and(DirectIo::nothing_staged);
         let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
         if !self.direct || !nothing_staged || !aligned {
             return self.write(data);

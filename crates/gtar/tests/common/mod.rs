@@ -26,14 +26,11 @@ pub fn oracle_script() -> PathBuf {
     // These helpers are compiled into this crate's tests and, by `#[path]`,
     // into the daemon's (whose manifest dir is the workspace root).
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    [
-        "tests/oracle/gtar_oracle.py",
-        "crates/gtar/tests/oracle/gtar_oracle.py",
-    ]
-    .iter()
-    .map(|p| dir.join(p))
-    .find(|p| p.exists())
-    .expect("the oracle script crates/gtar/tests/oracle/gtar_oracle.py")
+    ["tests/oracle/gtar_oracle.py", "crates/gtar/tests/oracle/gtar_oracle.py"]
+        .iter()
+        .map(|p| dir.join(p))
+        .find(|p| p.exists())
+        .expect("the oracle script crates/gtar/tests/oracle/gtar_oracle.py")
 }
 
 /// Run an oracle subcommand; panics with libgetar's stderr if it fails.
@@ -462,3 +459,4 @@ pub fn keras_weight(i: usize, j: usize, n: usize, frame: u32) -> Vec<u8> {
         .flat_map(|k| ((k as f32 + base) / 7.0f32).to_le_bytes())
         .collect()
 }
+
