@@ -15,16 +15,10 @@ if [ ! -x "$ORACLE/bin/python" ] || ! "$ORACLE/bin/python" -c 'import gtar, nump
 fi
 export GTAR_ORACLE_PYTHON=$ORACLE/bin/python
 
-# --- Rust ---------------------------------------------------------------------
-echo "== cargo build"
-cargo build --workspace --all-targets --quiet
-echo "== cargo test (all, including oracle tests)"
-cargo test --workspace -- --include-ignored
-
 # --- Python client (clients/python): real daemon, Keras 3 on JAX (CPU) ----------
 CLIENT=$ROOT/.venv-client
-CLIENT_REQS=("jax[cpu]==0.10.2" "keras==3.15.1" "ml_dtypes>=0.5" "grpcio==1.85.1" "grpcio-tools==1.85.1" "protobuf>=7.35.1,<8" "h5py" "pytest")
-if [ ! -x "$CLIENT/bin/python" ] || ! "$CLIENT/bin/python" -c 'import jax, keras, ml_dtypes, grpc, grpc_tools, pytest' 2>/dev/null; then
+CLIENT_REQS=("jax[cpu]==0.10.2" "keras==3.15.1" "ml_dtypes>=0.5" "grpcio==1.85.1" "grpcio-tools==1.85.1" "protobuf>=7.35.1,<8" "h5py" "safetensors==0.8.0" "pytest")
+if [ ! -x "$CLIENT/bin/python" ] || ! "$CLIENT/bin/python" -c 'import jax, keras, ml_dtypes, grpc, grpc_tools, safetensors, pytest' 2>/dev/null; then
   echo "== setting up $CLIENT (Python client tests)"
   python3 -m venv "$CLIENT"
   "$CLIENT/bin/pip" install -q --disable-pip-version-check "${CLIENT_REQS[@]}"
@@ -32,6 +26,18 @@ fi
 echo "== pip install ./clients/python"
 "$CLIENT/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./clients/python
 "$CLIENT/bin/pip" check -q >/dev/null 2>&1 || "$CLIENT/bin/pip" install -q --disable-pip-version-check ./clients/python
+
+# --- Rust ---------------------------------------------------------------------
+# After the client venv: the export test reads its files with PyPI's
+# safetensors and numpy from there.
+export GTAR_EXPORT_PYTHON=$CLIENT/bin/python
+# The reflink benchmark-test needs a reflink-capable file system (XFS, btrfs);
+# set GTAR_REFLINK_DIR to a directory on one to run it.
+export GTAR_REFLINK_DIR=${GTAR_REFLINK_DIR:-none}
+echo "== cargo build"
+cargo build --workspace --all-targets --quiet
+echo "== cargo test (all, including oracle tests)"
+cargo test --workspace -- --include-ignored
 # The daemon the Python tests start: the one built above, in cargo's target
 # directory (which honours CARGO_TARGET_DIR and build.target-dir).
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |

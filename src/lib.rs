@@ -9,6 +9,7 @@ pub mod cli;
 pub mod daemon;
 pub mod error;
 pub mod layout;
+pub mod lifecycle;
 pub mod limits;
 pub mod listen;
 pub mod proto;

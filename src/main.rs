@@ -38,6 +38,101 @@ enum Cmd {
         /// The archive file (.zip).
         archive: PathBuf,
     },
+    /// Keep some frames and drop the rest: writes the kept frames, every
+    /// constant record and the metrics to a new file, then replaces the
+    /// archive with it (fsynced, renamed: after a crash it is the old or the
+    /// new archive, complete). A frame kept by any --keep-* is kept; the
+    /// newest frame always is. Refused while a daemon has the archive open.
+    Compact(CompactCli),
+    /// Copy an archive consistently, also while it is being written: the
+    /// copy holds every frame committed when it starts (a reflink where the
+    /// file system has one). DST must not exist.
+    Snapshot {
+        /// The archive file to copy.
+        src: PathBuf,
+        /// The new file.
+        dst: PathBuf,
+    },
+    /// Write one frame's tensors to a safetensors or npz file, bit-exact,
+    /// with their dtypes and the names the training code gave them.
+    Export {
+        /// The archive file (.zip).
+        archive: PathBuf,
+        /// The group the frames were written under (GTARLogger's / the
+        /// client's `group`), if any.
+        #[arg(long)]
+        group: Option<String>,
+        /// The frame index [default: the last frame].
+        #[arg(long)]
+        frame: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum)]
+        format: gtar_logd::lifecycle::export::ExportFormat,
+        /// Output file (replaced if it exists).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct CompactCli {
+    /// The archive file (.zip).
+    archive: PathBuf,
+    /// Keep the last N frames.
+    #[arg(long, value_name = "N")]
+    keep_last: Option<usize>,
+    /// Keep every K-th frame: indices that are multiples of K (by position when indices are not all integers).
+    #[arg(long, value_name = "K")]
+    keep_every: Option<u64>,
+    /// Keep the N frames with the best value of a stored metric, e.g. val_loss:min:3 (a `vars/` record whose steps are frame indices, as GTARLogger's epoch metrics).
+    #[arg(long, value_name = "METRIC:min|max:N")]
+    keep_best: Option<String>,
+    /// Keep frames written less than this long ago, e.g. 7d, 12h (needs frame write times).
+    #[arg(long, value_name = "DURATION")]
+    keep_newer_than: Option<String>,
+    /// Judge only the frames of records in this group (or below it); other records are kept whole.
+    #[arg(long)]
+    group: Option<String>,
+    /// Print what would be kept and dropped, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn compact(c: CompactCli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let keep_best = c
+        .keep_best
+        .as_deref()
+        .map(str::parse::<gtar::Best>)
+        .transpose()
+        .map_err(|e| match e {
+            gtar::Error::Invalid(m) => anyhow::anyhow!("--{m}"),
+            e => e.into(),
+        })?;
+    let keep_newer_than = c
+        .keep_newer_than
+        .as_deref()
+        .map(|d| {
+            humantime::parse_duration(d)
+                .map_err(|e| anyhow::anyhow!("--keep-newer-than {d:?}: {e} (e.g. 7d, 12h, 30min)"))
+        })
+        .transpose()?;
+    let args = gtar_logd::lifecycle::compact::CompactArgs {
+        group: c.group,
+        policy: gtar::Policy {
+            keep_last: c.keep_last,
+            keep_every: c.keep_every,
+            keep_best,
+            keep_newer_than,
+        },
+        dry_run: c.dry_run,
+    };
+    if args.policy.is_empty() {
+        anyhow::bail!(
+            "give at least one of --keep-last, --keep-every, --keep-best, --keep-newer-than \
+             (compaction drops every frame no policy keeps)"
+        );
+    }
+    gtar_logd::lifecycle::compact::compact(&c.archive, &args, out).map(|_| ())
 }
 
 #[derive(clap::Args)]
@@ -112,6 +207,36 @@ fn main() -> ExitCode {
         }
         Cmd::Ls { archive } => gtar_logd::cli::ls(&archive, &mut out),
         Cmd::Repair { archive } => gtar_logd::cli::repair(&archive, &mut out),
+        Cmd::Compact(c) => compact(c, &mut out),
+        Cmd::Snapshot { src, dst } => {
+            gtar_logd::lifecycle::snapshot::snapshot(&src, &dst, &mut out).map(|_| ())
+        }
+        Cmd::Export {
+            archive,
+            group,
+            frame,
+            format,
+            output,
+        } => gtar_logd::lifecycle::export::export(
+            &archive,
+            group.as_deref(),
+            frame.as_deref(),
+            format,
+            &output,
+        )
+        .and_then(|e| {
+            use std::io::Write;
+            writeln!(
+                out,
+                "frame {} of {}: {} tensors, {} bytes -> {}",
+                e.frame,
+                archive.display(),
+                e.tensors.len(),
+                e.bytes,
+                output.display()
+            )?;
+            Ok(())
+        }),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import re
+import struct
 import warnings
+import zipfile
 
 import numpy as np
 
 from . import _keras_layout as L
-from ._names import VALUE_NAME, join
+from ._names import DEFAULT_COLLECTION, VALUE_NAME, group_to_key, join
 from ._writer import Unit
 from .client import Client
 from .errors import NotFound
@@ -366,6 +370,104 @@ class Trajectory:
             out[rec.name] = (steps, values)
         return out
 
+    # ------------------------------------------------------------- export
+    def export(self, path, frame=-1, format="safetensors"):
+        """Write every tensor of `frame` to the file `path`, bit-exact, and
+        return them as {name: array}.
+
+        `frame` is a position in the frames of the archive under `group`
+        (every frame, not only those with Keras weights; -1 is the last) or
+        an index string. `format` is 'safetensors' (Hugging Face's
+        `safetensors.numpy.load_file` / `safe_open` read it) or 'npz'
+        (`np.load`). dtypes are kept, f16, bf16, bool, i8, i16, u16 included;
+        npz has no bfloat16, so, as `np.savez` does with an
+        `ml_dtypes.bfloat16` array, it is stored as 2-byte void ('<V2'):
+        `arr.view(ml_dtypes.bfloat16)` gets it back.
+
+        Names are the ones the training code used: Keras variable paths
+        (`dense/kernel`) for GTARLogger's weights, `optimizer/{path}` for its
+        optimizer state, `layer/{i}/weight/{j}` for keras_gtar's weights,
+        the dict keys for `Client.write_frame`'s tensors; any other record is
+        named by its group and name. `gtar-logd export` names them the same.
+
+        The file is written beside `path` and renamed over it once complete.
+        safetensors' own writer is used when the package is installed; else
+        the format (an 8-byte header length, a JSON header, the raw bytes) is
+        written here.
+        """
+        if format not in ("safetensors", "npz"):
+            raise ValueError(f"format must be 'safetensors' or 'npz', not {format!r}")
+        try:
+            frames = self.client.list_frames(self.archive, self.group)
+        except NotFound:
+            if self.mode == "r":
+                self._check_archive()
+            frames = []
+        index = self._resolve(frame, frames)
+        _, tensors = self.client.get_frame(self.archive, index, group=self.group)
+        tensors = [(info, arr) for info, arr in tensors if not _is_text_record(info.path)]
+        if not tensors:
+            raise NotFound(f"frame {index!r} of {self.archive!r} has no tensors")
+        names = self._export_names([info for info, _ in tensors])
+        arrays = {name: arr for name, (_, arr) in zip(names, tensors)}
+        metadata = {"format": "gtar-logd-export/1", "frame": str(index)}
+        _write_atomically(os.fspath(path), lambda tmp: (
+            _save_safetensors(tmp, arrays, metadata) if format == "safetensors"
+            else _save_npz(tmp, arrays)))
+        return arrays
+
+    def _export_names(self, infos):
+        """The user's names of these tensors (see `export`), made unique by
+        falling back to record paths."""
+        docs = {}
+
+        def doc(prefix, rel):
+            p = join(prefix, rel)
+            if p not in docs:
+                try:
+                    docs[p] = json.loads(self.client.read_record(self.archive, p).decode("utf-8"))
+                except (NotFound, ValueError):
+                    docs[p] = None
+            return docs[p]
+
+        def by_index(items, i):
+            return next((x for x in items or [] if x.get("index") == i), None)
+
+        group = (self.group or "").strip("/")
+        names = []
+        for info in infos:
+            g, n, name = info.group, info.name, None
+            m = _KERAS_WEIGHT.match(g) if n == L.WEIGHT_NAME else None
+            if m:
+                i, j = int(m.group(2)), int(m.group(3))
+                meta = doc(m.group(1), L.WEIGHTS_JSON) or {}
+                w = by_index((by_index(meta.get("layers"), i) or {}).get("weights"), j) or {}
+                name = w.get("path") or f"layer/{i}/weight/{j}"
+            m = _OPTIMIZER_VAR.match(g) if n == VALUE_NAME and name is None else None
+            if m:
+                k = int(m.group(2))
+                meta = doc(m.group(1), L.OPTIMIZER_JSON) or {}
+                v = by_index(meta.get("variables"), k) or {}
+                name = "optimizer/" + (v.get("path") or str(k))
+            if name is None:
+                rel = g[len(group) + 1:] if group and g.startswith(group + "/") else (
+                    "" if group and g == group else g)
+                if n == VALUE_NAME:
+                    parts = rel.split("/")
+                    for s in range(len(parts) - 1):
+                        if parts[s] == DEFAULT_COLLECTION:
+                            try:
+                                name = group_to_key("/".join(parts[s + 1:]))
+                                break
+                            except ValueError:  # not hex after all
+                                continue
+                if name is None:
+                    name = join(rel, n)
+            names.append(name)
+        counts = collections.Counter(names)
+        return [info.path if counts[nm] > 1 or nm in ("", "__metadata__") else nm
+                for nm, info in zip(names, infos)]
+
     # ------------------------------------------------------------- writing
     def _w(self):
         if self.mode == "r":
@@ -396,3 +498,82 @@ class Trajectory:
         return self.save(model)
 
 
+
+
+# ----------------------------------------------------------------- export helpers
+_KERAS_WEIGHT = re.compile(r"^(?:(.*)/)?keras/layer/(\d+)/weight/(\d+)$")
+_OPTIMIZER_VAR = re.compile(r"^(?:(.*)/)?gtar_logd/optimizer/(\d+)$")
+_GETAR_TYPES = {"f32", "f64", "i32", "i64", "u8", "u32", "u64"}
+# numpy dtype name -> safetensors dtype
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+              "int64": "I64", "uint64": "U64", "int32": "I32", "uint32": "U32",
+              "int16": "I16", "uint16": "U16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def _is_text_record(path: str) -> bool:
+    """A GETAR text record (no `.{type}.{uni|ind}` suffix), e.g. a manifest."""
+    parts = path.rsplit("/", 1)[-1].split(".")
+    return not (len(parts) >= 3 and parts[-1] in ("uni", "ind") and parts[-2] in _GETAR_TYPES)
+
+
+def _write_atomically(path: str, write) -> None:
+    """`write(tmp)` to a temporary file beside `path`, fsync, rename over it."""
+    d, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(d, f".{base}.export-tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_safetensors(path: str, arrays: dict, metadata: dict) -> None:
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        save_file = None
+    if save_file is not None:
+        save_file(arrays, path, metadata=metadata)
+        return
+    # safetensors is an optional dependency: without it, write the format
+    # itself (an 8-byte little-endian header length, a JSON header naming
+    # each tensor's dtype, shape and byte range, then the raw bytes).
+    header, offset, blobs = {}, 0, []
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        data = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    header["__metadata__"] = metadata
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+    # What np.savez does (numpy's own .npy writer in an uncompressed zip),
+    # without its keyword-argument interface, which would refuse keys such
+    # as 'file' or 'allow_pickle'.
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, a in arrays.items():
+            with z.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)

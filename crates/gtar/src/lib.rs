@@ -8,7 +8,10 @@
 //! The public face is what this file re-exports; the modules behind it are
 //! private. Their graph has no cycles: `path`, `zipfmt` at the bottom, then
 //! `index`, `scan` (recovery in memory), `reader`, `fsutil`, `repair`,
-//! `direct` (the `O_DIRECT` engine) and `writer` on top.
+//! `direct` (the `O_DIRECT` engine) and `writer` on top. The lifecycle after
+//! the save sits beside the writer: `retention` (keep policies, pure logic),
+//! `copy` (kernel copies and atomic file replacement), `compact` and
+//! `snapshot` (on `reader`, `scan`, `copy`, `fsutil`; never on `writer`).
 //!
 //! Invariants every module here keeps:
 //! * archives we write are always zip64 (end record + locator), so libgetar
@@ -44,16 +47,22 @@
 //!    apart, not other programs. Another program appending while the daemon
 //!    holds the archive is outside what we guarantee.
 
+mod compact;
+mod copy;
 mod direct;
 mod fsutil;
 mod index;
 mod path;
 mod reader;
 mod repair;
+mod retention;
 mod scan;
+mod snapshot;
 mod writer;
 mod zipfmt;
 
+pub use compact::{entry_time, CompactPlan, Compacted, Exclusive, Rewriter};
+pub use copy::CopyStats;
 pub use fsutil::is_being_written;
 pub use index::{group_under, Entry, Index};
 pub use path::{
@@ -61,7 +70,9 @@ pub use path::{
 };
 pub use reader::{Archive, EntryReader, OpenState};
 pub use repair::repair;
+pub use retention::{select, Best, Decision, Direction, FrameFacts, Policy, Reason};
 pub use scan::ScanReport;
+pub use snapshot::{snapshot, snapshot_path, CommittedView, Snapshot};
 pub use writer::{
     ArchiveWriter, Committed, Compression, EntryWriter, OpenMode, Precompressed, Txn,
 };

@@ -125,6 +125,29 @@ pub struct ArchiveWriter {
     direct: Option<DirectIo>,
 }
 
+/// Open (creating if missing) and lock `path`. A compaction renames a new
+/// file over the path while it holds the lock on the old one: if the file
+/// we locked is no longer the one at the path, lock the new one instead, or
+/// frames would go to an unlinked file and be lost.
+fn open_locked(path: &Path) -> Result<(File, bool), Error> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        lock_exclusive(&file)?;
+        let (ours, there) = (file.metadata()?, std::fs::metadata(path));
+        match there {
+            Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => return Ok((file, existed)),
+            _ => continue, // replaced (or removed) while we opened it
+        }
+    }
+}
+
 impl ArchiveWriter {
     /// Open `path` for writing. With [`OpenMode::Append`] an archive whose
     /// tail is damaged is repaired first; the report says what was kept.
@@ -144,14 +167,7 @@ impl ArchiveWriter {
         shared: Arc<RwLock<Index>>,
     ) -> Result<(ArchiveWriter, Option<ScanReport>), Error> {
         let path = path.as_ref().to_path_buf();
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        lock_exclusive(&file)?;
+        let (file, existed) = open_locked(&path)?;
         let mut index = Index::new();
         let mut report = None;
         let end;
