@@ -555,22 +555,17 @@ async fn a_fast_stream_is_slowed_down_not_refused_and_acks_stay_ordered() {
                 "w",
                 DType::Uint8,
                 &[1 << 20],
-                // Generated up front: chunks are cut without copying, so
-                // the client outpaces the writer.
-                Payload::Shared(
-                    Payload::Gen {
-                        seed: i,
-                        len: 1 << 20,
-                    }
-                    .to_vec()
-                    .into(),
-                ),
+                Payload::Gen {
+                    seed: i,
+                    len: 1 << 20,
+                },
             )],
             ..Default::default()
         })
         .collect();
-    // Built up front, so the client outpaces the writer. Bytes over the
-    // socket: each 1 MiB tensor is one chunk.
+    // Built up front (the client sends an owned buffer's chunks without
+    // copying), so the client outpaces the writer. Bytes over the socket:
+    // each 1 MiB tensor is one chunk.
     let new: Vec<logd::NewFrame> = frames.iter().map(FrameSpec::new_frame).collect();
     let c = d.client().await;
     let mut w = c.writer("fast.zip", append("")).await.unwrap();
