@@ -698,3 +698,90 @@ async fn malformed_requests_get_the_right_code_and_touch_nothing_outside() {
     }
     assert!(total < 4 << 20, "data dir holds {total} bytes");
 }
+
+// ------------------------------------------------------------ raw bytes
+
+/// A bare channel over the Unix socket (for hand-made requests).
+async fn uds_channel(path: &Path) -> tonic::transport::Channel {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://[::]:1")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect over the Unix socket")
+}
+
+/// A codec that sends and receives raw protobuf bytes, so tests can send
+/// messages the generated types cannot express (e.g. non-UTF-8 strings).
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawEnc;
+struct RawDec;
+
+impl tonic::codec::Encoder for RawEnc {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEnc;
+    type Decoder = RawDec;
+    fn encoder(&mut self) -> RawEnc {
+        RawEnc
+    }
+    fn decoder(&mut self) -> RawDec {
+        RawDec
+    }
+}
+
+fn varint(mut x: u64, v: &mut Vec<u8>) {
+    loop {
+        let b = (x & 0x7f) as u8;
+        x >>= 7;
+        if x == 0 {
+            v.push(b);
+            return;
+        }
+        v.push(b | 0x80);
+    }
+}
+
+/// Protobuf length-delimited field `tag` holding `bytes`.
+fn pb_field(tag: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    varint(((tag << 3) | 2) as u64, &mut v);
+    varint(bytes.len() as u64, &mut v);
+    v.extend_from_slice(bytes);
+    v
+}

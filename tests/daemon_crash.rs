@@ -13,7 +13,8 @@
 //!    frames, compared by CRC-32 with what was sent.
 //!
 //! The archive grows across the runs, so each run also exercises repair of an
-//! archive that was repaired and appended to before.
+//! archive that was repaired and appended to before. The client and the
+//! queries are the project's Rust client (bytes over the socket).
 
 mod common;
 #[path = "common/daemon.rs"]
@@ -26,11 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use daemon::*;
-use gtar_logd::proto::v1::{
-    self as pb, write_request::Msg as In, write_response::Msg as Out, DType,
-};
+use gtar_logd::proto::v1::DType;
 use rand::{Rng, SeedableRng};
-use tokio_stream::StreamExt;
 
 const ARCHIVE: &str = "crash/run.zip";
 const RUNS: usize = 24;
@@ -93,22 +91,18 @@ fn tensor_paths(i: u64) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Check a frame through the daemon: all tensors and the scalar, exact.
-async fn check_frame(c: &mut Client, i: u64) {
-    let got = get_frame(c, ARCHIVE, "", by_index(&i.to_string()))
+async fn check_frame(c: &logd::Client, i: u64) {
+    let got = c
+        .get_frame(ARCHIVE, i.to_string())
         .await
         .unwrap_or_else(|e| panic!("frame {i}: {e:?}"));
-    assert_frame_eq(&got, &spec(i));
+    assert_frame_matches(&got, &spec(i));
     let r = c
-        .read_record(pb::ReadRecordRequest {
-            archive: ARCHIVE.into(),
-            path: format!("metrics/vars/loss.f64.uni/{i}"),
-            ..Default::default()
-        })
+        .read_record(ARCHIVE, &format!("metrics/vars/loss.f64.uni/{i}"))
         .await
-        .unwrap_or_else(|e| panic!("frame {i}'s scalar: {e:?}"))
-        .into_inner();
+        .unwrap_or_else(|e| panic!("frame {i}'s scalar: {e:?}"));
     assert_eq!(
-        r.data,
+        r,
         (1.0 / (i as f64 + 1.0)).to_le_bytes(),
         "frame {i}'s scalar"
     );
@@ -177,39 +171,32 @@ struct Seen {
 }
 
 /// Stream frames `first..` as fast as the daemon takes them until the
-/// connection dies; acks are recorded the moment they arrive.
-async fn stream_until_killed(uds: std::path::PathBuf, first: u64, seen: Arc<Mutex<Seen>>) {
-    let mut c = connect_uds(&uds).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteRequest>(4);
-    if tx.send(req(In::Open(open_req(ARCHIVE, "")))).await.is_err() {
-        return;
-    }
-    let Ok(resp) = c
-        .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    else {
+/// connection dies; each frame's `durable` ack is recorded the moment its
+/// handle resolves.
+async fn stream_until_killed(address: String, first: u64, seen: Arc<Mutex<Seen>>) {
+    let Ok(c) = logd::Client::connect(&address).await else {
         return;
     };
-    let mut inbound = resp.into_inner();
-    let seen2 = seen.clone();
-    let reader = tokio::spawn(async move {
-        while let Some(Ok(m)) = inbound.next().await {
-            if let Some(Out::Durable(a)) = m.msg {
-                seen2.lock().unwrap().durable.push(a.index.parse().unwrap());
-            }
-        }
-    });
+    let Ok(mut w) = c.writer(ARCHIVE, append("")).await else {
+        return;
+    };
+    let mut waiters = Vec::new();
     let mut i = first;
     loop {
         seen.lock().unwrap().sent_begun = i + 1;
-        let f = spec(i);
-        for m in frame_messages(&f, 256 << 10) {
-            if tx.send(m).await.is_err() {
-                let _ = reader.await;
-                return;
+        let Ok(h) = w.write(spec(i).new_frame()).await else {
+            break;
+        };
+        let seen = seen.clone();
+        waiters.push(tokio::spawn(async move {
+            if let Ok(a) = h.durable().await {
+                seen.lock().unwrap().durable.push(a.index.parse().unwrap());
             }
-        }
+        }));
         i += 1;
+    }
+    for t in waiters {
+        let _ = t.await;
     }
 }
 
@@ -227,6 +214,7 @@ fn kill_9_at_random_moments_loses_no_durable_frame_and_shows_no_partial_frame() 
     let uds = tmp.path().join("logd.sock");
     let log = tmp.path().join("daemon.log");
     let file = data.join(ARCHIVE);
+    let address = format!("unix:{}", uds.display());
     let seed = common::seed_from_env("CRASH_SEED");
     println!("CRASH_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -247,10 +235,21 @@ fn kill_9_at_random_moments_loses_no_durable_frame_and_shows_no_partial_frame() 
         let mut d = ChildDaemon::spawn(&data, &uds, None, &log);
         let seen = Arc::new(Mutex::new(Seen::default()));
         let delay = Duration::from_millis(rng.gen_range(0..400));
-        let task = rt.spawn(stream_until_killed(uds.clone(), next, seen.clone()));
+        // A thread of its own: `FrameWriter::write`'s future is not `Send`
+        // (a watch::Ref held across an await in the client's shm_span).
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (address2, seen2) = (address.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(stream_until_killed(address2, next, seen2));
+            let _ = done_tx.send(());
+        });
         std::thread::sleep(delay);
         d.kill9();
-        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+        let _ = done_rx.recv_timeout(Duration::from_secs(10));
         let (sent, acked) = {
             let s = seen.lock().unwrap();
             (s.sent_begun, s.durable.clone())
@@ -263,11 +262,13 @@ fn kill_9_at_random_moments_loses_no_durable_frame_and_shows_no_partial_frame() 
         // --- restart: durable frames are there, nothing partial is visible
         let mut d = ChildDaemon::spawn(&data, &uds, None, &log);
         let listed: Vec<u64> = rt.block_on(async {
-            let mut c = connect_uds(&uds).await;
-            let listed = match list_frames(&mut c, ARCHIVE, "").await {
+            let c = logd::Client::connect(&address).await.unwrap();
+            let listed = match c.list_frames(ARCHIVE, "").await {
                 Ok(l) => l.iter().map(|s| s.parse().unwrap()).collect(),
-                Err(s) if s.code() == tonic::Code::NotFound && durable_ever.is_empty() => vec![],
-                Err(s) => panic!("run {runs}: ListFrames after restart: {s:?}"),
+                Err(e) if e.code() == Some(tonic::Code::NotFound) && durable_ever.is_empty() => {
+                    vec![]
+                }
+                Err(e) => panic!("run {runs}: ListFrames after restart: {e:?}"),
             };
             let listed: Vec<u64> = listed;
             // A gap-free prefix of what was sent (frames commit in order).
@@ -298,13 +299,13 @@ fn kill_9_at_random_moments_loses_no_durable_frame_and_shows_no_partial_frame() 
                 }
             }
             for i in to_check {
-                check_frame(&mut c, i).await;
+                check_frame(&c, i).await;
                 checked.insert(i);
             }
             // Open for append (repairs the file) and close again.
-            let s = Session::open(&mut c, open_req(ARCHIVE, "")).await.unwrap();
-            assert_eq!(s.opened.existing_frames, listed.len() as u64);
-            s.finish().await.unwrap();
+            let w = c.writer(ARCHIVE, append("")).await.unwrap();
+            assert_eq!(w.opened().existing_frames, listed.len() as u64);
+            w.close().await.unwrap();
             listed
         });
         d.terminate(Duration::from_secs(20));

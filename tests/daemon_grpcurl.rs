@@ -146,8 +146,8 @@ fn grpcurl_lists_describes_and_calls_with_json_over_tcp_and_unix() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut c = d.uds_client().await;
-        write_frames(&mut c, open_req("runs/g.zip", ""), &frames, 1 << 20)
+        let c = d.client().await;
+        write_client(&c, "runs/g.zip", append(""), &frames)
             .await
             .unwrap();
     });

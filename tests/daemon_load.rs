@@ -2,7 +2,8 @@
 //! read from /proc): 16 clients stream to 16 archives and 4 more to one
 //! shared archive, while 4 others query. Afterwards every frame that was
 //! acked durable is present and bit-exact, and the daemon's peak RSS
-//! (VmHWM) is printed and held to a bound.
+//! (VmHWM) is printed and held to a bound. Through the project's Rust
+//! client, bytes over the socket (shared memory would count in the RSS).
 
 #[path = "common/daemon.rs"]
 mod daemon;
@@ -10,7 +11,7 @@ mod daemon;
 use std::time::{Duration, Instant};
 
 use daemon::*;
-use gtar_logd::proto::v1::{self as pb, DType};
+use gtar_logd::proto::v1::DType;
 use tokio::sync::watch;
 use tonic::Code;
 
@@ -53,64 +54,57 @@ fn twenty_writers_and_four_readers_lose_nothing_and_memory_stays_bounded() {
     let data = tmp.path().join("data");
     let uds = tmp.path().join("logd.sock");
     let mut d = ChildDaemon::spawn(&data, &uds, None, &tmp.path().join("daemon.log"));
+    let address = format!("unix:{}", uds.display());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let started = Instant::now();
-    let (acked, queries) = rt.block_on(async {
+    // The writers run as local tasks: `FrameWriter::write`'s future is not
+    // `Send` (a watch::Ref held across an await in the client's shm_span).
+    let local = tokio::task::LocalSet::new();
+    let (acked, queries) = local.block_on(&rt, async {
         let (done_tx, done_rx) = watch::channel(false);
         let mut writers = Vec::new();
         for w in 0..20u64 {
-            let uds = uds.clone();
-            writers.push(tokio::spawn(async move {
-                let mut c = connect_uds(&uds).await;
-                let mut s = Session::open(&mut c, open_req(&archive_of(w), ""))
-                    .await
-                    .unwrap();
+            let address = address.clone();
+            writers.push(tokio::task::spawn_local(async move {
+                let c = logd::Client::connect(&address).await.unwrap();
+                let mut s = c.writer(&archive_of(w), append("")).await.unwrap();
+                let mut handles = Vec::new();
                 for n in 0..FRAMES {
-                    s.send_frame(&frame(w, n), 1 << 20).await.unwrap();
+                    handles.push(s.write(frame(w, n).new_frame()).await.unwrap());
                 }
-                let s = s.finish().await.unwrap();
-                assert_eq!(s.durable.len() as u64, FRAMES, "writer {w}");
-                (
-                    w,
-                    s.durable
-                        .iter()
-                        .map(|a| a.index.clone())
-                        .collect::<Vec<_>>(),
-                )
+                let mut durable = Vec::new();
+                for h in handles {
+                    durable.push(h.durable().await.unwrap().index);
+                }
+                s.close().await.unwrap();
+                assert_eq!(durable.len() as u64, FRAMES, "writer {w}");
+                (w, durable)
             }));
         }
         let mut readers = Vec::new();
         for r in 0..4u64 {
-            let uds = uds.clone();
+            let address = address.clone();
             let done = done_rx.clone();
             readers.push(tokio::spawn(async move {
-                let mut c = connect_uds(&uds).await;
+                let c = logd::Client::connect(&address).await.unwrap();
                 let mut n = 0u64;
-                let ok_or_absent = |res: Result<(), tonic::Status>, what: &str| match res {
+                let ok_or_absent = |res: logd::Result<()>, what: &str| match res {
                     Ok(()) => {}
-                    Err(s) if s.code() == Code::NotFound => {}
-                    Err(s) => panic!("reader {r}: {what}: {s:?}"),
+                    Err(e) if e.code() == Some(Code::NotFound) => {}
+                    Err(e) => panic!("reader {r}: {what}: {e:?}"),
                 };
                 while !*done.borrow() {
                     let a = archive_of((n + r) % 17); // 16 = the shared archive
-                    let l = c
-                        .list_archives(pb::ListArchivesRequest::default())
-                        .await
-                        .unwrap();
-                    assert!(l.into_inner().archives.len() <= 17);
-                    ok_or_absent(list_frames(&mut c, &a, "").await.map(|_| ()), "ListFrames");
+                    let l = c.list_archives("").await.unwrap();
+                    assert!(l.len() <= 17);
+                    ok_or_absent(c.list_frames(&a, "").await.map(|_| ()), "ListFrames");
+                    ok_or_absent(c.describe(&a).await.map(|_| ()), "DescribeArchive");
                     ok_or_absent(
-                        c.describe_archive(pb::DescribeArchiveRequest { archive: a.clone() })
-                            .await
-                            .map(|_| ()),
-                        "DescribeArchive",
-                    );
-                    ok_or_absent(
-                        get_frame(&mut c, &a, "", by_position(-1)).await.map(|_| ()),
+                        c.get_frame(&a, logd::FrameSel::LAST).await.map(|_| ()),
                         "GetFrame",
                     );
                     n += 1;
@@ -134,22 +128,22 @@ fn twenty_writers_and_four_readers_lose_nothing_and_memory_stays_bounded() {
 
     // Every acked frame is there, bit-exact, and nothing else.
     rt.block_on(async {
-        let mut c = connect_uds(&uds).await;
+        let c = logd::Client::connect(&address).await.unwrap();
         for (w, indices) in &acked {
             let a = archive_of(*w);
-            let listed = list_frames(&mut c, &a, "").await.unwrap();
+            let listed = c.list_frames(&a, "").await.unwrap();
             for (n, i) in indices.iter().enumerate() {
                 let f = frame(*w, n as u64);
                 assert_eq!(*i, f.index);
                 assert!(listed.contains(i), "{a}: acked frame {i} missing");
-                assert_frame_eq(&get_frame(&mut c, &a, "", by_index(i)).await.unwrap(), &f);
+                assert_frame_matches(&c.get_frame(&a, i.as_str()).await.unwrap(), &f);
             }
         }
-        let shared = list_frames(&mut c, SHARED, "").await.unwrap();
+        let shared = c.list_frames(SHARED, "").await.unwrap();
         assert_eq!(shared.len() as u64, 4 * FRAMES);
         for k in 0..16 {
             assert_eq!(
-                list_frames(&mut c, &archive_of(k), "").await.unwrap().len() as u64,
+                c.list_frames(&archive_of(k), "").await.unwrap().len() as u64,
                 FRAMES
             );
         }

@@ -4,7 +4,9 @@
 //! compressed) read back bit-exact; TCP and a bad region (closed, too
 //! small, not sealed) are refused with a reason and the stream still works
 //! with `chunk`s; a range outside the region fails its frame only, and what
-//! was stored stays.
+//! was stored stays. The offers are hand-made (the region, its pieces and
+//! bad ones are what is tested); reads, and a plain writer against a daemon
+//! with shared memory off, go through the project's Rust client.
 
 #[path = "common/daemon.rs"]
 mod daemon;
@@ -158,6 +160,7 @@ async fn begin_u8_tensor(s: &mut Session, index: &str, len: u64) {
 async fn frames_through_shared_memory_read_back_bit_exact() {
     let d = Daemon::start();
     let mut c = d.uds_client().await;
+    let q = d.client().await;
     for (archive, compression) in [("shm.zip", 0), ("shm-deflate.zip", 6)] {
         let region = memfd(REGION);
         let open = pb::OpenArchive {
@@ -180,10 +183,8 @@ async fn frames_through_shared_memory_read_back_bit_exact() {
         s.wait_durable(frames.len()).await.unwrap();
         s.finish().await.unwrap();
         for f in &frames {
-            let got = get_frame(&mut c, archive, "", by_index(&f.index))
-                .await
-                .unwrap();
-            assert_frame_eq(&got, f);
+            let got = q.get_frame(archive, f.index.as_str()).await.unwrap();
+            assert_frame_matches(&got, f);
         }
         // The file itself, through the format library (CRCs checked).
         let a = gtar::Archive::open(d.data.join(archive)).unwrap();
@@ -198,7 +199,7 @@ async fn a_region_offered_over_tcp_or_not_openable_is_refused_and_chunks_still_w
     let unsealed = memfd_with(1 << 20, false);
     // Above any descriptor this process has open.
     let closed_fd = 1 << 30;
-    let mut uds = d.uds_client().await;
+    let uds = d.client().await;
     let cases = [
         (true, open_shm("t.zip", &region, 1 << 20), "Unix socket"),
         (
@@ -253,42 +254,37 @@ async fn a_region_offered_over_tcp_or_not_openable_is_refused_and_chunks_still_w
             "shm_chunk, no region",
         );
         assert!(st.message().contains("no shared memory region"), "{st:?}");
-        let got = get_frame(&mut uds, "t.zip", "", by_index(&f.index))
-            .await
-            .unwrap();
-        assert_frame_eq(&got, &f);
+        let got = uds.get_frame("t.zip", f.index.as_str()).await.unwrap();
+        assert_frame_matches(&got, &f);
     }
-    assert_eq!(list_frames(&mut uds, "t.zip", "").await.unwrap().len(), 4);
+    assert_eq!(uds.list_frames("t.zip", "").await.unwrap().len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_with_shared_memory_off_refuses_it_and_takes_chunks() {
     let d = Daemon::start_with(|c| c.shared_memory = false);
-    let region = memfd(1 << 20);
-    let mut c = d.uds_client().await;
-    let mut s = Session::open(&mut c, open_shm("off.zip", &region, 1 << 20))
+    // The client offers a region on a Unix socket by default.
+    let c = d.client().await;
+    let mut w = c
+        .writer("off.zip", logd::OpenOptions::append())
         .await
         .unwrap();
-    assert!(!s.opened.shm_attached);
-    assert!(
-        s.opened.shm_refused.contains("--shared-memory false"),
-        "{}",
-        s.opened.shm_refused
-    );
+    assert!(!w.opened().shm_attached);
+    let refused = w.opened().shm_refused.clone().unwrap_or_default();
+    assert!(refused.contains("--shared-memory false"), "{refused}");
     let f = frame("0", 0);
-    s.send_frame(&f, 1 << 20).await.unwrap();
-    s.wait_durable(1).await.unwrap();
-    s.finish().await.unwrap();
-    let got = get_frame(&mut c, "off.zip", "", by_index("0"))
-        .await
-        .unwrap();
-    assert_frame_eq(&got, &f);
+    write_with(&mut w, std::slice::from_ref(&f)).await.unwrap();
+    assert_eq!(w.shm_bytes(), 0, "tensor bytes went through the socket");
+    w.close().await.unwrap();
+    let got = c.get_frame("off.zip", "0").await.unwrap();
+    assert_frame_matches(&got, &f);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_outside_the_region_fails_its_frame_only() {
     let d = Daemon::start();
     let mut c = d.uds_client().await;
+    let q = d.client().await;
     let good = frame("0", 0);
 
     // Out of the declared region (and an overflowing one): INVALID_ARGUMENT.
@@ -327,13 +323,11 @@ async fn a_range_outside_the_region_fails_its_frame_only() {
     s.wait_durable(1).await.unwrap();
     s.finish().await.unwrap();
     assert_eq!(
-        list_frames(&mut c, "b.zip", "").await.unwrap(),
+        q.list_frames("b.zip", "").await.unwrap(),
         vec!["0".to_string(), "1".to_string()]
     );
     for f in [&good, &next] {
-        let got = get_frame(&mut c, "b.zip", "", by_index(&f.index))
-            .await
-            .unwrap();
-        assert_frame_eq(&got, f);
+        let got = q.get_frame("b.zip", f.index.as_str()).await.unwrap();
+        assert_frame_matches(&got, f);
     }
 }

@@ -314,8 +314,10 @@ async fn socket_activation_unix_and_tcp() {
     let mut p = spawn_logged(cmd, &root.join("activate.log"));
     // Like systemd with Accept=no, it execs the daemon on the first connection.
     wait_for("the activated sockets", &mut p, || uds.exists());
-    let mut via_uds = connect_uds(&uds).await;
-    let mut via_tcp = connect_tcp(tcp).await;
+    let via_uds = logd::Client::connect(&format!("unix:{}", uds.display()))
+        .await
+        .unwrap();
+    let via_tcp = logd::Client::connect(&tcp.to_string()).await.unwrap();
     assert_eq!(
         health(&uds, "")
             .await
@@ -325,25 +327,24 @@ async fn socket_activation_unix_and_tcp() {
 
     // Write through the Unix socket, read through TCP; and the other way round.
     let a = [small_frame("1", 11), small_frame("2", 12)];
-    write_frames(&mut via_uds, open_req("act/uds.zip", ""), &a, 1 << 20)
+    write_client(&via_uds, "act/uds.zip", append(""), &a)
         .await
         .unwrap();
     let b = [small_frame("10", 21)];
-    write_frames(&mut via_tcp, open_req("act/tcp.zip", ""), &b, 1 << 20)
+    write_client(&via_tcp, "act/tcp.zip", append(""), &b)
         .await
         .unwrap();
     assert_eq!(
-        list_frames(&mut via_tcp, "act/uds.zip", "").await.unwrap(),
+        via_tcp.list_frames("act/uds.zip", "").await.unwrap(),
         ["1", "2"]
     );
-    let got = get_frame(&mut via_tcp, "act/uds.zip", "", by_position(-1))
+    let got = via_tcp
+        .get_frame("act/uds.zip", logd::FrameSel::LAST)
         .await
         .unwrap();
-    assert_frame_eq(&got, &a[1]);
-    let got = get_frame(&mut via_uds, "act/tcp.zip", "", by_index("10"))
-        .await
-        .unwrap();
-    assert_frame_eq(&got, &b[0]);
+    assert_frame_matches(&got, &a[1]);
+    let got = via_uds.get_frame("act/tcp.zip", "10").await.unwrap();
+    assert_frame_matches(&got, &b[0]);
 
     let log = p.log();
     assert!(
@@ -382,15 +383,11 @@ async fn socket_activation_unnamed_tcp_only() {
     wait_for("the TCP listener", &mut p, || {
         std::net::TcpStream::connect(tcp).is_ok()
     });
-    let mut c = connect_tcp(tcp).await;
+    let c = logd::Client::connect(&tcp.to_string()).await.unwrap();
     let f = [small_frame("0", 5)];
-    write_frames(&mut c, open_req("one.zip", ""), &f, 1 << 20)
-        .await
-        .unwrap();
-    let got = get_frame(&mut c, "one.zip", "", by_position(0))
-        .await
-        .unwrap();
-    assert_frame_eq(&got, &f[0]);
+    write_client(&c, "one.zip", append(""), &f).await.unwrap();
+    let got = c.get_frame("one.zip", 0i64).await.unwrap();
+    assert_frame_matches(&got, &f[0]);
     assert!(!root.join("own.sock").exists());
     drop(c);
     p.terminate(Duration::from_secs(30));

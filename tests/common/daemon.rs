@@ -1,8 +1,15 @@
 //! Helpers for the daemon integration tests (`tests/daemon_*.rs`) and the
 //! ingest benchmark: the real server in-process on a temp Unix socket and
 //! `127.0.0.1:0`, the real binary as a child process (for `kill -9` and peak
-//! RSS), tonic clients over both transports, a Write-stream session that
-//! tracks `received` / `durable` acks, and cheap deterministic payloads.
+//! RSS), cheap deterministic payloads, and frames described once
+//! ([`FrameSpec`]) for both ways of sending them:
+//! - through the project's Rust client (`gtar-logd-client`, as [`logd`]):
+//!   [`Daemon::client`], [`write_client`], [`assert_frame_matches`]; what
+//!   the happy-path tests use;
+//! - as hand-made protobuf ([`Session`], [`frame_messages`], [`RawCodec`]):
+//!   for tests of the protocol itself (malformed messages, odd chunking, half
+//!   a frame, shared-memory offers, a 4.5 GiB tensor never held in memory)
+//!   and the ingest benchmark, which measures the daemon without a client.
 //!
 //! Included with `#[path = "common/daemon.rs"] mod daemon;` so it does not
 //! depend on (or disturb) `tests/common/mod.rs`.
@@ -28,6 +35,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub type Client = LogdClient<Channel>;
+
+pub use gtar_logd_client as logd;
 
 /// Largest message our test clients send or accept.
 pub const CLIENT_MAX_MESSAGE: usize = 32 << 20;
@@ -126,6 +135,21 @@ impl Daemon {
 
     pub async fn tcp_client(&self) -> Client {
         connect_tcp(self.tcp).await
+    }
+
+    /// The project's Rust client over the Unix socket (tensor bytes go
+    /// through shared memory unless a writer turns it off).
+    pub async fn client(&self) -> logd::Client {
+        logd::Client::connect(&format!("unix:{}", self.uds.display()))
+            .await
+            .expect("connect over the Unix socket")
+    }
+
+    /// The project's Rust client over TCP (tensor bytes in chunks).
+    pub async fn tcp(&self) -> logd::Client {
+        logd::Client::connect(&self.tcp.to_string())
+            .await
+            .expect("connect over TCP")
     }
 
     /// Graceful shutdown (what SIGTERM does); returns `run`'s result. The
@@ -827,29 +851,128 @@ pub async fn list_frames(
         .frames)
 }
 
+// ------------------------------------------------------------ through the client
+
+impl TensorSpec {
+    /// The tensor as the client sends it (any dtype, raw little-endian bytes).
+    pub fn data(&self) -> logd::TensorData<'static> {
+        let dtype = logd::DType::from_proto(self.dtype).expect("a known dtype");
+        logd::TensorData::new(dtype, self.shape.clone(), self.data.to_vec())
+            .expect("bytes match dtype and shape")
+    }
+}
+
+impl FrameSpec {
+    /// The frame as the client writes it: tensors, then records, then scalars.
+    pub fn new_frame(&self) -> logd::NewFrame<'static> {
+        let mut f = logd::NewFrame::new(self.index.clone());
+        for t in &self.tensors {
+            f.push_tensor(t.group.clone(), t.name.clone(), t.data());
+        }
+        for (p, d) in &self.records {
+            f = f.record(p.clone(), d.clone());
+        }
+        for (g, n, v) in &self.scalars {
+            f = f.scalar(g.clone(), n.clone(), *v);
+        }
+        f
+    }
+}
+
+/// The acks of one frame written through the client.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    pub received: logd::Ack,
+    pub durable: logd::Ack,
+}
+
+/// Write `frames` through one client writer, wait for each frame's
+/// `received` and `durable` acks (the client fails the stream if acks come
+/// out of order or a `durable` comes before its `received`), close it.
+pub async fn write_with(
+    w: &mut logd::FrameWriter,
+    frames: &[FrameSpec],
+) -> logd::Result<Vec<Acked>> {
+    let mut handles = Vec::new();
+    for f in frames {
+        handles.push(w.write(f.new_frame()).await?);
+    }
+    let mut acks = Vec::new();
+    for mut h in handles {
+        let received = h.received().await?;
+        let durable = h.durable().await?;
+        assert_eq!(received.seq, durable.seq);
+        acks.push(Acked { received, durable });
+    }
+    Ok(acks)
+}
+
+/// Open a writer on `archive` with `options`, write `frames`, close it.
+pub async fn write_client(
+    c: &logd::Client,
+    archive: &str,
+    options: logd::OpenOptions,
+    frames: &[FrameSpec],
+) -> logd::Result<(logd::Opened, Vec<Acked>)> {
+    let mut w = c.writer(archive, options).await?;
+    let acks = write_with(&mut w, frames).await?;
+    let opened = w.opened().clone();
+    w.close().await?;
+    assert_eq!(acks.len(), frames.len(), "acks");
+    Ok((opened, acks))
+}
+
+/// Append-mode options for stream group `group`, bytes over the socket (the
+/// shared-memory path has tests of its own).
+pub fn append(group: &str) -> logd::OpenOptions {
+    logd::OpenOptions::append()
+        .group(group)
+        .shared_memory(false)
+}
+
 /// Check that `got` holds exactly the tensors of `f` (by name and group
-/// suffix), bit-exact.
-pub fn assert_frame_eq(got: &[GotTensor], f: &FrameSpec) {
+/// suffix): dtype, shape and bytes, bit-exact.
+pub fn assert_frame_matches(got: &logd::Frame, f: &FrameSpec) {
+    assert_eq!(got.index, f.index, "frame index");
     assert_eq!(
-        got.len(),
+        got.tensors.len(),
         f.tensors.len(),
         "frame {}: tensors {:?}",
         f.index,
-        got.iter().map(|t| &t.info.path).collect::<Vec<_>>()
+        got.tensors.iter().map(|t| &t.path).collect::<Vec<_>>()
     );
     for t in &f.tensors {
         let g = got
+            .tensors
             .iter()
-            .find(|g| g.info.name == t.name && g.info.group.ends_with(&t.group))
+            .find(|g| g.name == t.name && g.group.ends_with(&t.group))
             .unwrap_or_else(|| panic!("frame {}: tensor {}/{} missing", f.index, t.group, t.name));
-        assert_eq!(g.info.dtype, t.dtype, "{}: dtype", g.info.path);
-        assert_eq!(g.info.shape, t.shape, "{}: shape", g.info.path);
+        assert_eq!(
+            g.array.dtype().to_proto() as i32,
+            t.dtype,
+            "{}: dtype",
+            g.path
+        );
+        let shape: Vec<u64> = g.array.shape().iter().map(|&n| n as u64).collect();
+        assert_eq!(shape, t.shape, "{}: shape", g.path);
         assert!(
-            g.data == t.data.to_vec(),
+            g.array.to_le_bytes() == t.data.to_vec(),
             "{}: bytes differ (frame {})",
-            g.info.path,
+            g.path,
             f.index
         );
+    }
+}
+
+/// Assert a client call failed with the daemon's status `code`.
+#[track_caller]
+pub fn assert_fails<T: std::fmt::Debug>(r: logd::Result<T>, code: Code, what: &str) -> logd::Error {
+    match r {
+        Ok(v) => panic!("{what}: expected {code:?}, got Ok({v:?})"),
+        Err(e) => {
+            assert_eq!(e.code(), Some(code), "{what}: {e:?}");
+            e
+        }
     }
 }
 
@@ -863,86 +986,4 @@ pub fn assert_code<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, what: &
             s
         }
     }
-}
-
-/// A bare channel over the Unix socket (for hand-made requests).
-pub async fn uds_channel(path: &Path) -> Channel {
-    let path = path.to_path_buf();
-    Endpoint::try_from("http://[::]:1")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect over the Unix socket")
-}
-
-/// A codec that sends and receives raw protobuf bytes, so tests can send
-/// messages the generated types cannot express (e.g. non-UTF-8 strings).
-#[derive(Clone, Copy, Default)]
-pub struct RawCodec;
-
-pub struct RawEnc;
-pub struct RawDec;
-
-impl tonic::codec::Encoder for RawEnc {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), Status> {
-        use prost::bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawDec {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        use prost::bytes::Buf;
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
-}
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEnc;
-    type Decoder = RawDec;
-    fn encoder(&mut self) -> RawEnc {
-        RawEnc
-    }
-    fn decoder(&mut self) -> RawDec {
-        RawDec
-    }
-}
-
-fn varint(mut x: u64, v: &mut Vec<u8>) {
-    loop {
-        let b = (x & 0x7f) as u8;
-        x >>= 7;
-        if x == 0 {
-            v.push(b);
-            return;
-        }
-        v.push(b | 0x80);
-    }
-}
-
-/// Protobuf length-delimited field `tag` holding `bytes`.
-pub fn pb_field(tag: u32, bytes: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    varint(((tag << 3) | 2) as u64, &mut v);
-    varint(bytes.len() as u64, &mut v);
-    v.extend_from_slice(bytes);
-    v
 }

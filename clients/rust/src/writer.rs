@@ -755,12 +755,16 @@ impl FrameWriter {
                     return Ok(None); // cannot happen: need <= size
                 }
             }
-            let p = progress
+            // Read what we need and let the guard go in this statement: a
+            // guard alive across the next await would make `write`'s future
+            // not `Send` (no `tokio::spawn` of a task that writes frames).
+            let advanced = progress
                 .wait_for(|p| p.durable > durable || p.ended)
                 .await
-                .map_err(|_| Error::WriterClosed("writer state dropped".into()))?;
-            if p.durable == durable {
-                drop(p);
+                .map_err(|_| Error::WriterClosed("writer state dropped".into()))?
+                .durable
+                > durable;
+            if !advanced {
                 return Err(self.closed_error().await);
             }
         }

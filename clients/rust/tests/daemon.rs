@@ -887,3 +887,11 @@ async fn records_of_40_mib_round_trip_and_one_over_the_limit_names_it() {
     let t = Client::connect(&d.tcp_addr()).await.unwrap();
     assert!(t.read_record(a, "big/text.json").await.unwrap() == text);
 }
+
+/// A task that writes frames can be spawned on a multi-threaded runtime:
+/// `write`'s future is `Send` (checked at compile time).
+#[allow(dead_code)]
+fn write_future_is_send(w: &mut gtar_logd_client::FrameWriter, f: NewFrame<'static>) {
+    fn send<T: Send>(_: T) {}
+    send(w.write(f));
+}
