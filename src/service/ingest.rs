@@ -313,7 +313,6 @@ impl Stream {
                 let dtype = convert::dtype("tensor.dtype", t.dtype)?;
                 let size = layout::tensor_bytes(dtype, &t.shape, self.state.max_tensor_bytes)
                     .map_err(|e| bad("tensor.shape", e))?;
-                let level = self.level;
                 let prefix = self.prefix.clone();
                 let f = self.frame("tensor")?;
                 let path = layout::tensor_path(&prefix, &t.group, &t.name, &f.index, dtype);
@@ -328,20 +327,7 @@ impl Stream {
                     dtype: dtype.name().into(),
                     shape: t.shape,
                 });
-                f.bytes += size;
-                let gather = (level > 0 && size <= COMPRESS_MAX).then(Vec::new);
-                let stored = gather.is_none();
-                f.tensor = Some(Tensor {
-                    path: path.clone(),
-                    left: size,
-                    gather,
-                });
-                if stored {
-                    self.part(Part::Start { path, size }).await?;
-                } else if size == 0 {
-                    self.flush_gathered().await?;
-                }
-                Ok(())
+                self.start_entry(path, size).await
             }
             In::Chunk(c) => {
                 let n = c.data.len() as u64;
@@ -485,9 +471,17 @@ impl Stream {
         if own {
             self.open_frame(String::new()).await?;
         }
+        self.frame("record")?.own_record = own;
+        self.start_entry(path, size).await
+    }
+
+    /// Start an entry of `size` bytes (a tensor's or a chunked record's)
+    /// whose data follows in pieces: stored and streamed to the writer, or
+    /// gathered for compression when the stream asked for it and it is small
+    /// enough.
+    async fn start_entry(&mut self, path: String, size: u64) -> Result<(), Status> {
         let level = self.level;
-        let f = self.frame("record")?;
-        f.own_record = own;
+        let f = self.frame("tensor")?;
         f.bytes += size;
         let gather = (level > 0 && size <= COMPRESS_MAX).then(Vec::new);
         let stored = gather.is_none();
@@ -497,9 +491,12 @@ impl Stream {
             gather,
         });
         if stored {
-            self.part(Part::Start { path, size }).await?;
+            self.part(Part::Start { path, size }).await
+        } else if size == 0 {
+            self.flush_gathered().await
+        } else {
+            Ok(())
         }
-        Ok(())
     }
 
     /// A whole record: part of the open frame, or a frame of its own.
