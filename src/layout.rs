@@ -263,6 +263,11 @@ pub struct Manifest {
     pub format: String,
     pub frame: String,
     pub tensors: Vec<ManifestTensor>,
+    /// When the daemon committed the frame (ms since the Unix epoch): what
+    /// `gtar-logd compact --keep-newer-than` judges by. Absent in older
+    /// archives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_unix_ms: Option<u64>,
 }
 
 impl Manifest {
@@ -271,6 +276,7 @@ impl Manifest {
             format: "gtar-logd/1".into(),
             frame: frame.into(),
             tensors: Vec::new(),
+            written_unix_ms: None,
         }
     }
 }

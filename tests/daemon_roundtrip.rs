@@ -723,3 +723,34 @@ async fn archives_appearing_under_the_data_dir_are_served() {
     assert_eq!(got.tensors[0].array.dtype(), logd::DType::F64);
     d.stop().unwrap();
 }
+
+/// Frames the daemon writes carry their write time in the manifest, so
+/// `gtar-logd compact --keep-newer-than` can judge them: recent frames are
+/// kept, and nothing is refused as "unknown".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_carry_their_write_time_for_keep_newer_than() {
+    use gtar_logd_client::{ndarray::Array1, NewFrame, OpenOptions};
+    let mut d = Daemon::start();
+    let c = d.client().await;
+    let mut w = c
+        .writer("timed.zip", OpenOptions::append().shared_memory(false))
+        .await
+        .unwrap();
+    let x = Array1::from_elem(4, 2.5f32);
+    for i in 0..3 {
+        let frame = NewFrame::new(i.to_string()).tensor("t", "x", &x);
+        w.write(frame).await.unwrap().durable().await.unwrap();
+    }
+    drop(w);
+    d.stop().unwrap();
+    let path = d.data.join("timed.zip");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gtar-logd"))
+        .args(["compact", path.to_str().unwrap(), "--keep-newer-than", "1h"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let a = gtar::Archive::open(&path).unwrap();
+    assert_eq!(a.index().frames_under(None), ["0", "1", "2"], "{text}");
+}

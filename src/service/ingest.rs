@@ -532,6 +532,10 @@ impl Stream {
         let prefix = self.prefix.clone();
         let f = self.frame("commit")?;
         if !f.manifest.tensors.is_empty() {
+            f.manifest.written_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_millis() as u64);
             let path = layout::manifest_path(&prefix, &f.index);
             let json = serde_json::to_vec(&f.manifest).expect("manifest serializes");
             self.part(Part::Whole { path, data: json }).await?;
