@@ -565,7 +565,11 @@ async fn malformed_requests_get_the_right_code_and_touch_nothing_outside() {
         let res: Result<(), tonic::Status> = match case {
             Case::Write(msgs) => write_all(&mut c, msgs).await,
             Case::RawWrite(msgs) => {
-                let mut g = tonic::client::Grpc::new(uds_channel(&d.uds).await);
+                let mut g = tonic::client::Grpc::new(
+                    uds_channel(&d.uds)
+                        .await
+                        .expect("connect over the Unix socket"),
+                );
                 g.ready().await.unwrap();
                 let r = g
                     .streaming(
@@ -594,7 +598,11 @@ async fn malformed_requests_get_the_right_code_and_touch_nothing_outside() {
                 }
             }
             Case::RawListFrames(bytes) => {
-                let mut g = tonic::client::Grpc::new(uds_channel(&d.uds).await);
+                let mut g = tonic::client::Grpc::new(
+                    uds_channel(&d.uds)
+                        .await
+                        .expect("connect over the Unix socket"),
+                );
                 g.ready().await.unwrap();
                 g.unary(
                     tonic::Request::new(bytes),
@@ -700,23 +708,6 @@ async fn malformed_requests_get_the_right_code_and_touch_nothing_outside() {
 }
 
 // ------------------------------------------------------------ raw bytes
-
-/// A bare channel over the Unix socket (for hand-made requests).
-async fn uds_channel(path: &Path) -> tonic::transport::Channel {
-    let path = path.to_path_buf();
-    tonic::transport::Endpoint::try_from("http://[::]:1")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect over the Unix socket")
-}
 
 /// A codec that sends and receives raw protobuf bytes, so tests can send
 /// messages the generated types cannot express (e.g. non-UTF-8 strings).

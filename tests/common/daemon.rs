@@ -348,11 +348,11 @@ fn limits(c: Client) -> Client {
         .max_encoding_message_size(CLIENT_MAX_MESSAGE)
 }
 
-/// grpc.health.v1 status of the whole server ("") or one service.
-pub async fn health(ch_path: &Path, service: &str) -> Result<i32, Status> {
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let path = ch_path.to_path_buf();
-    let ch = Endpoint::try_from("http://[::]:1")
+/// A bare channel over the Unix socket at `path` (for health checks and
+/// hand-made requests).
+pub async fn uds_channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    Endpoint::try_from("http://[::]:1")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
@@ -362,6 +362,13 @@ pub async fn health(ch_path: &Path, service: &str) -> Result<i32, Status> {
                 ))
             }
         }))
+        .await
+}
+
+/// grpc.health.v1 status of the whole server ("") or one service.
+pub async fn health(ch_path: &Path, service: &str) -> Result<i32, Status> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let ch = uds_channel(ch_path)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let r = HealthClient::new(ch)
