@@ -1,5 +1,5 @@
 //! The one door the service uses to reach archives: read one, lease one for
-//! writing, list them, size one. Behind it, the catalog maps names to files
+//! writing, list them. Behind it, the catalog maps names to files
 //! under the data directory and the writer registry owns the live writers;
 //! neither knows the other.
 //!
@@ -103,14 +103,5 @@ impl Archives {
                 size: l.size,
             })
             .collect()
-    }
-
-    /// Size of archive `name` in bytes (0 if it cannot be found).
-    pub fn size(&self, name: &str) -> u64 {
-        self.catalog
-            .resolve(name, false)
-            .ok()
-            .and_then(|p| std::fs::metadata(p).ok())
-            .map_or(0, |m| m.len())
     }
 }

@@ -143,12 +143,14 @@ impl Logd for Service {
     ) -> Result<Response<pb::DescribeArchiveResponse>, Status> {
         let name = req.into_inner().archive;
         let a = open_read(&self.state, name.clone()).await?;
-        let st = self.state.clone();
-        let n = name.clone();
-        let size = tokio::task::spawn_blocking(move || st.archives.size(&n))
-            .await
-            .map_err(|e| status(Kind::Internal, e.to_string()))?;
-        Ok(Response::new(query::describe(&a, &name, size).into()))
+        // The size of the file just opened (its path is already resolved).
+        let described = tokio::task::spawn_blocking(move || {
+            let size = std::fs::metadata(a.path()).map_or(0, |m| m.len());
+            query::describe(&a, &name, size)
+        })
+        .await
+        .map_err(|e| status(Kind::Internal, e.to_string()))?;
+        Ok(Response::new(described.into()))
     }
 
     async fn list_frames(
