@@ -21,6 +21,7 @@ use gtar::{Archive, OpenMode};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::error::{Classify, Kind};
+use crate::lifecycle::live::{self, LiveCompact, LiveError, LiveOutcome, Snapped};
 use crate::writer::{Lease, Registry, WriterError};
 
 /// Why a lease was refused.
@@ -37,6 +38,27 @@ impl Classify for LeaseError {
         match self {
             LeaseError::Name(e) => e.kind(),
             LeaseError::Writer(e) => e.kind(),
+        }
+    }
+}
+
+/// Why a compaction or snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(transparent)]
+    Name(#[from] CatalogError),
+    #[error(transparent)]
+    Writer(#[from] WriterError),
+    #[error(transparent)]
+    Live(#[from] LiveError),
+}
+
+impl Classify for LifecycleError {
+    fn kind(&self) -> Kind {
+        match self {
+            LifecycleError::Name(e) => e.kind(),
+            LifecycleError::Writer(e) => e.kind(),
+            LifecycleError::Live(e) => e.kind(),
         }
     }
 }
@@ -78,7 +100,7 @@ impl Archives {
     pub fn open_read(&self, name: &str) -> Result<Archive, CatalogError> {
         let path = self.catalog.resolve(name, false)?;
         match self.writers.get(&path) {
-            Some(h) => Ok(h.reader().clone()),
+            Some(h) => Ok(h.reader()),
             None => self.catalog.open_read(name, &path),
         }
     }
@@ -90,6 +112,40 @@ impl Archives {
         let lease = self.writers.acquire(&path, mode)?;
         self.catalog.note(name);
         Ok(lease)
+    }
+
+    /// Compact archive `name` under a keep policy while streams go on
+    /// writing (see [`live`]): leases its writer (starting one if none is
+    /// live) for the whole run. The archive must exist.
+    pub fn compact(&self, name: &str, args: &LiveCompact) -> Result<LiveOutcome, LifecycleError> {
+        let path = self.catalog.resolve(name, false)?;
+        if !path.is_file() {
+            return Err(CatalogError::NotFound(name.to_string()).into());
+        }
+        let lease = self.writers.acquire(&path, OpenMode::Append)?;
+        Ok(live::compact(&lease, args)?)
+    }
+
+    /// Snapshot archive `name` to the new archive `dest` (both confined to
+    /// the data directory; `dest` must not exist): every frame committed
+    /// when this is called, made while streams go on writing.
+    pub fn snapshot(&self, name: &str, dest: &str) -> Result<Snapped, LifecycleError> {
+        let src = self.catalog.resolve(name, false)?;
+        if !src.is_file() {
+            return Err(CatalogError::NotFound(name.to_string()).into());
+        }
+        // Taken first: the copy then holds every frame acked before the call.
+        let live = self.writers.get(&src).map(|h| h.reader());
+        let dst = self.catalog.resolve(dest, true)?;
+        if dst == src {
+            return Err(LifecycleError::Name(CatalogError::BadName {
+                name: dest.to_string(),
+                why: "is the archive being snapshotted".into(),
+            }));
+        }
+        let s = live::snapshot(live, &src, &dst)?;
+        self.catalog.note(dest);
+        Ok(s)
     }
 
     /// Archives whose name starts with `prefix`, in name order.

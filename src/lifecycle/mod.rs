@@ -22,6 +22,7 @@
 pub mod compact;
 pub mod export;
 pub mod facts;
+pub mod live;
 mod progress;
 pub mod snapshot;
 

@@ -401,6 +401,82 @@ pub struct TensorHistoryRequest {
     #[prost(int64, optional, tag = "5")]
     pub stop: ::core::option::Option<i64>,
 }
+/// A keep policy: a frame kept by any field is kept; at least one must be set.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KeepPolicy {
+    /// The last N frames (GETAR order).
+    #[prost(uint64, optional, tag = "1")]
+    pub last: ::core::option::Option<u64>,
+    /// Every K-th frame (indices that are multiples of K when all are integers).
+    #[prost(uint64, optional, tag = "2")]
+    pub every: ::core::option::Option<u64>,
+    /// The best N by a metric: "METRIC:min|max:N", e.g. "val_loss:min:3". The
+    /// metric is a continuous `vars/` record whose steps are frame indices
+    /// (what GTARLogger writes per epoch).
+    #[prost(string, tag = "3")]
+    pub best: ::prost::alloc::string::String,
+    /// Frames written less than this many seconds ago.
+    #[prost(uint64, optional, tag = "4")]
+    pub newer_than_seconds: ::core::option::Option<u64>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CompactRequest {
+    #[prost(string, tag = "1")]
+    pub archive: ::prost::alloc::string::String,
+    /// Only frames of records in this group or below it are judged and may be
+    /// dropped; everything else is kept.
+    #[prost(string, tag = "2")]
+    pub group: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "3")]
+    pub keep: ::core::option::Option<KeepPolicy>,
+    #[prost(bool, tag = "4")]
+    pub dry_run: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CompactResponse {
+    /// Frame indices kept (those written while it ran included) and dropped.
+    #[prost(string, repeated, tag = "1")]
+    pub kept: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "2")]
+    pub dropped: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Archive size (with its central directory) before and after.
+    #[prost(uint64, tag = "3")]
+    pub old_size_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub new_size_bytes: u64,
+    #[prost(uint64, tag = "5")]
+    pub bytes_reclaimed: u64,
+    /// False for a dry run or when there was nothing to drop.
+    #[prost(bool, tag = "6")]
+    pub written: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SnapshotRequest {
+    #[prost(string, tag = "1")]
+    pub archive: ::prost::alloc::string::String,
+    /// The new archive's name in the data directory; it must not exist.
+    #[prost(string, tag = "2")]
+    pub destination: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SnapshotResponse {
+    #[prost(string, tag = "1")]
+    pub destination: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub size_bytes: u64,
+    /// Frames of discrete records in the copy (all groups).
+    #[prost(uint64, tag = "3")]
+    pub frame_count: u64,
+    /// Bytes shared with the source by a reflink (0 where the file system has
+    /// none: then they were copied).
+    #[prost(uint64, tag = "4")]
+    pub reflinked_bytes: u64,
+}
 /// Element types. The seven libgetar types are stored as themselves; the
 /// others are stored as raw little-endian bytes in a `.u8` record, with the
 /// true dtype kept in the frame's manifest (see the README), so they
@@ -770,6 +846,61 @@ pub mod logd_client {
                 .insert(GrpcMethod::new("gtar.logd.v1.Logd", "TensorHistory"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// The lifecycle after the save (README: "After the save").
+        /// Apply a keep policy to an archive while streams go on writing to it:
+        /// the kept frames are copied to a new file that replaces the archive
+        /// atomically (after a crash it is the old or the new one, complete). The
+        /// newest frame is never dropped. With `dry_run`, only say what it would do.
+        pub async fn compact(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CompactRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CompactResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/gtar.logd.v1.Logd/Compact",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("gtar.logd.v1.Logd", "Compact"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A consistent copy of an archive under another name in the data
+        /// directory, holding every frame acked before the request (a reflink
+        /// where the file system has one), while streams go on writing.
+        pub async fn snapshot(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SnapshotRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SnapshotResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/gtar.logd.v1.Logd/Snapshot",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("gtar.logd.v1.Logd", "Snapshot"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -861,6 +992,25 @@ pub mod logd_server {
             request: tonic::Request<super::TensorHistoryRequest>,
         ) -> std::result::Result<
             tonic::Response<Self::TensorHistoryStream>,
+            tonic::Status,
+        >;
+        /// The lifecycle after the save (README: "After the save").
+        /// Apply a keep policy to an archive while streams go on writing to it:
+        /// the kept frames are copied to a new file that replaces the archive
+        /// atomically (after a crash it is the old or the new one, complete). The
+        /// newest frame is never dropped. With `dry_run`, only say what it would do.
+        async fn compact(
+            &self,
+            request: tonic::Request<super::CompactRequest>,
+        ) -> std::result::Result<tonic::Response<super::CompactResponse>, tonic::Status>;
+        /// A consistent copy of an archive under another name in the data
+        /// directory, holding every frame acked before the request (a reflink
+        /// where the file system has one), while streams go on writing.
+        async fn snapshot(
+            &self,
+            request: tonic::Request<super::SnapshotRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SnapshotResponse>,
             tonic::Status,
         >;
     }
@@ -1248,6 +1398,92 @@ pub mod logd_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/gtar.logd.v1.Logd/Compact" => {
+                    #[allow(non_camel_case_types)]
+                    struct CompactSvc<T: Logd>(pub Arc<T>);
+                    impl<T: Logd> tonic::server::UnaryService<super::CompactRequest>
+                    for CompactSvc<T> {
+                        type Response = super::CompactResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CompactRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Logd>::compact(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CompactSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/gtar.logd.v1.Logd/Snapshot" => {
+                    #[allow(non_camel_case_types)]
+                    struct SnapshotSvc<T: Logd>(pub Arc<T>);
+                    impl<T: Logd> tonic::server::UnaryService<super::SnapshotRequest>
+                    for SnapshotSvc<T> {
+                        type Response = super::SnapshotResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SnapshotRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Logd>::snapshot(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SnapshotSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

@@ -112,3 +112,60 @@ mod tests {
         assert!(dtype("tensor.dtype", 99).is_err());
     }
 }
+
+/// A wire keep policy (`CompactRequest.keep`).
+pub fn keep_policy(wire: Option<pb::KeepPolicy>) -> Result<gtar::Policy, BadField> {
+    let k = wire.unwrap_or_default();
+    let count = |field: &str, v: Option<u64>| match v {
+        Some(0) => Err(BadField::new(
+            field,
+            format!("{field}: must be at least 1 (or unset)"),
+        )),
+        v => Ok(v),
+    };
+    let policy = gtar::Policy {
+        keep_last: count("keep.last", k.last)?.map(|n| n as usize),
+        keep_every: count("keep.every", k.every)?,
+        keep_best: match k.best.as_str() {
+            "" => None,
+            s => Some(
+                s.parse::<gtar::Best>()
+                    .map_err(|e| BadField::new("keep.best", format!("keep.best: {e}")))?,
+            ),
+        },
+        keep_newer_than: count("keep.newer_than_seconds", k.newer_than_seconds)?
+            .map(std::time::Duration::from_secs),
+    };
+    if policy.is_empty() {
+        return Err(BadField::new(
+            "keep",
+            "keep: no keep policy (set at least one of last, every, best, newer_than_seconds); \
+             compacting would drop every frame but the newest",
+        ));
+    }
+    Ok(policy)
+}
+
+impl From<crate::lifecycle::live::LiveOutcome> for pb::CompactResponse {
+    fn from(o: crate::lifecycle::live::LiveOutcome) -> Self {
+        pb::CompactResponse {
+            bytes_reclaimed: o.reclaimed(),
+            kept: o.kept,
+            dropped: o.dropped,
+            old_size_bytes: o.old_len,
+            new_size_bytes: o.new_len,
+            written: o.written,
+        }
+    }
+}
+
+impl pb::SnapshotResponse {
+    pub fn new(destination: String, s: crate::lifecycle::live::Snapped) -> Self {
+        pb::SnapshotResponse {
+            destination,
+            size_bytes: s.bytes,
+            frame_count: s.frames as u64,
+            reflinked_bytes: s.reflinked,
+        }
+    }
+}

@@ -45,6 +45,7 @@ status_from!(
     BadField,
     crate::catalog::CatalogError,
     crate::archives::LeaseError,
+    crate::archives::LifecycleError,
     crate::writer::WriterError,
     crate::query::QueryError
 );

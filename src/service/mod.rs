@@ -245,4 +245,43 @@ impl Logd for Service {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn compact(
+        &self,
+        req: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
+        let r = req.into_inner();
+        if r.archive.is_empty() {
+            return Err(bad("archive", "is empty"));
+        }
+        let args = crate::lifecycle::live::LiveCompact {
+            group: (!r.group.is_empty()).then_some(r.group),
+            policy: convert::keep_policy(r.keep)?,
+            dry_run: r.dry_run,
+        };
+        let st = self.state.clone();
+        let done = tokio::task::spawn_blocking(move || st.archives.compact(&r.archive, &args))
+            .await
+            .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        Ok(Response::new(done.into()))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let r = req.into_inner();
+        if r.archive.is_empty() {
+            return Err(bad("archive", "is empty"));
+        }
+        if r.destination.is_empty() {
+            return Err(bad("destination", "is empty"));
+        }
+        let st = self.state.clone();
+        let dest = r.destination.clone();
+        let s = tokio::task::spawn_blocking(move || st.archives.snapshot(&r.archive, &dest))
+            .await
+            .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        Ok(Response::new(pb::SnapshotResponse::new(r.destination, s)))
+    }
 }

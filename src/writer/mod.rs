@@ -161,8 +161,18 @@ enum Job {
     },
     /// Replace the archive with an empty one (OpenMode::Create).
     Recreate(oneshot::Sender<Result<(), WriterError>>),
+    /// Work that needs the archive to itself, run between two frames
+    /// (a live compaction's last step; see [`WriterHandle::between`]).
+    Between(Between),
     Close,
 }
+
+/// Work run on the writer thread between two frames (see
+/// [`WriterHandle::between`]). It gets the index of every committed frame
+/// (all of them durable: pending acks are fsynced first) and returns whether
+/// it put a new file in place of the archive; the writer then reopens the
+/// archive's path. Dropped unrun when the writer has failed or is closing.
+pub type Between = Box<dyn FnOnce(&gtar::Index) -> bool + Send>;
 
 /// Health of one writer, for the health service and the watchdog.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +193,10 @@ struct Shared {
     /// The registry's failure count, bumped when this writer fails, so the
     /// health service learns of it at once (published, not polled).
     failures: Arc<watch::Sender<u64>>,
+    /// A reader that sees every committed frame: replaced when a compaction
+    /// puts a new file in place (readers already holding the old one keep
+    /// a consistent view: the old file with its own, no longer growing, index).
+    reader: std::sync::RwLock<Archive>,
 }
 
 impl Shared {
@@ -205,15 +219,33 @@ impl Shared {
 pub struct WriterHandle {
     path: PathBuf,
     tx: mpsc::Sender<Job>,
-    reader: Archive,
     shared: Arc<Shared>,
     parts_cap: usize,
 }
 
 impl WriterHandle {
     /// A reader that sees every committed frame at once.
-    pub fn reader(&self) -> &Archive {
-        &self.reader
+    pub fn reader(&self) -> Archive {
+        self.shared
+            .reader
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The archive's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Run `work` on the writer thread between two frames (queued behind
+    /// the frames already waiting). Blocking: call from `spawn_blocking`.
+    /// Frames of other streams wait meanwhile, so `work` must be short.
+    pub fn between(&self, work: Between) -> Result<(), WriterError> {
+        self.check_ok()?;
+        self.tx
+            .blocking_send(Job::Between(work))
+            .map_err(|_| WriterError::ShuttingDown)
     }
 
     pub fn state(&self) -> WriterState {
@@ -380,11 +412,16 @@ impl Registry {
             epoch: self.started,
             streams: AtomicU64::new(1),
             failures: self.failures.clone(),
+            reader: std::sync::RwLock::new(reader),
         });
+        let reader_index = shared
+            .reader
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .shared_index();
         let handle = WriterHandle {
             path: path.to_path_buf(),
             tx,
-            reader,
             shared: shared.clone(),
             parts_cap: self.limits.parts_per_frame,
         };
@@ -396,7 +433,7 @@ impl Registry {
             rt: self.runtime.clone(),
             shared,
             registry: Arc::downgrade(self),
-            reader_index: handle.reader.shared_index(),
+            reader_index,
             syncer: None,
         };
         let name = format!(
@@ -571,6 +608,13 @@ impl Actor {
                     tail_written = false;
                     self.busy(false);
                 }
+                Next::Job(Job::Between(work)) => {
+                    self.busy(true);
+                    self.between(work);
+                    // A reopened file has its central directory written.
+                    tail_written = false;
+                    self.busy(false);
+                }
                 Next::Job(Job::Recreate(done)) => {
                     self.busy(true);
                     self.stop_syncer();
@@ -625,6 +669,48 @@ impl Actor {
                 let err = WriterError::from_gtar(&self.path, e);
                 self.fail(err.to_string());
                 Err(err)
+            }
+        }
+    }
+
+    /// Run `work` with the archive to itself (see [`Between`]); reopen the
+    /// path if it replaced the file.
+    fn between(&mut self, work: Between) {
+        if self.failed().is_some() || self.writer.is_none() {
+            return; // `work` is dropped: its caller learns it did not run
+        }
+        // Acks waiting for an fsync of the old file get it now, and the
+        // fsync thread lets go of the old file.
+        self.stop_syncer();
+        let replaced = {
+            let ix = self.reader_index.read().unwrap_or_else(|p| p.into_inner());
+            work(&ix)
+        };
+        if !replaced {
+            return;
+        }
+        // A fresh index for the new file: readers of the old one keep theirs.
+        let index = Arc::new(std::sync::RwLock::new(gtar::Index::new()));
+        let opened = ArchiveWriter::open_shared(&self.path, OpenMode::Append, index.clone())
+            .and_then(|(w, rep)| Ok((w.reader()?, w, rep)));
+        match opened {
+            Ok((reader, mut w, rep)) => {
+                if let Some(rep) = rep {
+                    // The new file was fsynced whole before the rename.
+                    tracing::warn!(archive = %self.path.display(), reason = %rep.reason, "the compacted file needed recovery");
+                }
+                if self.limits.direct_io {
+                    w.enable_direct_io();
+                }
+                // The old writer writes its tail to the old (unlinked) file
+                // and lets go of its lock.
+                drop(self.writer.replace(w));
+                self.reader_index = index;
+                *self.shared.reader.write().unwrap_or_else(|p| p.into_inner()) = reader;
+            }
+            Err(e) => {
+                let err = WriterError::from_gtar(&self.path, e);
+                self.fail(format!("reopening after compaction: {err}"));
             }
         }
     }

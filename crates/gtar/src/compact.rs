@@ -388,6 +388,15 @@ impl Rewriter {
         Ok(())
     }
 
+    /// Write out what is buffered and fsync what was copied so far, so that
+    /// [`finish`](Rewriter::finish) later has only what came after to sync
+    /// (a live compaction calls this before it holds the writer).
+    pub fn sync_data(&mut self) -> Result<(), Error> {
+        self.flush()?;
+        self.tmp.file.sync_data()?;
+        Ok(())
+    }
+
     /// Write the central directory, fsync, rename over `archive`, fsync the
     /// directory. Returns the new file's index.
     pub fn finish(mut self, archive: &Path) -> Result<Index, Error> {

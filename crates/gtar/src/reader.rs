@@ -98,6 +98,12 @@ impl Archive {
         &self.path
     }
 
+    /// The open file: the one the index describes, even after a compaction
+    /// renamed another file over [`path`](Archive::path).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn state(&self) -> &OpenState {
         &self.state
     }

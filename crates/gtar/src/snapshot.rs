@@ -55,6 +55,13 @@ impl CommittedView {
         })
     }
 
+    /// The size of a file holding this view and its central directory (what
+    /// the archive measures once its writer writes the tail).
+    pub fn closed_len(&self) -> u64 {
+        let cds: Vec<CentralEntry> = self.entries.iter().map(|e| e.cd.clone()).collect();
+        self.end + encode_tail(&cds, self.end).len() as u64
+    }
+
     /// The view of a file as it is on disk: its central directory, or, when
     /// there is none (a writer is appending, or one was killed), every
     /// complete frame a recovery scan finds.
