@@ -183,7 +183,7 @@ pub fn compact(lease: &Lease, args: &LiveCompact) -> Result<LiveOutcome, LiveErr
     let scope_owned = scope.map(str::to_string);
     let (tx, rx) = std::sync::mpsc::channel();
     let target = path.clone();
-    handle.between(Box::new(move |now: &Index| {
+    let reopened = handle.between(Box::new(move |now: &Index| {
         let res = finish(w, &file, now, view.end, scope_owned.as_deref(), &dropped, &target);
         // Whatever `finish` reports: once the rename happened (even if the
         // directory's fsync then failed) the writer must reopen the path,
@@ -191,14 +191,17 @@ pub fn compact(lease: &Lease, args: &LiveCompact) -> Result<LiveOutcome, LiveErr
         let replaced = !same_file(&file, &target);
         let _ = tx.send(res);
         replaced
-    }))?;
-    let tail = rx.recv().map_err(|_| {
+    }));
+    // The work's own result first (it says why when it failed), then the
+    // writer's (e.g. it could not reopen the new file).
+    let tail = rx.try_recv().map_err(|_| {
         LiveError::Writer(WriterError::Failed {
             path: path.display().to_string(),
             why: "the writer stopped before the compaction could finish; the archive is unchanged"
                 .into(),
         })
     })??;
+    reopened?;
     for f in tail.kept {
         if !out.kept.contains(&f) {
             out.kept.push(f);

@@ -163,7 +163,7 @@ enum Job {
     Recreate(oneshot::Sender<Result<(), WriterError>>),
     /// Work that needs the archive to itself, run between two frames
     /// (a live compaction's last step; see [`WriterHandle::between`]).
-    Between(Between),
+    Between(Between, oneshot::Sender<Result<(), WriterError>>),
     Close,
 }
 
@@ -239,13 +239,17 @@ impl WriterHandle {
     }
 
     /// Run `work` on the writer thread between two frames (queued behind
-    /// the frames already waiting). Blocking: call from `spawn_blocking`.
-    /// Frames of other streams wait meanwhile, so `work` must be short.
+    /// the frames already waiting) and wait until it ran and, if it replaced
+    /// the file, the writer reopened it (so every read after this returns
+    /// sees the new file). Blocking: call from `spawn_blocking`. Frames of
+    /// other streams wait meanwhile, so `work` must be short.
     pub fn between(&self, work: Between) -> Result<(), WriterError> {
         self.check_ok()?;
+        let (tx, rx) = oneshot::channel();
         self.tx
-            .blocking_send(Job::Between(work))
-            .map_err(|_| WriterError::ShuttingDown)
+            .blocking_send(Job::Between(work, tx))
+            .map_err(|_| WriterError::ShuttingDown)?;
+        rx.blocking_recv().map_err(|_| WriterError::ShuttingDown)?
     }
 
     pub fn state(&self) -> WriterState {
@@ -608,9 +612,9 @@ impl Actor {
                     tail_written = false;
                     self.busy(false);
                 }
-                Next::Job(Job::Between(work)) => {
+                Next::Job(Job::Between(work, done)) => {
                     self.busy(true);
-                    self.between(work);
+                    let _ = done.send(self.between(work));
                     // A reopened file has its central directory written.
                     tail_written = false;
                     self.busy(false);
@@ -675,9 +679,12 @@ impl Actor {
 
     /// Run `work` with the archive to itself (see [`Between`]); reopen the
     /// path if it replaced the file.
-    fn between(&mut self, work: Between) {
-        if self.failed().is_some() || self.writer.is_none() {
-            return; // `work` is dropped: its caller learns it did not run
+    fn between(&mut self, work: Between) -> Result<(), WriterError> {
+        if let Some(e) = self.failed() {
+            return Err(e); // `work` is dropped unrun
+        }
+        if self.writer.is_none() {
+            return Err(WriterError::ShuttingDown);
         }
         // Acks waiting for an fsync of the old file get it now, and the
         // fsync thread lets go of the old file.
@@ -687,7 +694,7 @@ impl Actor {
             work(&ix)
         };
         if !replaced {
-            return;
+            return Ok(());
         }
         // A fresh index for the new file: readers of the old one keep theirs.
         let index = Arc::new(std::sync::RwLock::new(gtar::Index::new()));
@@ -707,10 +714,12 @@ impl Actor {
                 drop(self.writer.replace(w));
                 self.reader_index = index;
                 *self.shared.reader.write().unwrap_or_else(|p| p.into_inner()) = reader;
+                Ok(())
             }
             Err(e) => {
                 let err = WriterError::from_gtar(&self.path, e);
                 self.fail(format!("reopening after compaction: {err}"));
+                Err(err)
             }
         }
     }

@@ -9,6 +9,8 @@ Per frame F (one atomic frame):
   gtar_logd/optimizer/{k}/frames/F/value.{fmt}.uni         optimizer variable k (optional)
   gtar_logd/keras/optimizer.json                           optimizer variable names (with it)
   gtar_logd/keras/frames/F/progress.json                   where training was (GTARLogger)
+Best frame so far (GTARLogger(monitor=...), a constant record rewritten when it improves):
+  gtar_logd/keras/best.json                {"frame", "monitor", "mode", "value", "epoch"}
 Metrics (continuous records, GETAR vars/):
   metrics/epoch/vars/{name}.f64.uni/{epoch + step_offset}
   metrics/batch/vars/{name}.f64.uni/{batch + step_offset}
@@ -32,6 +34,8 @@ WEIGHT_NAME = "weight"
 PROGRESS_GROUP = "gtar_logd/keras"
 PROGRESS_NAME = "progress.json"
 PROGRESS_FORMAT = "gtar-logd/keras-progress/1"
+BEST_JSON = "gtar_logd/keras/best.json"
+BEST_FORMAT = "gtar-logd/keras-best/1"
 WEIGHT_RE = re.compile(r"(?:^|/)keras/layer/(\d+)/weight/(\d+)$")
 OPTIMIZER_RE = re.compile(r"(?:^|/)gtar_logd/optimizer/(\d+)$")
 
@@ -75,3 +79,9 @@ def metric_name(key: str) -> str:
 
 def dumps(obj) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=False).encode("utf-8")
+
+
+def best_record(frame: str, *, monitor: str, mode: str, value: float, epoch: int) -> tuple:
+    """Which frame is best so far by `monitor` (a pointer, not a copy)."""
+    return (BEST_JSON, dumps({"format": BEST_FORMAT, "frame": frame, "monitor": monitor,
+                              "mode": mode, "value": float(value), "epoch": int(epoch)}))

@@ -107,6 +107,55 @@ class Client:
         return self._unary("DescribeArchive", pb.DescribeArchiveRequest(archive=archive),
                            f"DescribeArchive({archive!r})")
 
+    # ------------------------------------------------------------ lifecycle
+    def compact(self, archive: str, *, keep_last: int | None = None,
+                keep_every: int | None = None, keep_best: str | None = None,
+                keep_newer_than: float | None = None, group: str | None = None,
+                dry_run: bool = False, timeout: float | None = None) -> dict:
+        """Apply a keep policy to `archive` while writers go on (the daemon's
+        Compact): frames of records under `group` that no policy keeps are
+        dropped; the newest frame never is. A frame kept by any policy is kept.
+
+        :param keep_last: the last N frames
+        :param keep_every: every K-th frame (indices that are multiples of K)
+        :param keep_best: 'METRIC:min|max:N', e.g. 'val_loss:min:3' -- the best N
+            by a metric GTARLogger stored per epoch
+        :param keep_newer_than: frames written less than this many seconds ago
+        :param dry_run: only say what would be kept and dropped
+        :returns: {'kept', 'dropped' (frame indices), 'old_size', 'new_size',
+            'bytes_reclaimed', 'written'}
+        """
+        keep = pb.KeepPolicy(best=keep_best or "")
+        if keep_last is not None:
+            keep.last = int(keep_last)
+        if keep_every is not None:
+            keep.every = int(keep_every)
+        if keep_newer_than is not None:
+            keep.newer_than_seconds = max(1, int(round(keep_newer_than)))
+        req = pb.CompactRequest(archive=archive, group=group or "", keep=keep, dry_run=dry_run)
+        try:
+            r = self.stub.Compact(req, timeout=timeout or max(self.timeout, 3600.0))
+        except grpc.RpcError as e:
+            raise _wrap(e, self.address, f"Compact({archive!r})") from None
+        return {"kept": list(r.kept), "dropped": list(r.dropped), "old_size": r.old_size_bytes,
+                "new_size": r.new_size_bytes, "bytes_reclaimed": r.bytes_reclaimed,
+                "written": r.written}
+
+    def snapshot(self, archive: str, destination: str, timeout: float | None = None) -> dict:
+        """A consistent copy of `archive` under the new name `destination` in
+        the daemon's data directory, holding every frame acknowledged before
+        the call (a reflink where the file system has one), while writers go on.
+
+        :returns: {'destination', 'size', 'frames', 'reflinked_bytes'}
+        """
+        req = pb.SnapshotRequest(archive=archive, destination=destination)
+        try:
+            r = self.stub.Snapshot(req, timeout=timeout or max(self.timeout, 3600.0))
+        except grpc.RpcError as e:
+            raise _wrap(e, self.address, f"Snapshot({archive!r}, {destination!r})") from None
+        return {"destination": r.destination, "size": r.size_bytes, "frames": r.frame_count,
+                "reflinked_bytes": r.reflinked_bytes}
+
     def list_frames(self, archive: str, group: str | None = None) -> list:
         """Frame indices (strings, GETAR order) of the archive or of one group."""
         r = self._unary("ListFrames", pb.ListFramesRequest(archive=archive, group=group or ""),

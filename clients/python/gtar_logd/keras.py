@@ -13,6 +13,7 @@ See `_keras_layout.py` for what goes where in the archive.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 
@@ -66,12 +67,27 @@ class GTARLogger(keras.callbacks.Callback):
         boundary qualify: `fit` restarts at epoch boundaries, so the batches trained
         after that frame are trained again and their frames written again. What
         was restored is in `self.resumed` (None: nothing to resume).
+    :param keep: a keep policy applied as training goes, by the daemon's Compact
+        (in the background after a save, at most one at a time, never blocking
+        the training step; once more at the end of `fit`): a dict with any of
+        'last' (the last N frames), 'every' (every K-th frame), 'best'
+        ('METRIC:min|max:N', by the epoch metrics stored with the frames),
+        'newer_than' (seconds), or an int N for {'last': N}. A frame kept by any
+        policy is kept; the newest never is dropped. With `monitor`, the best
+        frame by it is kept too. Results are in `self.compactions`.
+    :param monitor: a Keras logs key, e.g. 'val_loss': after each epoch, if it
+        improved, the newest frame is recorded as the best so far -- a small
+        record pointing at that frame, not a copy (`Trajectory.best()` reads it;
+        `self.best` holds it). ModelCheckpoint's save_best_only, without losing
+        the other frames.
+    :param mode: 'min', 'max', or 'auto' (max for accuracy-like names, else min)
     """
 
     def __init__(self, archive, period=1, when="post_epoch", append=True, step_offset=0,
                  group=None, address=None, save_optimizer="never", log_metrics="epoch",
                  max_pending_bytes=1 << 30, durable_timeout=600.0, reconnect_timeout=120.0,
-                 copy="auto", compression=0, shared_memory=None, resume=False):
+                 copy="auto", compression=0, shared_memory=None, resume=False, keep=None,
+                 monitor=None, mode="auto"):
         super().__init__()
         if when not in _WHEN:
             raise ValueError(f"when must be one of {_WHEN}, not {when!r}")
@@ -85,6 +101,25 @@ class GTARLogger(keras.callbacks.Callback):
         if resume and not append:
             raise ValueError("resume=True continues the archive's run: it needs append=True "
                              "(append=False replaces the archive)")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', not {mode!r}")
+        if mode == "auto" and monitor is not None:
+            mode = "max" if any(k in monitor for k in ("acc", "auc", "precision", "recall")) \
+                else "min"
+        self.keep = _keep_policy(keep)
+        self.monitor = monitor
+        self.mode = mode if monitor is not None else None
+        if self.keep is not None and monitor is not None and when == "post_epoch" \
+                and "keep_best" not in self.keep:
+            # Per-epoch frames carry the epoch's metrics at their own index.
+            self.keep["keep_best"] = f"{L.metric_name(monitor)}:{mode}:1"
+        #: the best frame so far (monitor=): {'frame', 'monitor', 'mode', 'value', 'epoch'}
+        self.best = None
+        #: results of the Compact calls keep= made (dicts, see Client.compact)
+        self.compactions = []
+        #: errors of Compact calls (logged as warnings; training goes on)
+        self.compact_errors = []
+        self._compact_thread = None
         self.archive = archive
         self.filename = archive  # keras_gtar's name for it
         self.period = period
@@ -155,7 +190,12 @@ class GTARLogger(keras.callbacks.Callback):
                 self.writer.write_records([], self._scalars)
                 self._scalars = []
             self.writer.close(self.durable_timeout)
+            if self.keep is not None:
+                # The policy over the final state (every frame is durable now).
+                self._join_compaction()
+                self._compact()
         finally:
+            self._join_compaction()
             w = self.writer
             self.stats = {"reconnects": w.reconnects, "resent": w.resent, "skipped": w.skipped,
                           "durable": w.durable_count, "blocked_seconds": w.blocked_seconds,
@@ -195,6 +235,10 @@ class GTARLogger(keras.callbacks.Callback):
         if self.log_metrics in ("epoch", "both") and logs:
             self._metrics("epoch", epoch + self.step_offset, logs)
         self._save(epoch, "post_epoch", step=self.batches, epochs_done=epoch + 1)
+        if self.monitor is not None:
+            self._track_best(epoch, logs or {})
+        if self.keep is not None and self.when in ("post_epoch", "pre_epoch"):
+            self._compact_in_background()
 
     # ------------------------------------------------------------- internals
     def _put_back_initial_epoch(self):
@@ -233,11 +277,70 @@ class GTARLogger(keras.callbacks.Callback):
         self._initial_epoch_before = getattr(model, "_initial_epoch", None)
         self._initial_epoch_set = True
         model._initial_epoch = epochs_done
+        if self.monitor is not None:
+            best = traj.best()
+            if best and best.get("monitor") == self.monitor and best.get("mode") == self.mode:
+                self.best = best
         self.resumed = {"frame": index, "epoch": epochs_done, "step": self.batches,
                         "optimizer": has_optimizer}
         log.info("gtar-logd: resumed from frame %r of %s (%s); fit continues at epoch %d",
                  index, self.archive, "weights and optimizer state" if has_optimizer
                  else "weights only", epochs_done)
+
+    def _track_best(self, epoch, logs):
+        """monitor=: record the newest frame as the best if `monitor` improved."""
+        value = logs.get(self.monitor)
+        if value is None:
+            if not getattr(self, "_warned_monitor", False):
+                self._warned_monitor = True
+                warnings.warn(f"gtar-logd: monitor={self.monitor!r} is not among the epoch's "
+                              f"logs ({sorted(logs)}); no best frame is recorded", UserWarning)
+            return
+        value = float(np.asarray(value))
+        if not np.isfinite(value) or not self.saved_frames:
+            return
+        if self.best is not None:
+            old = self.best["value"]
+            if (value >= old) if self.mode == "min" else (value <= old):
+                return
+        frame = self.saved_frames[-1]
+        self.best = {"frame": frame, "monitor": self.monitor, "mode": self.mode,
+                     "value": value, "epoch": epoch}
+        rec = L.best_record(frame, monitor=self.monitor, mode=self.mode, value=value,
+                            epoch=epoch)
+        if self._held is not None and self._held.index == frame:
+            self._held.records.append(rec)  # goes with its frame
+        else:
+            self.writer.write_records([rec])
+
+    # keep=: the daemon compacts; this thread only starts the call.
+    def _compact_in_background(self):
+        t = self._compact_thread
+        if t is not None and t.is_alive():
+            return  # at most one in flight; a later save starts the next
+        self._compact_thread = threading.Thread(target=self._compact, args=(True,),
+                                                name="gtar-logd-compact", daemon=True)
+        self._compact_thread.start()
+
+    def _join_compaction(self):
+        t, self._compact_thread = self._compact_thread, None
+        if t is not None:
+            t.join()
+
+    def _compact(self, wait_durable=False):
+        try:
+            if wait_durable:
+                # The frames (and metrics) submitted so far, in the archive.
+                self.writer.flush(self.durable_timeout)
+            r = self.client.compact(self.archive, group=self.group, **self.keep)
+            self.compactions.append(r)
+            if r["dropped"]:
+                log.info("gtar-logd: compacted %s: dropped frames %s, %d bytes reclaimed",
+                         self.archive, r["dropped"], r["bytes_reclaimed"])
+        except Exception as e:  # noqa: BLE001 -- training goes on; reported below
+            self.compact_errors.append(e)
+            log.warning("gtar-logd: compaction of %s failed (training goes on): %s",
+                        self.archive, e)
 
     def _metrics(self, level, index, logs):
         for k, v in logs.items():
@@ -325,3 +428,22 @@ class GTARLogger(keras.callbacks.Callback):
                                      step=self.batches, epochs_done=done)
         self._held = self._frame(model, index, with_optimizer=True, progress=progress)
         self.saved_frames.append(index)
+
+
+def _keep_policy(keep):
+    """GTARLogger's `keep` as Client.compact's keyword arguments (None: no policy)."""
+    if keep is None:
+        return None
+    if isinstance(keep, bool) or not isinstance(keep, (int, dict)):
+        raise TypeError(f"keep must be a dict (last, every, best, newer_than) or an int, "
+                        f"not {keep!r}")
+    if isinstance(keep, int):
+        keep = {"last": keep}
+    names = {"last": "keep_last", "every": "keep_every", "best": "keep_best",
+             "newer_than": "keep_newer_than"}
+    unknown = set(keep) - set(names)
+    if unknown or not keep:
+        raise ValueError(f"keep: unknown keys {sorted(unknown)}; use any of {sorted(names)}"
+                         if unknown else "keep: an empty policy would drop every frame "
+                         "but the newest")
+    return {names[k]: v for k, v in keep.items()}

@@ -350,6 +350,37 @@ class Trajectory:
         return False
 
     # ------------------------------------------------------------- metrics
+    def best(self, monitor=None, mode="min"):
+        """The best frame so far: {'frame', 'monitor', 'mode', 'value', 'epoch'}, or None.
+
+        Without `monitor`: what GTARLogger(monitor=..., mode=...) recorded while
+        training (`gtar_logd/keras/best.json`). With `monitor` (a metric name,
+        e.g. 'val_loss') and `mode` ('min' or 'max'): the frame whose epoch
+        metric is best among the frames still in the archive (after a
+        compaction, say), computed from the stored metrics.
+        Load it with `load(t.best()['frame'])`.
+        """
+        if monitor is None:
+            rec = self._json(L.BEST_JSON)
+            if rec is None:
+                return None
+            return {k: rec.get(k) for k in ("frame", "monitor", "mode", "value", "epoch")}
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        hist = self.metrics("epoch").get(L.metric_name(monitor))
+        if hist is None:
+            return None
+        frames = set(self.frames)
+        pick = min if mode == "min" else max
+        found = [(v, s) for s, v in zip(*hist) if s in frames and np.isfinite(v)]
+        if not found:
+            return None
+        value, step = pick(found, key=lambda x: x[0])
+        info = self.progress(step)
+        epoch = info.get("epoch") if info else None
+        return {"frame": step, "monitor": monitor, "mode": mode, "value": float(value),
+                "epoch": epoch}
+
     def metrics(self, level="epoch"):
         """History of the metrics GTARLogger stored: {name: (steps, values)}.
 

@@ -74,6 +74,23 @@ impl Client {
         self.rt.block_on(self.inner.describe(archive))
     }
 
+    /// See [`crate::Client::compact`].
+    pub fn compact(
+        &self,
+        archive: &str,
+        group: &str,
+        keep: crate::KeepPolicy,
+        dry_run: bool,
+    ) -> Result<crate::Compacted> {
+        self.rt
+            .block_on(self.inner.compact(archive, group, keep, dry_run))
+    }
+
+    /// See [`crate::Client::snapshot`].
+    pub fn snapshot(&self, archive: &str, destination: &str) -> Result<crate::Snapshot> {
+        self.rt.block_on(self.inner.snapshot(archive, destination))
+    }
+
     /// See [`crate::Client::list_frames`].
     pub fn list_frames(&self, archive: &str, group: &str) -> Result<Vec<String>> {
         self.rt.block_on(self.inner.list_frames(archive, group))

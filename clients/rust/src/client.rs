@@ -143,6 +143,14 @@ pub struct ArchiveInfo {
 /// last frame.
 pub type ArchiveDescription = proto::DescribeArchiveResponse;
 
+/// A keep policy for [`Client::compact`]: a frame kept by any field is kept;
+/// set at least one.
+pub type KeepPolicy = proto::KeepPolicy;
+/// What [`Client::compact`] kept, dropped and reclaimed.
+pub type Compacted = proto::CompactResponse;
+/// What [`Client::snapshot`] made.
+pub type Snapshot = proto::SnapshotResponse;
+
 impl Client {
     /// Connect to the daemon at `address` (see [`Address`] for the accepted
     /// spellings; an empty string means [`Address::from_env`]).
@@ -245,6 +253,54 @@ impl Client {
             .clone()
             .describe_archive(proto::DescribeArchiveRequest {
                 archive: archive.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Apply a keep policy to `archive` while streams go on writing to it
+    /// (the daemon's `Compact`): frames of records under `group` (empty =
+    /// all) that no policy keeps are dropped; the newest is never dropped.
+    /// With `dry_run`, only report what it would do.
+    ///
+    /// ```no_run
+    /// # async fn f(c: gtar_logd_client::Client) -> gtar_logd_client::Result<()> {
+    /// use gtar_logd_client::KeepPolicy;
+    /// let keep = KeepPolicy { last: Some(3), best: "val_loss:min:2".into(), ..Default::default() };
+    /// let done = c.compact("runs/a.zip", "", keep, false).await?;
+    /// println!("dropped {:?}, {} bytes reclaimed", done.dropped, done.bytes_reclaimed);
+    /// # Ok(()) }
+    /// ```
+    pub async fn compact(
+        &self,
+        archive: &str,
+        group: &str,
+        keep: KeepPolicy,
+        dry_run: bool,
+    ) -> Result<Compacted> {
+        Ok(self
+            .inner
+            .clone()
+            .compact(proto::CompactRequest {
+                archive: archive.into(),
+                group: group.into(),
+                keep: Some(keep),
+                dry_run,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// A consistent copy of `archive` under the new name `destination` in
+    /// the daemon's data directory, holding every frame acked before the
+    /// call (the daemon's `Snapshot`; a reflink where the file system has one).
+    pub async fn snapshot(&self, archive: &str, destination: &str) -> Result<Snapshot> {
+        Ok(self
+            .inner
+            .clone()
+            .snapshot(proto::SnapshotRequest {
+                archive: archive.into(),
+                destination: destination.into(),
             })
             .await?
             .into_inner())

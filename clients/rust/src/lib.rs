@@ -46,7 +46,10 @@ mod tensor;
 mod writer;
 
 pub use address::Address;
-pub use client::{ArchiveDescription, ArchiveInfo, Client, Frame, FrameQuery, FrameSel, Tensor};
+pub use client::{
+    ArchiveDescription, ArchiveInfo, Client, Compacted, Frame, FrameQuery, FrameSel, KeepPolicy,
+    Snapshot, Tensor,
+};
 pub use error::{Error, Result};
 pub use tensor::{DType, DynArray, Element, TensorData};
 pub use writer::{

@@ -69,6 +69,16 @@ class LogdStub:
                 request_serializer=gtar_dot_logd_dot_v1_dot_logd__pb2.TensorHistoryRequest.SerializeToString,
                 response_deserializer=gtar_dot_logd_dot_v1_dot_logd__pb2.FrameData.FromString,
                 _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/gtar.logd.v1.Logd/Compact',
+                request_serializer=gtar_dot_logd_dot_v1_dot_logd__pb2.CompactRequest.SerializeToString,
+                response_deserializer=gtar_dot_logd_dot_v1_dot_logd__pb2.CompactResponse.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/gtar.logd.v1.Logd/Snapshot',
+                request_serializer=gtar_dot_logd_dot_v1_dot_logd__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=gtar_dot_logd_dot_v1_dot_logd__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class LogdServicer:
@@ -133,6 +143,26 @@ class LogdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compact(self, request, context):
+        """The lifecycle after the save (README: "After the save").
+        Apply a keep policy to an archive while streams go on writing to it:
+        the kept frames are copied to a new file that replaces the archive
+        atomically (after a crash it is the old or the new one, complete). The
+        newest frame is never dropped. With `dry_run`, only say what it would do.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """A consistent copy of an archive under another name in the data
+        directory, holding every frame acked before the request (a reflink
+        where the file system has one), while streams go on writing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LogdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +200,16 @@ def add_LogdServicer_to_server(servicer, server):
                     servicer.TensorHistory,
                     request_deserializer=gtar_dot_logd_dot_v1_dot_logd__pb2.TensorHistoryRequest.FromString,
                     response_serializer=gtar_dot_logd_dot_v1_dot_logd__pb2.FrameData.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=gtar_dot_logd_dot_v1_dot_logd__pb2.CompactRequest.FromString,
+                    response_serializer=gtar_dot_logd_dot_v1_dot_logd__pb2.CompactResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=gtar_dot_logd_dot_v1_dot_logd__pb2.SnapshotRequest.FromString,
+                    response_serializer=gtar_dot_logd_dot_v1_dot_logd__pb2.SnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +401,60 @@ class Logd:
             '/gtar.logd.v1.Logd/TensorHistory',
             gtar_dot_logd_dot_v1_dot_logd__pb2.TensorHistoryRequest.SerializeToString,
             gtar_dot_logd_dot_v1_dot_logd__pb2.FrameData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gtar.logd.v1.Logd/Compact',
+            gtar_dot_logd_dot_v1_dot_logd__pb2.CompactRequest.SerializeToString,
+            gtar_dot_logd_dot_v1_dot_logd__pb2.CompactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gtar.logd.v1.Logd/Snapshot',
+            gtar_dot_logd_dot_v1_dot_logd__pb2.SnapshotRequest.SerializeToString,
+            gtar_dot_logd_dot_v1_dot_logd__pb2.SnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,
