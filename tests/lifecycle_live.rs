@@ -389,13 +389,19 @@ fn live_compaction_killed_at_random_points_leaves_the_old_or_the_new_archive() {
     let mut phases: BTreeMap<&str, usize> = BTreeMap::new();
     let (mut kills, mut olds, mut news) = (0, 0, 0);
     for round in 0..120 {
-        if kills >= 24 && phases.len() >= 3 {
+        if kills >= 24 && phases.len() >= 4 {
             break;
+        }
+        // What a killed run left is replaced by the next one (kept for the
+        // rounds killed at a random time); the size-watching rounds need a
+        // fresh start.
+        if round % 4 != 0 {
+            let _ = std::fs::remove_file(&temp);
         }
         let (mut child, call) = start(&rt);
         let temp_len = || std::fs::metadata(&temp).map(|m| m.len()).ok();
         let t0 = Instant::now();
-        let phase = match round % 3 {
+        let phase = match round % 4 {
             0 => {
                 std::thread::sleep(full.mul_f64(rng.gen_range(0.0..1.0)));
                 "at a random time"
@@ -405,9 +411,20 @@ fn live_compaction_killed_at_random_points_leaves_the_old_or_the_new_archive() {
                 while !call.is_finished() && temp_len().is_none_or(|n| n < want) {}
                 "while copying"
             }
-            _ => {
+            2 => {
                 while !call.is_finished() && temp_len().is_none_or(|n| n < new_len) {}
-                "with the new file complete, around the rename"
+                "with the new file complete, before the rename"
+            }
+            _ => {
+                let mut seen = false;
+                while !call.is_finished() {
+                    match temp_len() {
+                        Some(n) if n >= new_len => seen = true,
+                        None if seen => break,
+                        _ => {}
+                    }
+                }
+                "after the rename"
             }
         };
         let when = t0.elapsed();
@@ -427,6 +444,10 @@ fn live_compaction_killed_at_random_points_leaves_the_old_or_the_new_archive() {
         drop(a);
         if frames == all {
             olds += 1;
+            assert!(
+                !(killed && phase == "after the rename"),
+                "round {round}: killed after the rename, yet the old archive is in place"
+            );
             assert_frames(&path, &all, LEN);
         } else {
             news += 1;
