@@ -20,7 +20,13 @@
 //!   nothing is appended to the old file while it is copied, and the fixed
 //!   temporary name has one user at a time;
 //! * entries are copied raw: compressed bytes, CRC-32, sizes and DOS time as
-//!   they are, nothing decompressed or recompressed. The data of an entry of
+//!   they are, nothing decompressed or recompressed. CRCs are not verified
+//!   during the copy, on purpose: the CRC travels with the bytes, every read
+//!   of the new file checks it as every read of the old one did (so a bad
+//!   entry is reported exactly as it would have been), and checking here
+//!   would pull every kept byte through this process, which is what
+//!   `copy_file_range` and reflinks avoid (the local header of every entry
+//!   is checked against the directory, which catches a misplaced entry). The data of an entry of
 //!   at least [`ALIGN_MIN`] bytes lands at the same offset modulo 4 KiB as in
 //!   the old file (a padding extra field), so `copy_file_range` can share its
 //!   extents on file systems with reflinks and copies whole pages elsewhere;
