@@ -197,7 +197,10 @@ fn bench_snapshot(dir: &Path, rounds: usize, what: &str) {
     });
     let copy = dir.join("copy.bin");
     let mut ratios = Vec::new();
-    println!("snapshot of a live {} MiB archive ({what}) vs cp + fsync", size / MIB);
+    println!(
+        "snapshot of a live {} MiB archive ({what}) vs cp + fsync",
+        size / MIB
+    );
     for r in 0..rounds {
         let cp1 = cp_synced(&live, &copy);
         let name = format!("snap-{r}.zip");

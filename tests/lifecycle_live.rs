@@ -89,7 +89,9 @@ fn live_compact_while_streaming(oracle_too: bool) {
     let before: Vec<FrameSpec> = (0..48).map(|i| frame(i, 2 << 20)).collect();
     let (result, acks, t_compact) = rt.block_on(async {
         let c = d.client().await;
-        write_client(&c, name, append("run"), &before).await.unwrap();
+        write_client(&c, name, append("run"), &before)
+            .await
+            .unwrap();
         let acks: Acks = Arc::default();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let streamer = tokio::spawn(stream(
@@ -143,14 +145,25 @@ fn live_compact_while_streaming(oracle_too: bool) {
     assert!(matches!(a.state(), OpenState::Clean));
     let present: BTreeSet<String> = a.index().frames_under(Some("run")).into_iter().collect();
     let dropped: BTreeSet<String> = result.dropped.iter().cloned().collect();
-    assert!(present.is_disjoint(&dropped), "dropped frames are still there");
+    assert!(
+        present.is_disjoint(&dropped),
+        "dropped frames are still there"
+    );
     let all: Vec<u64> = (0..48).chain(acks.keys().copied()).collect();
     for i in &all {
         let f = i.to_string();
         match tensor_in(&a, &f) {
-            Some(b) => assert!(b == frame(*i, if *i < 100 { 2 << 20 } else { 64 << 10 }).tensors[0].data.to_vec(), "frame {f}: bytes differ"),
+            Some(b) => assert!(
+                b == frame(*i, if *i < 100 { 2 << 20 } else { 64 << 10 }).tensors[0]
+                    .data
+                    .to_vec(),
+                "frame {f}: bytes differ"
+            ),
             None => {
-                assert!(dropped.contains(&f), "frame {f} was acked, is not in `dropped`, and is gone");
+                assert!(
+                    dropped.contains(&f),
+                    "frame {f} was acked, is not in `dropped`, and is gone"
+                );
                 assert!(i % K != 0, "frame {f}: the policy keeps it, yet it is gone");
             }
         }
@@ -207,7 +220,10 @@ fn snapshot_under_writes(oracle_too: bool) {
         // Never over an existing archive.
         let e = c.snapshot(name, "snaps/copy.zip").await.unwrap_err();
         assert!(e.to_string().contains("exists"), "{e}");
-        let e = c.snapshot("runs/none.zip", "snaps/x.zip").await.unwrap_err();
+        let e = c
+            .snapshot("runs/none.zip", "snaps/x.zip")
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Some(logd::Code::NotFound), "{e}");
         let e = c.snapshot(name, "../outside.zip").await.unwrap_err();
         assert_eq!(e.code(), Some(logd::Code::PermissionDenied), "{e}");
@@ -225,7 +241,10 @@ fn snapshot_under_writes(oracle_too: bool) {
     for i in &acked_before {
         let got = tensor_in(&a, &i.to_string())
             .unwrap_or_else(|| panic!("frame {i} was acked durable before the snapshot"));
-        assert!(got == frame(*i, 256 << 10).tensors[0].data.to_vec(), "frame {i}");
+        assert!(
+            got == frame(*i, 256 << 10).tensors[0].data.to_vec(),
+            "frame {i}"
+        );
     }
     if oracle_too {
         let theirs = oracle_view(&copy, false);
@@ -332,7 +351,10 @@ fn assert_frames(path: &Path, frames: &BTreeSet<String>, len: usize) {
     for f in frames {
         let i: u64 = f.parse().unwrap();
         let got = tensor_in(&a, f).unwrap_or_else(|| panic!("frame {f} missing"));
-        assert!(got == frame(i, len as u64).tensors[0].data.to_vec(), "frame {f}");
+        assert!(
+            got == frame(i, len as u64).tensors[0].data.to_vec(),
+            "frame {f}"
+        );
     }
 }
 
@@ -451,13 +473,19 @@ fn live_compaction_killed_at_random_points_leaves_the_old_or_the_new_archive() {
             assert_frames(&path, &all, LEN);
         } else {
             news += 1;
-            assert_eq!(frames, kept, "round {round}: neither the old nor the new archive");
+            assert_eq!(
+                frames, kept,
+                "round {round}: neither the old nor the new archive"
+            );
             assert_frames(&path, &kept, LEN);
         }
     }
     eprintln!("kills by phase: {phases:?}");
     eprintln!("{kills} kills: {olds} left the old archive, {news} the new one");
-    assert!(kills >= 20, "only {kills} compactions were killed while running");
+    assert!(
+        kills >= 20,
+        "only {kills} compactions were killed while running"
+    );
     // A daemon started after the kills compacts and cleans up what they left.
     let (mut child, call) = start(&rt);
     rt.block_on(call).unwrap().unwrap();
@@ -474,7 +502,10 @@ fn grpcurl_bin() -> std::path::PathBuf {
     let py = std::env::var_os("GTAR_ORACLE_PYTHON")
         .filter(|p| !p.is_empty())
         .expect("GTAR_ORACLE_PYTHON is not set: run ./test.sh (it installs grpcurl into the oracle venv)");
-    std::path::PathBuf::from(py).parent().unwrap().join("grpcurl")
+    std::path::PathBuf::from(py)
+        .parent()
+        .unwrap()
+        .join("grpcurl")
 }
 
 fn grpcurl(d: &Daemon, method: &str, body: &str) -> serde_json::Value {
@@ -529,7 +560,10 @@ fn grpcurl_calls_compact_and_snapshot() {
     assert!(reclaimed >= 3 * 4096, "{done}");
     rt.block_on(async {
         let c = d.client().await;
-        assert_eq!(c.list_frames("runs/g.zip", "").await.unwrap(), ["0", "4", "5"]);
+        assert_eq!(
+            c.list_frames("runs/g.zip", "").await.unwrap(),
+            ["0", "4", "5"]
+        );
         assert_eq!(c.list_frames("runs/g-snap.zip", "").await.unwrap().len(), 6);
     });
 }

@@ -75,7 +75,10 @@ struct InFlight(PathBuf);
 impl InFlight {
     fn claim(path: &Path) -> Result<InFlight, LiveError> {
         let mut g = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
-        if !g.get_or_insert_with(HashSet::new).insert(path.to_path_buf()) {
+        if !g
+            .get_or_insert_with(HashSet::new)
+            .insert(path.to_path_buf())
+        {
             return Err(LiveError::Busy(path.display().to_string()));
         }
         Ok(InFlight(path.to_path_buf()))
@@ -184,7 +187,15 @@ pub fn compact(lease: &Lease, args: &LiveCompact) -> Result<LiveOutcome, LiveErr
     let (tx, rx) = std::sync::mpsc::channel();
     let target = path.clone();
     let reopened = handle.between(Box::new(move |now: &Index| {
-        let res = finish(w, &file, now, view.end, scope_owned.as_deref(), &dropped, &target);
+        let res = finish(
+            w,
+            &file,
+            now,
+            view.end,
+            scope_owned.as_deref(),
+            &dropped,
+            &target,
+        );
         // Whatever `finish` reports: once the rename happened (even if the
         // directory's fsync then failed) the writer must reopen the path,
         // or frames would go to the unlinked old file.

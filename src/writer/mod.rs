@@ -713,7 +713,11 @@ impl Actor {
                 // and lets go of its lock.
                 drop(self.writer.replace(w));
                 self.reader_index = index;
-                *self.shared.reader.write().unwrap_or_else(|p| p.into_inner()) = reader;
+                *self
+                    .shared
+                    .reader
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = reader;
                 Ok(())
             }
             Err(e) => {
