@@ -95,24 +95,6 @@ impl From<Description> for pb::DescribeArchiveResponse {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_dtype_crosses_the_edge_and_back() {
-        for d in DType::ALL {
-            assert_eq!(dtype("tensor.dtype", wire_dtype(d) as i32), Ok(d));
-        }
-        let e = dtype("tensor.dtype", 0).unwrap_err();
-        assert!(
-            e.to_string().starts_with("tensor.dtype: unknown dtype 0"),
-            "{e}"
-        );
-        assert!(dtype("tensor.dtype", 99).is_err());
-    }
-}
-
 /// A wire keep policy (`CompactRequest.keep`).
 pub fn keep_policy(wire: Option<pb::KeepPolicy>) -> Result<gtar::Policy, BadField> {
     let k = wire.unwrap_or_default();
@@ -167,5 +149,23 @@ impl pb::SnapshotResponse {
             frame_count: s.frames as u64,
             reflinked_bytes: s.reflinked,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dtype_crosses_the_edge_and_back() {
+        for d in DType::ALL {
+            assert_eq!(dtype("tensor.dtype", wire_dtype(d) as i32), Ok(d));
+        }
+        let e = dtype("tensor.dtype", 0).unwrap_err();
+        assert!(
+            e.to_string().starts_with("tensor.dtype: unknown dtype 0"),
+            "{e}"
+        );
+        assert!(dtype("tensor.dtype", 99).is_err());
     }
 }
