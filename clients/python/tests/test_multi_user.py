@@ -195,6 +195,28 @@ def test_each_user_has_their_own_archives_and_shared_memory(world):
     assert stat.S_IMODE(st.st_mode) & 0o007 == 0, oct(st.st_mode)
 
 
+RUST_EXAMPLE = BIN.parent / "examples" / "shm_write"
+
+
+def test_the_rust_client_attaches_shared_memory_for_every_user(world):
+    """The project's Rust client (examples/shm_write.rs), as A and as B."""
+    w = world
+    if not RUST_EXAMPLE.exists():
+        pytest.fail(f"{RUST_EXAMPLE} not built: cargo build --workspace --all-targets")
+    exe = w["base"] / "shm_write"
+    if not exe.exists():
+        shutil.copy(RUST_EXAMPLE, exe)
+        os.chmod(exe, 0o755)
+    for user in (w["a"], w["b"]):
+        r = _run(["runuser", "-u", user, "--", "env", "-i", "PATH=/usr/bin:/bin", str(exe),
+                  w["svc"].address, "rust/shm.zip", "4", "2"])
+        assert r.returncode == 0, r.stdout + r.stderr + w["svc"].log()
+        got = json.loads(r.stdout)
+        assert got["shm_attached"] and got["shm_refused"] is None, got
+        assert got["shm_bytes"] == 2 * (4 << 20), got
+        assert as_user(w, user, "read", {"archive": "rust/shm.zip"})["frames"] == ["0", "1"]
+
+
 def test_another_user_can_do_nothing_to_my_archives(world):
     w = world
     as_user(w, w["a"], "write", {"archive": "runs/keep.zip", "frames": [0], "value": 5.0})
