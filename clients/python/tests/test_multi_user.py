@@ -50,6 +50,17 @@ def _user_python(user: str, venv_python: str):
     return cand, sp
 
 
+def _pids_of(uid: int) -> list[int]:
+    out = []
+    for p in pathlib.Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and p.stat().st_uid == uid:
+                out.append(int(p.name))
+        except OSError:
+            pass
+    return out
+
+
 class Users:
     def __init__(self, base: pathlib.Path):
         self.base = base
@@ -67,9 +78,17 @@ class Users:
         return name
 
     def remove(self):
+        import pwd
         for n in self.names:
-            subprocess.run(["pkill", "-KILL", "-u", n], capture_output=True)
+            uid = pwd.getpwnam(n).pw_uid
+            for pid in _pids_of(uid):  # leftovers of a failed test, by pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
             subprocess.run(["userdel", n], capture_output=True)
+            # The user's own daemon's runtime directory (the TCP test).
+            shutil.rmtree(f"/tmp/gtar-logd-{uid}", ignore_errors=True)
 
 
 class Service:
