@@ -252,7 +252,12 @@ fn run_dispatcher(o: Options) -> anyhow::Result<()> {
         .recursive(true)
         .mode(0o711)
         .create(&data_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create the data directory {} (--data-dir): {e}", data_dir.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the data directory {} (--data-dir): {e}",
+                data_dir.display()
+            )
+        })?;
     let dopts = crate::users::DispatchOptions {
         users_dir: data_dir.join("users"),
         admin_gid,
@@ -361,6 +366,12 @@ pub fn run_worker(o: Options, w: WorkerOptions) -> anyhow::Result<()> {
         cfg.grace = o.grace;
         cfg.others = Some((w.users_dir, w.admin));
         tracing::info!(user = %w.user_name, admin = w.admin, "worker serving");
-        server::run(vec![listen::Listener::Handed(incoming)], cfg, shutdown, |_| {}).await
+        server::run(
+            vec![listen::Listener::Handed(incoming)],
+            cfg,
+            shutdown,
+            |_| {},
+        )
+        .await
     })
 }

@@ -308,7 +308,10 @@ async fn futures_join_all(hs: Vec<tokio::task::JoinHandle<()>>) {
 
 /// Start a worker for `who`: a fresh channel, the same binary as `gtar-logd
 /// worker`, dropped to the user before exec.
-fn start_worker(o: &DispatchOptions, who: &Identity) -> io::Result<(OwnedFd, tokio::process::Child)> {
+fn start_worker(
+    o: &DispatchOptions,
+    who: &Identity,
+) -> io::Result<(OwnedFd, tokio::process::Child)> {
     let dir = user_dir(&o.users_dir, who, o.admin_gid)?;
     let (ours, theirs) = channel()?;
     let mut cmd = tokio::process::Command::new("/proc/self/exe");
@@ -371,12 +374,7 @@ fn start_worker(o: &DispatchOptions, who: &Identity) -> io::Result<(OwnedFd, tok
 /// Pass `conn` to the worker of its peer's uid, starting one if there is
 /// none or it died. The caller drops `conn` afterwards (the worker has its
 /// own copy).
-fn route(
-    o: &DispatchOptions,
-    workers: &Workers,
-    uid: u32,
-    conn: RawFd,
-) -> io::Result<()> {
+fn route(o: &DispatchOptions, workers: &Workers, uid: u32, conn: RawFd) -> io::Result<()> {
     {
         let g = workers.inner.lock().unwrap();
         if let Some(w) = g.by_uid.get(&uid) {
@@ -478,7 +476,9 @@ pub async fn dispatch(
         }
     }
     tracing::info!("dispatcher: no new connections; stopping workers");
-    workers.shutdown(grace + std::time::Duration::from_secs(30)).await;
+    workers
+        .shutdown(grace + std::time::Duration::from_secs(30))
+        .await;
     Ok(())
 }
 
@@ -501,7 +501,10 @@ mod tests {
             let mut s = incoming(theirs, end.clone()).unwrap();
             use tokio_stream::StreamExt;
             let got = s.next().await.unwrap().unwrap();
-            assert_eq!(got.peer_cred().unwrap().pid(), Some(std::process::id() as i32));
+            assert_eq!(
+                got.peer_cred().unwrap().pid(),
+                Some(std::process::id() as i32)
+            );
             use std::io::Write;
             let mut a = a;
             a.write_all(b"x").unwrap();

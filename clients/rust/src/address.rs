@@ -73,7 +73,9 @@ impl Address {
         let file = match std::env::var_os("GTAR_LOGD_TOKEN_FILE").filter(|f| !f.is_empty()) {
             Some(f) => PathBuf::from(f),
             None => {
-                let Some(port) = uri.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok())
+                let Some(port) = uri
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
                 else {
                     return Ok(None);
                 };

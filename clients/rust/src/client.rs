@@ -30,12 +30,19 @@ pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the token.
-        f.write_str(if self.0.is_some() { "Auth(token)" } else { "Auth(none)" })
+        f.write_str(if self.0.is_some() {
+            "Auth(token)"
+        } else {
+            "Auth(none)"
+        })
     }
 }
 
 impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut r: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut r: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
         if let Some(v) = &self.0 {
             r.metadata_mut().insert("authorization", v.clone());
         }
