@@ -39,8 +39,9 @@ def main():
             out = {"shm_bytes": w.shm_bytes, "shm_refused": w.shm_refused}
     elif action == "read":
         out = {"archives": [a["archive"] for a in c.list_archives(args.get("prefix", ""))],
-               "frames": c.list_frames(args["archive"]),
-               "last": float(c.read_frame(args["archive"])["w"][0])}
+               "frames": c.list_frames(args["archive"])}
+        if args.get("last", True):  # (archives the Python client wrote)
+            out["last"] = float(c.read_frame(args["archive"])["w"][0])
     elif action == "attack":
         a = args["archive"]
         st = c.stub
