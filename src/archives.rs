@@ -13,9 +13,18 @@
 //!   the writer, the catalog learning the name) in one call.
 //! * Every method may touch the disk: call them off the async workers
 //!   (`spawn_blocking`).
+//! * In a worker of the multi-user service ([`Others`]), names starting with
+//!   `~` are another user's: `~alice/runs/model.zip` is `runs/model.zip` in
+//!   alice's data directory. They are read-only, and only for a worker that
+//!   serves root or the admin group; any write under `~` is refused
+//!   (`Kind::Forbidden`). This is a convenience on top of the kernel's
+//!   check, not instead of it: a worker runs as its user, so it can open
+//!   another user's file only if that user's directory lets it (the admin
+//!   group's read bits, or root).
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use gtar::{Archive, OpenMode};
 
@@ -75,6 +84,69 @@ pub struct Listed {
 pub struct Archives {
     catalog: Catalog,
     writers: Arc<Registry>,
+    others: Option<Others>,
+}
+
+/// Other users' data directories, as a worker of the multi-user service
+/// sees them (see the module docs).
+pub struct Others {
+    /// `<data-dir>/users`: one directory per user, named like the user.
+    users_dir: PathBuf,
+    /// Whether this worker's user is root or in the admin group.
+    admin: bool,
+    catalogs: Mutex<HashMap<String, Arc<Catalog>>>,
+}
+
+impl Others {
+    pub fn new(users_dir: PathBuf, admin: bool) -> Others {
+        Others {
+            users_dir,
+            admin,
+            catalogs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The catalog of `user`'s data directory, for reading.
+    fn catalog(&self, name: &str, user: &str) -> Result<Arc<Catalog>, CatalogError> {
+        if !self.admin {
+            return Err(CatalogError::Forbidden {
+                name: name.to_string(),
+                why: "another user's archive: only root and the admin group \
+                      (--admin-group) read other users' archives"
+                    .into(),
+            });
+        }
+        if user.is_empty() || user.starts_with('.') || user.contains(['/', '\0']) {
+            return Err(CatalogError::BadName {
+                name: name.to_string(),
+                why: "~USER/ must name a user, like ~alice/runs/model.zip".into(),
+            });
+        }
+        if let Some(c) = self.catalogs.lock().unwrap().get(user) {
+            return Ok(c.clone());
+        }
+        let dir = self.users_dir.join(user);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            _ => {
+                return Err(CatalogError::NotFound(format!(
+                    "{name} (user {user} has no archives here)"
+                )))
+            }
+        }
+        let c = Arc::new(Catalog::new(&dir)?);
+        self.catalogs
+            .lock()
+            .unwrap()
+            .insert(user.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+/// `~user/rest` → `(user, rest)`; `None` for a name of the caller's own.
+fn split_foreign(name: &str) -> Option<(&str, &str)> {
+    let rest = name.strip_prefix('~')?;
+    Some(rest.split_once('/').unwrap_or((rest, "")))
 }
 
 impl Archives {
@@ -83,7 +155,31 @@ impl Archives {
         Ok(Archives {
             catalog: Catalog::new(root)?,
             writers,
+            others: None,
         })
+    }
+
+    /// As [`Archives::new`], for a worker of the multi-user service: names
+    /// under `~` are other users' (module docs).
+    pub fn with_others(
+        root: &Path,
+        writers: Arc<Registry>,
+        others: Others,
+    ) -> Result<Archives, CatalogError> {
+        let mut a = Archives::new(root, writers)?;
+        a.others = Some(others);
+        Ok(a)
+    }
+
+    /// `Some((catalog, name in it))` for another user's archive.
+    fn foreign<'n>(&self, name: &'n str) -> Result<Option<(Arc<Catalog>, &'n str)>, CatalogError> {
+        let Some(others) = &self.others else {
+            return Ok(None);
+        };
+        let Some((user, rest)) = split_foreign(name) else {
+            return Ok(None);
+        };
+        Ok(Some((others.catalog(name, user)?, rest)))
     }
 
     /// The data directory (canonical).
@@ -98,6 +194,10 @@ impl Archives {
 
     /// A read view of archive `name`.
     pub fn open_read(&self, name: &str) -> Result<Archive, CatalogError> {
+        if let Some((catalog, rest)) = self.foreign(name)? {
+            let path = catalog.resolve(rest, false)?;
+            return catalog.open_read(rest, &path);
+        }
         let path = self.catalog.resolve(name, false)?;
         match self.writers.get(&path) {
             Some(h) => Ok(h.reader()),
@@ -108,6 +208,15 @@ impl Archives {
     /// Lease archive `name` for writing (creating it, and its directory,
     /// when missing; replacing it with [`OpenMode::Create`]).
     pub fn lease(&self, name: &str, mode: OpenMode) -> Result<Lease, LeaseError> {
+        if self.others.is_some() && name.starts_with('~') {
+            return Err(CatalogError::Forbidden {
+                name: name.to_string(),
+                why: "names under ~USER/ are other users' archives, and are read-only: \
+                      a connection writes only its own user's archives"
+                    .into(),
+            }
+            .into());
+        }
         let path = self.catalog.resolve(name, true)?;
         let lease = self.writers.acquire(&path, mode)?;
         self.catalog.note(name);
@@ -149,8 +258,26 @@ impl Archives {
     }
 
     /// Archives whose name starts with `prefix`, in name order.
-    pub fn list(&self, prefix: &str) -> Vec<Listed> {
-        self.catalog
+    pub fn list(&self, prefix: &str) -> Result<Vec<Listed>, CatalogError> {
+        if self.others.is_some() && prefix.starts_with('~') {
+            let Some((catalog, rest)) = self.foreign(prefix)? else {
+                return Ok(Vec::new());
+            };
+            let user = &prefix[1..prefix.len() - rest.len()];
+            let user = user.trim_end_matches('/');
+            return Ok(catalog
+                .list(rest)
+                .into_iter()
+                .map(|l| Listed {
+                    // Another process writes it, if anyone does.
+                    writing: false,
+                    name: format!("~{user}/{}", l.name),
+                    size: l.size,
+                })
+                .collect());
+        }
+        Ok(self
+            .catalog
             .list(prefix)
             .into_iter()
             .map(|l| Listed {
@@ -158,6 +285,6 @@ impl Archives {
                 name: l.name,
                 size: l.size,
             })
-            .collect()
+            .collect())
     }
 }

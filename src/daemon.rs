@@ -32,7 +32,31 @@ pub struct Options {
     pub grace: Duration,
     /// A tracing `EnvFilter`.
     pub log: String,
+    /// `--multi-user`: run as the dispatcher of per-user workers (`users`).
+    pub multi_user: bool,
+    /// `--admin-group`: members read every user's archives under `~USER/`.
+    pub admin_group: Option<String>,
+    /// `--tcp-allow-anonymous`: TCP requests need no token.
+    pub tcp_allow_anonymous: bool,
+    /// `--token-file`: where the TCP token goes [default: `auth::default_token_file`].
+    pub token_file: Option<PathBuf>,
 }
+
+/// What a worker of the multi-user service adds to [`Options`].
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// `<data-dir>/users`.
+    pub users_dir: PathBuf,
+    /// The user it serves (for logs).
+    pub user_name: String,
+    /// Root or the admin group: may read `~USER/` archives.
+    pub admin: bool,
+}
+
+/// Where the multi-user service listens unless told otherwise.
+pub const MULTI_USER_SOCKET: &str = "/run/gtar-logd/gtar-logd.sock";
+/// Where the multi-user service keeps archives unless told otherwise.
+pub const MULTI_USER_DATA_DIR: &str = "/var/lib/gtar-logd";
 
 /// `$XDG_DATA_HOME/gtar-logd`, else `~/.local/share/gtar-logd`.
 pub fn default_data_dir() -> PathBuf {
@@ -92,10 +116,35 @@ fn cancel_on_signal(shutdown: CancellationToken) {
     });
 }
 
+/// The TCP token for the first TCP listener, unless anonymous TCP was
+/// allowed (see `auth`).
+fn tcp_token(o: &Options, listeners: &[listen::Listener]) -> anyhow::Result<Option<PathBuf>> {
+    let port = listeners.iter().find_map(|l| match l {
+        listen::Listener::Tcp(t) => t.local_addr().ok().map(|a| a.port()),
+        _ => None,
+    });
+    let Some(port) = port else { return Ok(None) };
+    if o.tcp_allow_anonymous {
+        tracing::warn!(
+            "--tcp-allow-anonymous: every local user who can reach the TCP port reads and \
+             writes every archive (meant for a single-user machine)"
+        );
+        return Ok(None);
+    }
+    Ok(Some(
+        o.token_file
+            .clone()
+            .unwrap_or_else(|| crate::auth::default_token_file(port)),
+    ))
+}
+
 /// Run the daemon until SIGTERM/SIGINT; see the module docs.
 pub fn run(o: Options) -> anyhow::Result<()> {
     keep_freed_buffers();
     init_logging(&o.log);
+    if o.multi_user {
+        return run_dispatcher(o);
+    }
     let activation = listen::take_listen_fds()?;
     let perms =
         listen::SocketPermissions::parse(o.socket_mode.as_deref(), o.socket_group.as_deref())
@@ -116,6 +165,12 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         cfg.limits.direct_io = o.direct_io;
         cfg.shared_memory = o.shared_memory;
         cfg.grace = o.grace;
+        let token_file = tcp_token(&o, &bound.listeners)?;
+        if let Some(f) = &token_file {
+            let t = crate::auth::create(f)?;
+            tracing::info!(token_file = %f.display(), "TCP requests need `authorization: Bearer <token>` from this file");
+            cfg.tcp_token = Some(std::sync::Arc::new(t));
+        }
         let shutdown = CancellationToken::new();
         cancel_on_signal(shutdown.clone());
         let addrs: Vec<String> = bound.listeners.iter().map(|l| l.describe()).collect();
@@ -134,6 +189,189 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         if let Some(p) = &bound.socket_file {
             let _ = std::fs::remove_file(p);
         }
+        if let Some(f) = &token_file {
+            let _ = std::fs::remove_file(f);
+        }
         res
+    })
+}
+
+/// The arguments every worker gets: this daemon's tunables.
+fn worker_args(o: &Options) -> Vec<std::ffi::OsString> {
+    [
+        format!("--max-tensor-bytes={}", o.max_tensor_bytes),
+        format!("--queue-frames={}", o.queue_frames),
+        format!("--direct-io={}", o.direct_io),
+        format!("--shared-memory={}", o.shared_memory),
+        format!("--grace-secs={}", o.grace.as_secs()),
+        format!("--writer-stall-secs={}", o.writer_stall.as_secs()),
+        format!("--log={}", o.log),
+    ]
+    .into_iter()
+    .map(Into::into)
+    .collect()
+}
+
+/// `serve --multi-user`: the dispatcher (see `users`).
+fn run_dispatcher(o: Options) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let activation = listen::take_listen_fds()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "--multi-user needs root: it starts a worker process as each connecting user"
+        );
+    }
+    if o.listen.tcp.is_some() || !activation.tcp.is_empty() {
+        anyhow::bail!(
+            "--multi-user serves the Unix socket only: TCP carries no identity, so it cannot \
+             tell whose archives a request may see (drop --tcp, or the TCP .socket unit)"
+        );
+    }
+    let admin_gid = o
+        .admin_group
+        .as_deref()
+        .map(listen::resolve_group)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--admin-group: {e}"))?;
+    // Every user may connect (0666) unless a group or mode is given: who
+    // they are comes from the kernel, and each reaches only their own worker.
+    let mode = o.socket_mode.as_deref().or(if o.socket_group.is_some() {
+        None
+    } else {
+        Some("0666")
+    });
+    let perms = listen::SocketPermissions::parse(mode, o.socket_group.as_deref())
+        .map_err(|e| anyhow::anyhow!("--socket-mode/--socket-group: {e}"))?;
+    let data_dir = o
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(MULTI_USER_DATA_DIR));
+    // Users pass through it to their own directory (0711: no listing).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&data_dir)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the data directory {} (--data-dir): {e}",
+                data_dir.display()
+            )
+        })?;
+    let dopts = crate::users::DispatchOptions {
+        users_dir: data_dir.join("users"),
+        admin_gid,
+        worker_args: worker_args(&o),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (listener, socket_file) = match activation.unix.into_iter().next() {
+            Some((_, l)) => {
+                l.set_nonblocking(true)?;
+                (tokio::net::UnixListener::from_std(l)?, None)
+            }
+            None => {
+                let p = match o.listen.uds.as_deref() {
+                    None | Some("") | Some("none") => PathBuf::from(MULTI_USER_SOCKET),
+                    Some(p) => PathBuf::from(p.strip_prefix("unix:").unwrap_or(p)),
+                };
+                if let Some(parent) = p.parent().filter(|d| !d.exists()) {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o755)
+                        .create(parent)?;
+                }
+                let l = listen::bind_unix_with(&p, perms)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {} (--uds): {e}", p.display()))?;
+                (l, Some(p))
+            }
+        };
+        let shutdown = CancellationToken::new();
+        cancel_on_signal(shutdown.clone());
+        // The watchdog pings while the dispatcher's event loop turns.
+        let beat = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        {
+            let beat = beat.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(Duration::from_secs(1));
+                while !stop.is_cancelled() {
+                    t.tick().await;
+                    beat.store(systemd_now_secs(), std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+        let stall = o.writer_stall.as_secs().max(5);
+        let watchdog = systemd::spawn_watchdog_from_env(move || {
+            systemd_now_secs().saturating_sub(beat.load(std::sync::atomic::Ordering::Relaxed))
+                < stall
+        })
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot start the watchdog thread");
+            None
+        });
+        let where_ = socket_file
+            .as_ref()
+            .map_or("the socket systemd passed".to_string(), |p| p.display().to_string());
+        tracing::info!(socket = %where_, data_dir = %data_dir.display(), admin_group = ?o.admin_group, "multi-user: one worker per connecting user");
+        systemd::notify_ready(&format!("multi-user service on {where_}"));
+        let workers = crate::users::Workers::default();
+        let res = crate::users::dispatch(listener, dopts, workers, shutdown, o.grace).await;
+        drop(watchdog);
+        if let Some(p) = &socket_file {
+            let _ = std::fs::remove_file(p);
+        }
+        res
+    })
+}
+
+fn systemd_now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `gtar-logd worker`: one user's server, on connections its dispatcher
+/// passes over fd [`crate::users::WORKER_CHANNEL_FD`] (see `users`).
+pub fn run_worker(o: Options, w: WorkerOptions) -> anyhow::Result<()> {
+    use std::os::fd::FromRawFd;
+    keep_freed_buffers();
+    init_logging(&o.log);
+    let fd = crate::users::WORKER_CHANNEL_FD;
+    // SAFETY: fstat on a descriptor number only reads its metadata.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        anyhow::bail!(
+            "gtar-logd worker is started by `gtar-logd serve --multi-user` (fd {fd} must be its channel)"
+        );
+    }
+    // SAFETY: fd 3 is the channel the dispatcher passed us (checked above to
+    // be a socket); nothing else in this process owns it.
+    let chan = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let data_dir = o.data_dir.clone().unwrap_or_else(default_data_dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        cancel_on_signal(shutdown.clone());
+        let incoming = crate::users::incoming(chan, shutdown.clone())?;
+        let mut cfg = server::Config::new(data_dir);
+        cfg.max_tensor_bytes = o.max_tensor_bytes;
+        cfg.limits.queue_frames = o.queue_frames.max(crate::service::ingest::FRAMES_IN_FLIGHT);
+        cfg.limits.direct_io = o.direct_io;
+        cfg.shared_memory = o.shared_memory;
+        cfg.grace = o.grace;
+        cfg.others = Some((w.users_dir, w.admin));
+        tracing::info!(user = %w.user_name, admin = w.admin, "worker serving");
+        server::run(
+            vec![listen::Listener::Handed(incoming)],
+            cfg,
+            shutdown,
+            |_| {},
+        )
+        .await
     })
 }

@@ -17,6 +17,9 @@ pub enum Kind {
     BadInput,
     /// A path that would leave the data directory.
     Outside,
+    /// Another user's archive (multi-user service): not the caller's to
+    /// read, or never to write.
+    Forbidden,
     /// Unknown archive, group, record or frame.
     NotFound,
     /// A queue, a limit or the disk is full.

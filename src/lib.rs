@@ -4,6 +4,7 @@
 //! writer pipeline, catalog and gRPC service built on it.
 
 pub mod archives;
+pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod daemon;
@@ -18,4 +19,5 @@ pub mod server;
 pub mod service;
 pub mod shm;
 pub mod systemd;
+pub mod users;
 pub mod writer;

@@ -533,6 +533,9 @@ pub fn group_name(gid: u32) -> Option<String> {
 pub enum Listener {
     Unix(tokio::net::UnixListener),
     Tcp(tokio::net::TcpListener),
+    /// Unix connections accepted by someone else and handed over: a
+    /// multi-user worker's connections from its dispatcher (`users`).
+    Handed(tokio_stream::wrappers::ReceiverStream<io::Result<tokio::net::UnixStream>>),
 }
 
 impl Listener {
@@ -548,6 +551,7 @@ impl Listener {
                 None => "unix:(unnamed)".into(),
             },
             Listener::Tcp(l) => l.local_addr().map_or("tcp:?".into(), |a| a.to_string()),
+            Listener::Handed(_) => "connections passed by the dispatcher".into(),
         }
     }
 }

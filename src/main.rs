@@ -19,6 +19,10 @@ enum Cmd {
     /// Run the daemon: take frames over gRPC and append them to archives
     /// under the data directory; answer load queries.
     Serve(ServeArgs),
+    /// One user's server in the multi-user service (started by
+    /// `serve --multi-user`, not by hand).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
     /// Print the frame indices of an archive, one a line, in GETAR order.
     Frames {
         /// The archive file (.zip).
@@ -173,6 +177,33 @@ struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "gtar_logd=debug"
     #[arg(long, env = "GTAR_LOGD_LOG", default_value = "info")]
     log: String,
+    /// The system service for a shared machine (run as root): each user who connects to the Unix socket is served by a worker process running as that user, with their own archives under DATA_DIR/users/NAME [socket default: /run/gtar-logd/gtar-logd.sock, mode 0666; data dir default: /var/lib/gtar-logd]. No TCP.
+    #[arg(long, env = "GTAR_LOGD_MULTI_USER")]
+    multi_user: bool,
+    /// With --multi-user: members of this group (and root) may read every user's archives as ~USER/NAME.zip
+    #[arg(long, env = "GTAR_LOGD_ADMIN_GROUP")]
+    admin_group: Option<String>,
+    /// Serve TCP without a token (any local user can then read and write every archive: only for a single-user machine)
+    #[arg(long, env = "GTAR_LOGD_TCP_ALLOW_ANONYMOUS")]
+    tcp_allow_anonymous: bool,
+    /// Where to write the token TCP requests must carry [default: tcp-PORT.token next to the default socket]
+    #[arg(long, env = "GTAR_LOGD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// The multi-user service's users directory (DATA_DIR/users).
+    #[arg(long)]
+    users_dir: PathBuf,
+    /// The user served (for logs).
+    #[arg(long)]
+    user_name: String,
+    /// Root or the admin group: may read ~USER/ archives.
+    #[arg(long)]
+    admin: bool,
 }
 
 impl ServeArgs {
@@ -193,6 +224,10 @@ impl ServeArgs {
             shared_memory: self.shared_memory,
             grace: Duration::from_secs(self.grace_secs),
             log: self.log,
+            multi_user: self.multi_user,
+            admin_group: self.admin_group,
+            tcp_allow_anonymous: self.tcp_allow_anonymous,
+            token_file: self.token_file,
         }
     }
 }
@@ -202,6 +237,14 @@ fn main() -> ExitCode {
     let mut out = std::io::stdout().lock();
     let res = match cli.cmd {
         Cmd::Serve(a) => daemon::run(a.into_options()),
+        Cmd::Worker(w) => daemon::run_worker(
+            w.serve.into_options(),
+            daemon::WorkerOptions {
+                users_dir: w.users_dir,
+                user_name: w.user_name,
+                admin: w.admin,
+            },
+        ),
         Cmd::Frames { archive, group } => {
             gtar_logd::cli::frames(&archive, group.as_deref(), &mut out)
         }

@@ -43,6 +43,12 @@ pub struct Config {
     pub grace: Duration,
     /// Whether Write streams may attach a client's shared memory.
     pub shared_memory: bool,
+    /// A multi-user worker: `<data-dir>/users`, and whether this worker's
+    /// user may read other users' archives under `~USER/` (root, admin group).
+    pub others: Option<(PathBuf, bool)>,
+    /// The token TCP requests must carry; `None`: TCP is anonymous
+    /// (`--tcp-allow-anonymous`), or there is no TCP listener.
+    pub tcp_token: Option<Arc<crate::auth::Token>>,
 }
 
 impl Config {
@@ -53,6 +59,8 @@ impl Config {
             max_tensor_bytes: crate::limits::DEFAULT_MAX_TENSOR_BYTES,
             grace: Duration::from_secs(10),
             shared_memory: true,
+            others: None,
+            tcp_token: None,
         }
     }
 }
@@ -79,7 +87,15 @@ pub async fn run(
     on_ready: impl FnOnce(Liveness),
 ) -> anyhow::Result<()> {
     let registry = Registry::new(cfg.limits.clone(), tokio::runtime::Handle::current());
-    let archives = Archives::new(&cfg.data_dir, registry.clone()).map_err(|e| {
+    let archives = match &cfg.others {
+        None => Archives::new(&cfg.data_dir, registry.clone()),
+        Some((users_dir, admin)) => Archives::with_others(
+            &cfg.data_dir,
+            registry.clone(),
+            crate::archives::Others::new(users_dir.clone(), *admin),
+        ),
+    }
+    .map_err(|e| {
         anyhow::anyhow!(
             "cannot use the data directory {} (--data-dir): {e}",
             cfg.data_dir.display()
@@ -109,12 +125,18 @@ pub async fn run(
     let mut servers = tokio::task::JoinSet::new();
     for l in listeners {
         tracing::info!(address = %l.describe(), "listening");
+        // TCP carries no identity: there, every request shows the token.
+        let token = match l {
+            Listener::Tcp(_) => cfg.tcp_token.clone(),
+            _ => None,
+        };
         let router = Server::builder()
             // h2's default windows make a local sender wait for WINDOW_UPDATE
             // round trips every MiB; checkpoints stream hundreds of MiB.
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .layer(crate::auth::RequireTokenLayer(token))
             .layer(tower::util::MapResponseLayer::new(
                 |mut r: tonic::codegen::http::Response<tonic::body::Body>| {
                     crate::service::errors::remap_decode_headers(r.headers_mut());
@@ -138,6 +160,9 @@ pub async fn run(
                     TcpListenerStream::new(t),
                     stop.cancelled_owned(),
                 ));
+            }
+            Listener::Handed(h) => {
+                servers.spawn(router.serve_with_incoming_shutdown(h, stop.cancelled_owned()));
             }
         }
     }

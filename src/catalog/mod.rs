@@ -31,6 +31,9 @@ pub enum CatalogError {
     Outside { name: String, root: String },
     #[error("no archive {0:?} in the data directory")]
     NotFound(String),
+    /// A `~user/` name the caller may not use that way (multi-user service).
+    #[error("archive name {name:?}: {why}")]
+    Forbidden { name: String, why: String },
     #[error("{name}: {source}")]
     Format { name: String, source: gtar::Error },
     #[error("{0}")]
@@ -43,6 +46,7 @@ impl Classify for CatalogError {
             CatalogError::BadName { .. } => Kind::BadInput,
             CatalogError::Outside { .. } => Kind::Outside,
             CatalogError::NotFound(_) => Kind::NotFound,
+            CatalogError::Forbidden { .. } => Kind::Forbidden,
             CatalogError::Format { source, .. } => source.kind(),
             CatalogError::Io(io) => io_kind(io),
         }

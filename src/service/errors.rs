@@ -13,6 +13,7 @@ pub fn code(kind: Kind) -> Code {
     match kind {
         Kind::BadInput => Code::InvalidArgument,
         Kind::Outside => Code::PermissionDenied,
+        Kind::Forbidden => Code::PermissionDenied,
         Kind::NotFound => Code::NotFound,
         Kind::Exhausted => Code::ResourceExhausted,
         Kind::Conflict => Code::FailedPrecondition,

@@ -125,7 +125,7 @@ impl Logd for Service {
         let st = self.state.clone();
         let listed = tokio::task::spawn_blocking(move || st.archives.list(&prefix))
             .await
-            .map_err(|e| status(Kind::Internal, e.to_string()))?;
+            .map_err(|e| status(Kind::Internal, e.to_string()))??;
         let archives = listed
             .into_iter()
             .map(|l| pb::ArchiveInfo {

@@ -62,6 +62,31 @@ def host_port(target: str):
     return host, int(port)
 
 
+def token_for(target: str) -> str | None:
+    """The token a TCP request carries (`authorization: Bearer <token>`).
+
+    $GTAR_LOGD_TOKEN, else the file $GTAR_LOGD_TOKEN_FILE, else the daemon's
+    default token file for the port (`tcp-<PORT>.token` next to the default
+    socket) when it exists. None for a Unix socket, where the kernel tells
+    the daemon who is asking.
+    """
+    if unix_path(target) is not None:
+        return None
+    token = os.environ.get("GTAR_LOGD_TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("GTAR_LOGD_TOKEN_FILE")
+    if not path:
+        hp = host_port(target)
+        if hp is None:
+            return None
+        path = os.path.join(os.path.dirname(default_socket_path()), f"tcp-{hp[1]}.token")
+        if not os.path.exists(path):
+            return None
+    with open(path) as f:
+        return f.read().strip()
+
+
 # Answers that say at once that no daemon listens there. Anything else
 # (a timeout, a full backlog) may be a daemon that is only slow: let gRPC wait.
 _ABSENT = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR, errno.EACCES, errno.EPERM,

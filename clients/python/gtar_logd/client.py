@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from . import dtypes
-from ._address import resolve, why_unreachable
+from ._address import resolve, token_for, why_unreachable
 from ._proto import logd_pb2 as pb
 from ._proto import logd_pb2_grpc as pb_grpc
 from ._names import DEFAULT_COLLECTION, VALUE_NAME, group_to_key, join, key_to_group
@@ -35,6 +35,40 @@ def _wrap(e: grpc.RpcError, address: str, what: str):
     return GtarLogdError(f"{what} failed: {code.name}: {e.details()}")
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str):
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        md = list(d.metadata or []) + [self._md]
+        return d._replace(metadata=md) if hasattr(d, "_replace") else _Details(d, md)
+
+    def intercept_unary_unary(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_unary_stream(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_stream_unary(self, cont, d, it):
+        return cont(self._details(d), it)
+
+    def intercept_stream_stream(self, cont, d, it):
+        return cont(self._details(d), it)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method = d.method
+        self.timeout = d.timeout
+        self.metadata = metadata
+        self.credentials = d.credentials
+        self.wait_for_ready = d.wait_for_ready
+        self.compression = getattr(d, "compression", None)
+
+
 class Client:
     """A connection to the gtar-logd daemon.
 
@@ -51,7 +85,12 @@ class Client:
             # grpc-core sends the socket path as :authority, which the daemon's
             # HTTP/2 stack (h2) rejects with RST_STREAM(PROTOCOL_ERROR).
             options.append(("grpc.default_authority", "localhost"))
-        self._channel = grpc.insecure_channel(self.address, options=options)
+        self._raw_channel = grpc.insecure_channel(self.address, options=options)
+        self._channel = self._raw_channel
+        token = token_for(self.address)
+        if token:
+            # TCP carries no identity: the daemon wants its token on every call.
+            self._channel = grpc.intercept_channel(self._raw_channel, _Bearer(token))
         self.stub = pb_grpc.LogdStub(self._channel)
         # Write takes pre-encoded messages (bytes) as well as protobuf objects,
         # so tensor chunks are encoded with one copy (see _writer.chunk_message).
@@ -63,7 +102,7 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
     def close(self):
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self):
         return self

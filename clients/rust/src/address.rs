@@ -54,6 +54,49 @@ impl Address {
     }
 }
 
+impl Address {
+    /// The token a TCP request carries (`authorization: Bearer <token>`):
+    /// `$GTAR_LOGD_TOKEN`, else the file `$GTAR_LOGD_TOKEN_FILE`, else the
+    /// daemon's default token file for the port, `tcp-<PORT>.token` next to
+    /// the default socket, when it exists. `None` for a Unix socket (the
+    /// kernel tells the daemon who is asking) or when there is no token.
+    pub fn token(&self) -> Result<Option<String>> {
+        let Address::Tcp(uri) = self else {
+            return Ok(None);
+        };
+        if let Some(t) = std::env::var("GTAR_LOGD_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+        {
+            return Ok(Some(t.trim().to_string()));
+        }
+        let file = match std::env::var_os("GTAR_LOGD_TOKEN_FILE").filter(|f| !f.is_empty()) {
+            Some(f) => PathBuf::from(f),
+            None => {
+                let Some(port) = uri
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                else {
+                    return Ok(None);
+                };
+                let sock = Address::default_socket();
+                let f = sock
+                    .parent()
+                    .map_or_else(PathBuf::new, |d| d.join(format!("tcp-{port}.token")));
+                if !f.exists() {
+                    return Ok(None);
+                }
+                f
+            }
+        };
+        let t = std::fs::read_to_string(&file).map_err(|e| Error::Address {
+            address: self.to_string(),
+            why: format!("cannot read the TCP token file {}: {e}", file.display()),
+        })?;
+        Ok(Some(t.trim().to_string()))
+    }
+}
+
 impl FromStr for Address {
     type Err = Error;
 

@@ -18,10 +18,42 @@ pub(crate) const MAX_MESSAGE: usize = 16 << 20;
 /// How long connecting may take before it fails.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The channel with the TCP token added to every request (when there is one).
+pub type Transport = tonic::service::interceptor::InterceptedService<Channel, Auth>;
+
+/// Adds `authorization: Bearer <token>` to each request on TCP, where the
+/// daemon cannot know who is asking ([`Address::token`]); nothing on a Unix
+/// socket.
+#[derive(Clone, Default)]
+pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.write_str(if self.0.is_some() {
+            "Auth(token)"
+        } else {
+            "Auth(none)"
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(
+        &mut self,
+        mut r: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
 /// A connection to gtar-logd. Cheap to clone; clones share the connection.
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: LogdClient<Channel>,
+    inner: LogdClient<Transport>,
     address: Address,
 }
 
@@ -199,15 +231,25 @@ impl Client {
                     .map_err(connect_err)?
             }
         };
-        Ok(Client::from_channel(channel, address))
+        Client::from_channel(channel, address)
     }
 
-    /// Use a channel set up by the caller (TLS, timeouts, ...).
-    pub fn from_channel(channel: Channel, address: Address) -> Client {
-        let inner = LogdClient::new(channel)
+    /// Use a channel set up by the caller (TLS, timeouts, ...). On TCP the
+    /// token is read as [`Address::token`] says.
+    pub fn from_channel(channel: Channel, address: Address) -> Result<Client> {
+        let token = address
+            .token()?
+            .map(|t| {
+                format!("Bearer {t}").parse().map_err(|_| Error::Address {
+                    address: address.to_string(),
+                    why: "the TCP token is not printable ASCII".into(),
+                })
+            })
+            .transpose()?;
+        let inner = LogdClient::with_interceptor(channel, Auth(token))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        Client { inner, address }
+        Ok(Client { inner, address })
     }
 
     /// The address this client is connected to.
@@ -216,7 +258,7 @@ impl Client {
     }
 
     /// The generated gRPC client, for calls this crate does not wrap.
-    pub fn raw(&self) -> LogdClient<Channel> {
+    pub fn raw(&self) -> LogdClient<Transport> {
         self.inner.clone()
     }
 

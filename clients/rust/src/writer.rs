@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use prost::bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::Streaming;
 
 use crate::error::{Error, Result};
@@ -562,7 +561,7 @@ impl std::fmt::Debug for FrameWriter {
 
 impl FrameWriter {
     pub(crate) async fn open(
-        mut client: LogdClient<Channel>,
+        mut client: LogdClient<crate::client::Transport>,
         archive: &str,
         options: OpenOptions,
     ) -> Result<FrameWriter> {

@@ -1,0 +1,534 @@
+//! The multi-user service (`serve --multi-user`): a dispatcher running as
+//! root hands each connection on the Unix socket to a worker process that
+//! runs as the connecting user.
+//!
+//! Why processes: isolation is then the kernel's, not ours. A worker has its
+//! user's uid, gid and groups and a data directory only that user (and the
+//! admin group, read-only) can enter, so it cannot open another user's
+//! archive whatever a request says; the user can open their own archives with
+//! libgetar (the files are theirs); and shared memory works because the
+//! worker *is* the user, so the client's `/proc/<pid>/fd/<n>` opens.
+//!
+//! Invariants:
+//! * Whose worker a connection goes to is decided by the socket's peer
+//!   credentials (`SO_PEERCRED`, from the kernel at connect time), never by
+//!   anything the client sends. The connected descriptor itself is passed
+//!   (`SCM_RIGHTS`), so the worker sees the same peer credentials.
+//! * A worker drops to the user (`setgroups`, `setgid`, `setuid`, in that
+//!   order, all before `exec`) and never regains root; it gets an empty
+//!   environment, the channel as fd 3, and nothing else of the dispatcher's.
+//! * A user's data directory is `<data-dir>/users/<name>`, created by the
+//!   dispatcher owned by the user, mode 0700 (02750 with the admin group as
+//!   its group when `--admin-group` is set); an existing one must already be
+//!   owned by the user, else the user gets no worker. Workers run with umask
+//!   077 (027 with an admin group), so archives are the user's alone.
+//! * A dead worker (crash, `kill -9`) is noticed at the latest when the next
+//!   connection is passed (the channel's peer is gone) and replaced by a
+//!   fresh one; what it had made durable is recovered when the archive is
+//!   next opened, as after any crash.
+//! * When the dispatcher goes, its end of each channel closes; a worker that
+//!   sees the end of its channel shuts down in order (closes and syncs).
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsString};
+use std::io;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+
+/// The descriptor number a worker finds its channel at.
+pub const WORKER_CHANNEL_FD: RawFd = 3;
+
+// ---------------------------------------------------------------------------
+// Passing connections
+// ---------------------------------------------------------------------------
+
+/// A channel pair: (dispatcher's end, worker's end). `SOCK_SEQPACKET` keeps
+/// one connection per message.
+fn channel() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Pass `conn` over the channel. Never waits: a worker whose channel is full
+/// (it stopped taking connections) gets `WouldBlock`, a dead one `EPIPE`.
+pub fn send_fd(chan: RawFd, conn: RawFd) -> io::Result<()> {
+    let fds = [conn];
+    let iov = [IoSlice::new(b"c")];
+    sendmsg::<()>(
+        chan,
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// Receive one passed descriptor. `Ok(None)`: the channel ended (the
+/// dispatcher is gone); `WouldBlock` when nothing is there yet.
+fn recv_fd(chan: RawFd) -> io::Result<Option<Option<OwnedFd>>> {
+    let mut byte = [0u8; 1];
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let msg = recvmsg::<()>(
+        chan,
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    if msg.bytes == 0 {
+        return Ok(None);
+    }
+    let mut got = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel just installed `fd` in our table for us.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                if got.is_none() {
+                    got = Some(owned);
+                } // extra descriptors (never sent by us) are closed
+            }
+        }
+    }
+    Ok(Some(got))
+}
+
+/// The worker's side: connections arriving on `chan`, as a stream for
+/// `serve_with_incoming`. Cancels `ended` when the channel ends.
+pub fn incoming(
+    chan: OwnedFd,
+    ended: CancellationToken,
+) -> io::Result<tokio_stream::wrappers::ReceiverStream<io::Result<tokio::net::UnixStream>>> {
+    // SAFETY: an OwnedFd is a valid open descriptor that stays open and the
+    // same until the AsyncFd (its owner) is dropped.
+    let afd = unsafe { AsyncFd::register(chan) }.map_err(|e| io::Error::other(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match afd.readable().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "connection channel failed");
+                    break;
+                }
+            };
+            match guard.try_io(|fd| recv_fd(fd.as_raw_fd())) {
+                Err(_would_block) => continue,
+                Ok(Ok(None)) => {
+                    tracing::info!("the dispatcher closed the channel; shutting down");
+                    break;
+                }
+                Ok(Ok(Some(None))) => continue,
+                Ok(Ok(Some(Some(fd)))) => {
+                    let s = std::os::unix::net::UnixStream::from(fd);
+                    let s = s
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::UnixStream::from_std(s));
+                    if tx.send(s).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "connection channel failed");
+                    break;
+                }
+            }
+        }
+        ended.cancel();
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+// ---------------------------------------------------------------------------
+// Who a user is
+// ---------------------------------------------------------------------------
+
+/// What a worker runs as.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub name: String,
+    pub home: PathBuf,
+}
+
+impl Identity {
+    /// The passwd entry and group list of `uid`.
+    pub fn of(uid: u32) -> io::Result<Identity> {
+        let u = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .map_err(io::Error::from)?
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("uid {uid} has no passwd entry"),
+                )
+            })?;
+        if u.name.is_empty() || u.name.starts_with('.') || u.name.contains(['/', '\0']) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("uid {uid}'s user name {:?} cannot name a directory", u.name),
+            ));
+        }
+        let cname = CString::new(u.name.clone())?;
+        let groups = nix::unistd::getgrouplist(&cname, u.gid)
+            .map_err(io::Error::from)?
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        Ok(Identity {
+            uid,
+            gid: u.gid.as_raw(),
+            groups,
+            name: u.name,
+            home: u.dir,
+        })
+    }
+
+    /// Root, or a member of the admin group.
+    pub fn is_admin(&self, admin_gid: Option<u32>) -> bool {
+        self.uid == 0 || admin_gid.is_some_and(|g| self.gid == g || self.groups.contains(&g))
+    }
+}
+
+/// Create `<users_dir>/<name>` for `who` (module docs), or check the one
+/// that is there. Returns the directory.
+pub fn user_dir(users_dir: &Path, who: &Identity, admin_gid: Option<u32>) -> io::Result<PathBuf> {
+    let dir = users_dir.join(&who.name);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(md) => {
+            if !md.is_dir() || md.uid() != who.uid {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} exists but is not a directory owned by {} (uid {}); not using it",
+                        dir.display(),
+                        who.name,
+                        who.uid
+                    ),
+                ));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+            // Mode while still ours (setgid is kept for a directory across
+            // chown), then hand it over.
+            let mode = if admin_gid.is_some() { 0o2750 } else { 0o700 };
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
+            std::os::unix::fs::lchown(&dir, Some(who.uid), Some(admin_gid.unwrap_or(who.gid)))?;
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(dir)
+}
+
+// ---------------------------------------------------------------------------
+// The dispatcher
+// ---------------------------------------------------------------------------
+
+/// What the dispatcher needs to start workers.
+#[derive(Debug, Clone)]
+pub struct DispatchOptions {
+    /// `<data-dir>/users`.
+    pub users_dir: PathBuf,
+    pub admin_gid: Option<u32>,
+    /// Arguments after `gtar-logd worker` every worker gets (the serve
+    /// tunables); the channel, data directory and role are added per user.
+    pub worker_args: Vec<OsString>,
+}
+
+struct Worker {
+    chan: OwnedFd,
+    pid: u32,
+    generation: u64,
+}
+
+/// The live workers, by uid.
+#[derive(Clone, Default)]
+pub struct Workers {
+    inner: Arc<Mutex<WorkersInner>>,
+}
+
+#[derive(Default)]
+struct WorkersInner {
+    by_uid: HashMap<u32, Worker>,
+    next_generation: u64,
+    children: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Pids of the live workers (tests, logs).
+    pub fn pids(&self) -> Vec<u32> {
+        self.inner
+            .lock()
+            .unwrap()
+            .by_uid
+            .values()
+            .map(|w| w.pid)
+            .collect()
+    }
+
+    /// Close every channel (workers shut down in order) and wait for them.
+    pub async fn shutdown(&self, within: std::time::Duration) {
+        let children = {
+            let mut g = self.inner.lock().unwrap();
+            g.by_uid.clear();
+            std::mem::take(&mut g.children)
+        };
+        let all = futures_join_all(children);
+        if tokio::time::timeout(within, all).await.is_err() {
+            tracing::warn!("workers still running after {within:?}; leaving them to systemd");
+        }
+    }
+}
+
+async fn futures_join_all(hs: Vec<tokio::task::JoinHandle<()>>) {
+    for h in hs {
+        let _ = h.await;
+    }
+}
+
+/// Start a worker for `who`: a fresh channel, the same binary as `gtar-logd
+/// worker`, dropped to the user before exec.
+fn start_worker(
+    o: &DispatchOptions,
+    who: &Identity,
+) -> io::Result<(OwnedFd, tokio::process::Child)> {
+    let dir = user_dir(&o.users_dir, who, o.admin_gid)?;
+    let (ours, theirs) = channel()?;
+    let mut cmd = tokio::process::Command::new("/proc/self/exe");
+    cmd.arg0("gtar-logd")
+        .arg("worker")
+        .args(&o.worker_args)
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--users-dir")
+        .arg(&o.users_dir)
+        .arg("--user-name")
+        .arg(&who.name);
+    if who.is_admin(o.admin_gid) {
+        cmd.arg("--admin");
+    }
+    cmd.env_clear()
+        .env("HOME", &who.home)
+        .env("USER", &who.name)
+        .env("LOGNAME", &who.name)
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(false);
+    let (uid, gid, groups) = (who.uid, who.gid, who.groups.clone());
+    let umask: libc::mode_t = if o.admin_gid.is_some() { 0o027 } else { 0o077 };
+    let chan_fd = theirs.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (setgroups, setgid, setuid, umask,
+    // dup2) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // Never back: with all ids changed, root is gone for good.
+            if uid != 0 && libc::setuid(0) == 0 {
+                return Err(io::Error::other("regained root after setuid"));
+            }
+            libc::umask(umask);
+            // dup2 clears close-on-exec on the copy: the one fd we pass.
+            if libc::dup2(chan_fd, WORKER_CHANNEL_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot start a worker for {}: {e}", who.name),
+        )
+    })?;
+    drop(theirs);
+    Ok((ours, child))
+}
+
+/// Pass `conn` to the worker of its peer's uid, starting one if there is
+/// none or it died. The caller drops `conn` afterwards (the worker has its
+/// own copy).
+fn route(o: &DispatchOptions, workers: &Workers, uid: u32, conn: RawFd) -> io::Result<()> {
+    {
+        let g = workers.inner.lock().unwrap();
+        if let Some(w) = g.by_uid.get(&uid) {
+            match send_fd(w.chan.as_raw_fd(), conn) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("the worker of uid {uid} is not taking connections"),
+                    ))
+                }
+                Err(e) => {
+                    tracing::warn!(uid, pid = w.pid, error = %e, "worker gone; starting a new one");
+                }
+            }
+        }
+    }
+    let who = Identity::of(uid)?;
+    let (chan, mut child) = start_worker(o, &who)?;
+    let pid = child.id().unwrap_or(0);
+    send_fd(chan.as_raw_fd(), conn)?;
+    let mut g = workers.inner.lock().unwrap();
+    g.next_generation += 1;
+    let generation = g.next_generation;
+    tracing::info!(user = %who.name, uid, pid, "worker started");
+    if let Some(old) = g.by_uid.insert(
+        uid,
+        Worker {
+            chan,
+            pid,
+            generation,
+        },
+    ) {
+        tracing::debug!(pid = old.pid, "replaced a dead worker");
+    }
+    let inner = workers.inner.clone();
+    let name = who.name.clone();
+    g.children.retain(|h| !h.is_finished());
+    g.children.push(tokio::spawn(async move {
+        let status = child.wait().await;
+        let mut g = inner.lock().unwrap();
+        if g.by_uid.get(&uid).is_some_and(|w| w.generation == generation) {
+            g.by_uid.remove(&uid);
+        }
+        match status {
+            Ok(s) if s.success() => tracing::info!(user = %name, pid, "worker exited"),
+            Ok(s) => tracing::warn!(user = %name, pid, status = %s, "worker ended; the next connection starts a new one"),
+            Err(e) => tracing::warn!(user = %name, pid, error = %e, "cannot wait for worker"),
+        }
+    }));
+    Ok(())
+}
+
+/// Accept connections on `listener` until `shutdown`, passing each to its
+/// user's worker; then close the channels and wait for the workers.
+pub async fn dispatch(
+    listener: tokio::net::UnixListener,
+    o: DispatchOptions,
+    workers: Workers,
+    shutdown: CancellationToken,
+    grace: std::time::Duration,
+) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&o.users_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", o.users_dir.display()))?;
+    let o = Arc::new(o);
+    loop {
+        let (conn, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let uid = match conn.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                tracing::warn!(error = %e, "no peer credentials; closing the connection");
+                continue;
+            }
+        };
+        // Starting a worker reads passwd and forks: off the async workers.
+        let (o2, w2) = (o.clone(), workers.clone());
+        let conn = conn.into_std()?;
+        let r = tokio::task::spawn_blocking(move || {
+            let r = route(&o2, &w2, uid, conn.as_raw_fd());
+            drop(conn);
+            r
+        })
+        .await?;
+        if let Err(e) = r {
+            tracing::warn!(uid, error = %e, "connection refused");
+        }
+    }
+    tracing::info!("dispatcher: no new connections; stopping workers");
+    workers
+        .shutdown(grace + std::time::Duration::from_secs(30))
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passed_connection_keeps_its_peer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (ours, theirs) = channel().unwrap();
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
+            drop(b);
+            let end = CancellationToken::new();
+            let mut s = incoming(theirs, end.clone()).unwrap();
+            use tokio_stream::StreamExt;
+            let got = s.next().await.unwrap().unwrap();
+            assert_eq!(
+                got.peer_cred().unwrap().pid(),
+                Some(std::process::id() as i32)
+            );
+            use std::io::Write;
+            let mut a = a;
+            a.write_all(b"x").unwrap();
+            let mut buf = [0u8; 1];
+            got.readable().await.unwrap();
+            assert_eq!(got.try_read(&mut buf).unwrap(), 1);
+            drop(ours);
+            assert!(s.next().await.is_none());
+            end.cancelled().await;
+        });
+    }
+
+    #[test]
+    fn root_and_the_admin_group_are_admins() {
+        let id = |uid, gid, groups: &[u32]| Identity {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+            name: "x".into(),
+            home: "/".into(),
+        };
+        assert!(id(0, 0, &[]).is_admin(None));
+        assert!(!id(1000, 1000, &[1000]).is_admin(None));
+        assert!(id(1000, 1000, &[1000, 50]).is_admin(Some(50)));
+        assert!(!id(1000, 1000, &[1000]).is_admin(Some(50)));
+    }
+}
