@@ -114,6 +114,20 @@ impl Archive {
         self.index.clone()
     }
 
+    /// Metadata of the open file (owner, device and inode: what a reader
+    /// that opens the path itself must find there).
+    pub fn file_metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+
+    /// Where `e`'s (possibly compressed) data starts in the file.
+    pub fn data_offset(&self, e: &Entry) -> Result<u64, Error> {
+        match e.data_offset {
+            Some(o) => Ok(o),
+            None => local_data_offset(&self.file, e),
+        }
+    }
+
     /// Read the current contents of `name` (the last entry of that name).
     pub fn read(&self, name: &str) -> Result<Vec<u8>, Error> {
         let e = self
