@@ -44,8 +44,12 @@ fn child(path: &Path) -> ! {
     let (mut w, _) = ArchiveWriter::open(path, OpenMode::Append).expect("child open");
     let n = w.reader().unwrap().index().frames_under(None).len();
     let mut t = w.begin().unwrap();
-    t.add(&format!("frames/{n}/b.f32.uni"), &[0u8; 64], Compression::Stored)
-        .unwrap();
+    t.add(
+        &format!("frames/{n}/b.f32.uni"),
+        &[0u8; 64],
+        Compression::Stored,
+    )
+    .unwrap();
     let mut e = t
         .start_entry(&format!("frames/{n}/w.f32.uni"), FRAME as u64)
         .unwrap();
@@ -119,10 +123,18 @@ fn main() {
             w.enable_direct_io();
             for n in 0..frames {
                 let mut t = w.begin().unwrap();
-                t.add(&format!("frames/{n}/b.f32.uni"), &[1u8; 64], Compression::Stored)
-                    .unwrap();
-                t.add(&format!("frames/{n}/w.f32.uni"), &frame_bytes(n), Compression::Stored)
-                    .unwrap();
+                t.add(
+                    &format!("frames/{n}/b.f32.uni"),
+                    &[1u8; 64],
+                    Compression::Stored,
+                )
+                .unwrap();
+                t.add(
+                    &format!("frames/{n}/w.f32.uni"),
+                    &frame_bytes(n),
+                    Compression::Stored,
+                )
+                .unwrap();
                 t.commit().unwrap();
                 w.sync().unwrap();
             }
@@ -137,7 +149,11 @@ fn main() {
             "{:<8} {:<5} {:>10} {:>10} {:>10} {:>9} {:>12} {:>10}",
             "op", "cache", "median_ms", "budget_ms", "ratio", "tail_MB", "read_MB", "from_ckpt"
         );
-        let caches: &[&str] = if cold_ok { &["warm", "cold"] } else { &["warm"] };
+        let caches: &[&str] = if cold_ok {
+            &["warm", "cold"]
+        } else {
+            &["warm"]
+        };
         for op in ["open", "append", "repair"] {
             for &cache in caches {
                 let mut times = Vec::new();

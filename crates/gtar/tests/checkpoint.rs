@@ -235,7 +235,9 @@ fn a_damaged_or_mismatching_checkpoint_is_refused_for_a_full_scan() {
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
     };
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    /// What is done to a fresh torn archive, and what the refusal must say.
+    type Case<'a> = (&'a str, Box<dyn Fn(&Path)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "header byte flipped",
             Box::new(move |p: &Path| flip(&gtar::sidecar_path(p), 12)),
