@@ -144,6 +144,45 @@ pub struct TensorMeta {
     pub size_bytes: u64,
 }
 
+/// Where a stored tensor's bytes lie in the archive file, for a client that
+/// reads them itself (GetFrame/TensorHistory `locate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: String,
+    pub offset: u64,
+    pub length: u64,
+    pub crc32: u32,
+    pub device: u64,
+    pub inode: u64,
+}
+
+/// Whether a peer with `uid` may be told where an archive's bytes are: it
+/// owns the file (it could open it with libgetar anyway) or is root. The
+/// kernel still decides whether the client's own `open` succeeds.
+pub fn may_locate(a: &Archive, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.file_metadata().is_ok_and(|m| uid == 0 || m.uid() == uid)
+}
+
+/// The location of `e`'s bytes, or `None` if they are compressed (those are
+/// streamed). The entry is committed: its bytes are never rewritten in place.
+pub fn locate(a: &Archive, e: &Entry) -> Result<Option<Location>, QueryError> {
+    use std::os::unix::fs::MetadataExt;
+    if e.cd.method != 0 {
+        return Ok(None);
+    }
+    let m = a.file_metadata().map_err(gtar::Error::Io)?;
+    let file = std::path::absolute(a.path()).map_err(gtar::Error::Io)?;
+    Ok(Some(Location {
+        file: file.to_string_lossy().into_owned(),
+        offset: a.data_offset(e)?,
+        length: e.cd.compressed_size,
+        crc32: e.cd.crc32,
+        device: m.dev(),
+        inode: m.ino(),
+    }))
+}
+
 /// A tensor to send back: what it is and where its bytes are.
 pub struct TensorRef {
     pub info: TensorMeta,

@@ -68,6 +68,7 @@ async fn a_frame_over_4_gib_round_trips() {
             group: String::new(),
             frame: Some(by_index("0")),
             names: vec![],
+            locate: false,
         })
         .await
         .unwrap()

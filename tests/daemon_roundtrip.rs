@@ -378,6 +378,7 @@ async fn positions_groups_records_scalars_and_history() {
             group: "run1".into(),
             frame: None,
             names: vec![],
+            locate: false,
         })
         .await
         .unwrap()
@@ -386,6 +387,40 @@ async fn positions_groups_records_scalars_and_history() {
     .await
     .unwrap();
     assert!(!got.is_empty() && got.iter().all(|t| t.frame == "11"));
+    // `locate`: granted on the Unix socket to the file's owner (this test
+    // process), where the client reads the bytes itself; never over TCP.
+    let located = |mut c: pb::logd_client::LogdClient<tonic::transport::Channel>| async move {
+        let mut s = c
+            .get_frame(pb::GetFrameRequest {
+                archive: ar.into(),
+                group: "run1".into(),
+                frame: None,
+                names: vec![],
+                locate: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut infos = Vec::new();
+        while let Some(m) = s.message().await.unwrap() {
+            if let Some(pb::frame_data::Msg::Tensor(t)) = m.msg {
+                infos.push(t);
+            }
+        }
+        infos
+    };
+    let over_uds = located(d.uds_client().await).await;
+    assert!(!over_uds.is_empty());
+    for t in &over_uds {
+        let loc = t.location.as_ref().expect("located on the Unix socket");
+        assert_eq!(loc.length, t.size_bytes);
+        let f = std::fs::File::open(&loc.file).unwrap();
+        let mut b = vec![0u8; loc.length as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, loc.offset).unwrap();
+        assert_eq!(crc32fast::hash(&b), loc.crc32, "{}", t.path);
+    }
+    let over_tcp = located(d.tcp_client().await).await;
+    assert!(!over_tcp.is_empty() && over_tcp.iter().all(|t| t.location.is_none()));
     // Only some names.
     let got = q
         .query_frame(ar, &at("4".into()).names(["m"]))

@@ -295,6 +295,10 @@ pub struct GetFrameRequest {
     /// Only these record names (e.g. "weight"); empty = all.
     #[prost(string, repeated, tag = "5")]
     pub names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Ask where each tensor's bytes are instead of the bytes (see
+    /// EntryLocation); granted per tensor, otherwise the bytes are streamed.
+    #[prost(bool, tag = "6")]
+    pub locate: bool,
     #[prost(oneof = "get_frame_request::Frame", tags = "3, 4")]
     pub frame: ::core::option::Option<get_frame_request::Frame>,
 }
@@ -327,6 +331,35 @@ pub struct TensorInfo {
     pub shape: ::prost::alloc::vec::Vec<u64>,
     #[prost(uint64, tag = "6")]
     pub size_bytes: u64,
+    /// Set when the request asked to `locate` and the daemon granted it: the
+    /// tensor's bytes are not streamed (no chunks follow); the client reads them
+    /// from the archive file itself.
+    #[prost(message, optional, tag = "7")]
+    pub location: ::core::option::Option<EntryLocation>,
+}
+/// Where a stored (uncompressed) tensor's bytes lie in the archive file.
+/// Granted only on the Unix socket to a peer whose uid owns the archive file
+/// (or root): the client could open the file with libgetar anyway. The bytes
+/// are committed and never rewritten in place; a compaction replaces the
+/// file, which `device` and `inode` detect (compare them with fstat of the
+/// file opened at `file`).
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EntryLocation {
+    /// Absolute path of the archive file.
+    #[prost(string, tag = "1")]
+    pub file: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    #[prost(uint64, tag = "3")]
+    pub length: u64,
+    /// CRC-32 (zip's) of the `length` bytes.
+    #[prost(uint32, tag = "4")]
+    pub crc32: u32,
+    #[prost(uint64, tag = "5")]
+    pub device: u64,
+    #[prost(uint64, tag = "6")]
+    pub inode: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -400,6 +433,9 @@ pub struct TensorHistoryRequest {
     pub start: i64,
     #[prost(int64, optional, tag = "5")]
     pub stop: ::core::option::Option<i64>,
+    /// As GetFrameRequest.locate.
+    #[prost(bool, tag = "6")]
+    pub locate: bool,
 }
 /// A keep policy: a frame kept by any field is kept; at least one must be set.
 #[allow(clippy::all)]

@@ -5,7 +5,7 @@
 use crate::error::BadField;
 use crate::layout::DType;
 use crate::proto::v1 as pb;
-use crate::query::{Description, RecordTypeSummary, TensorMeta};
+use crate::query::{Description, Location, RecordTypeSummary, TensorMeta};
 
 /// A wire dtype, named by `field` when it is unknown or unset.
 pub fn dtype(field: &str, wire: i32) -> Result<DType, BadField> {
@@ -60,6 +60,20 @@ impl From<TensorMeta> for pb::TensorInfo {
             dtype: wire_dtype(t.dtype) as i32,
             shape: t.shape,
             size_bytes: t.size_bytes,
+            location: None,
+        }
+    }
+}
+
+impl From<Location> for pb::EntryLocation {
+    fn from(l: Location) -> pb::EntryLocation {
+        pb::EntryLocation {
+            file: l.file,
+            offset: l.offset,
+            length: l.length,
+            crc32: l.crc32,
+            device: l.device,
+            inode: l.inode,
         }
     }
 }

@@ -53,11 +53,27 @@ async fn open_read(state: &Arc<State>, name: String) -> Result<gtar::Archive, St
         .map_err(|e: CatalogError| e.into())
 }
 
-/// Stream tensors (header, then chunks) from a blocking thread.
+/// Whether this request's peer may be told where tensor bytes are (see
+/// `query::may_locate`): it asked, it is on the Unix socket (TCP carries no
+/// identity), and its uid owns the archive file or is root.
+fn locate_granted<T>(req: &Request<T>, asked: bool) -> Option<u32> {
+    if !asked {
+        return None;
+    }
+    req.extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|c| c.peer_cred)
+        .map(|c| c.uid())
+}
+
+/// Stream tensors (header, then chunks) from a blocking thread. With
+/// `locate`, a stored tensor's header carries its location instead and no
+/// chunks follow.
 fn send_tensors(
     archive: gtar::Archive,
     frames: Vec<(String, Vec<TensorRef>)>,
     tx: mpsc::Sender<Result<pb::FrameData, Status>>,
+    locate: bool,
 ) {
     use pb::frame_data::Msg;
     use std::io::Read;
@@ -67,8 +83,25 @@ fn send_tensors(
             return;
         }
         for t in tensors {
-            if !out(Msg::Tensor(t.info.clone().into())) {
+            let location = if locate {
+                match query::locate(&archive, &t.entry) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.into()));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            let mut info: pb::TensorInfo = t.info.clone().into();
+            let located = location.is_some();
+            info.location = location.map(Into::into);
+            if !out(Msg::Tensor(info)) {
                 return;
+            }
+            if located {
+                continue;
             }
             let mut r = match archive.entry_reader(&t.entry) {
                 Ok(r) => r,
@@ -167,6 +200,7 @@ impl Logd for Service {
         &self,
         req: Request<pb::GetFrameRequest>,
     ) -> Result<Response<Self::GetFrameStream>, Status> {
+        let uid = locate_granted(&req, req.get_ref().locate);
         let r = req.into_inner();
         let a = open_read(&self.state, r.archive).await?;
         let (tx, rx) = mpsc::channel(4);
@@ -182,11 +216,12 @@ impl Logd for Service {
                 None => query::at_position(&query::frames(&a, &r.group)?, -1)?,
             };
             let tensors = query::frame_tensors(&a, &r.group, &index, &r.names)?;
-            Ok((a, vec![(index, tensors)]))
+            let locate = uid.is_some_and(|u| query::may_locate(&a, u));
+            Ok((a, vec![(index, tensors)], locate))
         })
         .await
         .map_err(|e| status(Kind::Internal, e.to_string()))??;
-        tokio::task::spawn_blocking(move || send_tensors(plan.0, plan.1, tx));
+        tokio::task::spawn_blocking(move || send_tensors(plan.0, plan.1, tx, plan.2));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -216,23 +251,27 @@ impl Logd for Service {
         &self,
         req: Request<pb::TensorHistoryRequest>,
     ) -> Result<Response<Self::TensorHistoryStream>, Status> {
+        let uid = locate_granted(&req, req.get_ref().locate);
         let r = req.into_inner();
         if r.name.is_empty() {
             return Err(bad("name", "is empty"));
         }
         let a = open_read(&self.state, r.archive).await?;
-        let frames = {
+        let (frames, locate) = {
             let a = a.clone();
             let (g, n) = (r.group.clone(), r.name.clone());
-            tokio::task::spawn_blocking(move || query::history_frames(&a, &g, &n, r.start, r.stop))
-                .await
-                .map_err(|e| status(Kind::Internal, e.to_string()))??
+            tokio::task::spawn_blocking(move || {
+                let locate = uid.is_some_and(|u| query::may_locate(&a, u));
+                query::history_frames(&a, &g, &n, r.start, r.stop).map(|f| (f, locate))
+            })
+            .await
+            .map_err(|e| status(Kind::Internal, e.to_string()))??
         };
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             for f in frames {
                 match query::history_tensor(&a, &r.group, &r.name, &f) {
-                    Ok(t) => send_tensors(a.clone(), vec![(f, vec![t])], tx.clone()),
+                    Ok(t) => send_tensors(a.clone(), vec![(f, vec![t])], tx.clone(), locate),
                     Err(e) => {
                         let _ = tx.blocking_send(Err(e.into()));
                         return;

@@ -658,6 +658,9 @@ impl Actor {
         if let Some(e) = self.failed() {
             return Err(e);
         }
+        // The fsync thread holds the old writer's checkpoint chain: stop it
+        // (after a last fsync) before the new writer starts a new chain.
+        self.stop_syncer();
         drop(self.writer.take()); // releases the lock
                                   // Keep the index handle readers already share; the new writer fills it.
         let index = self.reader_index.clone();
@@ -836,11 +839,19 @@ impl Actor {
     /// The fsync thread, started on first use.
     fn syncer(&mut self) -> std::io::Result<&Syncer> {
         if self.syncer.is_none() {
-            let file = match self.writer.as_ref() {
-                Some(w) => w.sync_handle().map_err(std::io::Error::other)?,
+            let (file, checkpoints) = match self.writer.as_ref() {
+                Some(w) => (
+                    w.sync_handle().map_err(std::io::Error::other)?,
+                    w.checkpoints(),
+                ),
                 None => return Err(std::io::Error::other("no archive open")),
             };
-            self.syncer = Some(Syncer::start(file, self.path.clone(), self.shared.clone())?);
+            self.syncer = Some(Syncer::start(
+                file,
+                checkpoints,
+                self.path.clone(),
+                self.shared.clone(),
+            )?);
         }
         Ok(self.syncer.as_ref().expect("just started"))
     }

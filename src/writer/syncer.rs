@@ -10,6 +10,8 @@
 //! Invariant: an ack is pushed only after its frame's bytes were written, and
 //! an fsync only answers acks it took before it started, so every ack it
 //! answers `Ok` covers bytes that were on disk when fdatasync returned.
+//! The fsync goes through the writer's [`gtar::Checkpoints`], which records
+//! the frames it covered in the recovery checkpoint after it returns.
 //! A failed fsync fails the archive for good: the kernel may have dropped the
 //! dirty pages, so nothing written since the last good fsync can be trusted.
 
@@ -37,12 +39,17 @@ pub(super) struct Syncer {
 }
 
 impl Syncer {
-    pub(super) fn start(file: File, path: PathBuf, shared: Arc<Shared>) -> std::io::Result<Syncer> {
+    pub(super) fn start(
+        file: File,
+        checkpoints: gtar::Checkpoints,
+        path: PathBuf,
+        shared: Arc<Shared>,
+    ) -> std::io::Result<Syncer> {
         let queue: Arc<(Mutex<Queue>, Condvar)> = Arc::default();
         let q = queue.clone();
         let thread = std::thread::Builder::new()
             .name("gtar-fsync".into())
-            .spawn(move || run(file, path, shared, q))?;
+            .spawn(move || run(file, checkpoints, path, shared, q))?;
         Ok(Syncer {
             queue,
             thread: Some(thread),
@@ -87,7 +94,13 @@ impl Drop for Syncer {
     }
 }
 
-fn run(file: File, path: PathBuf, shared: Arc<Shared>, queue: Arc<(Mutex<Queue>, Condvar)>) {
+fn run(
+    file: File,
+    checkpoints: gtar::Checkpoints,
+    path: PathBuf,
+    shared: Arc<Shared>,
+    queue: Arc<(Mutex<Queue>, Condvar)>,
+) {
     let (m, cv) = &*queue;
     loop {
         let batch = {
@@ -110,7 +123,7 @@ fn run(file: File, path: PathBuf, shared: Arc<Shared>, queue: Arc<(Mutex<Queue>,
                 shared
                     .sync_since_ms
                     .store(shared.now_ms(), Ordering::SeqCst);
-                let r = file.sync_data();
+                let r = checkpoints.sync(&file);
                 shared.sync_since_ms.store(0, Ordering::SeqCst);
                 r.map_err(|e| {
                     let why = format!("fsync failed: {e}");

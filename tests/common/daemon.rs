@@ -829,6 +829,7 @@ pub async fn get_frame(
             group: group.into(),
             frame: Some(frame),
             names: vec![],
+            locate: false,
         })
         .await?
         .into_inner();

@@ -8,6 +8,9 @@ a flattened JAX pytree, ...).
 """
 from __future__ import annotations
 
+import os
+import zlib
+
 import grpc
 import numpy as np
 
@@ -75,11 +78,26 @@ class Client:
     :param address: gRPC target, `unix:/path/to.sock` or `host:port`; default:
         $GTAR_LOGD_ADDRESS, else the daemon's default socket.
     :param timeout: deadline in seconds for each query.
+    :param read_files: on the Unix socket, ask the daemon where stored tensors
+        lie in the archive file and read them from the file directly (one
+        `pread` into the array's memory, no copies through gRPC). The daemon
+        grants it only to the file's owner (or root); otherwise, and for
+        compressed records, the bytes are streamed as before.
+    :param verify: check the CRC-32 of tensors read from the file. Off by
+        default: the daemon locates only committed entries, the file is
+        checked to be the one it located them in (device and inode), and the
+        bytes come through the same kernel path the daemon's own reads take;
+        what a check would add is detecting bit rot on the disk, at the cost
+        of `zlib.crc32` (~2 GB/s, about doubling a warm load). Streamed
+        tensors are always checked by the daemon.
     """
 
-    def __init__(self, address: str | None = None, timeout: float = 60.0):
+    def __init__(self, address: str | None = None, timeout: float = 60.0, *,
+                 read_files: bool = True, verify: bool = False):
         self.address = resolve(address)
         self.timeout = timeout
+        self.read_files = read_files and self.address.startswith("unix:")
+        self.verify = verify
         options = list(_CHANNEL_OPTIONS)
         if self.address.startswith("unix:"):
             # grpc-core sends the socket path as :authority, which the daemon's
@@ -221,7 +239,8 @@ class Client:
         the same frame); `position=` picks by place in the frame list instead
         (0 = first, negative from the end). Neither: the last frame.
         """
-        req = pb.GetFrameRequest(archive=archive, group=group or "", names=list(names or []))
+        req = pb.GetFrameRequest(archive=archive, group=group or "", names=list(names or []),
+                                 locate=self.read_files)
         if frame is not None and position is not None:
             raise TypeError("pass a frame index or position=, not both")
         if frame is not None:
@@ -233,7 +252,8 @@ class Client:
         if group:
             what += f", group {group!r}"
         try:
-            frames = _collect(self.stub.GetFrame(req, timeout=self.timeout * 10), what)
+            frames = _collect(self.stub.GetFrame(req, timeout=self.timeout * 10), what,
+                              self.verify)
         except grpc.RpcError as e:
             err = _wrap(e, self.address, what)
             if isinstance(err, NotFound) and isinstance(frame, int) and frame < 0:
@@ -253,12 +273,14 @@ class Client:
         `start`/`stop` are positions in the record's frame list, like a
         Python slice (negative from the end).
         """
-        req = pb.TensorHistoryRequest(archive=archive, group=group, name=name, start=start)
+        req = pb.TensorHistoryRequest(archive=archive, group=group, name=name, start=start,
+                                      locate=self.read_files)
         if stop is not None:
             req.stop = stop
         what = f"record {name!r} of group {group!r} in {archive!r}"
         try:
-            frames = _collect(self.stub.TensorHistory(req, timeout=self.timeout * 10), what)
+            frames = _collect(self.stub.TensorHistory(req, timeout=self.timeout * 10), what,
+                              self.verify)
         except grpc.RpcError as e:
             raise _wrap(e, self.address, what) from None
         return [(idx, ts[0][1] if ts else None) for idx, ts in frames]
@@ -336,8 +358,56 @@ def _encode(m) -> bytes:
     return m if isinstance(m, bytes) else m.SerializeToString()
 
 
-def _collect(stream, what):
-    """Assemble FrameData messages into [(index, [(TensorInfo, ndarray)])]."""
+class _Files:
+    """Archive files opened to read located tensors, each checked once to be
+    the file the daemon located them in."""
+
+    def __init__(self, what):
+        self.what = what
+        self.fds = {}
+
+    def read(self, loc, verify: bool) -> bytearray:
+        key = (loc.file, loc.device, loc.inode)
+        fd = self.fds.get(key)
+        if fd is None:
+            fd = os.open(loc.file, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (loc.device, loc.inode):
+                os.close(fd)
+                raise GtarLogdError(f"{self.what}: {loc.file} was replaced (compacted?) "
+                                    f"while it was read; read it again")
+            self.fds[key] = fd
+        # bytearray(n) is calloc'ed: its pages are mapped lazily, by the read.
+        buf = bytearray(loc.length)
+        mv = memoryview(buf)
+        done = 0
+        while done < loc.length:
+            n = os.preadv(fd, [mv[done:]], loc.offset + done)
+            if n == 0:
+                raise GtarLogdError(f"{self.what}: {loc.file} ends inside a tensor")
+            done += n
+        if verify and zlib.crc32(buf) != loc.crc32:
+            raise GtarLogdError(f"{self.what}: CRC-32 mismatch reading {loc.file} "
+                                f"at {loc.offset}")
+        return buf
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _collect(stream, what, verify=False):
+    """Assemble FrameData messages into [(index, [(TensorInfo, ndarray)])];
+    tensors that come with a location are read from the archive file."""
+    files = _Files(what)
+    try:
+        return _collect_into(stream, what, verify, files)
+    finally:
+        files.close()
+
+
+def _collect_into(stream, what, verify, files):
     frames = []
     cur = None
     info = None
@@ -365,8 +435,12 @@ def _collect(stream, what):
                 cur = ("", [])
                 frames.append(cur)
             info = msg.tensor
-            buf = bytearray(info.size_bytes)
-            filled = 0
+            if info.HasField("location"):
+                buf = files.read(info.location, verify)
+                filled = len(buf)
+            else:
+                buf = bytearray(info.size_bytes)
+                filled = 0
         elif kind == "chunk":
             if info is None:
                 raise GtarLogdError(f"{what}: chunk without a tensor header")

@@ -1,4 +1,5 @@
 """The framework-agnostic client against the real daemon."""
+import os
 import subprocess
 import sys
 import warnings
@@ -341,3 +342,54 @@ def test_a_40_mib_record_round_trips_binary_and_utf8(client, archive):
     w.close()
     assert client.read_record(archive, "big/binary.u8.uni") == binary
     assert client.read_record(archive, "big/text.json") == text
+
+
+def test_located_reads_match_streamed_reads_and_are_checked(daemon, client, archive):
+    """On the Unix socket the owner reads stored tensors from the archive file
+    itself; the arrays are the ones the streamed path returns. A file replaced
+    under the location (compaction) is refused, and verify=True catches bytes
+    that do not match their CRC."""
+    from gtar_logd import Client
+    from gtar_logd._proto import logd_pb2 as pb
+    from gtar_logd.client import _Files
+    from gtar_logd.errors import GtarLogdError
+    data = _all_dtypes()
+    data["big"] = np.random.default_rng(2).standard_normal((5, 1 << 20)).astype(np.float32)
+    client.write_frame(archive, 0, data)
+    client.write_frame(archive, 1, {"big": data["big"] * 3})
+    # The daemon located every tensor for us (we own the file) ...
+    req = pb.GetFrameRequest(archive=archive, index="0", locate=True)
+    infos = [m.tensor for m in client.stub.GetFrame(req) if m.WhichOneof("msg") == "tensor"]
+    assert infos and all(i.HasField("location") for i in infos)
+    assert all(i.location.length == i.size_bytes for i in infos)
+    # ... but not over TCP (no identity), nor when not asked.
+    with Client(daemon.tcp_address) as tcp:
+        tcp_infos = [m.tensor for m in tcp.stub.GetFrame(req) if m.WhichOneof("msg") == "tensor"]
+        assert tcp_infos and not any(i.HasField("location") for i in tcp_infos)
+        streamed = tcp.read_frame(archive, "0")
+    req.locate = False
+    assert not any(m.tensor.HasField("location") for m in client.stub.GetFrame(req)
+                   if m.WhichOneof("msg") == "tensor")
+    located = client.read_frame(archive, "0")
+    assert set(located) == set(streamed) == set(data)
+    for k in data:
+        assert _bits(located[k]) == _bits(streamed[k]) == _bits(data[k]), k
+    with Client(daemon.address, verify=True) as v:
+        assert np.array_equal(v.tensor_history(archive, "big")[1][1], data["big"] * 3)
+    big = next(i for i in infos if i.path.endswith("big/value.f32.uni") or "big" in i.group)
+    loc = big.location
+    # A flipped byte: verify=True refuses it.
+    with open(loc.file, "r+b") as f:
+        f.seek(loc.offset + 7)
+        b = f.read(1)
+        f.seek(loc.offset + 7)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(GtarLogdError, match="CRC-32 mismatch"):
+        _Files("test").read(loc, verify=True)
+    # The file replaced by a copy (a new inode, as compaction leaves it).
+    tmp = loc.file + ".new"
+    with open(loc.file, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(src.read())
+    os.replace(tmp, loc.file)
+    with pytest.raises(GtarLogdError, match="was replaced"):
+        _Files("test").read(loc, verify=False)

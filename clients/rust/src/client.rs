@@ -252,6 +252,14 @@ impl Client {
         Ok(Client { inner, address })
     }
 
+    /// Whether to ask the daemon where stored tensors lie in the archive
+    /// file, to read them from the file directly: on the Unix socket only
+    /// (the daemon grants it to the file's owner or root; otherwise, and for
+    /// compressed records, the bytes are streamed).
+    fn locate(&self) -> bool {
+        matches!(self.address, Address::Unix(_))
+    }
+
     /// The address this client is connected to.
     pub fn address(&self) -> &Address {
         &self.address
@@ -384,6 +392,7 @@ impl Client {
                 group: q.group.clone(),
                 frame,
                 names: q.names.clone(),
+                locate: self.locate(),
             })
             .await?
             .into_inner();
@@ -445,6 +454,7 @@ impl Client {
                 name: name.into(),
                 start,
                 stop,
+                locate: self.locate(),
             })
             .await?
             .into_inner();
@@ -473,10 +483,56 @@ impl Partial {
     }
 }
 
+/// Archive files opened to read located tensors, by (path, device, inode).
+type Files = std::collections::HashMap<(String, u64, u64), std::sync::Arc<std::fs::File>>;
+
+/// Read a located tensor from the archive file (off the async threads): the
+/// file must be the one the daemon located it in (device and inode: a
+/// compaction replaces the file), and the bytes must match their CRC-32
+/// (crc32fast runs at memory speed, so the check is kept, as every daemon
+/// read has it).
+async fn read_located(files: &mut Files, loc: proto::EntryLocation) -> Result<Vec<u8>> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let key = (loc.file.clone(), loc.device, loc.inode);
+    let cached = files.get(&key).cloned();
+    let (file, bytes) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let file = match cached {
+            Some(f) => f,
+            None => {
+                let f = std::fs::File::open(&loc.file)?;
+                let m = f.metadata()?;
+                if (m.dev(), m.ino()) != (loc.device, loc.inode) {
+                    return Err(Error::Protocol(format!(
+                        "{} was replaced (compacted?) while it was read; read it again",
+                        loc.file
+                    )));
+                }
+                std::sync::Arc::new(f)
+            }
+        };
+        let len = usize::try_from(loc.length)
+            .map_err(|_| Error::Protocol(format!("{}: tensor too large", loc.file)))?;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, loc.offset)?;
+        if crc32fast::hash(&buf) != loc.crc32 {
+            return Err(Error::Protocol(format!(
+                "{}: CRC-32 mismatch of the tensor at offset {}",
+                loc.file, loc.offset
+            )));
+        }
+        Ok((file, buf))
+    })
+    .await
+    .map_err(|e| Error::Protocol(format!("reading a located tensor: {e}")))??;
+    files.insert(key, file);
+    Ok(bytes)
+}
+
 /// Reassemble a FrameData stream: `frame`, then per tensor its header and
-/// chunks totalling `size_bytes`.
+/// either chunks totalling `size_bytes` or its location in the archive file.
 async fn read_frames(mut stream: Streaming<proto::FrameData>) -> Result<Vec<Frame>> {
     use proto::frame_data::Msg;
+    let mut files = Files::new();
     let mut frames: Vec<Frame> = Vec::new();
     let mut cur: Option<Partial> = None;
     let finish = |cur: &mut Option<Partial>, frames: &mut Vec<Frame>| -> Result<()> {
@@ -534,11 +590,25 @@ async fn read_frames(mut stream: Streaming<proto::FrameData>) -> Result<Vec<Fram
                         info.path, info.size_bytes, info.shape
                     )));
                 }
-                let cap = usize::try_from(info.size_bytes).unwrap_or(0).min(1 << 30);
+                let bytes = match info.location.clone() {
+                    Some(loc) if loc.length == info.size_bytes => {
+                        read_located(&mut files, loc).await?
+                    }
+                    Some(loc) => {
+                        return Err(Error::Protocol(format!(
+                            "tensor {}: located length {} is not its size_bytes {}",
+                            info.path, loc.length, info.size_bytes
+                        )))
+                    }
+                    None => {
+                        let cap = usize::try_from(info.size_bytes).unwrap_or(0).min(1 << 30);
+                        Vec::with_capacity(cap)
+                    }
+                };
                 cur = Some(Partial {
                     dtype,
                     shape,
-                    bytes: Vec::with_capacity(cap),
+                    bytes,
                     info,
                 });
             }

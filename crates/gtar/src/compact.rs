@@ -426,6 +426,11 @@ impl Rewriter {
         for e in std::mem::take(&mut self.entries) {
             index.push(e);
         }
+        // The old file's recovery checkpoint describes a file about to be
+        // replaced (it would be refused by inode anyway): remove it first,
+        // so no stale sidecar is left beside the new file. A writer that
+        // opens the new file starts a new one.
+        crate::checkpoint::remove(archive);
         self.tmp.persist_replacing(archive)?;
         Ok(index)
     }

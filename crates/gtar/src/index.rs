@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::path::{index_cmp, Behavior, FrameIndex, RecordPath, RecordType};
-use crate::zipfmt::CentralEntry;
+use crate::zipfmt::*;
 
 /// One zip entry and where its data lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +139,81 @@ pub fn group_under(group: &str, prefix: Option<&str>) -> bool {
                     && group.as_bytes()[p.len()] == b'/')
         }
     }
+}
+
+/// Parse `count` central headers; every entry must lie before `cd_offset`.
+pub fn parse_central_directory(
+    cd: &[u8],
+    count: u64,
+    cd_offset: u64,
+) -> Result<Vec<Entry>, String> {
+    let mut out = Vec::with_capacity(count as usize);
+    let mut at = 0usize;
+    for k in 0..count {
+        let h = cd
+            .get(at..at + CENTRAL_HEADER_LEN)
+            .ok_or_else(|| format!("central directory ends at entry {k}"))?;
+        if rd32(h, 0) != CENTRAL_SIG {
+            return Err(format!("central directory entry {k} has a bad signature"));
+        }
+        let flags = rd16(h, 8);
+        if flags & GP_ENCRYPTED != 0 {
+            return Err(format!("central directory entry {k} is encrypted"));
+        }
+        let method = rd16(h, 10);
+        let crc32 = rd32(h, 16);
+        let c32 = rd32(h, 20);
+        let u32_ = rd32(h, 24);
+        let nlen = rd16(h, 28) as usize;
+        let elen = rd16(h, 30) as usize;
+        let clen = rd16(h, 32) as usize;
+        let o32 = rd32(h, 42);
+        let var = cd
+            .get(at + CENTRAL_HEADER_LEN..at + CENTRAL_HEADER_LEN + nlen + elen + clen)
+            .ok_or_else(|| format!("central directory entry {k} runs past the directory"))?;
+        let name = std::str::from_utf8(&var[..nlen])
+            .map_err(|_| format!("central directory entry {k} has a non-UTF-8 name"))?
+            .to_string();
+        let want = [u32_ == u32::MAX, c32 == u32::MAX, o32 == u32::MAX];
+        let extra =
+            parse_extra(&var[nlen..nlen + elen], want).map_err(|e| format!("{name}: {e}"))?;
+        let z = extra.zip64.unwrap_or([None; 3]);
+        let pick = |small: u32, big: Option<u64>, w: bool| -> Result<u64, String> {
+            match (w, big) {
+                (true, Some(v)) => Ok(v),
+                (true, None) => Err(format!("{name}: zip64 value missing")),
+                (false, _) => Ok(small as u64),
+            }
+        };
+        let uncompressed_size = pick(u32_, z[0], want[0])?;
+        let compressed_size = pick(c32, z[1], want[1])?;
+        let local_header_offset = pick(o32, z[2], want[2])?;
+        if method == METHOD_STORED && compressed_size != uncompressed_size {
+            return Err(format!("{name}: stored entry with differing sizes"));
+        }
+        if local_header_offset
+            .checked_add(LOCAL_HEADER_LEN as u64 + compressed_size)
+            .is_none_or(|end| end > cd_offset)
+        {
+            return Err(format!(
+                "{name}: entry data runs into the central directory"
+            ));
+        }
+        out.push(Entry {
+            cd: CentralEntry {
+                name,
+                method,
+                flags,
+                crc32,
+                compressed_size,
+                uncompressed_size,
+                local_header_offset,
+            },
+            data_offset: None,
+        });
+        at += CENTRAL_HEADER_LEN + nlen + elen + clen;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //!
 //! The public face is what this file re-exports; the modules behind it are
 //! private. Their graph has no cycles: `path`, `zipfmt` at the bottom, then
-//! `index`, `scan` (recovery in memory), `reader`, `fsutil`, `repair`,
+//! `index`, `scan` (recovery in memory), `checkpoint` (where a scan may
+//! start), `reader`, `fsutil`, `repair`,
 //! `direct` (the `O_DIRECT` engine) and `writer` on top. The lifecycle after
 //! the save sits beside the writer: `retention` (keep policies, pure logic),
 //! `copy` (kernel copies and atomic file replacement), `compact` and
@@ -36,7 +37,9 @@
 //!    need not be written atomically.
 //! 3. `ftruncate` followed by `fdatasync` makes the shorter length durable;
 //!    the writer never leaves stale bytes beyond its append position, so a
-//!    scan from offset 0 can find where the last complete frame ends.
+//!    scan from offset 0 (or from a verified recovery checkpoint, which is
+//!    written only after the fdatasync covering it) can find where the last
+//!    complete frame ends.
 //! 4. A newly created file's directory entry is durable after an `fsync` of
 //!    the directory (write → fsync the file → fsync the directory).
 //! 5. `O_DIRECT` writes and buffered writes to different blocks of one file
@@ -47,6 +50,7 @@
 //!    apart, not other programs. Another program appending while the daemon
 //!    holds the archive is outside what we guarantee.
 
+mod checkpoint;
 mod compact;
 mod copy;
 mod direct;
@@ -61,6 +65,7 @@ mod snapshot;
 mod writer;
 mod zipfmt;
 
+pub use checkpoint::{sidecar_path, Checkpoints, SAMPLES as CHECKPOINT_SAMPLES, SIDECAR_SUFFIX};
 pub use compact::{entry_time, CompactPlan, Compacted, Exclusive, Rewriter};
 pub use copy::CopyStats;
 pub use fsutil::is_being_written;

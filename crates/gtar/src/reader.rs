@@ -4,8 +4,9 @@
 //! consistent: the EOCD is the last record of the file, the zip64 locator and
 //! record (when present) agree with it, every central header parses, and every
 //! local header offset lies before the directory. Otherwise the archive is
-//! recovered in memory by [`scan`](crate::scan::scan) without touching the
-//! file; only [`ArchiveWriter`](crate::ArchiveWriter) and
+//! recovered in memory (a verified recovery checkpoint plus a scan of what
+//! follows it, else a scan of the whole file; see `checkpoint` and `scan`)
+//! without touching the file; only [`ArchiveWriter`](crate::ArchiveWriter) and
 //! [`repair`](crate::repair()) modify files.
 //!
 //! Every read checks the entry's CRC-32 and size, so a corrupted entry is an
@@ -19,9 +20,10 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use flate2::read::DeflateDecoder;
 
-use crate::index::{Entry, Index};
+use crate::checkpoint::recover;
+use crate::index::{parse_central_directory, Entry, Index};
 use crate::path::RecordType;
-use crate::scan::{scan, ScanReport};
+use crate::scan::ScanReport;
 use crate::zipfmt::*;
 use crate::Error;
 
@@ -68,7 +70,7 @@ impl Archive {
                 (ix, OpenState::Clean)
             }
             Err(why) => {
-                let report = scan(&file, len, why)?;
+                let report = recover(&file, &path, len, why)?;
                 let mut ix = Index::new();
                 for e in report.entries.iter().cloned() {
                     ix.push(e);
@@ -116,6 +118,20 @@ impl Archive {
     /// The shared index handle.
     pub fn shared_index(&self) -> Arc<RwLock<Index>> {
         self.index.clone()
+    }
+
+    /// Metadata of the open file (owner, device and inode: what a reader
+    /// that opens the path itself must find there).
+    pub fn file_metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+
+    /// Where `e`'s (possibly compressed) data starts in the file.
+    pub fn data_offset(&self, e: &Entry) -> Result<u64, Error> {
+        match e.data_offset {
+            Some(o) => Ok(o),
+            None => local_data_offset(&self.file, e),
+        }
     }
 
     /// Read the current contents of `name` (the last entry of that name).
@@ -399,79 +415,4 @@ pub fn read_tail(file: &File, len: u64) -> Result<(Tail, Vec<Entry>), String> {
         .map_err(|e| format!("reading the central directory: {e}"))?;
     let entries = parse_central_directory(&cd, tail.entries, tail.cd_offset)?;
     Ok((tail, entries))
-}
-
-/// Parse `count` central headers; every entry must lie before `cd_offset`.
-pub fn parse_central_directory(
-    cd: &[u8],
-    count: u64,
-    cd_offset: u64,
-) -> Result<Vec<Entry>, String> {
-    let mut out = Vec::with_capacity(count as usize);
-    let mut at = 0usize;
-    for k in 0..count {
-        let h = cd
-            .get(at..at + CENTRAL_HEADER_LEN)
-            .ok_or_else(|| format!("central directory ends at entry {k}"))?;
-        if rd32(h, 0) != CENTRAL_SIG {
-            return Err(format!("central directory entry {k} has a bad signature"));
-        }
-        let flags = rd16(h, 8);
-        if flags & GP_ENCRYPTED != 0 {
-            return Err(format!("central directory entry {k} is encrypted"));
-        }
-        let method = rd16(h, 10);
-        let crc32 = rd32(h, 16);
-        let c32 = rd32(h, 20);
-        let u32_ = rd32(h, 24);
-        let nlen = rd16(h, 28) as usize;
-        let elen = rd16(h, 30) as usize;
-        let clen = rd16(h, 32) as usize;
-        let o32 = rd32(h, 42);
-        let var = cd
-            .get(at + CENTRAL_HEADER_LEN..at + CENTRAL_HEADER_LEN + nlen + elen + clen)
-            .ok_or_else(|| format!("central directory entry {k} runs past the directory"))?;
-        let name = std::str::from_utf8(&var[..nlen])
-            .map_err(|_| format!("central directory entry {k} has a non-UTF-8 name"))?
-            .to_string();
-        let want = [u32_ == u32::MAX, c32 == u32::MAX, o32 == u32::MAX];
-        let extra =
-            parse_extra(&var[nlen..nlen + elen], want).map_err(|e| format!("{name}: {e}"))?;
-        let z = extra.zip64.unwrap_or([None; 3]);
-        let pick = |small: u32, big: Option<u64>, w: bool| -> Result<u64, String> {
-            match (w, big) {
-                (true, Some(v)) => Ok(v),
-                (true, None) => Err(format!("{name}: zip64 value missing")),
-                (false, _) => Ok(small as u64),
-            }
-        };
-        let uncompressed_size = pick(u32_, z[0], want[0])?;
-        let compressed_size = pick(c32, z[1], want[1])?;
-        let local_header_offset = pick(o32, z[2], want[2])?;
-        if method == METHOD_STORED && compressed_size != uncompressed_size {
-            return Err(format!("{name}: stored entry with differing sizes"));
-        }
-        if local_header_offset
-            .checked_add(LOCAL_HEADER_LEN as u64 + compressed_size)
-            .is_none_or(|end| end > cd_offset)
-        {
-            return Err(format!(
-                "{name}: entry data runs into the central directory"
-            ));
-        }
-        out.push(Entry {
-            cd: CentralEntry {
-                name,
-                method,
-                flags,
-                crc32,
-                compressed_size,
-                uncompressed_size,
-                local_header_offset,
-            },
-            data_offset: None,
-        });
-        at += CENTRAL_HEADER_LEN + nlen + elen + clen;
-    }
-    Ok(out)
 }

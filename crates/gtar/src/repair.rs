@@ -6,15 +6,18 @@
 //! beside a live [`ArchiveWriter`](crate::ArchiveWriter), and it fsyncs before
 //! it returns. It lives on the writer side of the crate (the reader only ever
 //! recovers in memory), which keeps the module graph acyclic:
-//! `reader → scan`, `repair → reader, scan, fsutil`, `writer → repair, …`.
+//! `reader → checkpoint → scan`, `repair → reader, checkpoint, scan, fsutil`,
+//! `writer → repair, …`. A repair reads the archive's recovery checkpoint
+//! (it scans only what follows it) and starts a new one for the repaired file.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::checkpoint::{recover, Checkpoints};
 use crate::fsutil::lock_exclusive;
 use crate::reader::read_tail;
-use crate::scan::{scan, ScanReport};
+use crate::scan::ScanReport;
 use crate::zipfmt::{encode_tail, CentralEntry};
 use crate::Error;
 
@@ -31,8 +34,9 @@ pub fn repair(path: &Path) -> Result<Option<ScanReport>, Error> {
     match read_tail(&file, len) {
         Ok(_) => Ok(None),
         Err(why) => {
-            let rep = scan(&file, len, why)?;
+            let rep = recover(&file, path, len, why)?;
             write_repaired(&file, &rep)?;
+            Checkpoints::start(&file, path, &rep.entries, rep.end);
             Ok(Some(rep))
         }
     }

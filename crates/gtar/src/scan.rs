@@ -27,11 +27,22 @@
 //! entries are written in order, nothing after a torn point was ever
 //! acknowledged as durable.
 //!
+//! Where the walk starts: at offset 0, or at the `end` of a recovery
+//! checkpoint that passed its checks (`checkpoint.rs`: a chain of records,
+//! each written after an fdatasync covering it, verified by CRC and by
+//! sampled local headers). Every offset a checkpoint names is a commit point,
+//! so the walk starts there with no transaction open, exactly as it would
+//! have arrived there from offset 0; the entries before it are taken from the
+//! checkpoint without reading their data. A checkpoint that fails any check
+//! is ignored (the report says why) and the walk starts at 0. Invariant: the
+//! walk never starts anywhere but 0 or a verified checkpoint's `end`.
+//!
 //! Bounded work: each entry is read once (CRC check); data-descriptor entries
 //! are delimited by searching for a descriptor whose size field equals its own
 //! distance from the data start and whose CRC matches, so a damaged archive
 //! can't make the scan loop or look backwards.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -59,23 +70,62 @@ pub struct ScanReport {
     pub bytes_dropped: u64,
     /// Why the walk stopped (empty if it reached the end of the file cleanly).
     pub stopped: String,
+    /// The verified checkpoint the walk started from (its committed length),
+    /// or `None` if it walked from offset 0.
+    pub checkpoint: Option<u64>,
+    /// Why no checkpoint was used (empty when one was).
+    pub checkpoint_note: String,
+    /// Bytes read from the archive and its checkpoint by this recovery.
+    pub bytes_read: u64,
+}
+
+/// The archive being scanned, counting the bytes read from it.
+pub(crate) struct Src<'a> {
+    file: &'a File,
+    read: Cell<u64>,
+}
+
+impl<'a> Src<'a> {
+    pub(crate) fn new(file: &'a File) -> Src<'a> {
+        Src {
+            file,
+            read: Cell::new(0),
+        }
+    }
+    pub(crate) fn file(&self) -> &File {
+        self.file
+    }
+    /// Count bytes read from elsewhere on the archive's behalf.
+    pub(crate) fn count(&self, n: u64) {
+        self.read.set(self.read.get() + n);
+    }
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, at)?;
+        self.count(buf.len() as u64);
+        Ok(())
+    }
+    fn read_at(&self, buf: &mut [u8], at: u64) -> io::Result<usize> {
+        let n = self.file.read_at(buf, at)?;
+        self.count(n as u64);
+        Ok(n)
+    }
 }
 
 const CHUNK: usize = 1 << 20;
 
-struct Local {
-    name: String,
-    flags: u16,
-    method: u16,
-    crc32: u32,
-    csize: Option<u64>,
-    usize_: Option<u64>,
-    mark: Option<CommitMark>,
-    data_offset: u64,
-    has_zip64: bool,
+pub(crate) struct Local {
+    pub(crate) name: String,
+    pub(crate) flags: u16,
+    pub(crate) method: u16,
+    pub(crate) crc32: u32,
+    pub(crate) csize: Option<u64>,
+    pub(crate) usize_: Option<u64>,
+    pub(crate) mark: Option<CommitMark>,
+    pub(crate) data_offset: u64,
+    pub(crate) has_zip64: bool,
 }
 
-fn read_local(file: &File, at: u64, len: u64) -> Result<Local, String> {
+pub(crate) fn read_local(file: &Src, at: u64, len: u64) -> Result<Local, String> {
     if at + LOCAL_HEADER_LEN as u64 > len {
         return Err(format!(
             "{} bytes at offset {at}, too short for a local header",
@@ -136,13 +186,13 @@ fn read_local(file: &File, at: u64, len: u64) -> Result<Local, String> {
 }
 
 /// CRC and size of the uncompressed bytes of `[from, from+n)`.
-fn checksum(file: &File, from: u64, n: u64, method: u16) -> io::Result<(u32, u64)> {
-    struct Pos<'a> {
-        f: &'a File,
+fn checksum(file: &Src, from: u64, n: u64, method: u16) -> io::Result<(u32, u64)> {
+    struct Pos<'a, 'b> {
+        f: &'a Src<'b>,
         pos: u64,
         end: u64,
     }
-    impl Read for Pos<'_> {
+    impl Read for Pos<'_, '_> {
         fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
             let k = (self.end - self.pos).min(b.len() as u64) as usize;
             if k == 0 {
@@ -190,7 +240,7 @@ fn checksum(file: &File, from: u64, n: u64, method: u16) -> io::Result<(u32, u64
 
 /// Find the data descriptor that ends a bit-3 entry whose data starts at `d`.
 /// Returns (compressed size, uncompressed size, crc, descriptor length).
-fn find_descriptor(file: &File, loc: &Local, len: u64) -> Option<(u64, u64, u32, u64)> {
+fn find_descriptor(file: &Src, loc: &Local, len: u64) -> Option<(u64, u64, u32, u64)> {
     let d = loc.data_offset;
     let mut buf = vec![
         0u8;
@@ -259,8 +309,22 @@ fn find_descriptor(file: &File, loc: &Local, len: u64) -> Option<(u64, u64, u32,
     None
 }
 
-/// Walk the local headers of `file` and keep what is complete (module docs).
+/// Walk the local headers of `file` from offset 0 and keep what is complete
+/// (module docs).
 pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> {
+    scan_from(&Src::new(file), len, reason, None, String::new())
+}
+
+/// [`scan`], starting at the end of the verified checkpoint `start` (its
+/// entries and committed length) if there is one; `note` says why there is
+/// none.
+pub(crate) fn scan_from(
+    file: &Src,
+    len: u64,
+    reason: String,
+    start: Option<(Vec<Entry>, u64)>,
+    note: String,
+) -> Result<ScanReport, Error> {
     let mut head = [0u8; 2];
     let n = len.min(2) as usize;
     file.read_exact_at(&mut head[..n], 0)?;
@@ -271,11 +335,18 @@ pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> 
     }
     let mut rep = ScanReport {
         reason,
+        checkpoint_note: note,
         ..Default::default()
     };
+    let mut at = 0u64;
+    if let Some((entries, end)) = start {
+        rep.entries = entries;
+        rep.end = end;
+        rep.checkpoint = Some(end);
+        at = end;
+    }
     let mut pending: Vec<Entry> = Vec::new();
     let mut pending_txn = 0u64;
-    let mut at = 0u64;
     let stopped = loop {
         if at == len {
             break String::new();
@@ -345,5 +416,6 @@ pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> 
     rep.entries_dropped = pending.len() as u64;
     rep.bytes_dropped = len - rep.end;
     rep.stopped = stopped;
+    rep.bytes_read = file.read.get();
     Ok(rep)
 }

@@ -272,6 +272,8 @@ mod tests {
             Archive::open(&dst2).unwrap().index().frames_under(None),
             ["0", "1", "2", "3"]
         );
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+        // The three archives, and the first one's recovery checkpoint.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);
+        assert!(crate::checkpoint::sidecar_path(&path).exists());
     }
 }

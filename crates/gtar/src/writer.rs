@@ -43,12 +43,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use crate::checkpoint::{invalidate, recover, Checkpoints};
 use crate::direct::{DirectIo, DIRECT_ALIGN, DIRECT_MIN};
 use crate::fsutil::{lock_exclusive, sync_parent_dir};
 use crate::index::{Entry, Index};
 use crate::reader::{read_tail, Archive};
 use crate::repair::write_repaired;
-use crate::scan::{scan, ScanReport};
+use crate::scan::ScanReport;
 use crate::zipfmt::*;
 use crate::Error;
 
@@ -123,6 +124,9 @@ pub struct ArchiveWriter {
     buf: Vec<u8>,
     buf_at: u64,
     direct: Option<DirectIo>,
+    /// The recovery checkpoint chain (see `checkpoint`): fed at commit,
+    /// written after each fdatasync.
+    checkpoints: Checkpoints,
 }
 
 /// Open (creating if missing) and lock `path`. A compaction renames a new
@@ -172,6 +176,8 @@ impl ArchiveWriter {
         let mut report = None;
         let end;
         if mode == OpenMode::Create || !existed {
+            // The old chain must not outlive the bytes it describes.
+            invalidate(&path);
             file.set_len(0)?;
             file.write_all_at(&encode_tail(&[], 0), 0)?;
             file.sync_all()?;
@@ -183,13 +189,16 @@ impl ArchiveWriter {
             let len = file.metadata()?.len();
             match read_tail(&file, len) {
                 Ok((tail, entries)) => {
+                    // The new chain's first record claims these bytes are
+                    // durable; another program may have written them unsynced.
+                    file.sync_data()?;
                     for e in entries {
                         index.push(e);
                     }
                     end = tail.cd_offset;
                 }
                 Err(why) => {
-                    let rep = scan(&file, len, why)?;
+                    let rep = recover(&file, &path, len, why)?;
                     write_repaired(&file, &rep)?;
                     for e in rep.entries.iter().cloned() {
                         index.push(e);
@@ -199,6 +208,7 @@ impl ArchiveWriter {
                 }
             }
         }
+        let checkpoints = Checkpoints::start(&file, &path, index.entries(), end);
         *shared.write().unwrap_or_else(|p| p.into_inner()) = index;
         Ok((
             ArchiveWriter {
@@ -211,6 +221,7 @@ impl ArchiveWriter {
                 buf: Vec::with_capacity(BUF_CAP),
                 buf_at: end,
                 direct: None,
+                checkpoints,
             },
             report,
         ))
@@ -307,10 +318,11 @@ impl ArchiveWriter {
         })
     }
 
-    /// Make every committed frame durable (fdatasync).
+    /// Make every committed frame durable (fdatasync), and record them in
+    /// the recovery checkpoint.
     pub fn sync(&mut self) -> Result<(), Error> {
         if self.unsynced {
-            self.file.sync_data()?;
+            self.checkpoints.sync(&self.file)?;
             self.unsynced = false;
         }
         Ok(())
@@ -318,9 +330,17 @@ impl ArchiveWriter {
 
     /// A second handle on the file, so another thread can fsync it while
     /// this one keeps writing (group commit). `sync_data` on it makes durable
-    /// every byte written before the call.
+    /// every byte written before the call; [`Checkpoints::sync`] with it
+    /// (from [`ArchiveWriter::checkpoints`]) also records those frames in the
+    /// recovery checkpoint.
     pub fn sync_handle(&self) -> Result<File, Error> {
         Ok(self.file.try_clone()?)
+    }
+
+    /// The recovery checkpoint chain of this writer, for a thread that
+    /// fsyncs on its behalf (see [`ArchiveWriter::sync_handle`]).
+    pub fn checkpoints(&self) -> Checkpoints {
+        self.checkpoints.clone()
     }
 
     /// Write the central directory so other zip readers can open the file
@@ -608,6 +628,7 @@ impl<'a> Txn<'a> {
         self.w.flush_buf()?;
         let entries = std::mem::take(&mut self.entries);
         let n = entries.len();
+        self.w.checkpoints.committed(&entries, self.pos);
         {
             let mut ix = self.w.index.write().unwrap_or_else(|p| p.into_inner());
             for e in entries {

@@ -163,6 +163,23 @@ def cmd_bench_read(args):
     emit("bytes", total)
 
 
+def cmd_bench_history(args):
+    """One record over all its frames, in-process: libgetar's loop."""
+    g = gtar.GTAR(args.archive, "r")
+    t0 = time.perf_counter()
+    rec = next(r for r in g.getRecordTypes()
+               if r.getGroup() == args.group and r.getName() == args.name)
+    total = 0
+    frames = g.queryFrames(rec)
+    for f in frames:
+        total += np.asarray(g.getRecord(rec, f)).nbytes
+    t1 = time.perf_counter()
+    g.close()
+    emit("read_s", "%.9f" % (t1 - t0))
+    emit("frames", len(frames))
+    emit("bytes", total)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -181,9 +198,13 @@ def main():
     b = sub.add_parser("bench-read")
     b.add_argument("archive")
     b.add_argument("--index", required=True)
+    h = sub.add_parser("bench-history")
+    h.add_argument("archive")
+    h.add_argument("--group", required=True)
+    h.add_argument("--name", required=True)
     args = p.parse_args()
     {"dump": cmd_dump, "append": cmd_append, "keras-layout": cmd_keras_layout,
-     "bench-read": cmd_bench_read}[args.cmd](args)
+     "bench-read": cmd_bench_read, "bench-history": cmd_bench_history}[args.cmd](args)
 
 
 if __name__ == "__main__":
