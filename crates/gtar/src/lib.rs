@@ -64,7 +64,7 @@ mod zipfmt;
 pub use compact::{entry_time, CompactPlan, Compacted, Exclusive, Rewriter};
 pub use copy::CopyStats;
 pub use fsutil::is_being_written;
-pub use index::{group_under, Entry, Index};
+pub use index::{group_under, Entry, Index, FRAME_MARKER_GROUP};
 pub use path::{
     check_component, index_cmp, Behavior, Format, FrameIndex, RecordPath, RecordType, Resolution,
 };

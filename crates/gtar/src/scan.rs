@@ -13,7 +13,9 @@
 //!   or any zip tool) whose CRC matches, one by one — they carry no frame
 //!   boundaries, so a complete entry is the best unit we have;
 //! * our entries only as whole transactions: entries 0..n of one txn, CRC
-//!   valid, the last one flagged END.
+//!   valid, the last one flagged END; a transaction replaces the frames it
+//!   marks exactly as the writer's index does ([`Index::push_txn`]), so the
+//!   repaired central directory lists what the one before the crash listed.
 //!
 //! A file that does not start like a zip archive (its first bytes are not
 //! `PK`) is refused with [`Error::Corrupt`] instead of being "recovered" as an
@@ -38,7 +40,7 @@ use std::os::unix::fs::FileExt;
 
 use flate2::read::DeflateDecoder;
 
-use crate::index::Entry;
+use crate::index::{Entry, Index};
 use crate::zipfmt::*;
 use crate::Error;
 
@@ -273,6 +275,8 @@ pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> 
         reason,
         ..Default::default()
     };
+    // Kept entries, with the frame-replacement rule applied per transaction.
+    let mut kept = Index::new();
     let mut pending: Vec<Entry> = Vec::new();
     let mut pending_txn = 0u64;
     let mut at = 0u64;
@@ -327,7 +331,7 @@ pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> 
                 pending_txn = m.txn;
                 pending.push(entry);
                 if m.end {
-                    rep.entries.append(&mut pending);
+                    kept.push_txn(std::mem::take(&mut pending));
                     rep.txns_kept += 1;
                     rep.end = after;
                 }
@@ -336,12 +340,13 @@ pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> 
                 if !pending.is_empty() {
                     break format!("{}: foreign entry inside an unfinished frame", loc.name);
                 }
-                rep.entries.push(entry);
+                kept.push(entry);
                 rep.end = after;
             }
         }
         at = after;
     };
+    rep.entries = kept.entries().to_vec();
     rep.entries_dropped = pending.len() as u64;
     rep.bytes_dropped = len - rep.end;
     rep.stopped = stopped;
