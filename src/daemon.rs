@@ -30,6 +30,11 @@ pub struct Options {
     pub direct_io: bool,
     pub shared_memory: bool,
     pub grace: Duration,
+    /// How long in total a frame may keep its archive's writer waiting.
+    pub frame_deadline: Duration,
+    pub stream_idle: Duration,
+    pub connection_idle: Duration,
+    pub peer_limits: crate::peer::PeerLimits,
     /// A tracing `EnvFilter`.
     pub log: String,
 }
@@ -116,6 +121,10 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         cfg.limits.direct_io = o.direct_io;
         cfg.shared_memory = o.shared_memory;
         cfg.grace = o.grace;
+        cfg.limits.frame_deadline = o.frame_deadline;
+        cfg.stream_idle = o.stream_idle;
+        cfg.connection_idle = o.connection_idle;
+        cfg.peer_limits = o.peer_limits.clone();
         let shutdown = CancellationToken::new();
         cancel_on_signal(shutdown.clone());
         let addrs: Vec<String> = bound.listeners.iter().map(|l| l.describe()).collect();

@@ -15,7 +15,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
+use tonic::transport::server::Connected;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -43,6 +51,12 @@ pub struct Config {
     pub grace: Duration,
     /// Whether Write streams may attach a client's shared memory.
     pub shared_memory: bool,
+    /// A Write stream that sends nothing for this long is ended.
+    pub stream_idle: Duration,
+    /// A connection that exchanges no bytes for this long is closed.
+    pub connection_idle: Duration,
+    /// What one peer may hold at once.
+    pub peer_limits: crate::peer::PeerLimits,
 }
 
 impl Config {
@@ -53,6 +67,9 @@ impl Config {
             max_tensor_bytes: crate::limits::DEFAULT_MAX_TENSOR_BYTES,
             grace: Duration::from_secs(10),
             shared_memory: true,
+            stream_idle: crate::limits::DEFAULT_STREAM_IDLE,
+            connection_idle: crate::limits::DEFAULT_CONNECTION_IDLE,
+            peer_limits: Default::default(),
         }
     }
 }
@@ -91,6 +108,8 @@ pub async fn run(
         shutdown: shutdown.clone(),
         max_tensor_bytes: cfg.max_tensor_bytes,
         shared_memory: cfg.shared_memory,
+        stream_idle: cfg.stream_idle,
+        quotas: crate::peer::Quotas::new(cfg.peer_limits.clone()),
     });
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LogdServer<Service>>().await;
@@ -126,24 +145,22 @@ pub async fn run(
             .add_service(refl_v1alpha.clone())
             .add_service(logd.clone());
         let stop = shutdown.clone();
+        let idle = cfg.connection_idle;
         match l {
             Listener::Unix(u) => {
-                servers.spawn(router.serve_with_incoming_shutdown(
-                    UnixListenerStream::new(u),
-                    stop.cancelled_owned(),
-                ));
+                let incoming = UnixListenerStream::new(u).map(move |c| c.map(|c| Idle::new(c, idle)));
+                servers.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
             Listener::Tcp(t) => {
-                servers.spawn(router.serve_with_incoming_shutdown(
-                    TcpListenerStream::new(t),
-                    stop.cancelled_owned(),
-                ));
+                let incoming = TcpListenerStream::new(t).map(move |c| c.map(|c| Idle::new(c, idle)));
+                servers.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
         }
     }
 
-    // Writers that fail flip health to NOT_SERVING for their archive, as
-    // soon as the registry publishes the failure.
+    // Writers that fail, or whose last frame hit a full disk, flip health to
+    // NOT_SERVING for their archive as soon as the registry publishes it
+    // (docs/systemd.md); a disk that has room again flips it back.
     {
         let registry = registry.clone();
         let health = health.clone();
@@ -152,27 +169,30 @@ pub async fn run(
         let mut failures = registry.watch_failures();
         tokio::spawn(async move {
             let mut reported = std::collections::HashSet::new();
+            let service = |path: &std::path::Path| {
+                let name = path.strip_prefix(&root).unwrap_or(path).display().to_string();
+                (format!("gtar.logd.v1.Logd/{name}"), name)
+            };
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     changed = failures.changed() => if changed.is_err() { return },
                 }
-                for (path, why) in registry.failed() {
+                let problems = registry.problems();
+                for (path, why) in &problems {
                     if reported.insert(path.clone()) {
-                        let name = path
-                            .strip_prefix(&root)
-                            .unwrap_or(&path)
-                            .display()
-                            .to_string();
-                        tracing::error!(archive = %name, error = %why, "archive writer failed; health NOT_SERVING for it");
-                        health
-                            .set_service_status(
-                                format!("gtar.logd.v1.Logd/{name}"),
-                                ServingStatus::NotServing,
-                            )
-                            .await;
+                        let (svc, name) = service(path);
+                        tracing::error!(archive = %name, error = %why, "archive writer cannot write; health NOT_SERVING for it");
+                        health.set_service_status(svc, ServingStatus::NotServing).await;
                     }
                 }
+                let now: std::collections::HashSet<_> = problems.into_iter().map(|(p, _)| p).collect();
+                for path in reported.iter().filter(|p| !now.contains(*p)) {
+                    let (svc, name) = service(path);
+                    tracing::info!(archive = %name, "archive writes again; health SERVING for it");
+                    health.set_service_status(svc, ServingStatus::Serving).await;
+                }
+                reported.retain(|p| now.contains(p));
             }
         });
     }
@@ -197,4 +217,102 @@ pub async fn run(
     tokio::task::spawn_blocking(move || reg.shutdown()).await?;
     tracing::info!("all archives closed and synced");
     Ok(())
+}
+
+/// A connection that is closed (reads end) once no byte has gone either way
+/// for `idle`: idle connections cost a task and buffers each, and hyper has
+/// no idle timeout for HTTP/2 servers. A silent Write stream is ended first
+/// by the stream's own idle limit, which sends its error (traffic).
+struct Idle<S> {
+    inner: S,
+    idle: Duration,
+    last: Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> Idle<S> {
+    fn new(inner: S, idle: Duration) -> Idle<S> {
+        Idle {
+            inner,
+            idle,
+            last: Instant::now(),
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<S: Connected> Connected for Idle<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.last = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => loop {
+                // The reader is always polled while the connection lives;
+                // the timer is checked (and pushed on) only here.
+                let due = this.last + this.idle;
+                if this.timer.deadline().into_std() != due {
+                    this.timer.as_mut().reset(due.into());
+                }
+                match this.timer.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) if this.last + this.idle <= Instant::now() => {
+                        tracing::debug!(idle_s = this.idle.as_secs(), "closing an idle connection");
+                        return Poll::Ready(Ok(())); // end of stream
+                    }
+                    Poll::Ready(()) => continue,
+                }
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Idle<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last = Instant::now();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last = Instant::now();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -17,6 +17,7 @@ pub fn code(kind: Kind) -> Code {
         Kind::Exhausted => Code::ResourceExhausted,
         Kind::Conflict => Code::FailedPrecondition,
         Kind::ShuttingDown => Code::Unavailable,
+        Kind::TimedOut => Code::DeadlineExceeded,
         Kind::Internal => Code::Internal,
     }
 }
@@ -46,7 +47,8 @@ status_from!(
     crate::catalog::CatalogError,
     crate::archives::LeaseError,
     crate::writer::WriterError,
-    crate::query::QueryError
+    crate::query::QueryError,
+    crate::peer::QuotaError
 );
 
 /// Prefix of prost's decode errors, which tonic reports as INTERNAL.
