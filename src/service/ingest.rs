@@ -59,6 +59,8 @@ use gtar::{Committed, OpenMode as GtarMode, Precompressed};
 /// is shared with other streams and answers RESOURCE_EXHAUSTED when full.
 pub const FRAMES_IN_FLIGHT: usize = 2;
 
+static STREAM_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 type Tx = mpsc::Sender<Result<WriteResponse, Status>>;
 
 struct Tensor {
@@ -113,6 +115,8 @@ struct Stream {
     // peer's count of streams.
     lease: Lease,
     quota: StreamQuota,
+    /// This stream's number, for the writer's ordering of frames.
+    id: u64,
     shm: Option<Arc<Region>>,
     prefix: String,
     level: u32,
@@ -313,6 +317,7 @@ impl Stream {
             lease,
             quota,
             failure,
+            id: STREAM_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             shm,
             prefix: o.group,
             level: o.compression,
@@ -366,6 +371,7 @@ impl Stream {
     /// else sent on to the writer (module docs).
     async fn part(&mut self, p: Part) -> Result<(), Status> {
         let handle = self.lease.handle.clone();
+        let id = self.id;
         let f = self.frame("frame")?;
         if f.ticket.is_none() {
             let n = part_bytes(&p);
@@ -375,7 +381,7 @@ impl Stream {
                 return Ok(());
             }
             // Too big to assemble: stream it through from here on.
-            f.ticket = Some(handle.begin_frame()?);
+            f.ticket = Some(handle.begin_frame(id)?);
             for q in std::mem::take(&mut f.held) {
                 self.send_part(q).await?;
             }
@@ -664,7 +670,7 @@ impl Stream {
             None => {
                 let mut parts = std::mem::take(&mut f.held);
                 parts.push(Part::Commit);
-                self.lease.handle.submit_frame(parts)?
+                self.lease.handle.submit_frame(self.id, parts)?
             }
         };
         let p = Pending {

@@ -23,7 +23,10 @@
 //!   slower than the disk is not cut off); then it is aborted
 //!   ([`WriterError::Deadline`]). Frames that arrive whole (the service
 //!   assembles small frames apart, [`WriterHandle::submit_frame`]) never
-//!   make it wait.
+//!   make it wait, and go before queued streaming frames of other streams:
+//!   a whole frame waits for at most the one frame in progress (one
+//!   deadline), not for every stalled frame queued. A stream's own frames
+//!   keep their order.
 //! * Two live streams claim one (archive, group) only when both asked to
 //!   share it ([`Lease::claim_group`]); the refusal names the holder.
 //! * A full disk fails the frame, not the writer, and shows in health until
@@ -196,6 +199,10 @@ pub struct FrameTicket {
 
 enum Job {
     Frame {
+        /// All parts are queued already (an assembled frame).
+        whole: bool,
+        /// The stream that sent it (its frames keep their order).
+        stream: u64,
         parts: mpsc::Receiver<Part>,
         received: oneshot::Sender<Result<Committed, WriterError>>,
         durable: oneshot::Sender<Result<(), WriterError>>,
@@ -290,19 +297,20 @@ impl WriterHandle {
         }
     }
 
-    /// Queue a frame; feed its parts through the ticket.
-    pub fn begin_frame(&self) -> Result<FrameTicket, WriterError> {
-        self.queue_frame(Vec::new())
+    /// Queue a frame of stream `stream`; feed its parts through the ticket.
+    pub fn begin_frame(&self, stream: u64) -> Result<FrameTicket, WriterError> {
+        self.queue_frame(stream, Vec::new())
     }
 
     /// Queue a frame whose parts are all here (ending with [`Part::Commit`]):
     /// the writer never waits for it. Its ticket's `parts` sender is unused.
-    pub fn submit_frame(&self, parts: Vec<Part>) -> Result<FrameTicket, WriterError> {
-        self.queue_frame(parts)
+    pub fn submit_frame(&self, stream: u64, parts: Vec<Part>) -> Result<FrameTicket, WriterError> {
+        self.queue_frame(stream, parts)
     }
 
-    fn queue_frame(&self, first: Vec<Part>) -> Result<FrameTicket, WriterError> {
+    fn queue_frame(&self, stream: u64, first: Vec<Part>) -> Result<FrameTicket, WriterError> {
         self.check_ok()?;
+        let whole = !first.is_empty();
         let (ptx, prx) = mpsc::channel(self.parts_cap.max(first.len()));
         for p in first {
             ptx.try_send(p)
@@ -311,6 +319,8 @@ impl WriterHandle {
         let (rtx, rrx) = oneshot::channel();
         let (dtx, drx) = oneshot::channel();
         let job = Job::Frame {
+            whole,
+            stream,
             parts: prx,
             received: rtx,
             durable: dtx,
@@ -506,6 +516,7 @@ impl Registry {
             registry: Arc::downgrade(self),
             reader_index: handle.reader.shared_index(),
             syncer: None,
+            backlog: std::collections::VecDeque::new(),
         };
         let name = format!(
             "gtar-writer-{}",
@@ -650,6 +661,8 @@ struct Actor {
     reader_index: Arc<std::sync::RwLock<gtar::Index>>,
     /// Started with the first frame; stopped (after a last fsync) on close.
     syncer: Option<Syncer>,
+    /// Jobs taken off the queue, to pick whole frames first (module docs).
+    backlog: std::collections::VecDeque<Job>,
 }
 
 enum Next {
@@ -686,6 +699,12 @@ impl Actor {
     }
 
     fn next(&mut self) -> Next {
+        while let Ok(j) = self.rx.try_recv() {
+            self.backlog.push_back(j);
+        }
+        if !self.backlog.is_empty() {
+            return Next::Job(self.pick());
+        }
         let wait = self.limits.idle_tail;
         let rx = &mut self.rx;
         match self
@@ -698,6 +717,28 @@ impl Actor {
         }
     }
 
+    /// The first whole frame whose stream has nothing queued before it, and
+    /// that no other kind of job (recreate, close) precedes; else the oldest.
+    fn pick(&mut self) -> Job {
+        let mut seen = Vec::new();
+        let mut at = 0;
+        for (i, j) in self.backlog.iter().enumerate() {
+            match j {
+                Job::Frame {
+                    whole: true,
+                    stream,
+                    ..
+                } if !seen.contains(stream) => {
+                    at = i;
+                    break;
+                }
+                Job::Frame { stream, .. } => seen.push(*stream),
+                _ => break,
+            }
+        }
+        self.backlog.remove(at).expect("the backlog is not empty")
+    }
+
     fn main_loop(&mut self) {
         let mut tail_written = true;
         loop {
@@ -706,6 +747,7 @@ impl Actor {
                     parts,
                     received,
                     durable,
+                    ..
                 }) => {
                     self.busy(true);
                     self.frame(parts, received, durable);
@@ -943,7 +985,10 @@ impl Actor {
     fn close(&mut self) {
         // Frames still queued are refused; their senders see the drop.
         self.rx.close();
-        while let Ok(job) = self.rx.try_recv() {
+        while let Ok(j) = self.rx.try_recv() {
+            self.backlog.push_back(j);
+        }
+        for job in self.backlog.drain(..) {
             if let Job::Frame {
                 received, durable, ..
             } = job
