@@ -145,7 +145,9 @@ pub async fn run(
             .add_service(refl_v1alpha.clone())
             .add_service(logd.clone());
         let stop = shutdown.clone();
-        let idle = cfg.connection_idle;
+        // A connection carrying a silent stream is ended by the stream's own
+        // limit first (with its error), never cut off underneath it.
+        let idle = cfg.connection_idle.max(cfg.stream_idle);
         match l {
             Listener::Unix(u) => {
                 let incoming = UnixListenerStream::new(u).map(move |c| c.map(|c| Idle::new(c, idle)));
@@ -221,8 +223,9 @@ pub async fn run(
 
 /// A connection that is closed (reads end) once no byte has gone either way
 /// for `idle`: idle connections cost a task and buffers each, and hyper has
-/// no idle timeout for HTTP/2 servers. A silent Write stream is ended first
-/// by the stream's own idle limit, which sends its error (traffic).
+/// no idle timeout for HTTP/2 servers. Its limit is at least the stream
+/// idle limit, so a silent Write stream is ended first by its own limit,
+/// with its error.
 struct Idle<S> {
     inner: S,
     idle: Duration,
