@@ -249,17 +249,23 @@ impl Stream {
         };
         let st = state.clone();
         let name = o.archive.clone();
-        let mut lease = tokio::task::spawn_blocking(move || st.archives.lease(&name, mode))
-            .await
-            .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        let group = o.group.clone();
+        // Leasing may open and repair the file; counting the group's frames
+        // sorts every index under the index lock: both off the async workers.
+        let (mut lease, existing) = tokio::task::spawn_blocking(move || {
+            let lease = st.archives.lease(&name, mode)?;
+            let existing = {
+                let r = lease.handle.reader();
+                let ix = r.index();
+                ix.frames_under((!group.is_empty()).then_some(group.as_str()))
+                    .len() as u64
+            };
+            Ok::<_, crate::archives::LeaseError>((lease, existing))
+        })
+        .await
+        .map_err(|e| status(Kind::Internal, e.to_string()))??;
         quota.archive(lease.handle.path())?;
         lease.claim_group(&o.group, peer, o.share_group)?;
-        let existing = {
-            let r = lease.handle.reader();
-            let ix = r.index();
-            ix.frames_under((!o.group.is_empty()).then_some(o.group.as_str()))
-                .len() as u64
-        };
         let repaired = lease
             .repaired
             .as_ref()

@@ -170,7 +170,11 @@ impl Logd for Service {
     ) -> Result<Response<pb::ListFramesResponse>, Status> {
         let r = req.into_inner();
         let a = open_read(&self.state, r.archive).await?;
-        let frames = query::frames(&a, &r.group)?;
+        // Sorting every frame index of a large archive is CPU work, and the
+        // index lock may be held by a writer: off the async workers.
+        let frames = tokio::task::spawn_blocking(move || query::frames(&a, &r.group))
+            .await
+            .map_err(|e| status(Kind::Internal, e.to_string()))??;
         Ok(Response::new(pb::ListFramesResponse { frames }))
     }
 
