@@ -43,7 +43,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Stall (or trickle) inside a frame until aborted.
-async fn hostile(uds: std::path::PathBuf, archive: String, group: String, size: u64, head: usize, trickle: bool) {
+async fn hostile(
+    uds: std::path::PathBuf,
+    archive: String,
+    group: String,
+    size: u64,
+    head: usize,
+    trickle: bool,
+) {
     let mut c = connect_uds(&uds).await;
     let Ok(mut s) = Session::open(&mut c, open_req(&archive, &group)).await else {
         return;
@@ -85,11 +92,19 @@ async fn writer(uds: &std::path::Path, archive: &str, n: u64) -> Duration {
     let mut c = connect_uds(uds).await;
     let data = Payload::Shared(Bytes::from(vec![3u8; FRAME as usize]));
     let t0 = Instant::now();
-    let mut s = Session::open(&mut c, open_req(archive, "good")).await.unwrap();
+    let mut s = Session::open(&mut c, open_req(archive, "good"))
+        .await
+        .unwrap();
     for i in 0..n {
         let f = FrameSpec {
             index: i.to_string(),
-            tensors: vec![TensorSpec::new("", "w", pb::DType::Uint8, &[FRAME], data.clone())],
+            tensors: vec![TensorSpec::new(
+                "",
+                "w",
+                pb::DType::Uint8,
+                &[FRAME],
+                data.clone(),
+            )],
             ..Default::default()
         };
         s.send_frame(&f, 4 << 20).await.unwrap();

@@ -215,7 +215,9 @@ impl ServeArgs {
             connection_idle: Duration::from_secs(self.connection_idle.max(1)),
             peer_limits: gtar_logd::peer::PeerLimits {
                 streams: self.peer_streams.max(1),
-                bytes_in_flight: self.peer_bytes_in_flight.max(gtar_logd::limits::SMALL_FRAME_MAX),
+                bytes_in_flight: self
+                    .peer_bytes_in_flight
+                    .max(gtar_logd::limits::SMALL_FRAME_MAX),
                 archives: self.peer_archives.max(1),
             },
             log: self.log,

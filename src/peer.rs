@@ -21,7 +21,10 @@ use crate::error::{Classify, Kind};
 /// The client at the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
-    Unix { uid: u32, pid: Option<i32> },
+    Unix {
+        uid: u32,
+        pid: Option<i32>,
+    },
     Tcp(SocketAddr),
     /// Neither (an in-process transport).
     Unknown,
@@ -254,7 +257,10 @@ impl BytesQuota {
         if e.bytes + n > limit {
             return Err(QuotaError {
                 peer: self.key.to_string(),
-                what: format!("{} bytes of uncommitted frames in flight, {n} more sent", e.bytes),
+                what: format!(
+                    "{} bytes of uncommitted frames in flight, {n} more sent",
+                    e.bytes
+                ),
                 limit,
                 flag: "--peer-bytes-in-flight, GTAR_LOGD_PEER_BYTES_IN_FLIGHT",
             });
@@ -290,9 +296,18 @@ mod tests {
             bytes_in_flight: 100,
             archives: 1,
         });
-        let alice = Peer::Unix { uid: 1000, pid: Some(1) };
-        let alice2 = Peer::Unix { uid: 1000, pid: Some(2) };
-        let bob = Peer::Unix { uid: 1001, pid: None };
+        let alice = Peer::Unix {
+            uid: 1000,
+            pid: Some(1),
+        };
+        let alice2 = Peer::Unix {
+            uid: 1000,
+            pid: Some(2),
+        };
+        let bob = Peer::Unix {
+            uid: 1001,
+            pid: None,
+        };
         let mut a = q.stream(&alice).unwrap();
         let b = q.stream(&alice2).unwrap();
         let e = q.stream(&alice).err().unwrap();
@@ -301,12 +316,20 @@ mod tests {
         let _bob = q.stream(&bob).unwrap();
         a.archive(Path::new("/d/x.zip")).unwrap();
         let mut b = b;
-        assert!(b.archive(Path::new("/d/y.zip")).unwrap_err().to_string().contains("--peer-archives"));
+        assert!(b
+            .archive(Path::new("/d/y.zip"))
+            .unwrap_err()
+            .to_string()
+            .contains("--peer-archives"));
         b.archive(Path::new("/d/x.zip")).unwrap();
         let mut n = a.bytes();
         n.grow(60).unwrap();
         let mut m = b.bytes();
-        assert!(m.grow(41).unwrap_err().to_string().contains("--peer-bytes-in-flight"));
+        assert!(m
+            .grow(41)
+            .unwrap_err()
+            .to_string()
+            .contains("--peer-bytes-in-flight"));
         drop(n);
         m.grow(41).unwrap();
         drop((a, b, m));

@@ -23,8 +23,8 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::StreamExt;
-use tonic::transport::server::Connected;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -150,12 +150,16 @@ pub async fn run(
         let idle = cfg.connection_idle.max(cfg.stream_idle);
         match l {
             Listener::Unix(u) => {
-                let incoming = UnixListenerStream::new(u).map(move |c| c.map(|c| Idle::new(c, idle)));
-                servers.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
+                let incoming =
+                    UnixListenerStream::new(u).map(move |c| c.map(|c| Idle::new(c, idle)));
+                servers
+                    .spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
             Listener::Tcp(t) => {
-                let incoming = TcpListenerStream::new(t).map(move |c| c.map(|c| Idle::new(c, idle)));
-                servers.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
+                let incoming =
+                    TcpListenerStream::new(t).map(move |c| c.map(|c| Idle::new(c, idle)));
+                servers
+                    .spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
         }
     }
@@ -172,7 +176,11 @@ pub async fn run(
         tokio::spawn(async move {
             let mut reported = std::collections::HashSet::new();
             let service = |path: &std::path::Path| {
-                let name = path.strip_prefix(&root).unwrap_or(path).display().to_string();
+                let name = path
+                    .strip_prefix(&root)
+                    .unwrap_or(path)
+                    .display()
+                    .to_string();
                 (format!("gtar.logd.v1.Logd/{name}"), name)
             };
             loop {
@@ -185,10 +193,13 @@ pub async fn run(
                     if reported.insert(path.clone()) {
                         let (svc, name) = service(path);
                         tracing::error!(archive = %name, error = %why, "archive writer cannot write; health NOT_SERVING for it");
-                        health.set_service_status(svc, ServingStatus::NotServing).await;
+                        health
+                            .set_service_status(svc, ServingStatus::NotServing)
+                            .await;
                     }
                 }
-                let now: std::collections::HashSet<_> = problems.into_iter().map(|(p, _)| p).collect();
+                let now: std::collections::HashSet<_> =
+                    problems.into_iter().map(|(p, _)| p).collect();
                 for path in reported.iter().filter(|p| !now.contains(*p)) {
                     let (svc, name) = service(path);
                     tracing::info!(archive = %name, "archive writes again; health SERVING for it");

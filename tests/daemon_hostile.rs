@@ -164,7 +164,9 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
                     let t0 = Instant::now();
                     let r = tokio::time::timeout(
                         Duration::from_secs(10),
-                        h.check(HealthCheckRequest { service: String::new() }),
+                        h.check(HealthCheckRequest {
+                            service: String::new(),
+                        }),
                     )
                     .await;
                     lat.push(t0.elapsed());
@@ -208,7 +210,11 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
                     ..open_group(&format!("shm-{}.zip", fd), "")
                 };
                 let s = Session::open(&mut c, open).await;
-                (what, t0.elapsed(), s.map(|s| (s.opened.shm_attached, s.opened.shm_refused)))
+                (
+                    what,
+                    t0.elapsed(),
+                    s.map(|s| (s.opened.shm_attached, s.opened.shm_refused)),
+                )
             }));
         }
         // A descriptor closed while its offer is on the way.
@@ -220,11 +226,18 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
                 let mut c = connect_uds(&uds).await;
                 let t0 = Instant::now();
                 let open = pb::OpenArchive {
-                    shm: Some(pb::SharedMemory { fd: closing_fd, size: 4096 }),
+                    shm: Some(pb::SharedMemory {
+                        fd: closing_fd,
+                        size: 4096,
+                    }),
                     ..open_group("shm-closed.zip", "")
                 };
                 let s = Session::open(&mut c, open).await;
-                ("a closed descriptor", t0.elapsed(), s.map(|s| (s.opened.shm_attached, s.opened.shm_refused)))
+                (
+                    "a closed descriptor",
+                    t0.elapsed(),
+                    s.map(|s| (s.opened.shm_attached, s.opened.shm_refused)),
+                )
             })
         };
         drop(closing);
@@ -248,7 +261,11 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
                 20..=34 => (false, false),
                 _ => (false, true),
             };
-            let (size, head) = if big { (64 << 20, 5 << 20) } else { (1 << 20, 1000) };
+            let (size, head) = if big {
+                (64 << 20, 5 << 20)
+            } else {
+                (1 << 20, 1000)
+            };
             hostiles.push((
                 big,
                 tokio::spawn(hostile(uds.clone(), format!("h{i}"), size, head, trickle)),
@@ -276,7 +293,10 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
             let (attached, why) = res.unwrap_or_else(|e| panic!("{what}: open failed: {e:?}"));
             assert!(!attached, "{what} was attached as shared memory");
             assert!(!why.is_empty(), "{what}: no reason given");
-            assert!(took < Duration::from_secs(10), "{what}: answered after {took:?}");
+            assert!(
+                took < Duration::from_secs(10),
+                "{what}: answered after {took:?}"
+            );
         }
 
         // Every big hostile frame ends with the deadline's error (or, for
@@ -298,7 +318,10 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
             let st = r.expect_err("a stalled frame ends with an error");
             assert_eq!(st.code(), Code::DeadlineExceeded, "{st:?}");
             let m = st.message();
-            assert!(m.contains("--frame-deadline") || m.contains("--stream-idle"), "{m}");
+            assert!(
+                m.contains("--frame-deadline") || m.contains("--stream-idle"),
+                "{m}"
+            );
             by_deadline += m.contains("--frame-deadline") as usize;
             ended += 1;
         }
@@ -322,11 +345,16 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
                 }
             }
         }
-        println!("idle connections closed: {closed}/500 ({:?} after the hostiles)", t0.elapsed());
+        println!(
+            "idle connections closed: {closed}/500 ({:?} after the hostiles)",
+            t0.elapsed()
+        );
         assert_eq!(closed, 500);
 
         // Nothing of a hostile frame is visible; the good frames are.
-        let c = logd::Client::connect(&format!("unix:{}", uds.display())).await.unwrap();
+        let c = logd::Client::connect(&format!("unix:{}", uds.display()))
+            .await
+            .unwrap();
         for i in 0..20 {
             // Not even the group exists: nothing of its frame was kept.
             match c.list_frames("shared.zip", &format!("h{i}")).await {
@@ -365,26 +393,45 @@ fn a_second_writer_of_a_group_is_refused_naming_the_holder() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut c = d.uds_client().await;
-        let a = Session::open(&mut c, open_group("c.zip", "g")).await.unwrap();
-        let e = Session::open(&mut c, open_group("c.zip", "g")).await.err().unwrap();
+        let a = Session::open(&mut c, open_group("c.zip", "g"))
+            .await
+            .unwrap();
+        let e = Session::open(&mut c, open_group("c.zip", "g"))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
         let me = std::process::id();
-        assert!(e.message().contains(&format!("pid {me}")), "{}", e.message());
+        assert!(
+            e.message().contains(&format!("pid {me}")),
+            "{}",
+            e.message()
+        );
         assert!(e.message().contains("uid "), "{}", e.message());
         assert!(e.message().contains("share_group"), "{}", e.message());
         // Another group of the same archive is fine.
-        let b = Session::open(&mut c, open_group("c.zip", "other")).await.unwrap();
+        let b = Session::open(&mut c, open_group("c.zip", "other"))
+            .await
+            .unwrap();
         // Sharing works only when both opt in.
-        let shared = |g: &str| pb::OpenArchive { share_group: true, ..open_group("c.zip", g) };
+        let shared = |g: &str| pb::OpenArchive {
+            share_group: true,
+            ..open_group("c.zip", g)
+        };
         let s1 = Session::open(&mut c, shared("s")).await.unwrap();
         let s2 = Session::open(&mut c, shared("s")).await.unwrap();
-        let e = Session::open(&mut c, open_group("c.zip", "s")).await.err().unwrap();
+        let e = Session::open(&mut c, open_group("c.zip", "s"))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.code(), Code::FailedPrecondition);
         let e = Session::open(&mut c, shared("g")).await.err().unwrap();
         assert_eq!(e.code(), Code::FailedPrecondition);
         // Once the holder's stream is gone, the group is free.
         a.finish().await.unwrap();
-        let a2 = Session::open(&mut c, open_group("c.zip", "g")).await.unwrap();
+        let a2 = Session::open(&mut c, open_group("c.zip", "g"))
+            .await
+            .unwrap();
         for s in [a2, b, s1, s2] {
             s.finish().await.unwrap();
         }
@@ -402,21 +449,37 @@ fn silent_streams_end_and_per_peer_limits_name_their_flag() {
     rt.block_on(async {
         let mut c = d.uds_client().await;
         // An open-only stream ends, with the flag named.
-        let mut s = Session::open(&mut c, open_group("i.zip", "")).await.unwrap();
-        let e = s.next().await.err().expect("the silent stream ends");
+        let mut s = Session::open(&mut c, open_group("i.zip", ""))
+            .await
+            .unwrap();
+        let e = s.next().await.expect_err("the silent stream ends");
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
         assert!(e.message().contains("--stream-idle"), "{}", e.message());
 
         // Archives per peer: p1 and p2 are open, p3 would be a third.
-        let a = Session::open(&mut c, open_group("p1.zip", "a")).await.unwrap();
-        let b = Session::open(&mut c, open_group("p1.zip", "b")).await.unwrap();
-        let x = Session::open(&mut c, open_group("p2.zip", "")).await.unwrap();
-        let e = Session::open(&mut c, open_group("p3.zip", "")).await.err().unwrap();
+        let a = Session::open(&mut c, open_group("p1.zip", "a"))
+            .await
+            .unwrap();
+        let b = Session::open(&mut c, open_group("p1.zip", "b"))
+            .await
+            .unwrap();
+        let x = Session::open(&mut c, open_group("p2.zip", ""))
+            .await
+            .unwrap();
+        let e = Session::open(&mut c, open_group("p3.zip", ""))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
         assert!(e.message().contains("--peer-archives"), "{}", e.message());
         // Streams per peer: the fourth is fine, the fifth is not.
-        let y = Session::open(&mut c, open_group("p1.zip", "c")).await.unwrap();
-        let e = Session::open(&mut c, open_group("p1.zip", "d")).await.err().unwrap();
+        let y = Session::open(&mut c, open_group("p1.zip", "c"))
+            .await
+            .unwrap();
+        let e = Session::open(&mut c, open_group("p1.zip", "d"))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
         assert!(e.message().contains("--peer-streams"), "{}", e.message());
         assert!(e.message().contains("uid "), "{}", e.message());
@@ -448,7 +511,13 @@ fn rewrite_case(oracle: Option<std::path::PathBuf>) {
     rt.block_on(async {
         let c = d.client().await;
         let t = |name: &str, v: u8| {
-            TensorSpec::new("", name, pb::DType::Float32, &[4], Payload::Bytes(vec![v; 16]))
+            TensorSpec::new(
+                "",
+                name,
+                pb::DType::Float32,
+                &[4],
+                Payload::Bytes(vec![v; 16]),
+            )
         };
         let old = FrameSpec {
             index: "5".into(),
@@ -460,8 +529,12 @@ fn rewrite_case(oracle: Option<std::path::PathBuf>) {
             tensors: vec![t("w", 3)],
             ..Default::default()
         };
-        write_client(&c, "r.zip", append("run"), &[old]).await.unwrap();
-        write_client(&c, "r.zip", append("run"), &[new.clone()]).await.unwrap();
+        write_client(&c, "r.zip", append("run"), &[old])
+            .await
+            .unwrap();
+        write_client(&c, "r.zip", append("run"), std::slice::from_ref(&new))
+            .await
+            .unwrap();
         let got = c.get_frame("r.zip", "5").await.unwrap();
         assert_frame_matches(&got, &new);
         assert_eq!(c.list_frames("r.zip", "run").await.unwrap(), ["5"]);
@@ -491,9 +564,20 @@ fn rewrite_case(oracle: Option<std::path::PathBuf>) {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         println!("libgetar sees:\n{text}");
-        assert!(!text.contains(" v "), "libgetar still sees the old tensor v:\n{text}");
-        assert_eq!(text.trim(), format!("run w 5 {}", "03".repeat(16)), "libgetar");
+        assert!(
+            !text.contains(" v "),
+            "libgetar still sees the old tensor v:\n{text}"
+        );
+        assert_eq!(
+            text.trim(),
+            format!("run w 5 {}", "03".repeat(16)),
+            "libgetar"
+        );
     }
 }

@@ -317,7 +317,12 @@ impl Stream {
         let (acks, pending) = mpsc::unbounded_channel();
         let failed = CancellationToken::new();
         let failure = Failure::default();
-        tokio::spawn(forward_acks(pending, tx.clone(), failed.clone(), failure.clone()));
+        tokio::spawn(forward_acks(
+            pending,
+            tx.clone(),
+            failed.clone(),
+            failure.clone(),
+        ));
         Ok(Stream {
             state,
             lease,

@@ -350,7 +350,12 @@ pub struct Lease {
 impl Lease {
     /// Claim `group` of the archive for this stream. Refused, naming the
     /// holder, while another live stream holds it, unless both share.
-    pub fn claim_group(&mut self, group: &str, holder: Peer, share: bool) -> Result<(), WriterError> {
+    pub fn claim_group(
+        &mut self,
+        group: &str,
+        holder: Peer,
+        share: bool,
+    ) -> Result<(), WriterError> {
         let mut claims = self.handle.shared.claims.lock().unwrap();
         let held = claims.entry(group.to_string()).or_default();
         if let Some(other) = held.iter().find(|c| !(c.share && share)) {
@@ -370,7 +375,12 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some((group, id)) = self.claim.take() {
-            let mut claims = self.handle.shared.claims.lock().unwrap_or_else(|p| p.into_inner());
+            let mut claims = self
+                .handle
+                .shared
+                .claims
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Some(v) = claims.get_mut(&group) {
                 v.retain(|c| c.id != id);
                 if v.is_empty() {

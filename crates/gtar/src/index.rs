@@ -288,12 +288,24 @@ mod tests {
         ));
         // Another group of the same archive, same index: not ours to replace.
         ix.push_txn(txn(
-            &["r/s/x/frames/5/w.f32.uni", "r/s/gtar_logd/frames/5/manifest.json"],
+            &[
+                "r/s/x/frames/5/w.f32.uni",
+                "r/s/gtar_logd/frames/5/manifest.json",
+            ],
             1,
         ));
-        ix.push_txn(txn(&["r/k/a/frames/6/w.f32.uni", "r/gtar_logd/frames/6/manifest.json"], 2));
+        ix.push_txn(txn(
+            &[
+                "r/k/a/frames/6/w.f32.uni",
+                "r/gtar_logd/frames/6/manifest.json",
+            ],
+            2,
+        ));
         let gone = ix.push_txn(txn(
-            &["r/k/a/frames/5/w.f32.uni", "r/gtar_logd/frames/5/manifest.json"],
+            &[
+                "r/k/a/frames/5/w.f32.uni",
+                "r/gtar_logd/frames/5/manifest.json",
+            ],
             3,
         ));
         assert_eq!(gone, 3);
@@ -310,7 +322,13 @@ mod tests {
             ]
         );
         assert_eq!(ix.records_at(Some("r/k"), "5").count(), 1);
-        assert_eq!(ix.get("r/k/a/frames/5/w.f32.uni").unwrap().cd.local_header_offset, 3);
+        assert_eq!(
+            ix.get("r/k/a/frames/5/w.f32.uni")
+                .unwrap()
+                .cd
+                .local_header_offset,
+            3
+        );
         // Without a marker (libgetar's own appends) the old rule stays:
         // the later entry of a name wins, the others stay.
         ix.push_txn(txn(&["r/k/b/frames/6/v.f32.uni"], 4));

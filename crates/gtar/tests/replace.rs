@@ -51,7 +51,11 @@ fn a_rewrite_with_fewer_tensors_is_exactly_the_new_frame_after_close_and_after_a
     assert!(matches!(a.state(), OpenState::Clean));
     assert_eq!(names_at(&a, "5"), want5);
     assert_eq!(names_at(&a, "6").len(), 3);
-    let e = a.index().get("run/keras/w/frames/5/weight.f32.uni").cloned().unwrap();
+    let e = a
+        .index()
+        .get("run/keras/w/frames/5/weight.f32.uni")
+        .cloned()
+        .unwrap();
     assert_eq!(a.read_entry(&e).unwrap(), b"new-w...");
 
     // A crash before the central directory: recovery applies the same rule.
