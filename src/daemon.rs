@@ -30,6 +30,11 @@ pub struct Options {
     pub direct_io: bool,
     pub shared_memory: bool,
     pub grace: Duration,
+    /// How long in total a frame may keep its archive's writer waiting.
+    pub frame_deadline: Duration,
+    pub stream_idle: Duration,
+    pub connection_idle: Duration,
+    pub peer_limits: crate::peer::PeerLimits,
     /// A tracing `EnvFilter`.
     pub log: String,
     /// `--multi-user`: run as the dispatcher of per-user workers (`users`).
@@ -171,6 +176,10 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             tracing::info!(token_file = %f.display(), "TCP requests need `authorization: Bearer <token>` from this file");
             cfg.tcp_token = Some(std::sync::Arc::new(t));
         }
+        cfg.limits.frame_deadline = o.frame_deadline;
+        cfg.stream_idle = o.stream_idle;
+        cfg.connection_idle = o.connection_idle;
+        cfg.peer_limits = o.peer_limits.clone();
         let shutdown = CancellationToken::new();
         cancel_on_signal(shutdown.clone());
         let addrs: Vec<String> = bound.listeners.iter().map(|l| l.describe()).collect();

@@ -28,6 +28,8 @@ pub enum Kind {
     Conflict,
     /// The daemon is shutting down.
     ShuttingDown,
+    /// A deadline or idle limit ran out (a stalled frame, a silent stream).
+    TimedOut,
     /// Any other I/O or internal failure.
     Internal,
 }

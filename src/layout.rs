@@ -25,7 +25,9 @@ use crate::limits::{MAX_COMPONENT_BYTES, MAX_RANK};
 use gtar::{Format, RecordType};
 
 /// Group of the manifest record (below the stream's prefix).
-pub const MANIFEST_GROUP: &str = "gtar_logd";
+/// gtar's frame marker: a rewritten frame index replaces the old frame as a
+/// whole (see `gtar::FRAME_MARKER_GROUP`).
+pub const MANIFEST_GROUP: &str = gtar::FRAME_MARKER_GROUP;
 pub const MANIFEST_NAME: &str = "manifest.json";
 
 /// Element types, as the daemon knows them (the wire's enum is converted to

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod limits;
 pub mod listen;
+pub mod peer;
 pub mod proto;
 pub mod query;
 pub mod server;

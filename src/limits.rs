@@ -45,6 +45,34 @@ pub const MAX_COMPONENT_BYTES: usize = 255;
 /// Longest archive name (a path relative to the data directory), in bytes.
 pub const MAX_ARCHIVE_NAME_BYTES: usize = 4096;
 
+/// Default of `--frame-deadline`: how long in total a frame may keep its
+/// archive's writer (and so every other writer of the archive) waiting for
+/// the client's next bytes; see `writer` for the credit below.
+pub const DEFAULT_FRAME_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Each this many bytes a frame has delivered add one second to its deadline:
+/// a multi-GiB frame from a client slower than the disk is not cut off.
+pub const FRAME_DEADLINE_CREDIT: u64 = 64 << 20;
+
+/// Frames up to this many bytes (tensors, records, manifest) are assembled in
+/// the stream and handed to the writer whole: a stalled or trickling small
+/// frame never holds the archive. Bigger frames stream through to the disk
+/// (no copy, bounded memory) under the frame deadline.
+pub const SMALL_FRAME_MAX: u64 = 4 << 20;
+
+/// Defaults of the idle limits: a Write stream that sends nothing for this
+/// long is ended (`--stream-idle`), and a connection that exchanges no bytes
+/// for this long is closed (`--connection-idle`).
+pub const DEFAULT_STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+pub const DEFAULT_CONNECTION_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Defaults of the per-peer limits (a peer is a uid on the Unix socket, one
+/// connection on TCP): live Write streams (`--peer-streams`), bytes of
+/// uncommitted small frames held by the daemon (`--peer-bytes-in-flight`),
+/// archives open for writing (`--peer-archives`).
+pub const DEFAULT_PEER_STREAMS: usize = 64;
+pub const DEFAULT_PEER_BYTES_IN_FLIGHT: u64 = 256 << 20;
+pub const DEFAULT_PEER_ARCHIVES: usize = 32;
+
 /// Room for the fields around the payload of one message.
 const ENVELOPE: usize = 64 << 10;
 
@@ -56,3 +84,8 @@ const _: () = assert!(2 * RECORD_TEXT_MAX as usize + ENVELOPE <= CLIENT_DEFAULT_
 const _: () = assert!(RECORD_READ_MAX as usize + ENVELOPE <= MAX_MESSAGE);
 const _: () = assert!(RECORD_TEXT_MAX <= RECORD_READ_DEFAULT);
 const _: () = assert!(COMPRESS_MAX <= DEFAULT_MAX_TENSOR_BYTES);
+// A peer may fill every stream's small-frame buffer twice (FRAMES_IN_FLIGHT)
+// without hitting its bytes limit only with few streams; the limit is what
+// bounds memory, so it must at least allow one small frame.
+const _: () = assert!(SMALL_FRAME_MAX <= DEFAULT_PEER_BYTES_IN_FLIGHT);
+const _: () = assert!(SMALL_FRAME_MAX as usize <= MAX_MESSAGE);

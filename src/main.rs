@@ -174,6 +174,24 @@ struct ServeArgs {
     /// Seconds open queries may run on after SIGTERM before they are cut off
     #[arg(long, default_value_t = 10)]
     grace_secs: u64,
+    /// Seconds in total a frame may keep its archive's writer waiting for the client's next bytes (plus 1 s per 64 MiB it sent) before it is aborted, so other writers of the archive go on; frames up to 4 MiB are assembled apart and never wait
+    #[arg(long, env = "GTAR_LOGD_FRAME_DEADLINE", default_value_t = gtar_logd::limits::DEFAULT_FRAME_DEADLINE.as_secs(), value_name = "SECS")]
+    frame_deadline: u64,
+    /// Seconds a Write stream may send nothing before the daemon ends it
+    #[arg(long, env = "GTAR_LOGD_STREAM_IDLE", default_value_t = gtar_logd::limits::DEFAULT_STREAM_IDLE.as_secs(), value_name = "SECS")]
+    stream_idle: u64,
+    /// Seconds a connection may exchange no bytes before the daemon closes it
+    #[arg(long, env = "GTAR_LOGD_CONNECTION_IDLE", default_value_t = gtar_logd::limits::DEFAULT_CONNECTION_IDLE.as_secs(), value_name = "SECS")]
+    connection_idle: u64,
+    /// Live Write streams per peer (a uid on the Unix socket, a connection on TCP)
+    #[arg(long, env = "GTAR_LOGD_PEER_STREAMS", default_value_t = gtar_logd::limits::DEFAULT_PEER_STREAMS)]
+    peer_streams: usize,
+    /// Bytes of uncommitted frames the daemon holds per peer
+    #[arg(long, env = "GTAR_LOGD_PEER_BYTES_IN_FLIGHT", default_value_t = gtar_logd::limits::DEFAULT_PEER_BYTES_IN_FLIGHT)]
+    peer_bytes_in_flight: u64,
+    /// Archives open for writing per peer
+    #[arg(long, env = "GTAR_LOGD_PEER_ARCHIVES", default_value_t = gtar_logd::limits::DEFAULT_PEER_ARCHIVES)]
+    peer_archives: usize,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "gtar_logd=debug"
     #[arg(long, env = "GTAR_LOGD_LOG", default_value = "info")]
     log: String,
@@ -223,6 +241,16 @@ impl ServeArgs {
             direct_io: self.direct_io,
             shared_memory: self.shared_memory,
             grace: Duration::from_secs(self.grace_secs),
+            frame_deadline: Duration::from_secs(self.frame_deadline.max(1)),
+            stream_idle: Duration::from_secs(self.stream_idle.max(1)),
+            connection_idle: Duration::from_secs(self.connection_idle.max(1)),
+            peer_limits: gtar_logd::peer::PeerLimits {
+                streams: self.peer_streams.max(1),
+                bytes_in_flight: self
+                    .peer_bytes_in_flight
+                    .max(gtar_logd::limits::SMALL_FRAME_MAX),
+                archives: self.peer_archives.max(1),
+            },
             log: self.log,
             multi_user: self.multi_user,
             admin_group: self.admin_group,

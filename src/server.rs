@@ -15,8 +15,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -49,6 +57,12 @@ pub struct Config {
     /// The token TCP requests must carry; `None`: TCP is anonymous
     /// (`--tcp-allow-anonymous`), or there is no TCP listener.
     pub tcp_token: Option<Arc<crate::auth::Token>>,
+    /// A Write stream that sends nothing for this long is ended.
+    pub stream_idle: Duration,
+    /// A connection that exchanges no bytes for this long is closed.
+    pub connection_idle: Duration,
+    /// What one peer may hold at once.
+    pub peer_limits: crate::peer::PeerLimits,
 }
 
 impl Config {
@@ -61,6 +75,9 @@ impl Config {
             shared_memory: true,
             others: None,
             tcp_token: None,
+            stream_idle: crate::limits::DEFAULT_STREAM_IDLE,
+            connection_idle: crate::limits::DEFAULT_CONNECTION_IDLE,
+            peer_limits: Default::default(),
         }
     }
 }
@@ -107,6 +124,8 @@ pub async fn run(
         shutdown: shutdown.clone(),
         max_tensor_bytes: cfg.max_tensor_bytes,
         shared_memory: cfg.shared_memory,
+        stream_idle: cfg.stream_idle,
+        quotas: crate::peer::Quotas::new(cfg.peer_limits.clone()),
     });
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LogdServer<Service>>().await;
@@ -148,18 +167,21 @@ pub async fn run(
             .add_service(refl_v1alpha.clone())
             .add_service(logd.clone());
         let stop = shutdown.clone();
+        // A connection carrying a silent stream is ended by the stream's own
+        // limit first (with its error), never cut off underneath it.
+        let idle = cfg.connection_idle.max(cfg.stream_idle);
         match l {
             Listener::Unix(u) => {
-                servers.spawn(router.serve_with_incoming_shutdown(
-                    UnixListenerStream::new(u),
-                    stop.cancelled_owned(),
-                ));
+                let incoming =
+                    UnixListenerStream::new(u).map(move |c| c.map(|c| Idle::new(c, idle)));
+                servers
+                    .spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
             Listener::Tcp(t) => {
-                servers.spawn(router.serve_with_incoming_shutdown(
-                    TcpListenerStream::new(t),
-                    stop.cancelled_owned(),
-                ));
+                let incoming =
+                    TcpListenerStream::new(t).map(move |c| c.map(|c| Idle::new(c, idle)));
+                servers
+                    .spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
             Listener::Handed(h) => {
                 servers.spawn(router.serve_with_incoming_shutdown(h, stop.cancelled_owned()));
@@ -167,8 +189,9 @@ pub async fn run(
         }
     }
 
-    // Writers that fail flip health to NOT_SERVING for their archive, as
-    // soon as the registry publishes the failure.
+    // Writers that fail, or whose last frame hit a full disk, flip health to
+    // NOT_SERVING for their archive as soon as the registry publishes it
+    // (docs/systemd.md); a disk that has room again flips it back.
     {
         let registry = registry.clone();
         let health = health.clone();
@@ -177,27 +200,37 @@ pub async fn run(
         let mut failures = registry.watch_failures();
         tokio::spawn(async move {
             let mut reported = std::collections::HashSet::new();
+            let service = |path: &std::path::Path| {
+                let name = path
+                    .strip_prefix(&root)
+                    .unwrap_or(path)
+                    .display()
+                    .to_string();
+                (format!("gtar.logd.v1.Logd/{name}"), name)
+            };
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     changed = failures.changed() => if changed.is_err() { return },
                 }
-                for (path, why) in registry.failed() {
+                let problems = registry.problems();
+                for (path, why) in &problems {
                     if reported.insert(path.clone()) {
-                        let name = path
-                            .strip_prefix(&root)
-                            .unwrap_or(&path)
-                            .display()
-                            .to_string();
-                        tracing::error!(archive = %name, error = %why, "archive writer failed; health NOT_SERVING for it");
+                        let (svc, name) = service(path);
+                        tracing::error!(archive = %name, error = %why, "archive writer cannot write; health NOT_SERVING for it");
                         health
-                            .set_service_status(
-                                format!("gtar.logd.v1.Logd/{name}"),
-                                ServingStatus::NotServing,
-                            )
+                            .set_service_status(svc, ServingStatus::NotServing)
                             .await;
                     }
                 }
+                let now: std::collections::HashSet<_> =
+                    problems.into_iter().map(|(p, _)| p).collect();
+                for path in reported.iter().filter(|p| !now.contains(*p)) {
+                    let (svc, name) = service(path);
+                    tracing::info!(archive = %name, "archive writes again; health SERVING for it");
+                    health.set_service_status(svc, ServingStatus::Serving).await;
+                }
+                reported.retain(|p| now.contains(p));
             }
         });
     }
@@ -222,4 +255,103 @@ pub async fn run(
     tokio::task::spawn_blocking(move || reg.shutdown()).await?;
     tracing::info!("all archives closed and synced");
     Ok(())
+}
+
+/// A connection that is closed (reads end) once no byte has gone either way
+/// for `idle`: idle connections cost a task and buffers each, and hyper has
+/// no idle timeout for HTTP/2 servers. Its limit is at least the stream
+/// idle limit, so a silent Write stream is ended first by its own limit,
+/// with its error.
+struct Idle<S> {
+    inner: S,
+    idle: Duration,
+    last: Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> Idle<S> {
+    fn new(inner: S, idle: Duration) -> Idle<S> {
+        Idle {
+            inner,
+            idle,
+            last: Instant::now(),
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<S: Connected> Connected for Idle<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.last = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => loop {
+                // The reader is always polled while the connection lives;
+                // the timer is checked (and pushed on) only here.
+                let due = this.last + this.idle;
+                if this.timer.deadline().into_std() != due {
+                    this.timer.as_mut().reset(due.into());
+                }
+                match this.timer.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) if this.last + this.idle <= Instant::now() => {
+                        tracing::debug!(idle_s = this.idle.as_secs(), "closing an idle connection");
+                        return Poll::Ready(Ok(())); // end of stream
+                    }
+                    Poll::Ready(()) => continue,
+                }
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Idle<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last = Instant::now();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last = Instant::now();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

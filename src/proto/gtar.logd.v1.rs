@@ -46,6 +46,11 @@ pub struct OpenArchive {
     /// Optional: tensor bytes come through shared memory (see SharedMemory).
     #[prost(message, optional, tag = "5")]
     pub shm: ::core::option::Option<SharedMemory>,
+    /// Let another live stream write the same archive and group at the same
+    /// time. Without it (and unless every stream already writing that group set
+    /// it too) the open fails with FAILED_PRECONDITION naming the holder.
+    #[prost(bool, tag = "6")]
+    pub share_group: bool,
 }
 /// A memory file of the client (e.g. a memfd) that tensor bytes are passed in
 /// instead of `chunk`s, which saves the copies through gRPC and the socket.

@@ -18,6 +18,7 @@ pub fn code(kind: Kind) -> Code {
         Kind::Exhausted => Code::ResourceExhausted,
         Kind::Conflict => Code::FailedPrecondition,
         Kind::ShuttingDown => Code::Unavailable,
+        Kind::TimedOut => Code::DeadlineExceeded,
         Kind::Internal => Code::Internal,
     }
 }
@@ -48,7 +49,8 @@ status_from!(
     crate::archives::LeaseError,
     crate::archives::LifecycleError,
     crate::writer::WriterError,
-    crate::query::QueryError
+    crate::query::QueryError,
+    crate::peer::QuotaError
 );
 
 /// Prefix of prost's decode errors, which tonic reports as INTERNAL.

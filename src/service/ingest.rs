@@ -15,19 +15,33 @@
 //!   queue's worth of writing per frame).
 //! * The first frame the writer refuses ends the stream with its error; the
 //!   frames already sent after it are aborted unless already committed.
+//! * A frame is assembled in the stream while it is small (at most
+//!   [`SMALL_FRAME_MAX`] bytes so far) and handed to the writer whole at
+//!   `commit`: a client that stalls or trickles inside a small frame holds
+//!   nothing but its own stream. A bigger frame streams through to the
+//!   writer from the moment it outgrows that (no copy of its bytes), under
+//!   the writer's frame deadline; when the writer aborts it, the stream ends
+//!   at once with the writer's error, even if the client is silent.
+//! * Limits: a stream that sends nothing for the idle limit is ended; the
+//!   peer's streams, archives and bytes held are counted ([`crate::peer`]).
+//! * One live stream per (archive, group) unless all of them opened it with
+//!   `share_group` ([`Lease::claim_group`]).
+//! * An error ends the stream only after the stream's lease and claims are
+//!   released, so a client that reconnects at once is not refused as its
+//!   own rival.
 //! * Tensor bytes come either in `chunk`s or, when the client attached a
 //!   shared memory region at open (see [`crate::shm`]), as `shm_chunk`s that
 //!   name a range of it; both are checked the same way against the tensor.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tokio::net::unix::UCred;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::layout::{self, Manifest, ManifestTensor};
-use crate::limits::COMPRESS_MAX;
+use crate::limits::{COMPRESS_MAX, SMALL_FRAME_MAX};
+use crate::peer::{BytesQuota, Peer, StreamQuota};
 use crate::proto::v1::{
     write_request::Msg as In, write_response::Msg as Out, FrameAck, OpenMode, Opened, WriteRequest,
     WriteResponse,
@@ -45,6 +59,8 @@ use gtar::{Committed, OpenMode as GtarMode, Precompressed};
 /// is shared with other streams and answers RESOURCE_EXHAUSTED when full.
 pub const FRAMES_IN_FLIGHT: usize = 2;
 
+static STREAM_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 type Tx = mpsc::Sender<Result<WriteResponse, Status>>;
 
 struct Tensor {
@@ -56,7 +72,11 @@ struct Tensor {
 
 struct Frame {
     index: String,
-    ticket: FrameTicket,
+    /// None while the frame is assembled here (see the module docs).
+    ticket: Option<FrameTicket>,
+    /// The parts assembled so far, and their bytes counted for the peer.
+    held: Vec<Part>,
+    held_bytes: BytesQuota,
     /// Held until the writer has committed the frame.
     permit: OwnedSemaphorePermit,
     manifest: Manifest,
@@ -70,6 +90,8 @@ struct Frame {
 /// A frame handed to the writer, waiting for its acks.
 struct Pending {
     permit: OwnedSemaphorePermit,
+    /// An assembled frame's bytes stay counted until it is written.
+    _held: BytesQuota,
     index: String,
     seq: u64,
     bytes: u64,
@@ -89,7 +111,12 @@ enum Piece {
 
 struct Stream {
     state: Arc<State>,
+    // Field order is drop order: the claim on the group goes before the
+    // peer's count of streams.
     lease: Lease,
+    quota: StreamQuota,
+    /// This stream's number, for the writer's ordering of frames.
+    id: u64,
     shm: Option<Arc<Region>>,
     prefix: String,
     level: u32,
@@ -97,33 +124,72 @@ struct Stream {
     seq: u64,
     acks: mpsc::UnboundedSender<Pending>,
     in_flight: Arc<Semaphore>,
-    /// Cancelled when a frame failed: the error went to the client already.
+    /// Cancelled when a frame failed; the error is in `failure`.
     failed: CancellationToken,
+    failure: Failure,
 }
 
+/// The error that ended a stream from an ack task, sent by the stream's own
+/// task after it has released its lease (module docs).
+type Failure = Arc<Mutex<Option<Status>>>;
+
 /// Run one Write stream to its end, sending responses on `tx`.
-/// `peer`: the client's credentials when it came over the Unix socket.
+/// `ucred`: the client's credentials when it came over the Unix socket.
 pub async fn run(
     state: Arc<State>,
     mut inbound: Streaming<WriteRequest>,
-    peer: Option<UCred>,
+    ucred: Option<tokio::net::unix::UCred>,
+    peer: Peer,
     tx: Tx,
 ) {
+    let idle = state.stream_idle;
+    let silent = move || {
+        status(
+            Kind::TimedOut,
+            format!(
+                "no message on this Write stream for {} s; the daemon closed it \
+                 (--stream-idle, GTAR_LOGD_STREAM_IDLE); an open frame was dropped",
+                idle.as_secs()
+            ),
+        )
+    };
     let res = async {
-        let open = match inbound.message().await.map_err(remap_decode)? {
+        let quota = state.quotas.stream(&peer)?;
+        let first = tokio::time::timeout(idle, inbound.message())
+            .await
+            .map_err(|_| silent())?;
+        let open = match first.map_err(remap_decode)? {
             Some(WriteRequest { msg: Some(In::Open(o)) }) => o,
             Some(_) => return Err(bad("open", "the first message of a Write stream must be `open`")),
             None => return Ok(()),
         };
-        let mut s = Stream::open(state.clone(), open, peer, &tx).await?;
+        let mut s = Stream::open(state.clone(), open, ucred, peer, quota, &tx).await?;
+        let failed = s.failed.clone();
         loop {
+            let writer_gave_up = async {
+                match s.frame.as_mut().and_then(|f| f.ticket.as_mut()) {
+                    // Resolves before `commit` only if the writer aborted
+                    // the frame (its deadline): the client may be silent.
+                    Some(t) => Some((&mut t.received).await),
+                    None => std::future::pending().await,
+                }
+            };
             let msg = tokio::select! {
-                m = inbound.message() => m.map_err(remap_decode)?,
+                m = tokio::time::timeout(idle, inbound.message()) => {
+                    m.map_err(|_| silent())?.map_err(remap_decode)?
+                }
                 _ = state.shutdown.cancelled() => {
                     return Err(status(Kind::ShuttingDown, "the daemon is shutting down; uncommitted frame dropped"));
                 }
-                // The ack task has sent the error; an open frame is dropped.
-                _ = s.failed.cancelled() => return Ok(()),
+                // An ack task failed; an open frame is dropped.
+                _ = failed.cancelled() => return Err(s.failure()),
+                r = writer_gave_up => {
+                    s.frame = None;
+                    return Err(match r {
+                        Some(Ok(Err(e))) => e.into(),
+                        _ => status(Kind::Internal, "the archive writer stopped"),
+                    });
+                }
             };
             match msg {
                 None => {
@@ -133,21 +199,40 @@ pub async fn run(
                     return Ok(());
                 }
                 Some(WriteRequest { msg: None }) => return Err(bad("msg", "empty message")),
-                Some(WriteRequest { msg: Some(m) }) => s.handle(m).await?,
+                Some(WriteRequest { msg: Some(m) }) => {
+                    tokio::select! {
+                        r = s.handle(m) => r?,
+                        _ = failed.cancelled() => {}
+                    }
+                    if failed.is_cancelled() {
+                        return Err(s.failure());
+                    }
+                }
             }
         }
     }
     .await;
+    // `s` (its lease, claim and quota) is dropped by now.
     if let Err(st) = res {
         let _ = tx.send(Err(st)).await;
     }
 }
 
 impl Stream {
+    fn failure(&self) -> Status {
+        self.failure
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap_or_else(|| status(Kind::Internal, "the stream failed"))
+    }
+
     async fn open(
         state: Arc<State>,
         o: crate::proto::v1::OpenArchive,
-        peer: Option<UCred>,
+        ucred: Option<tokio::net::unix::UCred>,
+        peer: Peer,
+        mut quota: StreamQuota,
         tx: &Tx,
     ) -> Result<Stream, Status> {
         layout::check_group("open.group", &o.group)?;
@@ -164,15 +249,23 @@ impl Stream {
         };
         let st = state.clone();
         let name = o.archive.clone();
-        let lease = tokio::task::spawn_blocking(move || st.archives.lease(&name, mode))
-            .await
-            .map_err(|e| status(Kind::Internal, e.to_string()))??;
-        let existing = {
-            let r = lease.handle.reader();
-            let ix = r.index();
-            ix.frames_under((!o.group.is_empty()).then_some(o.group.as_str()))
-                .len() as u64
-        };
+        let group = o.group.clone();
+        // Leasing may open and repair the file; counting the group's frames
+        // sorts every index under the index lock: both off the async workers.
+        let (mut lease, existing) = tokio::task::spawn_blocking(move || {
+            let lease = st.archives.lease(&name, mode)?;
+            let existing = {
+                let r = lease.handle.reader();
+                let ix = r.index();
+                ix.frames_under((!group.is_empty()).then_some(group.as_str()))
+                    .len() as u64
+            };
+            Ok::<_, crate::archives::LeaseError>((lease, existing))
+        })
+        .await
+        .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        quota.archive(lease.handle.path())?;
+        lease.claim_group(&o.group, peer, o.share_group)?;
         let repaired = lease
             .repaired
             .as_ref()
@@ -196,7 +289,7 @@ impl Stream {
             Some(m) => {
                 let (fd, size) = (m.fd, m.size);
                 Some(
-                    tokio::task::spawn_blocking(move || shm::attach(peer, fd, size))
+                    tokio::task::spawn_blocking(move || shm::attach(ucred, fd, size))
                         .await
                         .map_err(|e| status(Kind::Internal, e.to_string()))?,
                 )
@@ -223,10 +316,19 @@ impl Stream {
         .await?;
         let (acks, pending) = mpsc::unbounded_channel();
         let failed = CancellationToken::new();
-        tokio::spawn(forward_acks(pending, tx.clone(), failed.clone()));
+        let failure = Failure::default();
+        tokio::spawn(forward_acks(
+            pending,
+            tx.clone(),
+            failed.clone(),
+            failure.clone(),
+        ));
         Ok(Stream {
             state,
             lease,
+            quota,
+            failure,
+            id: STREAM_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             shm,
             prefix: o.group,
             level: o.compression,
@@ -256,12 +358,13 @@ impl Stream {
             .acquire_owned()
             .await
             .map_err(|_| status(Kind::Internal, "stream closed"))?;
-        let ticket = self.lease.handle.begin_frame()?;
         self.frame = Some(Frame {
             permit,
             manifest: Manifest::new(&index),
             index,
-            ticket,
+            ticket: None,
+            held: Vec::new(),
+            held_bytes: self.quota.bytes(),
             tensor: None,
             bytes: 0,
             own_record: false,
@@ -275,12 +378,38 @@ impl Stream {
             .ok_or_else(|| bad(what, "no frame is open; send `begin` first"))
     }
 
+    /// The next part of the open frame: kept while the frame is small,
+    /// else sent on to the writer (module docs).
     async fn part(&mut self, p: Part) -> Result<(), Status> {
+        let handle = self.lease.handle.clone();
+        let id = self.id;
         let f = self.frame("frame")?;
-        if f.ticket.parts.send(p).await.is_err() {
+        if f.ticket.is_none() {
+            let n = part_bytes(&p);
+            if f.held_bytes.held() + n <= SMALL_FRAME_MAX {
+                f.held_bytes.grow(n)?;
+                f.held.push(p);
+                return Ok(());
+            }
+            // Too big to assemble: stream it through from here on.
+            f.ticket = Some(handle.begin_frame(id)?);
+            for q in std::mem::take(&mut f.held) {
+                self.send_part(q).await?;
+            }
+            if let Some(f) = self.frame.as_mut() {
+                f.held_bytes.clear();
+            }
+        }
+        self.send_part(p).await
+    }
+
+    async fn send_part(&mut self, p: Part) -> Result<(), Status> {
+        let f = self.frame("frame")?;
+        let t = f.ticket.as_mut().expect("a streaming frame");
+        if t.parts.send(p).await.is_err() {
             // The writer gave the frame up; its reason comes on `received`.
             let f = self.frame.take().unwrap();
-            return Err(match f.ticket.received.await {
+            return Err(match f.ticket.expect("streaming").received.await {
                 Ok(Err(e)) => e.into(),
                 _ => status(Kind::Internal, "the archive writer stopped"),
             });
@@ -531,7 +660,9 @@ impl Stream {
     async fn commit(&mut self) -> Result<(), Status> {
         let prefix = self.prefix.clone();
         let f = self.frame("commit")?;
-        if !f.manifest.tensors.is_empty() {
+        // Every indexed frame gets its manifest: it is also the frame marker
+        // that makes a rewritten index replace the old frame as a whole.
+        if !f.index.is_empty() {
             f.manifest.written_unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .ok()
@@ -540,15 +671,27 @@ impl Stream {
             let json = serde_json::to_vec(&f.manifest).expect("manifest serializes");
             self.part(Part::Whole { path, data: json }).await?;
         }
-        self.part(Part::Commit).await?;
-        let f = self.frame.take().expect("frame is open");
+        let streaming = self.frame("commit")?.ticket.is_some();
+        if streaming {
+            self.send_part(Part::Commit).await?;
+        }
+        let mut f = self.frame.take().expect("frame is open");
+        let ticket = match f.ticket.take() {
+            Some(t) => t,
+            None => {
+                let mut parts = std::mem::take(&mut f.held);
+                parts.push(Part::Commit);
+                self.lease.handle.submit_frame(self.id, parts)?
+            }
+        };
         let p = Pending {
             permit: f.permit,
+            _held: f.held_bytes,
             index: f.index,
             seq: self.seq,
             bytes: f.bytes,
-            received: f.ticket.received,
-            durable: f.ticket.durable,
+            received: ticket.received,
+            durable: ticket.durable,
         };
         self.seq += 1;
         self.acks
@@ -563,26 +706,33 @@ async fn forward_acks(
     mut pending: mpsc::UnboundedReceiver<Pending>,
     tx: Tx,
     failed: CancellationToken,
+    failure: Failure,
 ) {
+    // The first error is kept for the stream's task to send (module docs).
+    let fail = move |st: Status| {
+        failure.lock().unwrap().get_or_insert(st);
+        failed.cancel();
+    };
+    let fail2 = fail.clone();
     let (dtx, mut drx) =
         mpsc::unbounded_channel::<(FrameAck, oneshot::Receiver<Result<(), WriterError>>)>();
-    let (tx2, failed2) = (tx.clone(), failed.clone());
+    let tx2 = tx.clone();
     tokio::spawn(async move {
         while let Some((ack, rx)) = drx.recv().await {
             let msg = match rx.await {
-                Ok(Ok(())) => Ok(WriteResponse {
+                Ok(Ok(())) => WriteResponse {
                     msg: Some(Out::Durable(ack)),
-                }),
-                Ok(Err(e)) => Err(Status::from(e)),
-                Err(_) => Err(status(
-                    Kind::ShuttingDown,
-                    "the writer stopped before the frame was durable",
-                )),
+                },
+                Ok(Err(e)) => return fail2(Status::from(e)),
+                Err(_) => {
+                    return fail2(status(
+                        Kind::ShuttingDown,
+                        "the writer stopped before the frame was durable",
+                    ))
+                }
             };
-            let failed = msg.is_err();
-            if tx2.send(msg).await.is_err() || failed {
-                failed2.cancel();
-                return;
+            if tx2.send(Ok(msg)).await.is_err() {
+                return fail2(status(Kind::Internal, "client went away"));
             }
         }
     });
@@ -592,13 +742,10 @@ async fn forward_acks(
         let committed = match received {
             Ok(Ok(c)) => c,
             refused => {
-                let st = match refused {
+                return fail(match refused {
                     Ok(Err(e)) => e.into(),
                     _ => status(Kind::Internal, "the archive writer stopped"),
-                };
-                failed.cancel();
-                let _ = tx.send(Err(st)).await;
-                return;
+                });
             }
         };
         let ack = FrameAck {
@@ -607,8 +754,7 @@ async fn forward_acks(
             bytes: committed.bytes.max(p.bytes),
         };
         if send(&tx, Out::Received(ack.clone())).await.is_err() {
-            failed.cancel();
-            return;
+            return fail(status(Kind::Internal, "client went away"));
         }
         let _ = dtx.send((ack, p.durable));
     }
@@ -618,4 +764,16 @@ async fn send(tx: &Tx, m: Out) -> Result<(), Status> {
     tx.send(Ok(WriteResponse { msg: Some(m) }))
         .await
         .map_err(|_| status(Kind::Internal, "client went away"))
+}
+
+/// Bytes a part adds to a frame assembled in the stream.
+fn part_bytes(p: &Part) -> u64 {
+    match p {
+        Part::Data(d) => d.len() as u64,
+        Part::Shm { len, .. } => *len,
+        Part::Whole { data, .. } => data.len() as u64,
+        Part::Compressed { data, .. } => data.deflated.len() as u64,
+        Part::Start { path, .. } => path.len() as u64,
+        Part::Commit => 0,
+    }
 }

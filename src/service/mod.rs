@@ -29,6 +29,10 @@ pub struct State {
     pub max_tensor_bytes: u64,
     /// Whether Write streams may attach a client's shared memory.
     pub shared_memory: bool,
+    /// A Write stream that sends nothing for this long is ended.
+    pub stream_idle: std::time::Duration,
+    /// What each peer holds (streams, archives, bytes in flight).
+    pub quotas: Arc<crate::peer::Quotas>,
 }
 
 #[derive(Clone)]
@@ -141,12 +145,19 @@ impl Logd for Service {
     ) -> Result<Response<Self::WriteStream>, Status> {
         // Peer credentials exist on the Unix socket only; they decide whether
         // the stream may use shared memory (see `shm`).
-        let peer = req
+        let ucred = req
             .extensions()
             .get::<tonic::transport::server::UdsConnectInfo>()
             .and_then(|c| c.peer_cred);
+        let peer = crate::peer::Peer::new(ucred, req.remote_addr());
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(ingest::run(self.state.clone(), req.into_inner(), peer, tx));
+        tokio::spawn(ingest::run(
+            self.state.clone(),
+            req.into_inner(),
+            ucred,
+            peer,
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -192,7 +203,11 @@ impl Logd for Service {
     ) -> Result<Response<pb::ListFramesResponse>, Status> {
         let r = req.into_inner();
         let a = open_read(&self.state, r.archive).await?;
-        let frames = query::frames(&a, &r.group)?;
+        // Sorting every frame index of a large archive is CPU work, and the
+        // index lock may be held by a writer: off the async workers.
+        let frames = tokio::task::spawn_blocking(move || query::frames(&a, &r.group))
+            .await
+            .map_err(|e| status(Kind::Internal, e.to_string()))??;
         Ok(Response::new(pb::ListFramesResponse { frames }))
     }
 

@@ -15,6 +15,22 @@
 //!   never waits for the disk between frames.
 //! * A frame whose parts stop (client gone, stream error, timeout) is aborted:
 //!   truncated away, never visible.
+//! * Bounded delay for other writers of an archive: while the thread waits
+//!   for a frame's next part, every other frame of the archive waits too, so
+//!   a frame may keep the thread waiting for its client at most
+//!   [`Limits::frame_deadline`] in total, plus one second per
+//!   [`FRAME_DEADLINE_CREDIT`] bytes it delivered (a big frame from a client
+//!   slower than the disk is not cut off); then it is aborted
+//!   ([`WriterError::Deadline`]). Frames that arrive whole (the service
+//!   assembles small frames apart, [`WriterHandle::submit_frame`]) never
+//!   make it wait, and go before queued streaming frames of other streams:
+//!   a whole frame waits for at most the one frame in progress (one
+//!   deadline), not for every stalled frame queued. A stream's own frames
+//!   keep their order.
+//! * Two live streams claim one (archive, group) only when both asked to
+//!   share it ([`Lease::claim_group`]); the refusal names the holder.
+//! * A full disk fails the frame, not the writer, and shows in health until
+//!   a frame commits again ([`Registry::problems`]).
 //! * A writer that hits an error it cannot recover from (failed fsync, panic)
 //!   marks itself failed (see [`WriterState`]), fails every later job and
 //!   says why in the log; other archives are unaffected.
@@ -31,6 +47,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{is_disk_full, Classify, Kind};
+use crate::limits::FRAME_DEADLINE_CREDIT;
+use crate::peer::Peer;
 
 use gtar::{Archive, ArchiveWriter, Committed, OpenMode, Precompressed, ScanReport};
 
@@ -58,6 +76,27 @@ pub enum WriterError {
     Locked(String),
     #[error("{0} is being written by another stream; CREATE would replace it")]
     Busy(String),
+    #[error(
+        "frame aborted: the client kept the writer of {path} waiting {waited_s:.1} s for its data \
+         (limit: {limit_s} s plus 1 s per 64 MiB sent), and every other writer of the archive \
+         waited with it; nothing of the frame was kept. Send the frame faster (or in one piece: \
+         frames up to 4 MiB are assembled apart) or raise --frame-deadline \
+         (GTAR_LOGD_FRAME_DEADLINE)"
+    )]
+    Deadline {
+        path: String,
+        waited_s: f64,
+        limit_s: u64,
+    },
+    #[error(
+        "{path} group {group:?} is being written by another live stream ({holder}); two streams \
+         may write one group only when both open it with share_group = true"
+    )]
+    Held {
+        path: String,
+        group: String,
+        holder: String,
+    },
 }
 
 impl Classify for WriterError {
@@ -67,7 +106,10 @@ impl Classify for WriterError {
             WriterError::DiskFull(_) | WriterError::QueueFull(_) => Kind::Exhausted,
             WriterError::Aborted(_) | WriterError::Invalid(_) => Kind::BadInput,
             WriterError::ShuttingDown => Kind::ShuttingDown,
-            WriterError::Locked(_) | WriterError::Busy(_) => Kind::Conflict,
+            WriterError::Locked(_) | WriterError::Busy(_) | WriterError::Held { .. } => {
+                Kind::Conflict
+            }
+            WriterError::Deadline { .. } => Kind::TimedOut,
         }
     }
 }
@@ -92,8 +134,10 @@ pub struct Limits {
     pub queue_frames: usize,
     /// Parts (chunks) buffered per frame in flight.
     pub parts_per_frame: usize,
-    /// A frame whose next part takes longer than this is aborted.
-    pub part_timeout: Duration,
+    /// How long in total a frame may keep the writer waiting for its data
+    /// (plus a credit for the bytes it sent; module docs); then it is
+    /// aborted so other writers of the archive go on.
+    pub frame_deadline: Duration,
     /// Write the central directory after this long without frames, so other
     /// zip readers can open the archive while the daemon keeps it.
     pub idle_tail: Duration,
@@ -108,7 +152,7 @@ impl Default for Limits {
         Limits {
             queue_frames: 64,
             parts_per_frame: 4,
-            part_timeout: Duration::from_secs(120),
+            frame_deadline: crate::limits::DEFAULT_FRAME_DEADLINE,
             idle_tail: Duration::from_secs(2),
             direct_io: true,
         }
@@ -155,6 +199,10 @@ pub struct FrameTicket {
 
 enum Job {
     Frame {
+        /// All parts are queued already (an assembled frame).
+        whole: bool,
+        /// The stream that sent it (its frames keep their order).
+        stream: u64,
         parts: mpsc::Receiver<Part>,
         received: oneshot::Sender<Result<Committed, WriterError>>,
         durable: oneshot::Sender<Result<(), WriterError>>,
@@ -190,6 +238,10 @@ struct Shared {
     /// The registry's start: every writer's timestamps share it.
     epoch: Instant,
     streams: AtomicU64,
+    /// Groups being written by live streams: group → claims.
+    claims: Mutex<HashMap<String, Vec<Claim>>>,
+    /// The last frame failed on a full disk (cleared by the next commit).
+    disk_full: std::sync::atomic::AtomicBool,
     /// The registry's failure count, bumped when this writer fails, so the
     /// health service learns of it at once (published, not polled).
     failures: Arc<watch::Sender<u64>>,
@@ -213,6 +265,16 @@ impl Shared {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 }
+
+/// A live stream's claim on one group of an archive.
+#[derive(Debug, Clone)]
+struct Claim {
+    id: u64,
+    holder: Peer,
+    share: bool,
+}
+
+static CLAIM_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// A handle on one archive's writer thread.
 #[derive(Clone)]
@@ -266,13 +328,30 @@ impl WriterHandle {
         }
     }
 
-    /// Queue a frame; feed its parts through the ticket.
-    pub fn begin_frame(&self) -> Result<FrameTicket, WriterError> {
+    /// Queue a frame of stream `stream`; feed its parts through the ticket.
+    pub fn begin_frame(&self, stream: u64) -> Result<FrameTicket, WriterError> {
+        self.queue_frame(stream, Vec::new())
+    }
+
+    /// Queue a frame whose parts are all here (ending with [`Part::Commit`]):
+    /// the writer never waits for it. Its ticket's `parts` sender is unused.
+    pub fn submit_frame(&self, stream: u64, parts: Vec<Part>) -> Result<FrameTicket, WriterError> {
+        self.queue_frame(stream, parts)
+    }
+
+    fn queue_frame(&self, stream: u64, first: Vec<Part>) -> Result<FrameTicket, WriterError> {
         self.check_ok()?;
-        let (ptx, prx) = mpsc::channel(self.parts_cap);
+        let whole = !first.is_empty();
+        let (ptx, prx) = mpsc::channel(self.parts_cap.max(first.len()));
+        for p in first {
+            ptx.try_send(p)
+                .expect("the channel has room for every part given");
+        }
         let (rtx, rrx) = oneshot::channel();
         let (dtx, drx) = oneshot::channel();
         let job = Job::Frame {
+            whole,
+            stream,
             parts: prx,
             received: rtx,
             durable: dtx,
@@ -295,10 +374,51 @@ impl WriterHandle {
 pub struct Lease {
     pub handle: WriterHandle,
     pub repaired: Option<ScanReport>,
+    /// (group, claim id) once [`Lease::claim_group`] succeeded.
+    claim: Option<(String, u64)>,
+}
+
+impl Lease {
+    /// Claim `group` of the archive for this stream. Refused, naming the
+    /// holder, while another live stream holds it, unless both share.
+    pub fn claim_group(
+        &mut self,
+        group: &str,
+        holder: Peer,
+        share: bool,
+    ) -> Result<(), WriterError> {
+        let mut claims = self.handle.shared.claims.lock().unwrap();
+        let held = claims.entry(group.to_string()).or_default();
+        if let Some(other) = held.iter().find(|c| !(c.share && share)) {
+            return Err(WriterError::Held {
+                path: self.handle.path.display().to_string(),
+                group: group.to_string(),
+                holder: other.holder.to_string(),
+            });
+        }
+        let id = CLAIM_IDS.fetch_add(1, Ordering::Relaxed);
+        held.push(Claim { id, holder, share });
+        self.claim = Some((group.to_string(), id));
+        Ok(())
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if let Some((group, id)) = self.claim.take() {
+            let mut claims = self
+                .handle
+                .shared
+                .claims
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = claims.get_mut(&group) {
+                v.retain(|c| c.id != id);
+                if v.is_empty() {
+                    claims.remove(&group);
+                }
+            }
+        }
         self.handle.shared.streams.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -377,6 +497,7 @@ impl Registry {
             return Ok(Lease {
                 handle: h,
                 repaired: None,
+                claim: None,
             });
         }
         // Another process (or a writer of ours that is still closing) may hold
@@ -415,6 +536,8 @@ impl Registry {
             sync_since_ms: AtomicU64::new(0),
             epoch: self.started,
             streams: AtomicU64::new(1),
+            claims: Mutex::new(HashMap::new()),
+            disk_full: std::sync::atomic::AtomicBool::new(false),
             failures: self.failures.clone(),
             reader: std::sync::RwLock::new(reader),
         });
@@ -439,6 +562,7 @@ impl Registry {
             registry: Arc::downgrade(self),
             reader_index,
             syncer: None,
+            backlog: std::collections::VecDeque::new(),
         };
         let name = format!(
             "gtar-writer-{}",
@@ -460,6 +584,7 @@ impl Registry {
         Ok(Lease {
             handle,
             repaired: report,
+            claim: None,
         })
     }
 
@@ -471,6 +596,24 @@ impl Registry {
             .iter()
             .filter_map(|(p, s)| match s.handle.state() {
                 WriterState::Failed(w) => Some((p.clone(), w)),
+                WriterState::Ok => None,
+            })
+            .collect()
+    }
+
+    /// Archives whose health is not SERVING, for the health service:
+    /// (path, why) for failed writers and for those whose last frame hit a
+    /// full disk (until a frame commits again).
+    pub fn problems(&self) -> Vec<(PathBuf, String)> {
+        self.slots
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(p, s)| match s.handle.state() {
+                WriterState::Failed(w) => Some((p.clone(), w)),
+                WriterState::Ok if s.handle.shared.disk_full.load(Ordering::SeqCst) => {
+                    Some((p.clone(), "the disk is full".to_string()))
+                }
                 WriterState::Ok => None,
             })
             .collect()
@@ -538,6 +681,20 @@ impl Registry {
     }
 }
 
+/// How long a frame may still keep the writer waiting (module docs).
+struct Budget {
+    limit: Duration,
+    waited: Duration,
+    delivered: u64,
+}
+
+impl Budget {
+    fn left(&self) -> Duration {
+        let credit = Duration::from_secs(self.delivered / FRAME_DEADLINE_CREDIT);
+        (self.limit + credit).saturating_sub(self.waited)
+    }
+}
+
 /// The writer thread's state.
 struct Actor {
     path: PathBuf,
@@ -550,6 +707,8 @@ struct Actor {
     reader_index: Arc<std::sync::RwLock<gtar::Index>>,
     /// Started with the first frame; stopped (after a last fsync) on close.
     syncer: Option<Syncer>,
+    /// Jobs taken off the queue, to pick whole frames first (module docs).
+    backlog: std::collections::VecDeque<Job>,
 }
 
 enum Next {
@@ -586,6 +745,12 @@ impl Actor {
     }
 
     fn next(&mut self) -> Next {
+        while let Ok(j) = self.rx.try_recv() {
+            self.backlog.push_back(j);
+        }
+        if !self.backlog.is_empty() {
+            return Next::Job(self.pick());
+        }
         let wait = self.limits.idle_tail;
         let rx = &mut self.rx;
         match self
@@ -598,6 +763,28 @@ impl Actor {
         }
     }
 
+    /// The first whole frame whose stream has nothing queued before it, and
+    /// that no other kind of job (recreate, close) precedes; else the oldest.
+    fn pick(&mut self) -> Job {
+        let mut seen = Vec::new();
+        let mut at = 0;
+        for (i, j) in self.backlog.iter().enumerate() {
+            match j {
+                Job::Frame {
+                    whole: true,
+                    stream,
+                    ..
+                } if !seen.contains(stream) => {
+                    at = i;
+                    break;
+                }
+                Job::Frame { stream, .. } => seen.push(*stream),
+                _ => break,
+            }
+        }
+        self.backlog.remove(at).expect("the backlog is not empty")
+    }
+
     fn main_loop(&mut self) {
         let mut tail_written = true;
         loop {
@@ -606,6 +793,7 @@ impl Actor {
                     parts,
                     received,
                     durable,
+                    ..
                 }) => {
                     self.busy(true);
                     self.frame(parts, received, durable);
@@ -743,6 +931,11 @@ impl Actor {
             return;
         }
         let res = self.write_frame(&mut parts);
+        // A full disk shows in health until a frame commits again.
+        let full = matches!(res, Err(WriterError::DiskFull(_)));
+        if self.shared.disk_full.swap(full, Ordering::SeqCst) != full {
+            self.shared.failures.send_modify(|n| *n += 1);
+        }
         match res {
             Ok(c) => {
                 let _ = received.send(Ok(c));
@@ -766,20 +959,43 @@ impl Actor {
         }
     }
 
-    fn recv_part(&self, parts: &mut mpsc::Receiver<Part>) -> Result<Part, WriterError> {
-        let wait = self.limits.part_timeout;
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(wait, parts.recv()).await })
-        {
-            Ok(Some(p)) => Ok(p),
+    /// The frame's next part, charging the wait to its [`Budget`].
+    fn recv_part(
+        &self,
+        parts: &mut mpsc::Receiver<Part>,
+        budget: &mut Budget,
+    ) -> Result<Part, WriterError> {
+        // Parts already queued cost no wait (and no clock read).
+        let got = match parts.try_recv() {
+            Ok(p) => Ok(Some(p)),
+            Err(mpsc::error::TryRecvError::Disconnected) => Ok(None),
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let left = budget.left();
+                let t0 = Instant::now();
+                let r = self
+                    .rt
+                    .block_on(async { tokio::time::timeout(left, parts.recv()).await });
+                budget.waited += t0.elapsed();
+                r
+            }
+        };
+        match got {
+            Ok(Some(p)) => {
+                budget.delivered += match &p {
+                    Part::Data(d) => d.len() as u64,
+                    Part::Shm { len, .. } => *len,
+                    _ => 0,
+                };
+                Ok(p)
+            }
             Ok(None) => Err(WriterError::Aborted(
                 "the client stopped before committing".into(),
             )),
-            Err(_) => Err(WriterError::Aborted(format!(
-                "no data for {} s",
-                wait.as_secs()
-            ))),
+            Err(_) => Err(WriterError::Deadline {
+                path: self.path.display().to_string(),
+                waited_s: budget.waited.as_secs_f64(),
+                limit_s: budget.limit.as_secs(),
+            }),
         }
     }
 
@@ -787,15 +1003,21 @@ impl Actor {
         let path = self.path.clone();
         let g = |e| WriterError::from_gtar(&path, e);
         let mut writer = self.writer.take().ok_or(WriterError::ShuttingDown)?;
+        let mut budget = Budget {
+            limit: self.limits.frame_deadline,
+            waited: Duration::ZERO,
+            delivered: 0,
+        };
+        let budget = &mut budget;
         let res = (|| {
             let mut txn = writer.begin().map_err(g)?;
             loop {
-                match self.recv_part(parts)? {
+                match self.recv_part(parts, budget)? {
                     Part::Start { path: p, size } => {
                         let mut e = txn.start_entry(&p, size).map_err(g)?;
                         let mut left = size;
                         while left > 0 {
-                            match self.recv_part(parts)? {
+                            match self.recv_part(parts, budget)? {
                                 Part::Data(d) => {
                                     e.write(&d).map_err(g)?;
                                     left -= d.len() as u64;
@@ -878,7 +1100,10 @@ impl Actor {
     fn close(&mut self) {
         // Frames still queued are refused; their senders see the drop.
         self.rx.close();
-        while let Ok(job) = self.rx.try_recv() {
+        while let Ok(j) = self.rx.try_recv() {
+            self.backlog.push_back(j);
+        }
+        for job in self.backlog.drain(..) {
             if let Job::Frame {
                 received, durable, ..
             } = job

@@ -189,6 +189,17 @@ impl ChildDaemon {
     /// Start `gtar-logd serve --data-dir DATA --uds SOCK [--tcp ADDR]`; stderr
     /// goes to `log` (appended). Waits until the socket accepts connections.
     pub fn spawn(data: &Path, uds: &Path, tcp: Option<SocketAddr>, log: &Path) -> ChildDaemon {
+        ChildDaemon::spawn_with(data, uds, tcp, log, &[])
+    }
+
+    /// [`ChildDaemon::spawn`] with more `serve` flags.
+    pub fn spawn_with(
+        data: &Path,
+        uds: &Path,
+        tcp: Option<SocketAddr>,
+        log: &Path,
+        extra: &[&str],
+    ) -> ChildDaemon {
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -208,6 +219,7 @@ impl ChildDaemon {
         if let Some(a) = tcp {
             cmd.arg("--tcp").arg(a.to_string());
         }
+        cmd.args(extra);
         let proc = cmd.spawn().expect("start gtar-logd serve");
         let mut c = ChildDaemon {
             proc,
@@ -544,6 +556,7 @@ pub fn open_req(archive: &str, group: &str) -> OpenArchive {
         group: group.into(),
         compression: 0,
         shm: None,
+        share_group: false,
     }
 }
 

@@ -101,6 +101,10 @@ pub struct OpenOptions {
     /// tensor bytes in flight (written, not yet durable); a write waits for
     /// room, and a frame bigger than the region goes through the socket.
     pub shm_size: u64,
+    /// Let other streams that also set this write the same archive and group
+    /// at the same time (default false: a second live writer of a group is
+    /// refused with `FailedPrecondition` naming the holder).
+    pub share_group: bool,
 }
 
 impl Default for OpenOptions {
@@ -111,6 +115,7 @@ impl Default for OpenOptions {
             compression: 0,
             shared_memory: true,
             shm_size: DEFAULT_SHM_SIZE,
+            share_group: false,
         }
     }
 }
@@ -585,6 +590,7 @@ impl FrameWriter {
                 fd: r.fd() as u32,
                 size: r.size(),
             }),
+            share_group: options.share_group,
         };
         tx.send(WriteRequest {
             msg: Some(In::Open(open)),

@@ -6,7 +6,10 @@
 //! the archive are durable and hold exactly these entries" as a delta: the
 //! central-directory headers (and data offsets) of the entries committed
 //! since the previous record, whose `end` it names as its `prev`. The first
-//! record starts from 0. Each record carries a CRC-32 of itself.
+//! record starts from 0 and holds the index at open; each later record holds
+//! one transaction (or foreign entry), so that recovery replays transactions
+//! through the same frame-replacement rule as the writer. Each record carries
+//! a CRC-32 of itself.
 //!
 //! Invariants:
 //! * a record is written only after an `fdatasync` of the archive that covers
@@ -139,10 +142,13 @@ pub(crate) fn remove(archive: &Path) {
     }
 }
 
+/// Transactions committed since the last record, each with the committed
+/// length after it. Each becomes a record of its own: recovery needs the
+/// transaction boundaries to apply the frame-replacement rule
+/// ([`crate::index::Index::push_txn`]) exactly as the writer did.
 #[derive(Debug, Default)]
 struct Pending {
-    entries: Vec<Entry>,
-    end: u64,
+    txns: Vec<(Vec<Entry>, u64)>,
 }
 
 #[derive(Debug)]
@@ -192,10 +198,7 @@ impl Checkpoints {
             }
         };
         Checkpoints {
-            pending: Arc::new(Mutex::new(Pending {
-                entries: Vec::new(),
-                end,
-            })),
+            pending: Arc::new(Mutex::new(Pending::default())),
             sidecar: Arc::new(Mutex::new(Sidecar {
                 file,
                 at,
@@ -207,9 +210,7 @@ impl Checkpoints {
     /// A transaction committed `entries`; the archive's committed bytes now
     /// end at `end`.
     pub(crate) fn committed(&self, entries: &[Entry], end: u64) {
-        let mut p = lock(&self.pending);
-        p.entries.extend_from_slice(entries);
-        p.end = end;
+        lock(&self.pending).txns.push((entries.to_vec(), end));
     }
 
     /// `fdatasync` the archive (a handle on it), then record every commit
@@ -217,20 +218,22 @@ impl Checkpoints {
     /// returns, exactly as after `sync_data`.
     pub fn sync(&self, archive: &File) -> io::Result<()> {
         let mut sc = lock(&self.sidecar);
-        let (entries, end) = {
-            let mut p = lock(&self.pending);
-            (std::mem::take(&mut p.entries), p.end)
-        };
+        let txns = std::mem::take(&mut lock(&self.pending).txns);
         if let Err(e) = archive.sync_data() {
             // The entries taken are not durable and will not be recorded:
             // the chain ends here.
             sc.file = None;
             return Err(e);
         }
-        if end == sc.recorded && entries.is_empty() {
+        let Some(&(_, end)) = txns.last() else {
             return Ok(());
+        };
+        let mut rec = Vec::new();
+        let mut prev = sc.recorded;
+        for (entries, e) in &txns {
+            rec.extend_from_slice(&encode_record(prev, *e, entries));
+            prev = *e;
         }
-        let rec = encode_record(sc.recorded, end, &entries);
         let at = sc.at;
         if let Some(f) = &sc.file {
             match f.write_all_at(&rec, at) {
@@ -250,9 +253,11 @@ impl Checkpoints {
     }
 }
 
-/// A chain that passed every check: `[0, end)` holds `entries`.
+/// A chain that passed every check: `[0, end)` holds the entries of `txns`:
+/// the first is the index the chain started from, each later one a
+/// transaction (or a foreign entry) committed after it.
 struct Trusted {
-    entries: Vec<Entry>,
+    txns: Vec<Vec<Entry>>,
     end: u64,
 }
 
@@ -281,7 +286,7 @@ fn load(src: &Src, path: &Path, len: u64) -> Result<Trusted, String> {
     if (rd64(&b, 8), rd64(&b, 16)) != (meta.dev(), meta.ino()) {
         return Err("checkpoint belongs to another file (replaced or copied)".into());
     }
-    let mut entries = Vec::new();
+    let mut txns: Vec<Vec<Entry>> = Vec::new();
     let mut end = None::<u64>;
     let mut at = HEADER_LEN;
     while let Some(h) = b.get(at..at + REC_HEAD) {
@@ -308,7 +313,7 @@ fn load(src: &Src, path: &Path, len: u64) -> Result<Trusted, String> {
             let o = rd64(body, cd_len as usize + 8 * k);
             e.data_offset = (o != NO_OFFSET).then_some(o);
         }
-        entries.append(&mut new);
+        txns.push(new);
         end = Some(rend);
         at += rec_len;
     }
@@ -318,8 +323,9 @@ fn load(src: &Src, path: &Path, len: u64) -> Result<Trusted, String> {
             "checkpoint says {end} bytes are committed, the file has {len}"
         ));
     }
+    let entries: Vec<Entry> = txns.iter().flatten().cloned().collect();
     verify_samples(src, &entries, end, len)?;
-    Ok(Trusted { entries, end })
+    Ok(Trusted { txns, end })
 }
 
 /// Compare the local headers of up to [`SAMPLES`] entries with the chain.
@@ -385,7 +391,7 @@ pub(crate) fn recover(
 ) -> Result<ScanReport, Error> {
     let src = Src::new(file);
     match load(&src, path, len) {
-        Ok(t) => scan_from(&src, len, reason, Some((t.entries, t.end)), String::new()),
+        Ok(t) => scan_from(&src, len, reason, Some((t.txns, t.end)), String::new()),
         Err(why) => scan_from(&src, len, reason, None, why),
     }
 }

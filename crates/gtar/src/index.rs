@@ -1,11 +1,21 @@
 //! The in-memory index of an archive: entries in archive order, the last
 //! entry of each name, and record types → frames → entry.
 //!
-//! Invariant: when a name occurs more than once, the entry that comes later in
-//! the archive wins, as in libgetar (`ZipArchive::fillPathMap` overwrites its
-//! map in central-directory order).
+//! Invariants:
+//! * When a name occurs more than once, the entry that comes later in the
+//!   archive wins, as in libgetar (`ZipArchive::fillPathMap` overwrites its
+//!   map in central-directory order).
+//! * A frame is replaced as a whole ([`Index::push_txn`]): a transaction that
+//!   holds a frame marker — a discrete record in group `{P/}`[`FRAME_MARKER_GROUP`]
+//!   at index `F` — supersedes every discrete entry at `F` under group `P`
+//!   from earlier transactions (except those under a deeper prefix `Q` that
+//!   has frame markers of its own: another stream's group). Superseded
+//!   entries leave the index, so the central directory written from it does
+//!   not list them: libgetar and every reader see exactly the new frame, and
+//!   the old bytes stay in the file as dead space. Recovery (`scan`) builds
+//!   its result through the same method, so a crash cannot bring them back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::path::{index_cmp, Behavior, FrameIndex, RecordPath, RecordType};
 use crate::zipfmt::*;
@@ -34,6 +44,21 @@ pub struct Index {
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
     records: BTreeMap<RecordType, BTreeMap<FrameIndex, usize>>,
+    /// Prefixes `P` with frame markers (`{P/}gtar_logd` groups), any index.
+    markers: BTreeSet<String>,
+}
+
+/// Group name (the last component) of the record that marks a frame written
+/// as a whole (gtar-logd's manifest); see the module docs for the rule.
+/// Named here, not in the daemon, because recovery applies the rule too.
+pub const FRAME_MARKER_GROUP: &str = "gtar_logd";
+
+/// The prefix `P` a frame-marker group `{P/}gtar_logd` marks.
+fn marker_prefix(group: &str) -> Option<&str> {
+    if group == FRAME_MARKER_GROUP {
+        return Some("");
+    }
+    group.strip_suffix(FRAME_MARKER_GROUP)?.strip_suffix('/')
 }
 
 impl Index {
@@ -45,12 +70,64 @@ impl Index {
     pub fn push(&mut self, e: Entry) {
         let i = self.entries.len();
         let rp = RecordPath::parse(e.name());
+        if rp.rtype.behavior == Behavior::Discrete {
+            if let Some(p) = marker_prefix(&rp.rtype.group) {
+                if !self.markers.contains(p) {
+                    self.markers.insert(p.to_string());
+                }
+            }
+        }
         self.by_name.insert(e.cd.name.clone(), i);
         self.records
             .entry(rp.rtype)
             .or_default()
             .insert(FrameIndex(rp.index), i);
         self.entries.push(e);
+    }
+
+    /// Add the entries of one committed transaction, which come after every
+    /// entry already indexed, replacing the frames it marks (module docs).
+    /// Returns how many earlier entries were superseded.
+    pub fn push_txn(&mut self, txn: Vec<Entry>) -> usize {
+        let mut replaced: Vec<(String, String)> = Vec::new();
+        for e in &txn {
+            let rp = RecordPath::parse(e.name());
+            if rp.rtype.behavior != Behavior::Discrete {
+                continue;
+            }
+            if let Some(p) = marker_prefix(&rp.rtype.group) {
+                // Only when the frame exists already: a new frame (the usual
+                // case) costs one lookup, not a pass over the archive.
+                if self.records_at(Some(p), &rp.index).next().is_some() {
+                    replaced.push((p.to_string(), rp.index));
+                }
+            }
+        }
+        let mut gone = 0;
+        if !replaced.is_empty() {
+            let mut markers = self.markers.clone();
+            for e in &txn {
+                let rp = RecordPath::parse(e.name());
+                if let Some(p) = marker_prefix(&rp.rtype.group) {
+                    markers.insert(p.to_string());
+                }
+            }
+            let old = std::mem::take(&mut self.entries);
+            let n = old.len();
+            self.by_name.clear();
+            self.records.clear();
+            self.markers.clear();
+            for e in old {
+                if !superseded(&e, &replaced, &markers) {
+                    self.push(e);
+                }
+            }
+            gone = n - self.entries.len();
+        }
+        for e in txn {
+            self.push(e);
+        }
+        gone
     }
 
     /// Every entry in archive order, duplicates included.
@@ -126,6 +203,23 @@ impl Index {
             frames.get(&key).map(|&i| (rt, &self.entries[i]))
         })
     }
+}
+
+/// Is `e` part of a frame in `replaced` ((prefix, index) pairs)? Not when it
+/// lies under a deeper prefix with frame markers of its own.
+fn superseded(e: &Entry, replaced: &[(String, String)], markers: &BTreeSet<String>) -> bool {
+    let rp = RecordPath::parse(e.name());
+    if rp.rtype.behavior != Behavior::Discrete {
+        return false;
+    }
+    let g = &rp.rtype.group;
+    replaced.iter().any(|(p, i)| {
+        *i == rp.index
+            && group_under(g, Some(p))
+            && !markers
+                .iter()
+                .any(|q| q.len() > p.len() && group_under(q, Some(p)) && group_under(g, Some(q)))
+    })
 }
 
 /// Is `group` equal to `prefix` or below it?
@@ -251,6 +345,70 @@ mod tests {
         assert_eq!(ix.frames_under(None), vec!["2", "9", "10"]);
         assert!(ix.frames_under(Some("gg")).is_empty());
         assert_eq!(ix.records_at(None, "2").count(), 1);
+    }
+
+    #[test]
+    fn a_marked_frame_replaces_the_old_one_as_a_whole() {
+        let mut ix = Index::new();
+        let txn = |names: &[&str], off: u64| -> Vec<Entry> {
+            names.iter().map(|n| entry(n, off)).collect()
+        };
+        ix.push_txn(txn(
+            &[
+                "r/k/a/frames/5/w.f32.uni",
+                "r/k/b/frames/5/v.f32.uni",
+                "r/gtar_logd/frames/5/manifest.json",
+            ],
+            0,
+        ));
+        // Another group of the same archive, same index: not ours to replace.
+        ix.push_txn(txn(
+            &[
+                "r/s/x/frames/5/w.f32.uni",
+                "r/s/gtar_logd/frames/5/manifest.json",
+            ],
+            1,
+        ));
+        ix.push_txn(txn(
+            &[
+                "r/k/a/frames/6/w.f32.uni",
+                "r/gtar_logd/frames/6/manifest.json",
+            ],
+            2,
+        ));
+        let gone = ix.push_txn(txn(
+            &[
+                "r/k/a/frames/5/w.f32.uni",
+                "r/gtar_logd/frames/5/manifest.json",
+            ],
+            3,
+        ));
+        assert_eq!(gone, 3);
+        let names: Vec<&str> = ix.entries().iter().map(|e| e.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "r/s/x/frames/5/w.f32.uni",
+                "r/s/gtar_logd/frames/5/manifest.json",
+                "r/k/a/frames/6/w.f32.uni",
+                "r/gtar_logd/frames/6/manifest.json",
+                "r/k/a/frames/5/w.f32.uni",
+                "r/gtar_logd/frames/5/manifest.json",
+            ]
+        );
+        assert_eq!(ix.records_at(Some("r/k"), "5").count(), 1);
+        assert_eq!(
+            ix.get("r/k/a/frames/5/w.f32.uni")
+                .unwrap()
+                .cd
+                .local_header_offset,
+            3
+        );
+        // Without a marker (libgetar's own appends) the old rule stays:
+        // the later entry of a name wins, the others stay.
+        ix.push_txn(txn(&["r/k/b/frames/6/v.f32.uni"], 4));
+        ix.push_txn(txn(&["r/k/a/frames/6/w.f32.uni"], 5));
+        assert_eq!(ix.records_at(Some("r/k"), "6").count(), 2);
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //!   or any zip tool) whose CRC matches, one by one — they carry no frame
 //!   boundaries, so a complete entry is the best unit we have;
 //! * our entries only as whole transactions: entries 0..n of one txn, CRC
-//!   valid, the last one flagged END.
+//!   valid, the last one flagged END; a transaction replaces the frames it
+//!   marks exactly as the writer's index does ([`Index::push_txn`]), so the
+//!   repaired central directory lists what the one before the crash listed.
 //!
 //! A file that does not start like a zip archive (its first bytes are not
 //! `PK`) is refused with [`Error::Corrupt`] instead of being "recovered" as an
@@ -49,7 +51,7 @@ use std::os::unix::fs::FileExt;
 
 use flate2::read::DeflateDecoder;
 
-use crate::index::Entry;
+use crate::index::{Entry, Index};
 use crate::zipfmt::*;
 use crate::Error;
 
@@ -316,13 +318,13 @@ pub fn scan(file: &File, len: u64, reason: String) -> Result<ScanReport, Error> 
 }
 
 /// [`scan`], starting at the end of the verified checkpoint `start` (its
-/// entries and committed length) if there is one; `note` says why there is
+/// transactions, the first the index it started from, and committed length) if there is one; `note` says why there is
 /// none.
 pub(crate) fn scan_from(
     file: &Src,
     len: u64,
     reason: String,
-    start: Option<(Vec<Entry>, u64)>,
+    start: Option<(Vec<Vec<Entry>>, u64)>,
     note: String,
 ) -> Result<ScanReport, Error> {
     let mut head = [0u8; 2];
@@ -338,9 +340,18 @@ pub(crate) fn scan_from(
         checkpoint_note: note,
         ..Default::default()
     };
+    // Kept entries, with the frame-replacement rule applied per transaction.
+    let mut kept = Index::new();
     let mut at = 0u64;
-    if let Some((entries, end)) = start {
-        rep.entries = entries;
+    if let Some((txns, end)) = start {
+        let mut txns = txns.into_iter();
+        // The chain's first record is an index already resolved.
+        for e in txns.next().unwrap_or_default() {
+            kept.push(e);
+        }
+        for t in txns {
+            kept.push_txn(t);
+        }
         rep.end = end;
         rep.checkpoint = Some(end);
         at = end;
@@ -398,7 +409,7 @@ pub(crate) fn scan_from(
                 pending_txn = m.txn;
                 pending.push(entry);
                 if m.end {
-                    rep.entries.append(&mut pending);
+                    kept.push_txn(std::mem::take(&mut pending));
                     rep.txns_kept += 1;
                     rep.end = after;
                 }
@@ -407,12 +418,13 @@ pub(crate) fn scan_from(
                 if !pending.is_empty() {
                     break format!("{}: foreign entry inside an unfinished frame", loc.name);
                 }
-                rep.entries.push(entry);
+                kept.push(entry);
                 rep.end = after;
             }
         }
         at = after;
     };
+    rep.entries = kept.entries().to_vec();
     rep.entries_dropped = pending.len() as u64;
     rep.bytes_dropped = len - rep.end;
     rep.stopped = stopped;

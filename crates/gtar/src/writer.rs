@@ -631,9 +631,7 @@ impl<'a> Txn<'a> {
         self.w.checkpoints.committed(&entries, self.pos);
         {
             let mut ix = self.w.index.write().unwrap_or_else(|p| p.into_inner());
-            for e in entries {
-                ix.push(e);
-            }
+            ix.push_txn(entries);
         }
         let bytes = self.pos - self.txn;
         self.w.end = self.pos;

@@ -1,0 +1,197 @@
+//! A well-behaved writer with and without 50 hostile clients connected, in
+//! one run (`cargo bench --bench hostile`): the real daemon binary on a Unix
+//! socket, a health prober on its own connection.
+//!
+//! Hostile clients: 25 open a frame in the well-behaved writer's own archive
+//! (other groups) and stall or trickle a byte every 200 ms inside it (small
+//! frames, assembled apart by the daemon); 25 stall inside a big frame
+//! (5 MiB sent of 64 MiB, streaming) of another archive, holding that
+//! archive's writer until the frame deadline.
+//!
+//! Rounds alternate quiet → hostile → quiet (BENCH_ROUNDS, default 3); each
+//! timed run writes BENCH_FRAMES (default 8) frames of 16 MiB and waits for
+//! the last `durable` ack. Per round: the hostile run's throughput over the
+//! mean of its two quiet neighbours, and the health-check p99 of each. The
+//! median ratio is the headline (target ≥ 0.9). Printed, never asserted.
+
+#[path = "../tests/common/daemon.rs"]
+mod daemon;
+
+use std::time::{Duration, Instant};
+
+use daemon::*;
+use gtar_logd::proto::v1::{self as pb, write_request::Msg as In};
+use prost::bytes::Bytes;
+
+const FRAME: u64 = 16 << 20;
+
+fn env_u64(k: &str, default: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Stall (or trickle) inside a frame until aborted.
+async fn hostile(
+    uds: std::path::PathBuf,
+    archive: String,
+    group: String,
+    size: u64,
+    head: usize,
+    trickle: bool,
+) {
+    let mut c = connect_uds(&uds).await;
+    let Ok(mut s) = Session::open(&mut c, open_req(&archive, &group)).await else {
+        return;
+    };
+    let msgs = [
+        In::Begin(pb::BeginFrame { index: "1".into() }),
+        In::Tensor(pb::TensorHeader {
+            group: String::new(),
+            name: "x".into(),
+            dtype: pb::DType::Uint8 as i32,
+            shape: vec![size],
+        }),
+        In::Chunk(pb::Chunk {
+            data: Bytes::from(vec![1u8; head]),
+        }),
+    ];
+    for m in msgs {
+        if s.send(req(m)).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        if trickle {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let one = req(In::Chunk(pb::Chunk {
+                data: Bytes::from_static(b"t"),
+            }));
+            if s.send(one).await.is_err() {
+                return;
+            }
+        } else if s.next().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Write `n` frames of FRAME bytes back to back; time to the last durable ack.
+async fn writer(uds: &std::path::Path, archive: &str, n: u64) -> Duration {
+    let mut c = connect_uds(uds).await;
+    let data = Payload::Shared(Bytes::from(vec![3u8; FRAME as usize]));
+    let t0 = Instant::now();
+    let mut s = Session::open(&mut c, open_req(archive, "good"))
+        .await
+        .unwrap();
+    for i in 0..n {
+        let f = FrameSpec {
+            index: i.to_string(),
+            tensors: vec![TensorSpec::new(
+                "",
+                "w",
+                pb::DType::Uint8,
+                &[FRAME],
+                data.clone(),
+            )],
+            ..Default::default()
+        };
+        s.send_frame(&f, 4 << 20).await.unwrap();
+    }
+    s.wait_durable(n as usize).await.unwrap();
+    let t = t0.elapsed();
+    s.finish().await.unwrap();
+    t
+}
+
+fn main() {
+    let frames = env_u64("BENCH_FRAMES", 8);
+    let rounds = env_u64("BENCH_ROUNDS", 3);
+    let tmp = temp_root("bench-hostile-");
+    let data = tmp.path().join("data");
+    let uds = tmp.path().join("logd.sock");
+    let log = tmp.path().join("daemon.log");
+    let _d = ChildDaemon::spawn(&data, &uds, None, &log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut run_no = 0;
+        // One timed run: (throughput GB/s, health p99).
+        let mut run = |with_hostiles: bool| {
+            run_no += 1;
+            let uds = uds.clone();
+            let archive = format!("good-{run_no}.zip");
+            async move {
+                let mut tasks = Vec::new();
+                if with_hostiles {
+                    for i in 0..50u64 {
+                        let (a, size, head) = if i < 25 {
+                            (archive.clone(), 1 << 20, 1000)
+                        } else {
+                            (format!("hostile-{run_no}.zip"), 64 << 20, 5 << 20)
+                        };
+                        tasks.push(tokio::spawn(hostile(uds.clone(), a, format!("h{i}"), size, head, i % 2 == 1)));
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let stop = tokio_util::sync::CancellationToken::new();
+                let prober = {
+                    let (uds, stop) = (uds.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+                        let mut h = HealthClient::new(uds_channel(&uds).await.unwrap());
+                        let mut lat = Vec::new();
+                        while !stop.is_cancelled() {
+                            let t0 = Instant::now();
+                            let _ = h.check(HealthCheckRequest { service: String::new() }).await;
+                            lat.push(t0.elapsed());
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        lat
+                    })
+                };
+                let t = writer(&uds, &archive, frames).await;
+                stop.cancel();
+                let lat = prober.await.unwrap();
+                for t in tasks {
+                    t.abort();
+                }
+                let gbs = (frames * FRAME) as f64 / t.as_secs_f64() / 1e9;
+                (gbs, p99(lat))
+            }
+        };
+        let mut ratios = Vec::new();
+        let mut before = run(false).await;
+        for r in 0..rounds {
+            let hostile = run(true).await;
+            let after = run(false).await;
+            let quiet = (before.0 + after.0) / 2.0;
+            let ratio = hostile.0 / quiet;
+            println!(
+                "round {r}: quiet {:.2} / {:.2} GB/s (health p99 {:?} / {:?}); with 50 hostile clients {:.2} GB/s (health p99 {:?}); ratio {ratio:.2}",
+                before.0, after.0, before.1, after.1, hostile.0, hostile.1
+            );
+            ratios.push(ratio);
+            before = after;
+        }
+        println!(
+            "summary: well-behaved writer with 50 hostile clients connected: {:.2}x its throughput without them (median of {} rounds; target >= 0.9)",
+            median(ratios.clone()),
+            ratios.len()
+        );
+    });
+}
