@@ -71,7 +71,10 @@ fn twenty_writers_and_four_readers_lose_nothing_and_memory_stays_bounded() {
             let address = address.clone();
             writers.push(tokio::task::spawn_local(async move {
                 let c = logd::Client::connect(&address).await.unwrap();
-                let mut s = c.writer(&archive_of(w), append("")).await.unwrap();
+                // The shared archive's writers write one group on purpose.
+                let mut opts = append("");
+                opts.share_group = archive_of(w) == SHARED;
+                let mut s = c.writer(&archive_of(w), opts).await.unwrap();
                 let mut handles = Vec::new();
                 for n in 0..FRAMES {
                     handles.push(s.write(frame(w, n).new_frame()).await.unwrap());
