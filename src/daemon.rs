@@ -32,6 +32,8 @@ pub struct Options {
     pub grace: Duration,
     /// A tracing `EnvFilter`.
     pub log: String,
+    pub remote: Option<crate::remote::RemoteUrl>,
+    pub remote_backlog_bytes: u64,
 }
 
 /// `$XDG_DATA_HOME/gtar-logd`, else `~/.local/share/gtar-logd`.
@@ -116,6 +118,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         cfg.limits.direct_io = o.direct_io;
         cfg.shared_memory = o.shared_memory;
         cfg.grace = o.grace;
+        cfg.remote = o.remote.clone();
+        cfg.remote_backlog_bytes = o.remote_backlog_bytes;
         let shutdown = CancellationToken::new();
         cancel_on_signal(shutdown.clone());
         let addrs: Vec<String> = bound.listeners.iter().map(|l| l.describe()).collect();

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod listen;
 pub mod proto;
 pub mod query;
+pub mod remote;
 pub mod server;
 pub mod service;
 pub mod shm;

@@ -22,7 +22,7 @@
 pub mod compact;
 pub mod export;
 pub mod facts;
-mod progress;
+pub(crate) mod progress;
 pub mod snapshot;
 
 pub use progress::Progress;

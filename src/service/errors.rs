@@ -45,6 +45,8 @@ status_from!(
     BadField,
     crate::catalog::CatalogError,
     crate::archives::LeaseError,
+    crate::archives::ReadError,
+    crate::remote::RemoteError,
     crate::writer::WriterError,
     crate::query::QueryError
 );

@@ -15,6 +15,10 @@
 //!   queue's worth of writing per frame).
 //! * The first frame the writer refuses ends the stream with its error; the
 //!   frames already sent after it are aborted unless already committed.
+//! * With remote storage, each durable frame is handed to the replicator
+//!   (before its ack is sent, so a client that leaves still gets its frames
+//!   replicated), and a third task sends `replicated` acks, in frame order,
+//!   while the client keeps its request stream open.
 //! * Tensor bytes come either in `chunk`s or, when the client attached a
 //!   shared memory region at open (see [`crate::shm`]), as `shm_chunk`s that
 //!   name a range of it; both are checked the same way against the tensor.
@@ -99,6 +103,17 @@ struct Stream {
     in_flight: Arc<Semaphore>,
     /// Cancelled when a frame failed: the error went to the client already.
     failed: CancellationToken,
+    /// Cancels the stream's `ended` token when the stream is done reading.
+    _ended: tokio_util::sync::DropGuard,
+}
+
+/// What the ack tasks need to replicate a stream's frames.
+struct Replicate {
+    replicator: Arc<crate::remote::replicate::Replicator>,
+    name: String,
+    view: gtar::Archive,
+    /// Cancelled when the request stream is over: replicated acks stop.
+    ended: CancellationToken,
 }
 
 /// Run one Write stream to its end, sending responses on `tx`.
@@ -218,12 +233,20 @@ impl Stream {
                 repaired,
                 shm_attached: shm.is_some(),
                 shm_refused,
+                replicating: state.archives.replicator().is_some(),
             }),
         )
         .await?;
         let (acks, pending) = mpsc::unbounded_channel();
         let failed = CancellationToken::new();
-        tokio::spawn(forward_acks(pending, tx.clone(), failed.clone()));
+        let ended = CancellationToken::new();
+        let repl = state.archives.replicator().map(|r| Replicate {
+            replicator: r.clone(),
+            name: o.archive.clone(),
+            view: lease.handle.reader().clone(),
+            ended: ended.clone(),
+        });
+        tokio::spawn(forward_acks(pending, tx.clone(), failed.clone(), repl));
         Ok(Stream {
             state,
             lease,
@@ -235,6 +258,7 @@ impl Stream {
             acks,
             in_flight: Arc::new(Semaphore::new(FRAMES_IN_FLIGHT)),
             failed,
+            _ended: ended.drop_guard(),
         })
     }
 
@@ -563,16 +587,38 @@ async fn forward_acks(
     mut pending: mpsc::UnboundedReceiver<Pending>,
     tx: Tx,
     failed: CancellationToken,
+    repl: Option<Replicate>,
 ) {
     let (dtx, mut drx) =
-        mpsc::unbounded_channel::<(FrameAck, oneshot::Receiver<Result<(), WriterError>>)>();
+        mpsc::unbounded_channel::<(FrameAck, u64, oneshot::Receiver<Result<(), WriterError>>)>();
+    let (rtx, mut rrx) = mpsc::unbounded_channel::<(FrameAck, u64)>();
     let (tx2, failed2) = (tx.clone(), failed.clone());
+    if let Some(r) = &repl {
+        let (tx3, r) = (tx.clone(), (r.replicator.clone(), r.name.clone(), r.ended.clone()));
+        tokio::spawn(async move {
+            while let Some((ack, end)) = rrx.recv().await {
+                tokio::select! {
+                    _ = r.0.replicated(&r.1, end) => {}
+                    _ = r.2.cancelled() => return,
+                }
+                if send(&tx3, Out::Replicated(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
-        while let Some((ack, rx)) = drx.recv().await {
+        while let Some((ack, end, rx)) = drx.recv().await {
             let msg = match rx.await {
-                Ok(Ok(())) => Ok(WriteResponse {
-                    msg: Some(Out::Durable(ack)),
-                }),
+                Ok(Ok(())) => {
+                    if let Some(r) = &repl {
+                        r.replicator.durable(&r.name, &r.view, end);
+                        let _ = rtx.send((ack.clone(), end));
+                    }
+                    Ok(WriteResponse {
+                        msg: Some(Out::Durable(ack)),
+                    })
+                }
                 Ok(Err(e)) => Err(Status::from(e)),
                 Err(_) => Err(status(
                     Kind::ShuttingDown,
@@ -610,7 +656,7 @@ async fn forward_acks(
             failed.cancel();
             return;
         }
-        let _ = dtx.send((ack, p.durable));
+        let _ = dtx.send((ack, committed.txn + committed.bytes, p.durable));
     }
 }
 

@@ -43,11 +43,42 @@ pub struct Tail {
     pub entries: u64,
 }
 
-/// A read-only view of an archive: an open file and its index.
+/// Where an archive's bytes come from: a local file, or (in the daemon) an
+/// object store read by ranges. Positional and synchronous: callers run off
+/// any async worker, as for a file.
+pub trait ReadAt: Send + Sync + std::fmt::Debug {
+    /// Read up to `buf.len()` bytes at `offset`; 0 only at the end.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Read exactly `buf.len()` bytes at `offset`.
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset)? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ReadAt for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(self, buf, offset)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+/// A read-only view of an archive: its bytes and its index.
 #[derive(Debug, Clone)]
 pub struct Archive {
     path: PathBuf,
-    file: Arc<File>,
+    file: Arc<dyn ReadAt>,
     index: Arc<RwLock<Index>>,
     state: OpenState,
 }
@@ -94,6 +125,18 @@ impl Archive {
         })
     }
 
+    /// A view of an archive whose bytes come from `source` and whose index
+    /// the caller built (e.g. from a remote manifest). `path` names it in
+    /// messages.
+    pub fn from_source(path: PathBuf, source: Arc<dyn ReadAt>, index: Index) -> Archive {
+        Archive {
+            path,
+            file: source,
+            index: Arc::new(RwLock::new(index)),
+            state: OpenState::Clean,
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -132,6 +175,14 @@ impl Archive {
         self.read_entry(&e)
     }
 
+    /// Where an entry's (possibly compressed) data starts.
+    pub fn data_offset(&self, e: &Entry) -> Result<u64, Error> {
+        match e.data_offset {
+            Some(o) => Ok(o),
+            None => local_data_offset(&*self.file, e),
+        }
+    }
+
     /// Read a whole entry into memory, checking size and CRC.
     pub fn read_entry(&self, e: &Entry) -> Result<Vec<u8>, Error> {
         let size = usize::try_from(e.cd.uncompressed_size)
@@ -156,7 +207,7 @@ impl Archive {
         if end < size && e.cd.method == METHOD_STORED {
             let data_offset = match e.data_offset {
                 Some(o) => o,
-                None => local_data_offset(&self.file, e)?,
+                None => local_data_offset(&*self.file, e)?,
             };
             self.file.read_exact_at(&mut out, data_offset + start)?;
             return Ok(out);
@@ -178,7 +229,7 @@ impl Archive {
     pub fn entry_reader(&self, e: &Entry) -> Result<EntryReader, Error> {
         let data_offset = match e.data_offset {
             Some(o) => o,
-            None => local_data_offset(&self.file, e)?,
+            None => local_data_offset(&*self.file, e)?,
         };
         let raw = PosReader {
             file: self.file.clone(),
@@ -212,7 +263,7 @@ impl Archive {
 
 /// Reads `[pos, end)` of a shared file with positional reads.
 struct PosReader {
-    file: Arc<File>,
+    file: Arc<dyn ReadAt>,
     pos: u64,
     end: u64,
 }
@@ -300,7 +351,7 @@ fn corrupt_io(name: &str, what: &str) -> io::Error {
 }
 
 /// Read an entry's local header to find where its data starts.
-pub(crate) fn local_data_offset(file: &File, e: &Entry) -> Result<u64, Error> {
+pub(crate) fn local_data_offset(file: &dyn ReadAt, e: &Entry) -> Result<u64, Error> {
     let mut h = [0u8; LOCAL_HEADER_LEN];
     file.read_exact_at(&mut h, e.cd.local_header_offset)
         .map_err(|_| Error::Corrupt(format!("{}: local header is past the end", e.name())))?;
