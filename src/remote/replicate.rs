@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use object_store::{PutMode, PutOptions, UpdateVersion, WriteMultipart};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, UpdateVersion, WriteMultipart};
 use tokio::sync::watch;
 
 use super::manifest::{Manifest, RemoteEntry};

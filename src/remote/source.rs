@@ -97,7 +97,7 @@ impl RemoteSource {
 }
 
 impl gtar::ReadAt for RemoteSource {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    fn pread(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         if buf.is_empty() || self.segments.last().is_none_or(|s| offset >= s.0 + s.1) {
             return Ok(0);
         }

@@ -48,12 +48,12 @@ pub struct Tail {
 /// any async worker, as for a file.
 pub trait ReadAt: Send + Sync + std::fmt::Debug {
     /// Read up to `buf.len()` bytes at `offset`; 0 only at the end.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
 
     /// Read exactly `buf.len()` bytes at `offset`.
-    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    fn pread_exact(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
-            match self.read_at(buf, offset)? {
+            match self.pread(buf, offset)? {
                 0 => return Err(io::ErrorKind::UnexpectedEof.into()),
                 n => {
                     buf = &mut buf[n..];
@@ -66,11 +66,11 @@ pub trait ReadAt: Send + Sync + std::fmt::Debug {
 }
 
 impl ReadAt for File {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        FileExt::read_at(self, buf, offset)
+    fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.read_at(buf, offset)
     }
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        FileExt::read_exact_at(self, buf, offset)
+    fn pread_exact(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
     }
 }
 
@@ -209,7 +209,7 @@ impl Archive {
                 Some(o) => o,
                 None => local_data_offset(&*self.file, e)?,
             };
-            self.file.read_exact_at(&mut out, data_offset + start)?;
+            self.file.pread_exact(&mut out, data_offset + start)?;
             return Ok(out);
         }
         let mut r = self.entry_reader(e)?;
@@ -275,7 +275,7 @@ impl Read for PosReader {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(left) as usize;
-        let got = self.file.read_at(&mut buf[..n], self.pos)?;
+        let got = self.file.pread(&mut buf[..n], self.pos)?;
         if got == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -353,7 +353,7 @@ fn corrupt_io(name: &str, what: &str) -> io::Error {
 /// Read an entry's local header to find where its data starts.
 pub(crate) fn local_data_offset(file: &dyn ReadAt, e: &Entry) -> Result<u64, Error> {
     let mut h = [0u8; LOCAL_HEADER_LEN];
-    file.read_exact_at(&mut h, e.cd.local_header_offset)
+    file.pread_exact(&mut h, e.cd.local_header_offset)
         .map_err(|_| Error::Corrupt(format!("{}: local header is past the end", e.name())))?;
     if rd32(&h, 0) != LOCAL_SIG {
         return Err(Error::Corrupt(format!(
