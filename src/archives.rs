@@ -174,7 +174,12 @@ impl Archives {
                         tracing::info!(archive = name, bytes = m.end, "fetched a remote-only archive to continue it");
                     }
                     Err(RemoteError::NotFound(_)) => {}
-                    Err(e) => return Err(e.into()),
+                    // The store is unreachable: the local path goes on; the
+                    // replicator will not overwrite a remote archive this
+                    // one does not continue (see `remote::replicate`).
+                    Err(e) => {
+                        tracing::warn!(archive = name, error = %e, "cannot tell whether the archive exists remotely; writing it locally");
+                    }
                 }
             }
         }

@@ -56,6 +56,8 @@ pub enum RemoteError {
     NotFound(String),
     #[error("remote archive {name}: {why}")]
     Corrupt { name: String, why: String },
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl Classify for RemoteError {
@@ -64,6 +66,7 @@ impl Classify for RemoteError {
             RemoteError::Config(_) => Kind::BadInput,
             RemoteError::Store { .. } | RemoteError::Corrupt { .. } => Kind::Internal,
             RemoteError::NotFound(_) => Kind::NotFound,
+            RemoteError::Conflict(_) => Kind::Conflict,
         }
     }
 }

@@ -20,10 +20,13 @@
 //!   backoff; the backlog is the local file, so it costs no memory. Beyond
 //!   `backlog_bytes` the archive is reported *lagging*; frames keep being
 //!   accepted and acked durable, and replication catches up from the file.
-//! * The local file is the source of truth: when its committed prefix no
-//!   longer matches the manifest (the archive was replaced: CREATE,
-//!   compaction), a new generation is uploaded from offset 0 and replaces
-//!   the manifest; segments no manifest lists (a crash between a segment's
+//! * A remote archive is only ever extended by a local file that continues
+//!   it (same entries at the same offsets below the manifest's end). When
+//!   the local archive was replaced in this daemon (a stream opened it with
+//!   CREATE), a new generation is uploaded from offset 0 and replaces the
+//!   manifest; any other mismatch (an archive of the same name created here
+//!   while the store was unreachable, an offline compaction) is an error
+//!   shown in health and DescribeArchive, never an overwrite. Segments no manifest lists (a crash between a segment's
 //!   upload and its manifest, an old generation) are deleted when the task
 //!   starts and after a new generation is committed.
 
@@ -150,11 +153,18 @@ impl Replicator {
         let mut state: Option<(Manifest, Option<UpdateVersion>)> = None;
         let mut backoff = Duration::from_millis(200);
         let mut cleaned = false;
+        // The local archive was replaced in this daemon (CREATE): a remote
+        // archive it does not continue may be replaced too.
+        let mut may_replace = false;
         loop {
             let target = *want.borrow_and_update();
             let view = t.view.lock().unwrap().clone();
             let res = async {
-                if state.is_none() || t.recheck.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                if t.recheck.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    may_replace = true;
+                    state = None;
+                }
+                if state.is_none() {
                     state = Some(self.load(&name).await?);
                 }
                 let (m, _) = state.as_ref().expect("loaded");
@@ -164,6 +174,16 @@ impl Replicator {
                     cleaned = true;
                 }
                 let local_matches = prefix_matches(&view, m, target);
+                if !local_matches && !may_replace {
+                    // Never overwrite frames in the store we cannot account
+                    // for (e.g. an archive created here while the store was
+                    // unreachable, with the same name as a remote one).
+                    return Err(RemoteError::Conflict(format!(
+                        "remote archive {name} in {} is not a prefix of the local one; not \
+                         replacing it (rename one of them, or write the local one with mode CREATE)",
+                        self.remote.describe()
+                    )));
+                }
                 if !local_matches {
                     // Replaced locally: start a new generation from 0.
                     tracing::info!(archive = %name, "the local archive no longer continues the remote one; uploading it again as a new generation");
@@ -176,6 +196,7 @@ impl Replicator {
                     let (nm, nv) = self.upload(&name, &view, m, v.clone(), target).await?;
                     *m = nm;
                     *v = Some(nv);
+                    may_replace = false;
                 }
                 Ok::<_, RemoteError>(())
             }
@@ -220,7 +241,7 @@ impl Replicator {
                     // any more must catch up all the same.
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
-                    if matches!(res, Err(RemoteError::Corrupt { .. })) {
+                    if matches!(res, Err(RemoteError::Corrupt { .. } | RemoteError::Conflict(_))) {
                         state = None;
                     }
                 }
