@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use daemon::*;
-use s3::S3Server;
 use futures::TryStreamExt;
 use gtar_logd::proto::v1 as pb;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as Key;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
+use s3::S3Server;
 
 const MB100: u64 = 100_000_000;
 
@@ -73,7 +73,13 @@ fn main() {
             .build()
             .unwrap(),
     );
-    let payload = bytes::Bytes::from(Payload::Gen { seed: 99, len: MB100 }.to_vec());
+    let payload = bytes::Bytes::from(
+        Payload::Gen {
+            seed: 99,
+            len: MB100,
+        }
+        .to_vec(),
+    );
 
     let data = dir.path().join("node1");
     std::fs::create_dir_all(&data).unwrap();
@@ -86,7 +92,9 @@ fn main() {
     let (mut plain, mut repl) = (Vec::new(), Vec::new());
     rt.block_on(async {
         let mut c = connect_uds(&d1.uds).await;
-        let mut s = Session::open(&mut c, open_req("big.zip", "")).await.unwrap();
+        let mut s = Session::open(&mut c, open_req("big.zip", ""))
+            .await
+            .unwrap();
         for r in 0..rounds {
             // Anchor: a plain multipart upload of the same size.
             let t = Instant::now();
@@ -126,11 +134,9 @@ fn main() {
         s3.apply(c);
         c.arg("--remote").arg("s3://bench/r");
     });
-    let remote = gtar_logd::remote::Remote::from_env(
-        "s3://bench/r".parse().unwrap(),
-        rt.handle().clone(),
-    )
-    .unwrap();
+    let remote =
+        gtar_logd::remote::Remote::from_env("s3://bench/r".parse().unwrap(), rt.handle().clone())
+            .unwrap();
     let (mut getf, mut ranged, mut reqs) = (Vec::new(), Vec::new(), Vec::new());
     let seg_key = rt.block_on(async {
         let (m, _) = remote.manifest("big.zip").await.unwrap().unwrap();
@@ -140,17 +146,28 @@ fn main() {
             .find(|e| e.name.ends_with("frames/0/w.u8.uni"))
             .unwrap()
             .clone();
-        let seg = m.segments.iter().find(|s| s.offset <= e.offset && e.offset < s.offset + s.len).unwrap();
+        let seg = m
+            .segments
+            .iter()
+            .find(|s| s.offset <= e.offset && e.offset < s.offset + s.len)
+            .unwrap();
         let start = e.data.unwrap() - seg.offset;
-        (Key::from(format!("r/big.zip/{}", seg.key)), start..start + e.csize)
+        (
+            Key::from(format!("r/big.zip/{}", seg.key)),
+            start..start + e.csize,
+        )
     });
     // The first request loads and caches the index.
     rt.block_on(async {
         let mut c = connect_uds(&d2.uds).await;
-        get_frame(&mut c, "big.zip", "", by_index("0")).await.unwrap();
+        get_frame(&mut c, "big.zip", "", by_index("0"))
+            .await
+            .unwrap();
     });
     let _ = std::thread::scope(|sc| {
-        sc.spawn(|| remote.open_read("big.zip").unwrap()).join().unwrap()
+        sc.spawn(|| remote.open_read("big.zip").unwrap())
+            .join()
+            .unwrap()
     });
     for _ in 0..rounds {
         let t = Instant::now();
@@ -173,7 +190,9 @@ fn main() {
         let t = Instant::now();
         let got = rt.block_on(async {
             let mut c = connect_uds(&d2.uds).await;
-            get_frame(&mut c, "big.zip", "", by_index("0")).await.unwrap()
+            get_frame(&mut c, "big.zip", "", by_index("0"))
+                .await
+                .unwrap()
         });
         getf.push(t.elapsed().as_secs_f64());
         assert_eq!(got[0].data.len() as u64, MB100);

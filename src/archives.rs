@@ -83,7 +83,9 @@ impl Classify for ReadError {
 pub enum Origin {
     Local,
     /// The object store only; the size of the materialized archive.
-    Remote { size: u64 },
+    Remote {
+        size: u64,
+    },
 }
 
 pub struct Archives {
@@ -171,7 +173,11 @@ impl Archives {
                 match r.remote().fetch_blocking(name, &path, &mut |_, _| ()) {
                     Ok(m) => {
                         r.remote().forget(name);
-                        tracing::info!(archive = name, bytes = m.end, "fetched a remote-only archive to continue it");
+                        tracing::info!(
+                            archive = name,
+                            bytes = m.end,
+                            "fetched a remote-only archive to continue it"
+                        );
                     }
                     Err(RemoteError::NotFound(_)) => {}
                     // The store is unreachable: the local path goes on; the

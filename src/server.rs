@@ -97,10 +97,18 @@ fn watch_remote(
             let ok = probe.is_ok();
             if last_ok != Some(ok) {
                 match &probe {
-                    Ok(()) => tracing::info!(remote = %r.remote().describe(), "remote storage reachable"),
-                    Err(e) => tracing::error!(error = %e, "remote storage unusable; archives stay local and replication retries"),
+                    Ok(()) => {
+                        tracing::info!(remote = %r.remote().describe(), "remote storage reachable")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "remote storage unusable; archives stay local and replication retries")
+                    }
                 }
-                let s = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+                let s = if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
                 health.set_service_status("gtar.logd.v1.Remote", s).await;
                 last_ok = Some(ok);
             }
@@ -110,7 +118,9 @@ fn watch_remote(
                     let svc = format!("gtar.logd.v1.Remote/{name}");
                     if failing {
                         bad.insert(name);
-                        health.set_service_status(svc, ServingStatus::NotServing).await;
+                        health
+                            .set_service_status(svc, ServingStatus::NotServing)
+                            .await;
                     } else {
                         bad.remove(&name);
                         health.set_service_status(svc, ServingStatus::Serving).await;

@@ -2,9 +2,9 @@
 //! and the real daemon binary: node loss, `kill -9` during uploads, the
 //! store going away and coming back, bad configuration.
 
+mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
-mod common;
 #[path = "common/s3.rs"]
 mod s3;
 
@@ -128,7 +128,11 @@ async fn node_loss_serves_every_replicated_frame_from_the_store() {
     }
     s.wait_replicated(5).await.unwrap();
     let idx: Vec<&str> = s.replicated.iter().map(|a| a.index.as_str()).collect();
-    assert_eq!(idx, ["0", "1", "2", "3", "4"], "replicated acks in frame order");
+    assert_eq!(
+        idx,
+        ["0", "1", "2", "3", "4"],
+        "replicated acks in frame order"
+    );
     let acks = &s.acks;
     assert_eq!(s.durable.len(), 5, "durable before replicated: {acks:?}");
     d1.kill9();
@@ -202,7 +206,11 @@ async fn node_loss_serves_every_replicated_frame_from_the_store() {
     for r in &kernel.records {
         let k: u64 = r.frame.parse().unwrap();
         let want = frame(k, 0).tensors[0].data.to_vec();
-        assert_eq!(r.crc32, crc32fast::hash(&want), "frame {k} as libgetar reads it");
+        assert_eq!(
+            r.crc32,
+            crc32fast::hash(&want),
+            "frame {k} as libgetar reads it"
+        );
     }
     // The offline tools read the bucket too.
     let r = gtar_logd(&s3, &["frames", &url]);
@@ -253,7 +261,10 @@ async fn kill9_during_uploads_loses_no_replicated_frame() {
         .map(|f| f.parse().unwrap())
         .collect();
     for k in replicated.keys() {
-        assert!(frames.contains(k), "replicated frame {k} is lost; remote has {frames:?}");
+        assert!(
+            frames.contains(k),
+            "replicated frame {k} is lost; remote has {frames:?}"
+        );
     }
     // Every frame the bucket shows is whole and bit-exact (CRC-checked reads).
     for &k in &frames {
@@ -273,7 +284,10 @@ async fn kill9_during_uploads_loses_no_replicated_frame() {
         assert!(frames.contains(k), "durable frame {k} was never caught up");
     }
     for k in &frames {
-        assert!(local.contains(k), "remote frame {k} is not in the local archive");
+        assert!(
+            local.contains(k),
+            "remote frame {k} is not in the local archive"
+        );
     }
 }
 
@@ -301,7 +315,11 @@ async fn store_outage_never_blocks_durable_acks_and_replication_catches_up() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(s.durable.len(), k as usize);
-    assert_eq!(s.replicated.len(), 1, "nothing replicated while the store is down");
+    assert_eq!(
+        s.replicated.len(),
+        1,
+        "nothing replicated while the store is down"
+    );
     assert_eq!(
         health(&d.uds, "gtar.logd.v1.Remote").await.unwrap(),
         2,
@@ -316,7 +334,10 @@ async fn store_outage_never_blocks_durable_acks_and_replication_catches_up() {
         .into_inner();
     let rep = desc.replication.unwrap();
     assert!(!rep.error.is_empty(), "the error is shown: {rep:?}");
-    assert!(rep.error.contains(&s3.addr.to_string()), "names the endpoint: {rep:?}");
+    assert!(
+        rep.error.contains(&s3.addr.to_string()),
+        "names the endpoint: {rep:?}"
+    );
     assert!(rep.replicated_bytes < rep.durable_bytes, "{rep:?}");
 
     s3.restart();
@@ -360,9 +381,14 @@ async fn bad_configuration_is_reported_and_local_writes_go_on() {
         let log = format!("{name}.log");
         let d = spawn_remote(dir.path(), &data, &s3, &log, &url, &env);
         let mut c = connect_uds(&d.uds).await;
-        let s = write_frames(&mut c, open_req("local.zip", ""), &[frame(0, 1000)], 1 << 20)
-            .await
-            .unwrap_or_else(|e| panic!("{name}: local write: {e}"));
+        let s = write_frames(
+            &mut c,
+            open_req("local.zip", ""),
+            &[frame(0, 1000)],
+            1 << 20,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name}: local write: {e}"));
         assert_eq!(s.durable.len(), 1, "{name}");
         assert!(data.join("local.zip").exists());
         // Health, once the first probe has answered.
@@ -386,6 +412,9 @@ async fn bad_configuration_is_reported_and_local_writes_go_on() {
         } else {
             s3.addr.to_string()
         };
-        assert!(line.contains(&endpoint), "{name}: names the endpoint: {line}");
+        assert!(
+            line.contains(&endpoint),
+            "{name}: names the endpoint: {line}"
+        );
     }
 }

@@ -295,10 +295,7 @@ impl Remote {
             Err(e) => return Err(self.err(e)),
             Ok(r) => {
                 let tag = r.meta.e_tag.clone();
-                let body = self
-                    .rt
-                    .block_on(r.bytes())
-                    .map_err(|e| self.err(e))?;
+                let body = self.rt.block_on(r.bytes()).map_err(|e| self.err(e))?;
                 let m = Manifest::parse(&body).map_err(|why| RemoteError::Corrupt {
                     name: name.into(),
                     why,
@@ -357,12 +354,13 @@ impl Remote {
         let mut done = 0;
         for s in &m.segments {
             let key = self.key(name, &s.key);
-            let r = self.rt.block_on(self.store.get(&key)).map_err(|e| {
-                RemoteError::Corrupt {
+            let r = self
+                .rt
+                .block_on(self.store.get(&key))
+                .map_err(|e| RemoteError::Corrupt {
                     name: name.into(),
                     why: format!("segment {}: {e}", s.key),
-                }
-            })?;
+                })?;
             let mut stream = r.into_stream();
             let mut got = 0u64;
             while let Some(b) = self
@@ -378,7 +376,10 @@ impl Remote {
             if got != s.len {
                 return Err(RemoteError::Corrupt {
                     name: name.into(),
-                    why: format!("segment {} has {got} bytes, the manifest says {}", s.key, s.len),
+                    why: format!(
+                        "segment {} has {got} bytes, the manifest says {}",
+                        s.key, s.len
+                    ),
                 });
             }
         }

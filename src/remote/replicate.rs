@@ -103,7 +103,9 @@ impl Replicator {
         t.insert(name.to_string(), track.clone());
         let me = self.clone();
         let (n, tr) = (name.to_string(), track.clone());
-        self.remote.runtime().spawn(async move { me.run(n, tr).await });
+        self.remote
+            .runtime()
+            .spawn(async move { me.run(n, tr).await });
         track
     }
 
@@ -241,7 +243,10 @@ impl Replicator {
                     // any more must catch up all the same.
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
-                    if matches!(res, Err(RemoteError::Corrupt { .. } | RemoteError::Conflict(_))) {
+                    if matches!(
+                        res,
+                        Err(RemoteError::Corrupt { .. } | RemoteError::Conflict(_))
+                    ) {
                         state = None;
                     }
                 }
@@ -371,15 +376,13 @@ impl Replicator {
         let r = match put {
             Ok(r) => r,
             Err(object_store::Error::Precondition { .. })
-            | Err(object_store::Error::AlreadyExists { .. }) => {
-                return Err(RemoteError::Corrupt {
-                    name: name.into(),
-                    why: format!(
-                        "the manifest in {} changed under this daemon (another writer?); reloading it",
-                        self.remote.describe()
-                    ),
-                })
-            }
+            | Err(object_store::Error::AlreadyExists { .. }) => return Err(RemoteError::Corrupt {
+                name: name.into(),
+                why: format!(
+                    "the manifest in {} changed under this daemon (another writer?); reloading it",
+                    self.remote.describe()
+                ),
+            }),
             Err(e) => return Err(self.remote.err(e)),
         };
         tracing::debug!(archive = %name, from, len, "replicated");

@@ -594,7 +594,10 @@ async fn forward_acks(
     let (rtx, mut rrx) = mpsc::unbounded_channel::<(FrameAck, u64)>();
     let (tx2, failed2) = (tx.clone(), failed.clone());
     if let Some(r) = &repl {
-        let (tx3, r) = (tx.clone(), (r.replicator.clone(), r.name.clone(), r.ended.clone()));
+        let (tx3, r) = (
+            tx.clone(),
+            (r.replicator.clone(), r.name.clone(), r.ended.clone()),
+        );
         tokio::spawn(async move {
             while let Some((ack, end)) = rrx.recv().await {
                 tokio::select! {
