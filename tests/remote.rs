@@ -171,14 +171,26 @@ async fn node_loss_serves_every_replicated_frame_from_the_store() {
     // Nothing was downloaded to serve it.
     assert!(!data2.join(archive).exists());
 
-    // Node 2 continues the archive: it is fetched, appended to, replicated.
-    let mut s = Session::open(&mut c2, open_req(archive, "")).await.unwrap();
-    assert_eq!(s.opened.existing_frames, 5);
+    // Node 2 continues the archive: it is fetched, appended to, replicated;
+    // through the Rust client, whose frame handle resolves `replicated`.
+    let lc = logd::Client::connect(&format!("unix:{}", d2.uds.display()))
+        .await
+        .unwrap();
+    let mut w = lc
+        .writer(archive, logd::OpenOptions::append())
+        .await
+        .unwrap();
+    assert!(w.opened().replicating);
+    assert_eq!(w.opened().existing_frames, 5);
+    let mut handles = Vec::new();
     for k in 5..7 {
-        s.send_frame(&frame(k, big(k)), 1 << 20).await.unwrap();
+        handles.push(w.write(frame(k, big(k)).new_frame()).await.unwrap());
     }
-    s.wait_replicated(2).await.unwrap();
-    drop(s);
+    for h in handles {
+        let a = h.replicated().await.unwrap();
+        assert!(a.index == "5" || a.index == "6", "{a:?}");
+    }
+    w.close().await.unwrap();
     assert_eq!(
         list_frames(&mut c2, archive, "").await.unwrap().len(),
         7,

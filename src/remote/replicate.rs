@@ -376,13 +376,15 @@ impl Replicator {
         let r = match put {
             Ok(r) => r,
             Err(object_store::Error::Precondition { .. })
-            | Err(object_store::Error::AlreadyExists { .. }) => return Err(RemoteError::Corrupt {
-                name: name.into(),
-                why: format!(
+            | Err(object_store::Error::AlreadyExists { .. }) => {
+                return Err(RemoteError::Corrupt {
+                    name: name.into(),
+                    why: format!(
                     "the manifest in {} changed under this daemon (another writer?); reloading it",
                     self.remote.describe()
                 ),
-            }),
+                })
+            }
             Err(e) => return Err(self.remote.err(e)),
         };
         tracing::debug!(archive = %name, from, len, "replicated");
