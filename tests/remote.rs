@@ -368,7 +368,9 @@ async fn bad_configuration_is_reported_and_local_writes_go_on() {
     s3.bucket(BUCKET);
     let closed = free_tcp_addr();
     let closed_url = format!("http://{closed}");
-    let cases: [(&str, String, Vec<(&str, &str)>, &str); 3] = [
+    // (name, --remote, environment changes, the bucket the error names)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 3] = [
         (
             "wrong-key",
             remote_url(),
