@@ -27,6 +27,20 @@ echo "== pip install ./clients/python"
 "$CLIENT/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./clients/python
 "$CLIENT/bin/pip" check -q >/dev/null 2>&1 || "$CLIENT/bin/pip" install -q --disable-pip-version-check ./clients/python
 
+# --- the S3 server of the remote-storage tests: s3s-fs 0.14.1 ------------------
+# A real S3 HTTP server over a directory (crates.io; 0.14.1 is the last to
+# build with rustc 1.95). Chosen over Garage: one small binary, no cluster
+# layout or admin API to set up before a bucket exists, and a build of a few
+# minutes instead of Garage's much larger dependency tree. Built once and
+# cached; the Rust tests (tests/common/s3.rs) and pytest (tests/s3.py) start
+# it on a free 127.0.0.1 port with a temporary root per test.
+S3S_ROOT=${GTAR_S3S_ROOT:-$HOME/.cache/gtar-logd/s3s-fs}
+export GTAR_S3S_FS=$S3S_ROOT/bin/s3s-fs
+if [ ! -x "$GTAR_S3S_FS" ]; then
+  echo "== installing s3s-fs 0.14.1 into $S3S_ROOT (once; a few minutes)"
+  cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary --root "$S3S_ROOT"
+fi
+
 # --- Rust ---------------------------------------------------------------------
 # After the client venv: the export test reads its files with PyPI's
 # safetensors and numpy from there.

@@ -11,8 +11,6 @@
 //!   read through the catalog's cache.
 //! * A lease does all the bookkeeping a lease implies (the parent directory,
 //!   the writer, the catalog learning the name) in one call.
-//! * Every method may touch the disk: call them off the async workers
-//!   (`spawn_blocking`).
 //! * In a worker of the multi-user service ([`Others`]), names starting with
 //!   `~` are another user's: `~alice/runs/model.zip` is `runs/model.zip` in
 //!   alice's data directory. They are read-only, and only for a worker that
@@ -21,6 +19,12 @@
 //!   check, not instead of it: a worker runs as its user, so it can open
 //!   another user's file only if that user's directory lets it (the admin
 //!   group's read bits, or root).
+//! * With remote storage (`--remote`), an archive missing locally is read
+//!   from the object store (see [`crate::remote`]); leasing one for
+//!   appending first materializes it locally, so the local file stays the
+//!   write-ahead tier and replication continues the remote archive.
+//! * Every method may touch the disk or the store: call them off the async
+//!   workers (`spawn_blocking`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +35,8 @@ use gtar::{Archive, OpenMode};
 use crate::catalog::{Catalog, CatalogError};
 use crate::error::{Classify, Kind};
 use crate::lifecycle::live::{self, LiveCompact, LiveError, LiveOutcome, Snapped};
+use crate::remote::replicate::Replicator;
+use crate::remote::RemoteError;
 use crate::writer::{Lease, Registry, WriterError};
 
 /// Why a lease was refused.
@@ -40,6 +46,8 @@ pub enum LeaseError {
     Name(#[from] CatalogError),
     #[error(transparent)]
     Writer(#[from] WriterError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
 }
 
 impl Classify for LeaseError {
@@ -47,6 +55,7 @@ impl Classify for LeaseError {
         match self {
             LeaseError::Name(e) => e.kind(),
             LeaseError::Writer(e) => e.kind(),
+            LeaseError::Remote(e) => e.kind(),
         }
     }
 }
@@ -79,12 +88,42 @@ pub struct Listed {
     pub size: u64,
     /// A stream is writing it now.
     pub writing: bool,
+    /// It exists only in remote storage (this node has no local copy).
+    pub remote_only: bool,
+}
+
+/// Why a read view could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Local(#[from] CatalogError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+}
+
+impl Classify for ReadError {
+    fn kind(&self) -> Kind {
+        match self {
+            ReadError::Local(e) => e.kind(),
+            ReadError::Remote(e) => e.kind(),
+        }
+    }
+}
+
+/// Where a read view comes from.
+pub enum Origin {
+    Local,
+    /// The object store only; the size of the materialized archive.
+    Remote {
+        size: u64,
+    },
 }
 
 pub struct Archives {
     catalog: Catalog,
     writers: Arc<Registry>,
     others: Option<Others>,
+    replicator: Option<Arc<Replicator>>,
 }
 
 /// Other users' data directories, as a worker of the multi-user service
@@ -156,7 +195,34 @@ impl Archives {
             catalog: Catalog::new(root)?,
             writers,
             others: None,
+            replicator: None,
         })
+    }
+
+    /// Replicate to, and read from, remote storage.
+    pub fn with_replicator(mut self, r: Arc<Replicator>) -> Archives {
+        self.replicator = Some(r);
+        self
+    }
+
+    pub fn replicator(&self) -> Option<&Arc<Replicator>> {
+        self.replicator.as_ref()
+    }
+
+    /// Hand every local archive to the replicator: frames written before
+    /// `--remote` was turned on (or while the daemon was down) are uploaded
+    /// too. Blocking.
+    pub fn replicate_existing(&self) {
+        let Some(r) = &self.replicator else { return };
+        for l in self.catalog.list("") {
+            match self.open_read(&l.name) {
+                Ok(a) => match committed_end(&a) {
+                    Ok(end) => r.durable(&l.name, &a, end),
+                    Err(e) => tracing::warn!(archive = %l.name, error = %e, "cannot replicate"),
+                },
+                Err(e) => tracing::warn!(archive = %l.name, error = %e, "cannot replicate"),
+            }
+        }
     }
 
     /// As [`Archives::new`], for a worker of the multi-user service: names
@@ -205,6 +271,19 @@ impl Archives {
         }
     }
 
+    /// A read view of archive `name`, local or else remote.
+    pub fn open_any(&self, name: &str) -> Result<(Archive, Origin), ReadError> {
+        match self.open_read(name) {
+            Ok(a) => Ok((a, Origin::Local)),
+            Err(CatalogError::NotFound(_)) if self.replicator.is_some() => {
+                let remote = self.replicator.as_ref().expect("checked").remote();
+                let (a, m) = remote.open_read(name)?;
+                Ok((a, Origin::Remote { size: m.size() }))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Lease archive `name` for writing (creating it, and its directory,
     /// when missing; replacing it with [`OpenMode::Create`]).
     pub fn lease(&self, name: &str, mode: OpenMode) -> Result<Lease, LeaseError> {
@@ -218,8 +297,36 @@ impl Archives {
             .into());
         }
         let path = self.catalog.resolve(name, true)?;
+        if let Some(r) = &self.replicator {
+            if mode == OpenMode::Append && !path.exists() && !self.writers.is_writing(&path) {
+                // A remote-only archive: continue it (fetched whole, then
+                // appended to and replicated like any other).
+                match r.remote().fetch_blocking(name, &path, &mut |_, _| ()) {
+                    Ok(m) => {
+                        r.remote().forget(name);
+                        tracing::info!(
+                            archive = name,
+                            bytes = m.end,
+                            "fetched a remote-only archive to continue it"
+                        );
+                    }
+                    Err(RemoteError::NotFound(_)) => {}
+                    // The store is unreachable: the local path goes on; the
+                    // replicator will not overwrite a remote archive this
+                    // one does not continue (see `remote::replicate`).
+                    Err(e) => {
+                        tracing::warn!(archive = name, error = %e, "cannot tell whether the archive exists remotely; writing it locally");
+                    }
+                }
+            }
+        }
         let lease = self.writers.acquire(&path, mode)?;
         self.catalog.note(name);
+        if let Some(r) = &self.replicator {
+            if mode == OpenMode::Create {
+                r.replaced(name);
+            }
+        }
         Ok(lease)
     }
 
@@ -258,7 +365,7 @@ impl Archives {
     }
 
     /// Archives whose name starts with `prefix`, in name order.
-    pub fn list(&self, prefix: &str) -> Result<Vec<Listed>, CatalogError> {
+    pub fn list(&self, prefix: &str) -> Result<Vec<Listed>, ReadError> {
         if self.others.is_some() && prefix.starts_with('~') {
             let Some((catalog, rest)) = self.foreign(prefix)? else {
                 return Ok(Vec::new());
@@ -273,10 +380,11 @@ impl Archives {
                     writing: false,
                     name: format!("~{user}/{}", l.name),
                     size: l.size,
+                    remote_only: false,
                 })
                 .collect());
         }
-        Ok(self
+        let mut out: Vec<Listed> = self
             .catalog
             .list(prefix)
             .into_iter()
@@ -284,7 +392,35 @@ impl Archives {
                 writing: self.writers.is_writing(&self.root().join(&l.name)),
                 name: l.name,
                 size: l.size,
+                remote_only: false,
             })
-            .collect())
+            .collect();
+        if let Some(r) = &self.replicator {
+            let local: std::collections::HashSet<String> =
+                out.iter().map(|l| l.name.clone()).collect();
+            for (name, size) in r.remote().list_blocking(prefix)? {
+                if !local.contains(&name) && crate::catalog::check_name(&name).is_ok() {
+                    out.push(Listed {
+                        name,
+                        size,
+                        writing: false,
+                        remote_only: true,
+                    });
+                }
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(out)
     }
+}
+
+/// Where the committed entries of `a` end (its durable length once its
+/// writer is closed): the end of the last entry's data.
+pub fn committed_end(a: &Archive) -> Result<u64, gtar::Error> {
+    let entries: Vec<gtar::Entry> = a.index().entries().to_vec();
+    let mut end = 0;
+    for e in entries {
+        end = end.max(a.data_offset(&e)? + e.cd.compressed_size);
+    }
+    Ok(end)
 }

@@ -7,7 +7,46 @@ use anyhow::{Context, Result};
 
 use gtar::{Archive, OpenState};
 
+/// A remote archive `s3://BUCKET/KEY` (KEY: the prefix and the archive's
+/// name, as `serve --remote s3://BUCKET/PREFIX` wrote it), with the runtime
+/// its reads block on.
+struct RemoteArchive {
+    _rt: tokio::runtime::Runtime,
+    remote: crate::remote::Remote,
+    name: String,
+}
+
+fn remote(arg: &str) -> Result<Option<RemoteArchive>> {
+    if !arg.starts_with("s3://") {
+        return Ok(None);
+    }
+    let url: crate::remote::RemoteUrl = arg.parse()?;
+    if url.prefix.is_empty() {
+        anyhow::bail!("{arg}: give the archive's key, s3://BUCKET/PREFIX/NAME");
+    }
+    // A worker thread of its own: reads block on the runtime from this one.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let name = url.prefix.clone();
+    let at = crate::remote::RemoteUrl {
+        bucket: url.bucket,
+        prefix: String::new(),
+    };
+    let remote = crate::remote::Remote::from_env(at, rt.handle().clone())?;
+    Ok(Some(RemoteArchive {
+        _rt: rt,
+        remote,
+        name,
+    }))
+}
+
 fn open(path: &Path) -> Result<Archive> {
+    if let Some(r) = remote(&path.to_string_lossy())? {
+        let (a, _) = r.remote.open_read(&r.name)?;
+        return Ok(a);
+    }
     let a =
         Archive::open(path).with_context(|| format!("{}: cannot open archive", path.display()))?;
     if let OpenState::Recovered(rep) = a.state() {
@@ -94,5 +133,25 @@ pub fn repair(path: &Path, out: &mut dyn Write) -> Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// `gtar-logd fetch s3://BUCKET/KEY LOCAL.zip`: materialize a remote archive
+/// as one zip file (progress on a terminal, quiet in scripts).
+pub fn fetch(src: &str, dst: &Path, out: &mut dyn Write) -> Result<()> {
+    let r = remote(src)?.ok_or_else(|| anyhow::anyhow!("{src}: expected s3://BUCKET/KEY"))?;
+    let mut bar: Option<crate::lifecycle::progress::Progress> = None;
+    let m = r.remote.fetch_blocking(&r.name, dst, &mut |done, total| {
+        bar.get_or_insert_with(|| crate::lifecycle::progress::Progress::bytes(total, "fetch"))
+            .set(done)
+    })?;
+    drop(bar);
+    writeln!(
+        out,
+        "{src}: {} entries, {} bytes -> {}",
+        m.entries.len(),
+        m.size(),
+        dst.display()
+    )?;
     Ok(())
 }

@@ -45,6 +45,8 @@ pub struct Options {
     pub tcp_allow_anonymous: bool,
     /// `--token-file`: where the TCP token goes [default: `auth::default_token_file`].
     pub token_file: Option<PathBuf>,
+    pub remote: Option<crate::remote::RemoteUrl>,
+    pub remote_backlog_bytes: u64,
 }
 
 /// What a worker of the multi-user service adds to [`Options`].
@@ -180,6 +182,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         cfg.stream_idle = o.stream_idle;
         cfg.connection_idle = o.connection_idle;
         cfg.peer_limits = o.peer_limits.clone();
+        cfg.remote = o.remote.clone();
+        cfg.remote_backlog_bytes = o.remote_backlog_bytes;
         let shutdown = CancellationToken::new();
         cancel_on_signal(shutdown.clone());
         let addrs: Vec<String> = bound.listeners.iter().map(|l| l.describe()).collect();

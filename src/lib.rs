@@ -16,6 +16,7 @@ pub mod listen;
 pub mod peer;
 pub mod proto;
 pub mod query;
+pub mod remote;
 pub mod server;
 pub mod service;
 pub mod shm;

@@ -89,3 +89,19 @@ const _: () = assert!(COMPRESS_MAX <= DEFAULT_MAX_TENSOR_BYTES);
 // bounds memory, so it must at least allow one small frame.
 const _: () = assert!(SMALL_FRAME_MAX <= DEFAULT_PEER_BYTES_IN_FLIGHT);
 const _: () = assert!(SMALL_FRAME_MAX as usize <= MAX_MESSAGE);
+
+/// Remote storage (`serve --remote`): bytes read from the local file and
+/// sent as one part of a multipart upload (memory per upload in flight).
+pub const REMOTE_PART: usize = 16 << 20;
+/// A segment up to this size is uploaded with one PUT, larger ones as a
+/// multipart upload of [`REMOTE_PART`]-sized parts.
+pub const REMOTE_SINGLE_PUT_MAX: u64 = 32 << 20;
+/// Default of `--remote-backlog-bytes`: durable bytes of one archive that may
+/// wait for upload before the archive is reported lagging (the bytes wait in
+/// the local file, not in memory).
+pub const DEFAULT_REMOTE_BACKLOG_BYTES: u64 = 8 << 30;
+/// Bytes a remote read fetches ahead of a small read (a local header, a
+/// ReadRecord range): one request then serves the reads that follow.
+pub const REMOTE_READ_AHEAD: u64 = 1 << 20;
+
+const _: () = assert!(REMOTE_SINGLE_PUT_MAX >= REMOTE_PART as u64);

@@ -25,7 +25,7 @@ enum Cmd {
     Worker(WorkerArgs),
     /// Print the frame indices of an archive, one a line, in GETAR order.
     Frames {
-        /// The archive file (.zip).
+        /// The archive file (.zip), or s3://BUCKET/PREFIX/NAME (see `serve --remote`).
         archive: PathBuf,
         /// Only frames of records in this group (or below it), e.g. a keras_gtar group.
         #[arg(long)]
@@ -33,8 +33,16 @@ enum Cmd {
     },
     /// List the record types of an archive with their frame counts.
     Ls {
-        /// The archive file (.zip).
+        /// The archive file (.zip), or s3://BUCKET/PREFIX/NAME (see `serve --remote`).
         archive: PathBuf,
+    },
+    /// Write an archive kept in remote storage (`serve --remote`) as one zip
+    /// file that libgetar and any zip reader open.
+    Fetch {
+        /// s3://BUCKET/PREFIX/NAME; endpoint and credentials from the AWS environment.
+        remote: String,
+        /// The file to write (replaced atomically if it exists).
+        local: PathBuf,
     },
     /// Repair an archive left without a valid central directory (crash, kill -9,
     /// full disk): keep every complete frame, drop the torn tail.
@@ -222,6 +230,12 @@ struct WorkerArgs {
     /// Root or the admin group: may read ~USER/ archives.
     #[arg(long)]
     admin: bool,
+    /// Replicate every archive to S3-compatible storage, s3://BUCKET/PREFIX, and serve archives that exist only there; endpoint and credentials from the AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP)
+    #[arg(long, env = "GTAR_LOGD_REMOTE", value_name = "s3://BUCKET/PREFIX")]
+    remote: Option<gtar_logd::remote::RemoteUrl>,
+    /// Durable bytes of one archive that may wait for upload before it is reported lagging (health, DescribeArchive, log); frames are still accepted and acked durable, and replication catches up from the local file
+    #[arg(long, env = "GTAR_LOGD_REMOTE_BACKLOG_BYTES", default_value_t = gtar_logd::limits::DEFAULT_REMOTE_BACKLOG_BYTES)]
+    remote_backlog_bytes: u64,
 }
 
 impl ServeArgs {
@@ -256,6 +270,8 @@ impl ServeArgs {
             admin_group: self.admin_group,
             tcp_allow_anonymous: self.tcp_allow_anonymous,
             token_file: self.token_file,
+            remote: self.remote,
+            remote_backlog_bytes: self.remote_backlog_bytes,
         }
     }
 }
@@ -277,6 +293,7 @@ fn main() -> ExitCode {
             gtar_logd::cli::frames(&archive, group.as_deref(), &mut out)
         }
         Cmd::Ls { archive } => gtar_logd::cli::ls(&archive, &mut out),
+        Cmd::Fetch { remote, local } => gtar_logd::cli::fetch(&remote, &local, &mut out),
         Cmd::Repair { archive } => gtar_logd::cli::repair(&archive, &mut out),
         Cmd::Compact(c) => compact(c, &mut out),
         Cmd::Snapshot { src, dst } => {

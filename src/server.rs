@@ -63,6 +63,10 @@ pub struct Config {
     pub connection_idle: Duration,
     /// What one peer may hold at once.
     pub peer_limits: crate::peer::PeerLimits,
+    /// Replicate to (and read from) this object store (`--remote`).
+    pub remote: Option<crate::remote::RemoteUrl>,
+    /// Backlog beyond which an archive is reported lagging.
+    pub remote_backlog_bytes: u64,
 }
 
 impl Config {
@@ -78,6 +82,8 @@ impl Config {
             stream_idle: crate::limits::DEFAULT_STREAM_IDLE,
             connection_idle: crate::limits::DEFAULT_CONNECTION_IDLE,
             peer_limits: Default::default(),
+            remote: None,
+            remote_backlog_bytes: crate::limits::DEFAULT_REMOTE_BACKLOG_BYTES,
         }
     }
 }
@@ -93,6 +99,65 @@ impl Liveness {
     pub fn check(&self, stall: Duration) -> bool {
         self.0.healthy(stall)
     }
+}
+
+/// Health of remote storage: the service `gtar.logd.v1.Remote` is SERVING
+/// while the store answers and `gtar.logd.v1.Remote/ARCHIVE` NOT_SERVING
+/// while an archive's replication fails or lags; each change is logged. The
+/// store is probed at start (an error names the endpoint and the bucket),
+/// then every few seconds. Local archives work throughout.
+fn watch_remote(
+    r: Arc<crate::remote::replicate::Replicator>,
+    state: Arc<State>,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let st = state.clone();
+        let _ = tokio::task::spawn_blocking(move || st.archives.replicate_existing()).await;
+        let mut last_ok: Option<bool> = None;
+        let mut bad: std::collections::HashSet<String> = Default::default();
+        loop {
+            let probe = r.remote().probe().await;
+            let ok = probe.is_ok();
+            if last_ok != Some(ok) {
+                match &probe {
+                    Ok(()) => {
+                        tracing::info!(remote = %r.remote().describe(), "remote storage reachable")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "remote storage unusable; archives stay local and replication retries")
+                    }
+                }
+                let s = if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                health.set_service_status("gtar.logd.v1.Remote", s).await;
+                last_ok = Some(ok);
+            }
+            for (name, s) in r.statuses() {
+                let failing = s.error.is_some() || s.lagging;
+                if failing != bad.contains(&name) {
+                    let svc = format!("gtar.logd.v1.Remote/{name}");
+                    if failing {
+                        bad.insert(name);
+                        health
+                            .set_service_status(svc, ServingStatus::NotServing)
+                            .await;
+                    } else {
+                        bad.remove(&name);
+                        health.set_service_status(svc, ServingStatus::Serving).await;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    });
 }
 
 /// Serve until `shutdown` is cancelled, then shut down in order (module docs).
@@ -119,6 +184,20 @@ pub async fn run(
         )
     })?;
     tracing::info!(data_dir = %archives.root().display(), "serving archives");
+    let archives = match &cfg.remote {
+        None => archives,
+        Some(url) => {
+            let remote =
+                crate::remote::Remote::from_env(url.clone(), tokio::runtime::Handle::current())
+                    .map_err(|e| anyhow::anyhow!("--remote: {e}"))?;
+            let r = crate::remote::replicate::Replicator::new(
+                Arc::new(remote),
+                cfg.remote_backlog_bytes,
+            );
+            tracing::info!(remote = %r.remote().describe(), "replicating to remote storage");
+            archives.with_replicator(r)
+        }
+    };
     let state = Arc::new(State {
         archives,
         shutdown: shutdown.clone(),
@@ -233,6 +312,10 @@ pub async fn run(
                 reported.retain(|p| now.contains(p));
             }
         });
+    }
+
+    if let Some(r) = state.archives.replicator().cloned() {
+        watch_remote(r, state.clone(), health.clone(), shutdown.clone());
     }
 
     on_ready(Liveness(registry.clone()));

@@ -131,9 +131,10 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
         &uds,
         None,
         &log,
-        &[
+        |c| {
+            c.args([
             "--frame-deadline",
-            &deadline,
+            deadline.as_str(),
             // Above the time the 20 big stallers hold the writer one after
             // the other (a stream waiting on backpressure sends nothing).
             "--connection-idle",
@@ -142,7 +143,8 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
             "3",
             "--peer-streams",
             "200",
-        ],
+        ]);
+        },
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -23,7 +23,7 @@ pub mod compact;
 pub mod export;
 pub mod facts;
 pub mod live;
-mod progress;
+pub(crate) mod progress;
 pub mod snapshot;
 
 pub use progress::Progress;

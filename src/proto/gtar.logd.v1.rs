@@ -148,7 +148,7 @@ pub struct CommitFrame {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WriteResponse {
-    #[prost(oneof = "write_response::Msg", tags = "1, 2, 3")]
+    #[prost(oneof = "write_response::Msg", tags = "1, 2, 3, 4")]
     pub msg: ::core::option::Option<write_response::Msg>,
 }
 /// Nested message and enum types in `WriteResponse`.
@@ -162,6 +162,12 @@ pub mod write_response {
         Received(super::FrameAck),
         #[prost(message, tag = "3")]
         Durable(super::FrameAck),
+        /// With `serve --remote`: the frame is in the object store (in a
+        /// committed manifest) and survives the loss of this node. Sent while the
+        /// client keeps its request stream open; after it half-closes, replicated
+        /// acks still due are not sent.
+        #[prost(message, tag = "4")]
+        Replicated(super::FrameAck),
     }
 }
 #[allow(clippy::all)]
@@ -182,6 +188,10 @@ pub struct Opened {
     /// Unix socket"; the client sends `chunk`s instead.
     #[prost(string, tag = "5")]
     pub shm_refused: ::prost::alloc::string::String,
+    /// The daemon replicates to remote storage: `replicated` acks follow
+    /// `durable` ones.
+    #[prost(bool, tag = "6")]
+    pub replicating: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -211,6 +221,9 @@ pub struct ArchiveInfo {
     /// True while a Write stream has it open.
     #[prost(bool, tag = "3")]
     pub writing: bool,
+    /// Only in remote storage (no local copy on this node).
+    #[prost(bool, tag = "4")]
+    pub remote_only: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -273,6 +286,32 @@ pub struct DescribeArchiveResponse {
     /// recovery (it is repaired on the next write).
     #[prost(string, tag = "8")]
     pub recovered: ::prost::alloc::string::String,
+    /// Set when the daemon runs with `--remote`.
+    #[prost(message, optional, tag = "9")]
+    pub replication: ::core::option::Option<Replication>,
+}
+/// An archive's copy in remote storage.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Replication {
+    /// s3://BUCKET/PREFIX at ENDPOINT.
+    #[prost(string, tag = "1")]
+    pub remote: ::prost::alloc::string::String,
+    /// Read from the object store: this node has no local copy.
+    #[prost(bool, tag = "2")]
+    pub remote_only: bool,
+    /// Bytes of the local archive that are durable, and of those the bytes in
+    /// the committed remote manifest (replication is caught up when equal).
+    #[prost(uint64, tag = "3")]
+    pub durable_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub replicated_bytes: u64,
+    /// More than --remote-backlog-bytes waits for upload.
+    #[prost(bool, tag = "5")]
+    pub lagging: bool,
+    /// The last upload error, empty once an upload succeeds again.
+    #[prost(string, tag = "6")]
+    pub error: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

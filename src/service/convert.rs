@@ -105,6 +105,7 @@ impl From<Description> for pb::DescribeArchiveResponse {
             first_frame: d.first_frame,
             last_frame: d.last_frame,
             recovered: d.recovered,
+            replication: None,
         }
     }
 }
@@ -163,6 +164,20 @@ impl pb::SnapshotResponse {
             frame_count: s.frames as u64,
             reflinked_bytes: s.reflinked,
         }
+/// An archive's replication state. `remote`: where it is replicated.
+pub fn replication(
+    remote: String,
+    remote_only: bool,
+    st: Option<crate::remote::replicate::Status>,
+) -> pb::Replication {
+    let st = st.unwrap_or_default();
+    pb::Replication {
+        remote,
+        remote_only,
+        durable_bytes: st.durable,
+        replicated_bytes: st.replicated,
+        lagging: st.lagging,
+        error: st.error.unwrap_or_default(),
     }
 }
 

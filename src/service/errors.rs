@@ -48,6 +48,8 @@ status_from!(
     crate::catalog::CatalogError,
     crate::archives::LeaseError,
     crate::archives::LifecycleError,
+    crate::archives::ReadError,
+    crate::remote::RemoteError,
     crate::writer::WriterError,
     crate::query::QueryError,
     crate::peer::QuotaError

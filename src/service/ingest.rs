@@ -29,6 +29,10 @@
 //! * An error ends the stream only after the stream's lease and claims are
 //!   released, so a client that reconnects at once is not refused as its
 //!   own rival.
+//! * With remote storage, each durable frame is handed to the replicator
+//!   (before its ack is sent, so a client that leaves still gets its frames
+//!   replicated), and a third task sends `replicated` acks, in frame order,
+//!   while the client keeps its request stream open.
 //! * Tensor bytes come either in `chunk`s or, when the client attached a
 //!   shared memory region at open (see [`crate::shm`]), as `shm_chunk`s that
 //!   name a range of it; both are checked the same way against the tensor.
@@ -127,6 +131,17 @@ struct Stream {
     /// Cancelled when a frame failed; the error is in `failure`.
     failed: CancellationToken,
     failure: Failure,
+    /// Cancels the stream's `ended` token when the stream is done reading.
+    _ended: tokio_util::sync::DropGuard,
+}
+
+/// What the ack tasks need to replicate a stream's frames.
+struct Replicate {
+    replicator: Arc<crate::remote::replicate::Replicator>,
+    name: String,
+    view: gtar::Archive,
+    /// Cancelled when the request stream is over: replicated acks stop.
+    ended: CancellationToken,
 }
 
 /// The error that ended a stream from an ack task, sent by the stream's own
@@ -311,17 +326,26 @@ impl Stream {
                 repaired,
                 shm_attached: shm.is_some(),
                 shm_refused,
+                replicating: state.archives.replicator().is_some(),
             }),
         )
         .await?;
         let (acks, pending) = mpsc::unbounded_channel();
         let failed = CancellationToken::new();
         let failure = Failure::default();
+        let ended = CancellationToken::new();
+        let repl = state.archives.replicator().map(|r| Replicate {
+            replicator: r.clone(),
+            name: o.archive.clone(),
+            view: lease.handle.reader(),
+            ended: ended.clone(),
+        });
         tokio::spawn(forward_acks(
             pending,
             tx.clone(),
             failed.clone(),
             failure.clone(),
+            repl,
         ));
         Ok(Stream {
             state,
@@ -337,6 +361,7 @@ impl Stream {
             acks,
             in_flight: Arc::new(Semaphore::new(FRAMES_IN_FLIGHT)),
             failed,
+            _ended: ended.drop_guard(),
         })
     }
 
@@ -707,6 +732,7 @@ async fn forward_acks(
     tx: Tx,
     failed: CancellationToken,
     failure: Failure,
+    repl: Option<Replicate>,
 ) {
     // The first error is kept for the stream's task to send (module docs).
     let fail = move |st: Status| {
@@ -715,14 +741,38 @@ async fn forward_acks(
     };
     let fail2 = fail.clone();
     let (dtx, mut drx) =
-        mpsc::unbounded_channel::<(FrameAck, oneshot::Receiver<Result<(), WriterError>>)>();
+        mpsc::unbounded_channel::<(FrameAck, u64, oneshot::Receiver<Result<(), WriterError>>)>();
+    let (rtx, mut rrx) = mpsc::unbounded_channel::<(FrameAck, u64)>();
     let tx2 = tx.clone();
+    if let Some(r) = &repl {
+        let (tx3, r) = (
+            tx.clone(),
+            (r.replicator.clone(), r.name.clone(), r.ended.clone()),
+        );
+        tokio::spawn(async move {
+            while let Some((ack, end)) = rrx.recv().await {
+                tokio::select! {
+                    _ = r.0.replicated(&r.1, end) => {}
+                    _ = r.2.cancelled() => return,
+                }
+                if send(&tx3, Out::Replicated(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
-        while let Some((ack, rx)) = drx.recv().await {
+        while let Some((ack, end, rx)) = drx.recv().await {
             let msg = match rx.await {
-                Ok(Ok(())) => WriteResponse {
-                    msg: Some(Out::Durable(ack)),
-                },
+                Ok(Ok(())) => {
+                    if let Some(r) = &repl {
+                        r.replicator.durable(&r.name, &r.view, end);
+                        let _ = rtx.send((ack.clone(), end));
+                    }
+                    WriteResponse {
+                        msg: Some(Out::Durable(ack)),
+                    }
+                }
                 Ok(Err(e)) => return fail2(Status::from(e)),
                 Err(_) => {
                     return fail2(status(
@@ -756,7 +806,7 @@ async fn forward_acks(
         if send(&tx, Out::Received(ack.clone())).await.is_err() {
             return fail(status(Kind::Internal, "client went away"));
         }
-        let _ = dtx.send((ack, p.durable));
+        let _ = dtx.send((ack, committed.txn + committed.bytes, p.durable));
     }
 }
 

@@ -14,8 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::archives::Archives;
-use crate::catalog::CatalogError;
+use crate::archives::{Archives, Origin, ReadError};
 use crate::error::Classify;
 use crate::limits::SEND_CHUNK;
 use crate::proto::v1::{self as pb, logd_server::Logd};
@@ -48,13 +47,17 @@ impl Service {
 
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
-/// Open an archive for reading off the async threads.
+/// Open an archive for reading off the async threads (local, else remote).
 async fn open_read(state: &Arc<State>, name: String) -> Result<gtar::Archive, Status> {
+    open_any(state, name).await.map(|(a, _)| a)
+}
+
+async fn open_any(state: &Arc<State>, name: String) -> Result<(gtar::Archive, Origin), Status> {
     let st = state.clone();
-    tokio::task::spawn_blocking(move || st.archives.open_read(&name))
+    tokio::task::spawn_blocking(move || st.archives.open_any(&name))
         .await
         .map_err(|e| status(Kind::Internal, e.to_string()))?
-        .map_err(|e: CatalogError| e.into())
+        .map_err(|e: ReadError| e.into())
 }
 
 /// Whether this request's peer may be told where tensor bytes are (see
@@ -176,6 +179,7 @@ impl Logd for Service {
                 writing: l.writing,
                 archive: l.name,
                 size_bytes: l.size,
+                remote_only: l.remote_only,
             })
             .collect();
         Ok(Response::new(pb::ListArchivesResponse { archives }))
@@ -186,15 +190,28 @@ impl Logd for Service {
         req: Request<pb::DescribeArchiveRequest>,
     ) -> Result<Response<pb::DescribeArchiveResponse>, Status> {
         let name = req.into_inner().archive;
-        let a = open_read(&self.state, name.clone()).await?;
+        let (a, origin) = open_any(&self.state, name.clone()).await?;
+        let n = name.clone();
+        let remote_only = matches!(origin, Origin::Remote { .. });
         // The size of the file just opened (its path is already resolved).
         let described = tokio::task::spawn_blocking(move || {
-            let size = std::fs::metadata(a.path()).map_or(0, |m| m.len());
-            query::describe(&a, &name, size)
+            let size = match origin {
+                Origin::Local => std::fs::metadata(a.path()).map_or(0, |m| m.len()),
+                Origin::Remote { size } => size,
+            };
+            query::describe(&a, &n, size)
         })
         .await
         .map_err(|e| status(Kind::Internal, e.to_string()))?;
-        Ok(Response::new(described.into()))
+        let mut out: pb::DescribeArchiveResponse = described.into();
+        if let Some(r) = self.state.archives.replicator() {
+            out.replication = Some(convert::replication(
+                r.remote().describe(),
+                remote_only,
+                r.status(&name),
+            ));
+        }
+        Ok(Response::new(out))
     }
 
     async fn list_frames(

@@ -189,16 +189,17 @@ impl ChildDaemon {
     /// Start `gtar-logd serve --data-dir DATA --uds SOCK [--tcp ADDR]`; stderr
     /// goes to `log` (appended). Waits until the socket accepts connections.
     pub fn spawn(data: &Path, uds: &Path, tcp: Option<SocketAddr>, log: &Path) -> ChildDaemon {
-        ChildDaemon::spawn_with(data, uds, tcp, log, &[])
+        Self::spawn_with(data, uds, tcp, log, |_| {})
     }
 
-    /// [`ChildDaemon::spawn`] with more `serve` flags.
+    /// [`ChildDaemon::spawn`], with more arguments or environment set by
+    /// `tweak` on the command.
     pub fn spawn_with(
         data: &Path,
         uds: &Path,
         tcp: Option<SocketAddr>,
         log: &Path,
-        extra: &[&str],
+        tweak: impl FnOnce(&mut Command),
     ) -> ChildDaemon {
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -219,7 +220,7 @@ impl ChildDaemon {
         if let Some(a) = tcp {
             cmd.arg("--tcp").arg(a.to_string());
         }
-        cmd.args(extra);
+        tweak(&mut cmd);
         let proc = cmd.spawn().expect("start gtar-logd serve");
         let mut c = ChildDaemon {
             proc,
@@ -621,6 +622,8 @@ pub struct Session {
     pub opened: Opened,
     pub received: Vec<FrameAck>,
     pub durable: Vec<FrameAck>,
+    /// `replicated` acks (daemons with `--remote`).
+    pub replicated: Vec<FrameAck>,
     /// Every ack in arrival order: (`true` for durable, seq).
     pub acks: Vec<(bool, u64)>,
     /// The status the stream ended with, once it ended.
@@ -661,6 +664,7 @@ impl Session {
             opened: Opened::default(),
             received: Vec::new(),
             durable: Vec::new(),
+            replicated: Vec::new(),
             acks: Vec::new(),
             ended: None,
         };
@@ -688,6 +692,7 @@ impl Session {
                         self.acks.push((true, a.seq));
                         self.durable.push(a.clone())
                     }
+                    Out::Replicated(a) => self.replicated.push(a.clone()),
                     Out::Opened(_) => {}
                 }
                 Ok(Some(m))
@@ -748,6 +753,16 @@ impl Session {
     /// Wait until `n` frames have been acked `durable`.
     pub async fn wait_durable(&mut self, n: usize) -> Result<(), Status> {
         while self.durable.len() < n {
+            if self.next().await?.is_none() {
+                return Err(Status::unknown("stream ended before the ack"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until `n` frames have been acked `replicated`.
+    pub async fn wait_replicated(&mut self, n: usize) -> Result<(), Status> {
+        while self.replicated.len() < n {
             if self.next().await?.is_none() {
                 return Err(Status::unknown("stream ended before the ack"));
             }

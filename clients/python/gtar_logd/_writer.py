@@ -325,6 +325,13 @@ class Writer:
         self.resent = 0  # frames (and record writes) sent again after a reconnect
         self.skipped = 0
         self.durable_count = 0
+        self.replicated_count = 0
+        # With a daemon started with --remote: (gen, seq) of commits acked
+        # durable and not yet replicated; commits whose stream broke before
+        # their replicated ack (the daemon still replicates them from its disk).
+        self._replicating = False
+        self._awaiting_repl = set()
+        self._repl_unconfirmed = []
         self.blocked_seconds = 0.0
         self.shm_bytes = 0  # tensor bytes sent through shared memory
         self.shm_refused = None  # the daemon's reason, when it refused a region
@@ -433,9 +440,36 @@ class Writer:
         with self._cond:
             return self._pending_bytes
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything submitted so far is durable."""
+    def flush(self, timeout: float | None = None, replicated: bool = False) -> None:
+        """Wait until everything submitted so far is durable; with
+        `replicated=True` also until it is in the daemon's remote storage
+        (`gtar-logd serve --remote`), so it survives the loss of this node."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._flush_durable(deadline, timeout)
+        if not replicated:
+            return
+        with self._cond:
+            if not self._replicating:
+                raise WriteFailed(f"gtar-logd at {self.client.address!r} does not replicate "
+                                  f"{self.archive!r}: start it with --remote s3://BUCKET/PREFIX")
+            while self._awaiting_repl and self._error is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise DurabilityTimeout(
+                        f"gtar-logd: {len(self._awaiting_repl)} durable commit(s) of "
+                        f"{self.archive!r} were not acknowledged as replicated within "
+                        f"{timeout:.0f} s (is the object store reachable? see the daemon's "
+                        f"health and log; they stay durable locally and are uploaded when it is)")
+                self._cond.wait(1.0 if left is None else min(left, 1.0))
+            self._check()
+            if self._repl_unconfirmed:
+                n, self._repl_unconfirmed = len(self._repl_unconfirmed), []
+                raise WriteFailed(
+                    f"gtar-logd: the stream to the daemon broke before {n} durable commit(s) of "
+                    f"{self.archive!r} were acknowledged as replicated; the daemon uploads them "
+                    f"from its disk, but this writer cannot confirm it")
+
+    def _flush_durable(self, deadline, timeout) -> None:
         with self._cond:
             while self._pending and self._error is None:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -554,6 +588,12 @@ class Writer:
                         with self._cond:
                             first = self._opened_gen == 0
                             self._opened_gen = gen
+                            self._replicating = resp.opened.replicating
+                            # Commits of an older stream cannot be acked now.
+                            self._repl_unconfirmed.extend(
+                                k for k in self._awaiting_repl if k[0] != gen)
+                            self._awaiting_repl = {k for k in self._awaiting_repl
+                                                   if k[0] == gen}
                             if resp.opened.shm_attached:
                                 self._shm_gen = gen
                             elif self._region is not None:
@@ -583,6 +623,12 @@ class Writer:
                         backoff = 0.05
                     elif kind in ("received", "durable"):
                         self._on_ack(gen, getattr(resp, kind), kind == "durable")
+                    elif kind == "replicated":
+                        with self._cond:
+                            if (gen, resp.replicated.seq) in self._awaiting_repl:
+                                self._awaiting_repl.discard((gen, resp.replicated.seq))
+                                self.replicated_count += 1
+                                self._cond.notify_all()
                 with self._cond:
                     if self._closing and not self._pending:
                         return
@@ -692,6 +738,8 @@ class Writer:
                 u.received = True
                 return
             del self._inflight[ack.seq]
+            if self._replicating:
+                self._awaiting_repl.add((gen, ack.seq))
             if part is not None:
                 u.parts_done.add(part)
                 if u.parts():

@@ -53,6 +53,10 @@ class GTARLogger(keras.callbacks.Callback):
     :param max_pending_bytes: memory budget for frames not yet durable; when it is
         full the training thread blocks (with a warning) -- nothing is dropped
     :param durable_timeout: seconds `on_train_end` waits for every frame to be durable
+        (or replicated, with wait='replicated')
+    :param wait: what `on_train_end` waits for: 'durable' (on the daemon's disk) or
+        'replicated' (also in its remote storage, `gtar-logd serve --remote`: the
+        checkpoints survive the loss of this node)
     :param reconnect_timeout: seconds to keep trying when the daemon goes away
     :param copy: 'auto' (zero-copy views with JAX, copies with tensorflow and torch),
         'always', or 'never' (unsafe where the backend updates variables in place)
@@ -87,8 +91,11 @@ class GTARLogger(keras.callbacks.Callback):
                  group=None, address=None, save_optimizer="never", log_metrics="epoch",
                  max_pending_bytes=1 << 30, durable_timeout=600.0, reconnect_timeout=120.0,
                  copy="auto", compression=0, shared_memory=None, resume=False, keep=None,
-                 monitor=None, mode="auto"):
+                 monitor=None, mode="auto", wait="durable"):
         super().__init__()
+        if wait not in ("durable", "replicated"):
+            raise ValueError(f"wait must be 'durable' or 'replicated', not {wait!r}")
+        self.wait = wait
         if when not in _WHEN:
             raise ValueError(f"when must be one of {_WHEN}, not {when!r}")
         if save_optimizer not in ("never", "always", "exit"):
@@ -189,6 +196,8 @@ class GTARLogger(keras.callbacks.Callback):
             if self._scalars:
                 self.writer.write_records([], self._scalars)
                 self._scalars = []
+            if self.wait == "replicated":
+                self.writer.flush(self.durable_timeout, replicated=True)
             self.writer.close(self.durable_timeout)
             if self.keep is not None:
                 # The policy over the final state (every frame is durable now).
@@ -198,7 +207,8 @@ class GTARLogger(keras.callbacks.Callback):
             self._join_compaction()
             w = self.writer
             self.stats = {"reconnects": w.reconnects, "resent": w.resent, "skipped": w.skipped,
-                          "durable": w.durable_count, "blocked_seconds": w.blocked_seconds,
+                          "durable": w.durable_count, "replicated": w.replicated_count,
+                          "blocked_seconds": w.blocked_seconds,
                           "shm_bytes": w.shm_bytes, "shm_refused": w.shm_refused,
                           "end_wait_seconds": time.perf_counter() - t0}
             w.abort()  # no-op after a clean close; stops the threads otherwise

@@ -50,7 +50,9 @@ def _free_port() -> int:
 class Daemon:
     """One `gtar-logd serve` process; restartable on the same socket and data dir."""
 
-    def __init__(self, base: pathlib.Path):
+    def __init__(self, base: pathlib.Path, args=(), env=None):
+        self.args = list(args)
+        self.env = dict(env or {})
         if not BIN.exists():
             pytest.fail(f"daemon binary {BIN} not found: run `cargo build` or set GTAR_LOGD_BIN")
         self.data_dir = base / "data"
@@ -73,10 +75,11 @@ class Daemon:
 
     def start(self, timeout: float = 30.0):
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
+        env.update(self.env)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--data-dir", str(self.data_dir), "--uds", self.uds,
-             "--tcp", self.tcp_address],
+             "--tcp", self.tcp_address, *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         self.starts += 1

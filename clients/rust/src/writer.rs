@@ -178,6 +178,9 @@ pub struct Opened {
     /// Why the daemon refused the shared memory region offered (`None` when
     /// it attached it, or none was offered).
     pub shm_refused: Option<String>,
+    /// The daemon replicates to remote storage (`serve --remote`):
+    /// [`FrameHandle::replicated`] resolves once a frame is in the store.
+    pub replicating: bool,
 }
 
 /// An acknowledgement of one commit: a frame, or a record or scalar sent
@@ -333,6 +336,8 @@ struct Progress {
     received: u64,
     /// `durable` acks seen.
     durable: u64,
+    /// `replicated` acks seen.
+    replicated: u64,
     /// Why the stream failed.
     failed: Option<Error>,
     /// The response stream is over.
@@ -342,6 +347,9 @@ struct Progress {
 struct Shared {
     progress: watch::Sender<Progress>,
     waiters: Mutex<VecDeque<Waiter>>,
+    /// Who waits for a commit's `replicated` ack, by seq (kept apart from
+    /// `waiters`, which are done at `durable`).
+    replicated: Mutex<std::collections::HashMap<u64, AckTx>>,
     /// Spans of the shared memory region still in use (empty without one).
     ring: Mutex<Ring>,
 }
@@ -411,6 +419,24 @@ impl Shared {
         Ok(())
     }
 
+    fn on_replicated(&self, a: proto::FrameAck) -> Result<()> {
+        let (expect, durable) = {
+            let p = self.progress.borrow();
+            (p.replicated, p.durable)
+        };
+        if a.seq != expect || a.seq >= durable {
+            return Err(Error::Protocol(format!(
+                "`replicated` ack for seq {} (frame {:?}); expected seq {expect} ({durable} commits durable)",
+                a.seq, a.index
+            )));
+        }
+        if let Some(tx) = self.replicated.lock().expect("lock").remove(&a.seq) {
+            let _ = tx.send(Ok(a.into()));
+        }
+        self.progress.send_modify(|p| p.replicated += 1);
+        Ok(())
+    }
+
     fn finish(&self, outcome: Result<()>) {
         let outcome = outcome.and_then(|()| {
             let p = self.progress.borrow();
@@ -438,11 +464,21 @@ impl Shared {
             .expect("waiters lock")
             .drain(..)
             .collect();
+        let replicated: Vec<AckTx> = self
+            .replicated
+            .lock()
+            .expect("lock")
+            .drain()
+            .map(|(_, tx)| tx)
+            .collect();
         if let Some(e) = failure {
             for w in waiters {
                 for tx in [w.received, w.durable].into_iter().flatten() {
                     let _ = tx.send(Err(e.duplicate()));
                 }
+            }
+            for tx in replicated {
+                let _ = tx.send(Err(e.duplicate()));
             }
         }
     }
@@ -458,6 +494,9 @@ async fn pump(mut resp: Streaming<WriteResponse>, shared: Arc<Shared>) {
             Ok(Some(WriteResponse {
                 msg: Some(Out::Durable(a)),
             })) => shared.on_durable(a),
+            Ok(Some(WriteResponse {
+                msg: Some(Out::Replicated(a)),
+            })) => shared.on_replicated(a),
             Ok(Some(WriteResponse {
                 msg: Some(Out::Opened(_)),
             })) => Err(Error::Protocol("a second `opened` on one stream".into())),
@@ -482,6 +521,7 @@ pub struct FrameHandle {
     received: Option<oneshot::Receiver<Result<Ack>>>,
     received_ack: Option<Ack>,
     durable: oneshot::Receiver<Result<Ack>>,
+    replicated: oneshot::Receiver<Result<Ack>>,
 }
 
 fn gone() -> Error {
@@ -513,6 +553,14 @@ impl FrameHandle {
     /// Wait until the frame's bytes are fsynced (implies received).
     pub async fn durable(self) -> Result<Ack> {
         self.durable.await.map_err(|_| gone())?
+    }
+
+    /// Wait until the frame is in remote storage (a daemon started with
+    /// `--remote`; implies durable). Keep the writer open meanwhile: once
+    /// the request stream is closed the daemon sends no more `replicated`
+    /// acks. An error at once when the daemon does not replicate.
+    pub async fn replicated(self) -> Result<Ack> {
+        self.replicated.await.map_err(|_| gone())?
     }
 }
 
@@ -607,6 +655,7 @@ impl FrameWriter {
                 repaired: (!o.repaired.is_empty()).then_some(o.repaired),
                 shm_attached: o.shm_attached,
                 shm_refused: (!o.shm_refused.is_empty()).then_some(o.shm_refused),
+                replicating: o.replicating,
             },
             Some(other) => {
                 return Err(Error::Protocol(format!(
@@ -625,6 +674,7 @@ impl FrameWriter {
         let shared = Arc::new(Shared {
             progress: watch::Sender::new(Progress::default()),
             waiters: Mutex::new(VecDeque::new()),
+            replicated: Mutex::new(Default::default()),
             ring: Mutex::new(Ring::new(region.as_ref().map_or(0, Region::size))),
         });
         let pump = tokio::spawn(pump(resp, shared.clone()));
@@ -713,6 +763,18 @@ impl FrameWriter {
         let seq = self.next_seq;
         let (rtx, rrx) = oneshot::channel();
         let (dtx, drx) = oneshot::channel();
+        let (ptx, prx) = oneshot::channel();
+        if self.opened.replicating {
+            self.shared
+                .replicated
+                .lock()
+                .expect("lock")
+                .insert(seq, ptx);
+        } else {
+            let _ = ptx.send(Err(Error::WriterClosed(
+                "the daemon does not replicate (start it with --remote)".into(),
+            )));
+        }
         self.shared
             .waiters
             .lock()
@@ -732,6 +794,7 @@ impl FrameWriter {
             received: Some(rrx),
             received_ack: None,
             durable: drx,
+            replicated: prx,
         })
     }
 
@@ -953,6 +1016,17 @@ impl FrameWriter {
     /// Wait until every commit sent so far is durable (fsynced).
     pub async fn wait_durable(&self) -> Result<()> {
         self.wait("durable", |p| p.durable).await
+    }
+
+    /// Wait until every commit sent so far is in remote storage (a daemon
+    /// started with `--remote`).
+    pub async fn wait_replicated(&self) -> Result<()> {
+        if !self.opened.replicating {
+            return Err(Error::WriterClosed(
+                "the daemon does not replicate (start it with --remote)".into(),
+            ));
+        }
+        self.wait("replicated", |p| p.replicated).await
     }
 
     /// End the stream and wait for it to finish: every frame durable, or the

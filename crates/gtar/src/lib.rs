@@ -73,7 +73,7 @@ pub use index::{group_under, Entry, Index, FRAME_MARKER_GROUP};
 pub use path::{
     check_component, index_cmp, Behavior, Format, FrameIndex, RecordPath, RecordType, Resolution,
 };
-pub use reader::{Archive, EntryReader, OpenState};
+pub use reader::{Archive, EntryReader, OpenState, ReadAt};
 pub use repair::repair;
 pub use retention::{select, Best, Decision, Direction, FrameFacts, Policy, Reason};
 pub use scan::ScanReport;
@@ -81,7 +81,7 @@ pub use snapshot::{snapshot, snapshot_path, CommittedView, Snapshot};
 pub use writer::{
     ArchiveWriter, Committed, Compression, EntryWriter, OpenMode, Precompressed, Txn,
 };
-pub use zipfmt::CentralEntry;
+pub use zipfmt::{encode_tail, CentralEntry};
 
 /// Entries at least this large have their data written with `O_DIRECT` once
 /// [`ArchiveWriter::enable_direct_io`] is on (and start on a 4 KiB boundary).

@@ -45,11 +45,42 @@ pub struct Tail {
     pub entries: u64,
 }
 
-/// A read-only view of an archive: an open file and its index.
+/// Where an archive's bytes come from: a local file, or (in the daemon) an
+/// object store read by ranges. Positional and synchronous: callers run off
+/// any async worker, as for a file.
+pub trait ReadAt: Send + Sync + std::fmt::Debug {
+    /// Read up to `buf.len()` bytes at `offset`; 0 only at the end.
+    fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Read exactly `buf.len()` bytes at `offset`.
+    fn pread_exact(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.pread(buf, offset)? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ReadAt for File {
+    fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.read_at(buf, offset)
+    }
+    fn pread_exact(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+}
+
+/// A read-only view of an archive: its bytes and its index.
 #[derive(Debug, Clone)]
 pub struct Archive {
     path: PathBuf,
-    file: Arc<File>,
+    file: Arc<dyn ReadAt>,
     index: Arc<RwLock<Index>>,
     state: OpenState,
 }
@@ -94,6 +125,18 @@ impl Archive {
             index,
             state: OpenState::Clean,
         })
+    }
+
+    /// A view of an archive whose bytes come from `source` and whose index
+    /// the caller built (e.g. from a remote manifest). `path` names it in
+    /// messages.
+    pub fn from_source(path: PathBuf, source: Arc<dyn ReadAt>, index: Index) -> Archive {
+        Archive {
+            path,
+            file: source,
+            index: Arc::new(RwLock::new(index)),
+            state: OpenState::Clean,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -154,6 +197,14 @@ impl Archive {
         self.read_entry(&e)
     }
 
+    /// Where an entry's (possibly compressed) data starts.
+    pub fn data_offset(&self, e: &Entry) -> Result<u64, Error> {
+        match e.data_offset {
+            Some(o) => Ok(o),
+            None => local_data_offset(&*self.file, e),
+        }
+    }
+
     /// Read a whole entry into memory, checking size and CRC.
     pub fn read_entry(&self, e: &Entry) -> Result<Vec<u8>, Error> {
         let size = usize::try_from(e.cd.uncompressed_size)
@@ -178,9 +229,9 @@ impl Archive {
         if end < size && e.cd.method == METHOD_STORED {
             let data_offset = match e.data_offset {
                 Some(o) => o,
-                None => local_data_offset(&self.file, e)?,
+                None => local_data_offset(&*self.file, e)?,
             };
-            self.file.read_exact_at(&mut out, data_offset + start)?;
+            self.file.pread_exact(&mut out, data_offset + start)?;
             return Ok(out);
         }
         let mut r = self.entry_reader(e)?;
@@ -200,7 +251,7 @@ impl Archive {
     pub fn entry_reader(&self, e: &Entry) -> Result<EntryReader, Error> {
         let data_offset = match e.data_offset {
             Some(o) => o,
-            None => local_data_offset(&self.file, e)?,
+            None => local_data_offset(&*self.file, e)?,
         };
         let raw = PosReader {
             file: self.file.clone(),
@@ -234,7 +285,7 @@ impl Archive {
 
 /// Reads `[pos, end)` of a shared file with positional reads.
 struct PosReader {
-    file: Arc<File>,
+    file: Arc<dyn ReadAt>,
     pos: u64,
     end: u64,
 }
@@ -246,7 +297,7 @@ impl Read for PosReader {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(left) as usize;
-        let got = self.file.read_at(&mut buf[..n], self.pos)?;
+        let got = self.file.pread(&mut buf[..n], self.pos)?;
         if got == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -322,9 +373,9 @@ fn corrupt_io(name: &str, what: &str) -> io::Error {
 }
 
 /// Read an entry's local header to find where its data starts.
-pub(crate) fn local_data_offset(file: &File, e: &Entry) -> Result<u64, Error> {
+pub(crate) fn local_data_offset(file: &dyn ReadAt, e: &Entry) -> Result<u64, Error> {
     let mut h = [0u8; LOCAL_HEADER_LEN];
-    file.read_exact_at(&mut h, e.cd.local_header_offset)
+    file.pread_exact(&mut h, e.cd.local_header_offset)
         .map_err(|_| Error::Corrupt(format!("{}: local header is past the end", e.name())))?;
     if rd32(&h, 0) != LOCAL_SIG {
         return Err(Error::Corrupt(format!(
