@@ -215,6 +215,12 @@ struct ServeArgs {
     /// Where to write the token TCP requests must carry [default: tcp-PORT.token next to the default socket]
     #[arg(long, env = "GTAR_LOGD_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Replicate every archive to S3-compatible storage, s3://BUCKET/PREFIX, and serve archives that exist only there; endpoint and credentials from the AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP)
+    #[arg(long, env = "GTAR_LOGD_REMOTE", value_name = "s3://BUCKET/PREFIX")]
+    remote: Option<gtar_logd::remote::RemoteUrl>,
+    /// Durable bytes of one archive that may wait for upload before it is reported lagging (health, DescribeArchive, log); frames are still accepted and acked durable, and replication catches up from the local file
+    #[arg(long, env = "GTAR_LOGD_REMOTE_BACKLOG_BYTES", default_value_t = gtar_logd::limits::DEFAULT_REMOTE_BACKLOG_BYTES)]
+    remote_backlog_bytes: u64,
 }
 
 #[derive(clap::Args)]
@@ -230,12 +236,6 @@ struct WorkerArgs {
     /// Root or the admin group: may read ~USER/ archives.
     #[arg(long)]
     admin: bool,
-    /// Replicate every archive to S3-compatible storage, s3://BUCKET/PREFIX, and serve archives that exist only there; endpoint and credentials from the AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP)
-    #[arg(long, env = "GTAR_LOGD_REMOTE", value_name = "s3://BUCKET/PREFIX")]
-    remote: Option<gtar_logd::remote::RemoteUrl>,
-    /// Durable bytes of one archive that may wait for upload before it is reported lagging (health, DescribeArchive, log); frames are still accepted and acked durable, and replication catches up from the local file
-    #[arg(long, env = "GTAR_LOGD_REMOTE_BACKLOG_BYTES", default_value_t = gtar_logd::limits::DEFAULT_REMOTE_BACKLOG_BYTES)]
-    remote_backlog_bytes: u64,
 }
 
 impl ServeArgs {

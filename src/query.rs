@@ -171,7 +171,7 @@ pub fn locate(a: &Archive, e: &Entry) -> Result<Option<Location>, QueryError> {
     if e.cd.method != 0 {
         return Ok(None);
     }
-    let m = a.file_metadata().map_err(gtar::Error::Io)?;
+    let m = a.file_metadata()?;
     let file = std::path::absolute(a.path()).map_err(gtar::Error::Io)?;
     Ok(Some(Location {
         file: file.to_string_lossy().into_owned(),

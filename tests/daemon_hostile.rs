@@ -126,13 +126,8 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
     let uds = tmp.path().join("logd.sock");
     let log = tmp.path().join("daemon.log");
     let deadline = DEADLINE_S.to_string();
-    let mut d = ChildDaemon::spawn_with(
-        &data,
-        &uds,
-        None,
-        &log,
-        |c| {
-            c.args([
+    let mut d = ChildDaemon::spawn_with(&data, &uds, None, &log, |c| {
+        c.args([
             "--frame-deadline",
             deadline.as_str(),
             // Above the time the 20 big stallers hold the writer one after
@@ -144,8 +139,7 @@ fn hostile_clients_cannot_freeze_the_daemon_or_other_writers() {
             "--peer-streams",
             "200",
         ]);
-        },
-    );
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -133,7 +133,7 @@ pub fn compact(lease: &Lease, args: &LiveCompact) -> Result<LiveOutcome, LiveErr
     // T: the committed view. The lease keeps this file the archive's until
     // our own rename (module docs).
     let reader = handle.reader();
-    let file = reader.file().try_clone().map_err(gtar::Error::from)?;
+    let file = reader.file()?.try_clone().map_err(gtar::Error::from)?;
     let at_t: Index = reader.index().clone();
     drop(reader);
     let view = CommittedView::of_index(&file, &at_t)?;
@@ -287,9 +287,9 @@ pub fn snapshot(live: Option<Archive>, src: &Path, dst: &Path) -> Result<Snapped
         Some(reader) => {
             let view = {
                 let ix = reader.index();
-                CommittedView::of_index(reader.file(), &ix)?
+                CommittedView::of_index(reader.file()?, &ix)?
             };
-            gtar::snapshot(reader.file(), &view, dst)?
+            gtar::snapshot(reader.file()?, &view, dst)?
         }
         None => gtar::snapshot_path(src, dst)?,
     };

@@ -164,6 +164,9 @@ impl pb::SnapshotResponse {
             frame_count: s.frames as u64,
             reflinked_bytes: s.reflinked,
         }
+    }
+}
+
 /// An archive's replication state. `remote`: where it is replicated.
 pub fn replication(
     remote: String,

@@ -52,6 +52,12 @@ pub trait ReadAt: Send + Sync + std::fmt::Debug {
     /// Read up to `buf.len()` bytes at `offset`; 0 only at the end.
     fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
 
+    /// The local file, if the bytes are one (compaction, snapshot and
+    /// located reads need a file; a remote archive has none).
+    fn local_file(&self) -> Option<&File> {
+        None
+    }
+
     /// Read exactly `buf.len()` bytes at `offset`.
     fn pread_exact(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -73,6 +79,9 @@ impl ReadAt for File {
     }
     fn pread_exact(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_exact_at(buf, offset)
+    }
+    fn local_file(&self) -> Option<&File> {
+        Some(self)
     }
 }
 
@@ -144,9 +153,18 @@ impl Archive {
     }
 
     /// The open file: the one the index describes, even after a compaction
-    /// renamed another file over [`path`](Archive::path).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// renamed another file over [`path`](Archive::path). An error for an
+    /// archive read from remote storage (it has no local file).
+    pub fn file(&self) -> Result<&File, Error> {
+        self.file.local_file().ok_or_else(|| {
+            Error::Io(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{}: only in remote storage, no local file",
+                    self.path.display()
+                ),
+            ))
+        })
     }
 
     pub fn state(&self) -> &OpenState {
@@ -165,16 +183,8 @@ impl Archive {
 
     /// Metadata of the open file (owner, device and inode: what a reader
     /// that opens the path itself must find there).
-    pub fn file_metadata(&self) -> io::Result<std::fs::Metadata> {
-        self.file.metadata()
-    }
-
-    /// Where `e`'s (possibly compressed) data starts in the file.
-    pub fn data_offset(&self, e: &Entry) -> Result<u64, Error> {
-        match e.data_offset {
-            Some(o) => Ok(o),
-            None => local_data_offset(&self.file, e),
-        }
+    pub fn file_metadata(&self) -> Result<std::fs::Metadata, Error> {
+        Ok(self.file()?.metadata()?)
     }
 
     /// Read the current contents of `name` (the last entry of that name).
