@@ -389,6 +389,12 @@ async fn socket_activation_unnamed_tcp_only() {
     wait_for("the TCP listener", &mut p, || {
         std::net::TcpStream::connect(tcp).is_ok()
     });
+    // That connection started the daemon; it writes its TCP token as it
+    // starts, and a request sent before then is refused (UNAUTHENTICATED).
+    let address: logd::Address = tcp.to_string().parse().unwrap();
+    wait_for("the TCP token file", &mut p, || {
+        address.token().ok().flatten().is_some()
+    });
     let c = logd::Client::connect(&tcp.to_string()).await.unwrap();
     let f = [small_frame("0", 5)];
     write_client(&c, "one.zip", append(""), &f).await.unwrap();

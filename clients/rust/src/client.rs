@@ -1,6 +1,7 @@
 //! The async client: connect, then query or open a [`FrameWriter`].
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -25,16 +26,37 @@ pub type Transport = tonic::service::interceptor::InterceptedService<Channel, Au
 /// daemon cannot know who is asking ([`Address::token`]); nothing on a Unix
 /// socket.
 #[derive(Clone, Default)]
-pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub struct Auth {
+    /// On TCP, where the token comes from: read again until found, because a
+    /// socket-activated daemon writes its token file only once the first
+    /// connection has started it.
+    address: Option<Address>,
+    token: Arc<Mutex<Option<BearerValue>>>,
+}
+
+type BearerValue = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
+
+fn bearer(address: &Address) -> Result<Option<BearerValue>> {
+    address
+        .token()?
+        .map(|t| {
+            format!("Bearer {t}").parse().map_err(|_| Error::Address {
+                address: address.to_string(),
+                why: "the TCP token is not printable ASCII".into(),
+            })
+        })
+        .transpose()
+}
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the token.
-        f.write_str(if self.0.is_some() {
-            "Auth(token)"
-        } else {
-            "Auth(none)"
-        })
+        let known = self
+            .token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        f.write_str(if known { "Auth(token)" } else { "Auth(none)" })
     }
 }
 
@@ -43,7 +65,15 @@ impl tonic::service::Interceptor for Auth {
         &mut self,
         mut r: tonic::Request<()>,
     ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
+        let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if token.is_none() {
+            if let Some(a) = &self.address {
+                // An unreadable file now is reported by the daemon's answer
+                // (UNAUTHENTICATED names the file).
+                *token = bearer(a).ok().flatten();
+            }
+        }
+        if let Some(v) = &*token {
             r.metadata_mut().insert("authorization", v.clone());
         }
         Ok(r)
@@ -237,16 +267,11 @@ impl Client {
     /// Use a channel set up by the caller (TLS, timeouts, ...). On TCP the
     /// token is read as [`Address::token`] says.
     pub fn from_channel(channel: Channel, address: Address) -> Result<Client> {
-        let token = address
-            .token()?
-            .map(|t| {
-                format!("Bearer {t}").parse().map_err(|_| Error::Address {
-                    address: address.to_string(),
-                    why: "the TCP token is not printable ASCII".into(),
-                })
-            })
-            .transpose()?;
-        let inner = LogdClient::with_interceptor(channel, Auth(token))
+        let auth = Auth {
+            token: Arc::new(Mutex::new(bearer(&address)?)),
+            address: matches!(address, Address::Tcp(_)).then(|| address.clone()),
+        };
+        let inner = LogdClient::with_interceptor(channel, auth)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         Ok(Client { inner, address })
