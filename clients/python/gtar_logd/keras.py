@@ -198,10 +198,12 @@ class GTARLogger(keras.callbacks.Callback):
                 self._scalars = []
             if self.wait == "replicated":
                 self.writer.flush(self.durable_timeout, replicated=True)
+            # A background compaction first flushes the writer: let it
+            # finish before the writer closes.
+            self._join_compaction()
             self.writer.close(self.durable_timeout)
             if self.keep is not None:
                 # The policy over the final state (every frame is durable now).
-                self._join_compaction()
                 self._compact()
         finally:
             self._join_compaction()
