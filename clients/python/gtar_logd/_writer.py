@@ -452,15 +452,11 @@ class Writer:
             if not self._replicating:
                 raise WriteFailed(f"gtar-logd at {self.client.address!r} does not replicate "
                                   f"{self.archive!r}: start it with --remote s3://BUCKET/PREFIX")
-            while self._awaiting_repl and self._error is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise DurabilityTimeout(
-                        f"gtar-logd: {len(self._awaiting_repl)} durable commit(s) of "
-                        f"{self.archive!r} were not acknowledged as replicated within "
-                        f"{timeout:.0f} s (is the object store reachable? see the daemon's "
-                        f"health and log; they stay durable locally and are uploaded when it is)")
-                self._cond.wait(1.0 if left is None else min(left, 1.0))
+            self._wait_while(lambda: self._awaiting_repl, deadline, lambda: (
+                f"gtar-logd: {len(self._awaiting_repl)} durable commit(s) of "
+                f"{self.archive!r} were not acknowledged as replicated within "
+                f"{timeout:.0f} s (is the object store reachable? see the daemon's "
+                f"health and log; they stay durable locally and are uploaded when it is)"))
             self._check()
             if self._repl_unconfirmed:
                 n, self._repl_unconfirmed = len(self._repl_unconfirmed), []
@@ -471,16 +467,21 @@ class Writer:
 
     def _flush_durable(self, deadline, timeout) -> None:
         with self._cond:
-            while self._pending and self._error is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise DurabilityTimeout(
-                        f"gtar-logd: {_summary(self._pending.values())} for {self.archive!r} "
-                        f"were not acknowledged as durable within {timeout:.0f} s. "
-                        f"Is the daemon at {self.client.address!r} running and its disk "
-                        f"writable? (reconnects so far: {self.reconnects})")
-                self._cond.wait(1.0 if left is None else min(left, 1.0))
+            self._wait_while(lambda: self._pending, deadline, lambda: (
+                f"gtar-logd: {_summary(self._pending.values())} for {self.archive!r} "
+                f"were not acknowledged as durable within {timeout:.0f} s. "
+                f"Is the daemon at {self.client.address!r} running and its disk "
+                f"writable? (reconnects so far: {self.reconnects})"))
             self._check()
+
+    def _wait_while(self, busy, deadline, timed_out) -> None:
+        """With the condition held: wait while `busy()` and no error; past
+        `deadline`, raise DurabilityTimeout with the message `timed_out()`."""
+        while busy() and self._error is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise DurabilityTimeout(timed_out())
+            self._cond.wait(1.0 if left is None else min(left, 1.0))
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (up to `timeout`), then end the stream."""
