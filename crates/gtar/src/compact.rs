@@ -553,19 +553,8 @@ pub struct Compacted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::writer::tests::bytes;
     use crate::{ArchiveWriter, Compression, OpenMode};
-
-    fn bytes(seed: u64, n: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     /// Frames 0..n of a run in group "run" (one large tensor, one small,
     /// deflated), a metric per frame, a constant rewritten every frame, and

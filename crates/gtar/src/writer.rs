@@ -803,11 +803,13 @@ impl EntryWriter<'_, '_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::direct::DIRECT_STAGE;
 
-    fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    /// Deterministic pseudo-random bytes (xorshift), shared by the crate's
+    /// unit tests.
+    pub(crate) fn bytes(seed: u64, n: usize) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|_| {
