@@ -18,7 +18,7 @@ export GTAR_ORACLE_PYTHON=$ORACLE/bin/python
 # --- Python client (clients/python): real daemon, Keras 3 on JAX (CPU) ----------
 CLIENT=$ROOT/.venv-client
 CLIENT_REQS=("jax[cpu]==0.10.2" "keras==3.15.1" "ml_dtypes>=0.5" "grpcio==1.85.1" "grpcio-tools==1.85.1" "protobuf>=7.35.1,<8" "h5py" "safetensors==0.8.0" "pytest")
-if [ ! -x "$CLIENT/bin/python" ] || ! "$CLIENT/bin/python" -c 'import jax, keras, ml_dtypes, grpc, grpc_tools, safetensors, pytest' 2>/dev/null; then
+if [ ! -x "$CLIENT/bin/python" ] || ! KERAS_BACKEND=jax "$CLIENT/bin/python" -c 'import jax, keras, ml_dtypes, grpc, grpc_tools, safetensors, pytest' 2>/dev/null; then
   echo "== setting up $CLIENT (Python client tests)"
   python3 -m venv "$CLIENT"
   "$CLIENT/bin/pip" install -q --disable-pip-version-check "${CLIENT_REQS[@]}"

@@ -434,7 +434,12 @@ pub struct Registry {
     runtime: tokio::runtime::Handle,
     slots: Mutex<HashMap<PathBuf, Slot>>,
     started: Instant,
+    /// Set (under `slots`' lock) when shutdown starts: no writer starts after.
     closed: std::sync::atomic::AtomicBool,
+    /// Threads of writers that retired while idle and may still be closing
+    /// their archive: shutdown joins them, so the process never exits
+    /// before their last central directory and fsync are done.
+    retired: Mutex<Vec<JoinHandle<()>>>,
     /// Counts writer failures; see [`Registry::watch_failures`].
     failures: Arc<watch::Sender<u64>>,
 }
@@ -447,6 +452,7 @@ impl Registry {
             slots: Mutex::new(HashMap::new()),
             started: Instant::now(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            retired: Mutex::new(Vec::new()),
             failures: Arc::new(watch::channel(0).0),
         })
     }
@@ -473,10 +479,12 @@ impl Registry {
     /// Claim the writer of `path`, starting it (and repairing the archive)
     /// if needed. Blocking: call from `spawn_blocking`.
     pub fn acquire(self: &Arc<Self>, path: &Path, mode: OpenMode) -> Result<Lease, WriterError> {
+        let mut slots = self.slots.lock().unwrap();
+        // Checked under the lock shutdown drains the slots with, so no writer
+        // can start after shutdown has collected the ones to close.
         if self.closed.load(Ordering::SeqCst) {
             return Err(WriterError::ShuttingDown);
         }
-        let mut slots = self.slots.lock().unwrap();
         if let Some(slot) = slots.get(path) {
             let h = slot.handle.clone();
             h.check_ok()?;
@@ -643,8 +651,11 @@ impl Registry {
     /// Close every writer: abort frames in progress, write central
     /// directories, fsync, join the threads. Blocking.
     pub fn shutdown(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        let slots: Vec<(PathBuf, Slot)> = self.slots.lock().unwrap().drain().collect();
+        let slots: Vec<(PathBuf, Slot)> = {
+            let mut slots = self.slots.lock().unwrap();
+            self.closed.store(true, Ordering::SeqCst);
+            slots.drain().collect()
+        };
         for (_, s) in &slots {
             // A full queue still closes: dropping every sender ends the loop too.
             let _ = s.handle.tx.try_send(Job::Close);
@@ -655,6 +666,12 @@ impl Registry {
                 if t.join().is_err() {
                     tracing::error!(archive = %path.display(), "writer thread panicked during shutdown");
                 }
+            }
+        }
+        let retired = std::mem::take(&mut *self.retired.lock().unwrap());
+        for t in retired {
+            if t.join().is_err() {
+                tracing::error!("a retired writer thread panicked while closing");
             }
         }
     }
@@ -674,7 +691,10 @@ impl Registry {
             .get(path)
             .is_some_and(|s| Arc::ptr_eq(&s.handle.shared, shared));
         if ours && shared.streams.load(Ordering::SeqCst) == 0 && queue_empty() {
-            slots.remove(path);
+            let thread = slots.remove(path).and_then(|mut s| s.thread.take());
+            let mut retired = self.retired.lock().unwrap();
+            retired.retain(|t| !t.is_finished());
+            retired.extend(thread);
             return true;
         }
         false
