@@ -47,6 +47,31 @@ pub struct Options {
     pub token_file: Option<PathBuf>,
     pub remote: Option<crate::remote::RemoteUrl>,
     pub remote_backlog_bytes: u64,
+    /// `--worker-idle`: a multi-user worker with no connection for this
+    /// long exits (the next connection starts a new one); zero: never.
+    pub worker_idle: Duration,
+}
+
+impl Options {
+    /// The server's configuration from these options: the part a
+    /// single-user daemon and a multi-user worker share.
+    fn server_config(&self, data_dir: PathBuf) -> server::Config {
+        let mut cfg = server::Config::new(data_dir);
+        cfg.max_tensor_bytes = self.max_tensor_bytes;
+        cfg.limits.queue_frames = self
+            .queue_frames
+            .max(crate::service::ingest::FRAMES_IN_FLIGHT);
+        cfg.limits.direct_io = self.direct_io;
+        cfg.limits.frame_deadline = self.frame_deadline;
+        cfg.shared_memory = self.shared_memory;
+        cfg.grace = self.grace;
+        cfg.stream_idle = self.stream_idle;
+        cfg.connection_idle = self.connection_idle;
+        cfg.peer_limits = self.peer_limits.clone();
+        cfg.remote = self.remote.clone();
+        cfg.remote_backlog_bytes = self.remote_backlog_bytes;
+        cfg
+    }
 }
 
 /// What a worker of the multi-user service adds to [`Options`].
@@ -58,6 +83,9 @@ pub struct WorkerOptions {
     pub user_name: String,
     /// Root or the admin group: may read `~USER/` archives.
     pub admin: bool,
+    /// Exit after this long without a connection (`serve --worker-idle`);
+    /// `None`: never.
+    pub idle_exit: Option<Duration>,
 }
 
 /// Where the multi-user service listens unless told otherwise.
@@ -166,24 +194,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             ..o.listen.clone()
         };
         let bound = listen::bind_all(request, activation).await?;
-        let mut cfg = server::Config::new(data_dir);
-        cfg.max_tensor_bytes = o.max_tensor_bytes;
-        cfg.limits.queue_frames = o.queue_frames.max(crate::service::ingest::FRAMES_IN_FLIGHT);
-        cfg.limits.direct_io = o.direct_io;
-        cfg.shared_memory = o.shared_memory;
-        cfg.grace = o.grace;
+        let mut cfg = o.server_config(data_dir);
         let token_file = tcp_token(&o, &bound.listeners)?;
         if let Some(f) = &token_file {
             let t = crate::auth::create(f)?;
             tracing::info!(token_file = %f.display(), "TCP requests need `authorization: Bearer <token>` from this file");
             cfg.tcp_token = Some(std::sync::Arc::new(t));
         }
-        cfg.limits.frame_deadline = o.frame_deadline;
-        cfg.stream_idle = o.stream_idle;
-        cfg.connection_idle = o.connection_idle;
-        cfg.peer_limits = o.peer_limits.clone();
-        cfg.remote = o.remote.clone();
-        cfg.remote_backlog_bytes = o.remote_backlog_bytes;
         let shutdown = CancellationToken::new();
         cancel_on_signal(shutdown.clone());
         let addrs: Vec<String> = bound.listeners.iter().map(|l| l.describe()).collect();
@@ -209,7 +226,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     })
 }
 
-/// The arguments every worker gets: this daemon's tunables.
+/// The arguments every worker gets: every tunable of this daemon (the
+/// per-peer limits then apply per user: a worker's peers are one uid).
 fn worker_args(o: &Options) -> Vec<std::ffi::OsString> {
     [
         format!("--max-tensor-bytes={}", o.max_tensor_bytes),
@@ -218,6 +236,13 @@ fn worker_args(o: &Options) -> Vec<std::ffi::OsString> {
         format!("--shared-memory={}", o.shared_memory),
         format!("--grace-secs={}", o.grace.as_secs()),
         format!("--writer-stall-secs={}", o.writer_stall.as_secs()),
+        format!("--frame-deadline={}", o.frame_deadline.as_secs()),
+        format!("--stream-idle={}", o.stream_idle.as_secs()),
+        format!("--connection-idle={}", o.connection_idle.as_secs()),
+        format!("--peer-streams={}", o.peer_limits.streams),
+        format!("--peer-bytes-in-flight={}", o.peer_limits.bytes_in_flight),
+        format!("--peer-archives={}", o.peer_limits.archives),
+        format!("--idle-exit-secs={}", o.worker_idle.as_secs()),
         format!("--log={}", o.log),
     ]
     .into_iter()
@@ -370,13 +395,8 @@ pub fn run_worker(o: Options, w: WorkerOptions) -> anyhow::Result<()> {
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         cancel_on_signal(shutdown.clone());
-        let incoming = crate::users::incoming(chan, shutdown.clone())?;
-        let mut cfg = server::Config::new(data_dir);
-        cfg.max_tensor_bytes = o.max_tensor_bytes;
-        cfg.limits.queue_frames = o.queue_frames.max(crate::service::ingest::FRAMES_IN_FLIGHT);
-        cfg.limits.direct_io = o.direct_io;
-        cfg.shared_memory = o.shared_memory;
-        cfg.grace = o.grace;
+        let incoming = crate::users::incoming(chan, shutdown.clone(), w.idle_exit)?;
+        let mut cfg = o.server_config(data_dir);
         cfg.others = Some((w.users_dir, w.admin));
         tracing::info!(user = %w.user_name, admin = w.admin, "worker serving");
         server::run(

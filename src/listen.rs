@@ -535,7 +535,7 @@ pub enum Listener {
     Tcp(tokio::net::TcpListener),
     /// Unix connections accepted by someone else and handed over: a
     /// multi-user worker's connections from its dispatcher (`users`).
-    Handed(tokio_stream::wrappers::ReceiverStream<io::Result<tokio::net::UnixStream>>),
+    Handed(crate::users::Handed),
 }
 
 impl Listener {

@@ -221,6 +221,14 @@ struct ServeArgs {
     /// Durable bytes of one archive that may wait for upload before it is reported lagging (health, DescribeArchive, log); frames are still accepted and acked durable, and replication catches up from the local file
     #[arg(long, env = "GTAR_LOGD_REMOTE_BACKLOG_BYTES", default_value_t = gtar_logd::limits::DEFAULT_REMOTE_BACKLOG_BYTES)]
     remote_backlog_bytes: u64,
+    /// With --multi-user: seconds a user's worker process may go without a connection before it exits (the user's next connection starts a new one); 0: never
+    #[arg(
+        long,
+        env = "GTAR_LOGD_WORKER_IDLE",
+        default_value_t = 600,
+        value_name = "SECS"
+    )]
+    worker_idle: u64,
 }
 
 #[derive(clap::Args)]
@@ -236,6 +244,9 @@ struct WorkerArgs {
     /// Root or the admin group: may read ~USER/ archives.
     #[arg(long)]
     admin: bool,
+    /// Exit after this many seconds without a connection (0: never).
+    #[arg(long, default_value_t = 0)]
+    idle_exit_secs: u64,
 }
 
 impl ServeArgs {
@@ -272,6 +283,7 @@ impl ServeArgs {
             token_file: self.token_file,
             remote: self.remote,
             remote_backlog_bytes: self.remote_backlog_bytes,
+            worker_idle: Duration::from_secs(self.worker_idle),
         }
     }
 }
@@ -287,6 +299,7 @@ fn main() -> ExitCode {
                 users_dir: w.users_dir,
                 user_name: w.user_name,
                 admin: w.admin,
+                idle_exit: (w.idle_exit_secs > 0).then(|| Duration::from_secs(w.idle_exit_secs)),
             },
         ),
         Cmd::Frames { archive, group } => {

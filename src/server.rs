@@ -263,7 +263,9 @@ pub async fn run(
                     .spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
             Listener::Handed(h) => {
-                servers.spawn(router.serve_with_incoming_shutdown(h, stop.cancelled_owned()));
+                let incoming = h.map(move |c| c.map(|c| Idle::new(c, idle)));
+                servers
+                    .spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
         }
     }

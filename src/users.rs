@@ -111,19 +111,119 @@ fn recv_fd(chan: RawFd) -> io::Result<Option<Option<OwnedFd>>> {
     Ok(Some(got))
 }
 
+/// A connection a worker serves; counts itself in [`Handed::live`] until
+/// dropped (what the idle exit watches).
+pub struct Conn {
+    inner: tokio::net::UnixStream,
+    live: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The connections a worker is handed, as a stream for `serve_with_incoming`.
+pub type Handed = tokio_stream::wrappers::ReceiverStream<io::Result<Conn>>;
+
+/// How often an idle worker looks whether it has been idle long enough.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The worker's side: connections arriving on `chan`, as a stream for
 /// `serve_with_incoming`. Cancels `ended` when the channel ends.
+///
+/// With `idle_exit`, a worker that has had no connection for that long
+/// retires: it shuts down its side of the channel for reading, so the
+/// dispatcher's next `send_fd` fails with `EPIPE` and starts a fresh worker
+/// (`route`); a connection already queued on the channel is still received
+/// and served, and the worker ends once that is closed too. No connection
+/// is lost to the race between the two.
 pub fn incoming(
     chan: OwnedFd,
     ended: CancellationToken,
-) -> io::Result<tokio_stream::wrappers::ReceiverStream<io::Result<tokio::net::UnixStream>>> {
+    idle_exit: Option<std::time::Duration>,
+) -> io::Result<Handed> {
+    use std::sync::atomic::Ordering::SeqCst;
     // SAFETY: an OwnedFd is a valid open descriptor that stays open and the
     // same until the AsyncFd (its owner) is dropped.
     let afd = unsafe { AsyncFd::register(chan) }.map_err(|e| io::Error::other(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     tokio::spawn(async move {
+        let mut idle_since = Some(tokio::time::Instant::now());
+        let mut retiring = false;
+        let mut tick = tokio::time::interval(IDLE_CHECK);
         loop {
-            let mut guard = match afd.readable().await {
+            let readable = tokio::select! {
+                r = afd.readable() => r,
+                _ = tick.tick(), if !retiring && idle_exit.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    if live.load(SeqCst) > 0 {
+                        idle_since = None;
+                    } else if now - *idle_since.get_or_insert(now) >= idle_exit.expect("checked") {
+                        tracing::info!(idle = ?idle_exit.expect("checked"), "no connection for a while: exiting (the next connection starts a new worker)");
+                        // SAFETY: shutdown(2) on our own open socket.
+                        if unsafe { libc::shutdown(afd.get_ref().as_raw_fd(), libc::SHUT_RD) } != 0 {
+                            tracing::warn!(error = %io::Error::last_os_error(), "cannot retire the channel; staying up");
+                            idle_since = None;
+                            continue;
+                        }
+                        retiring = true;
+                    }
+                    continue;
+                }
+            };
+            let mut guard = match readable {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::error!(error = %e, "connection channel failed");
@@ -132,6 +232,7 @@ pub fn incoming(
             };
             match guard.try_io(|fd| recv_fd(fd.as_raw_fd())) {
                 Err(_would_block) => continue,
+                Ok(Ok(None)) if retiring => break,
                 Ok(Ok(None)) => {
                     tracing::info!("the dispatcher closed the channel; shutting down");
                     break;
@@ -141,7 +242,14 @@ pub fn incoming(
                     let s = std::os::unix::net::UnixStream::from(fd);
                     let s = s
                         .set_nonblocking(true)
-                        .and_then(|()| tokio::net::UnixStream::from_std(s));
+                        .and_then(|()| tokio::net::UnixStream::from_std(s))
+                        .map(|inner| {
+                            live.fetch_add(1, SeqCst);
+                            Conn {
+                                inner,
+                                live: live.clone(),
+                            }
+                        });
                     if tx.send(s).await.is_err() {
                         break;
                     }
@@ -151,6 +259,10 @@ pub fn incoming(
                     break;
                 }
             }
+        }
+        // A retiring worker serves what it took off the channel to the end.
+        while retiring && live.load(SeqCst) > 0 {
+            tokio::time::sleep(IDLE_CHECK).await;
         }
         ended.cancel();
     });
@@ -387,7 +499,8 @@ fn route(o: &DispatchOptions, workers: &Workers, uid: u32, conn: RawFd) -> io::R
                     ))
                 }
                 Err(e) => {
-                    tracing::warn!(uid, pid = w.pid, error = %e, "worker gone; starting a new one");
+                    // EPIPE: it retired while idle (see `incoming`) or died.
+                    tracing::info!(uid, pid = w.pid, error = %e, "the worker has gone; starting a new one");
                 }
             }
         }
@@ -498,22 +611,51 @@ mod tests {
             send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
             drop(b);
             let end = CancellationToken::new();
-            let mut s = incoming(theirs, end.clone()).unwrap();
+            let mut s = incoming(theirs, end.clone(), None).unwrap();
             use tokio_stream::StreamExt;
             let got = s.next().await.unwrap().unwrap();
             assert_eq!(
-                got.peer_cred().unwrap().pid(),
+                got.inner.peer_cred().unwrap().pid(),
                 Some(std::process::id() as i32)
             );
             use std::io::Write;
             let mut a = a;
             a.write_all(b"x").unwrap();
             let mut buf = [0u8; 1];
-            got.readable().await.unwrap();
-            assert_eq!(got.try_read(&mut buf).unwrap(), 1);
+            got.inner.readable().await.unwrap();
+            assert_eq!(got.inner.try_read(&mut buf).unwrap(), 1);
             drop(ours);
             assert!(s.next().await.is_none());
             end.cancelled().await;
+        });
+    }
+
+    #[test]
+    fn an_idle_worker_retires_only_when_its_connections_are_gone() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (ours, theirs) = channel().unwrap();
+            let end = CancellationToken::new();
+            let idle = std::time::Duration::from_millis(1);
+            let mut s = incoming(theirs, end.clone(), Some(idle)).unwrap();
+            use tokio_stream::StreamExt;
+            // A live connection keeps the worker up past the idle limit.
+            let (_a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
+            let got = s.next().await.unwrap().unwrap();
+            tokio::time::sleep(IDLE_CHECK * 3).await;
+            assert!(!end.is_cancelled());
+            send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
+            let second = s.next().await.unwrap().unwrap();
+            // With both gone it retires: the dispatcher's next hand-over
+            // fails (EPIPE), which makes it start a new worker.
+            drop((got, second));
+            end.cancelled().await;
+            let e = send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EPIPE), "{e}");
         });
     }
 

@@ -94,13 +94,14 @@ class Users:
 class Service:
     """`gtar-logd serve --multi-user` on a temp socket and data dir."""
 
-    def __init__(self, base: pathlib.Path, admin_group: str | None = None):
+    def __init__(self, base: pathlib.Path, admin_group: str | None = None, name: str = "s",
+                 extra: tuple = ()):
         self.base = base
-        self.data = base / "data"
-        self.uds = str(base / "s.sock")
-        self.log_path = base / "dispatcher.log"
+        self.data = base / f"data-{name}"
+        self.uds = str(base / f"{name}.sock")
+        self.log_path = base / f"dispatcher-{name}.log"
         args = [str(base / "gtar-logd"), "serve", "--multi-user", "--data-dir", str(self.data),
-                "--uds", self.uds, "--log", "info"]
+                "--uds", self.uds, "--log", "info", *extra]
         if admin_group:
             args += ["--admin-group", admin_group]
         with open(self.log_path, "ab") as log:
@@ -119,7 +120,7 @@ class Service:
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def worker_pids(self, user: str) -> list[int]:
-        """Pids of `gtar-logd worker` processes running as `user`."""
+        """Pids of this service's `gtar-logd worker` processes running as `user`."""
         import pwd
         uid = pwd.getpwnam(user).pw_uid
         out = []
@@ -132,7 +133,7 @@ class Service:
                 cmd = (p / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if len(cmd) > 1 and cmd[1] == b"worker":
+            if len(cmd) > 1 and cmd[1] == b"worker" and str(self.data).encode() in b" ".join(cmd):
                 out.append(int(p.name))
         return out
 
@@ -338,6 +339,28 @@ def test_kill9_of_a_worker_loses_nothing_durable_and_the_next_connection_gets_a_
     as_user(w, w["b"], "write", {"archive": "runs/crash.zip", "frames": [3], "value": 4.0})
     got = as_user(w, w["b"], "read", {"archive": "runs/crash.zip"})
     assert got["frames"] == ["0", "1", "2", "3"] and got["last"] == 4.0, got
+
+
+def test_an_idle_worker_exits_and_the_next_connection_starts_a_new_one(world):
+    w = world
+    svc = Service(w["base"], name="idle", extra=("--worker-idle", "2"))
+    try:
+        as_user(w, w["a"], "write", {"archive": "runs/idle.zip", "frames": [0, 1], "value": 5.0},
+                address=svc.address)
+        first = svc.worker_pids(w["a"])
+        assert len(first) == 1, first
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{first[0]}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{first[0]}"), "the idle worker did not exit\n" + svc.log()
+        assert "no connection for a while" in svc.log(), svc.log()
+        # The archive was closed in order, and a new worker serves A.
+        got = as_user(w, w["a"], "read", {"archive": "runs/idle.zip"}, address=svc.address)
+        assert got["frames"] == ["0", "1"] and got["last"] == 5.0, got
+        again = svc.worker_pids(w["a"])
+        assert len(again) == 1 and again != first, (first, again)
+    finally:
+        assert svc.stop() == 0, svc.log()
 
 
 def test_multi_user_refuses_tcp(world):
