@@ -279,12 +279,18 @@ class Writer:
         a Unix socket; the daemon refuses it (and we send bytes as usual)
         when it runs as another user. False: never. True: also try over TCP
         (it will be refused: for tests).
+    :param share_group: let other streams that also ask to share write the
+        same archive and group at the same time (e.g. several processes of
+        one job). Without it, a second live stream on the same archive and
+        group is refused with an error naming the one writing it, so two runs
+        can't interleave their frames by accident.
     """
 
     def __init__(self, client, archive: str, mode: str = "append", group: str | None = None,
                  compression: int = 0, max_pending_bytes: int = 1 << 30,
                  reconnect_timeout: float = 120.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 open_timeout: float = 10.0, shared_memory: bool | None = None):
+                 open_timeout: float = 10.0, shared_memory: bool | None = None,
+                 share_group: bool = False):
         if mode not in ("append", "create"):
             raise ValueError(f"mode must be 'append' or 'create', not {mode!r}")
         self.client = client
@@ -292,6 +298,7 @@ class Writer:
         self.group = group or ""
         self.mode = mode
         self.compression = compression
+        self.share_group = bool(share_group)
         self.max_pending_bytes = int(max_pending_bytes)
         self.reconnect_timeout = reconnect_timeout
         self.chunk_bytes = int(chunk_bytes)
@@ -752,7 +759,7 @@ class Writer:
         shm = None if region is None else pb.SharedMemory(fd=region.fd, size=region.size)
         yield pb.WriteRequest(open=pb.OpenArchive(
             archive=self.archive, mode=mode, group=self.group, compression=self.compression,
-            shm=shm))
+            shm=shm, share_group=self.share_group))
         use_shm = False
         if region is not None:
             # Whether shm_chunks may be sent is in the answer to `open`.

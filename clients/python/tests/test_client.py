@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gtar_logd
-from gtar_logd import Client, DaemonUnavailable, NotFound
+from gtar_logd import Client, DaemonUnavailable, GtarLogdError, NotFound
 from gtar_logd.client import group_to_key, key_to_group
 
 HERE = __import__("pathlib").Path(__file__).resolve().parent
@@ -393,3 +393,24 @@ def test_located_reads_match_streamed_reads_and_are_checked(daemon, client, arch
     os.replace(tmp, loc.file)
     with pytest.raises(GtarLogdError, match="was replaced"):
         _Files("test").read(loc, verify=False)
+
+
+def test_a_second_writer_of_the_same_group_is_refused_naming_the_first_unless_both_share(
+        client, archive):
+    x = np.arange(4, dtype=np.float32)
+    with client.writer(archive) as w1:
+        w1.write_tensors(0, {"w": x})
+        w1.flush(timeout=30)
+        # Refused when it opens, naming the process that holds the group.
+        with pytest.raises(GtarLogdError) as e:
+            client.writer(archive)
+        msg = str(e.value)
+        assert f"pid {os.getpid()}" in msg and "share" in msg, msg
+    # Two writers that both share may write the same group at once.
+    with client.writer(archive, share_group=True) as a, \
+            client.writer(archive, share_group=True) as b:
+        a.write_tensors(2, {"w": x})
+        b.write_tensors(3, {"w": x + 1})
+        a.flush(timeout=30)
+        b.flush(timeout=30)
+    assert client.list_frames(archive) == ["0", "2", "3"]
