@@ -84,7 +84,9 @@ def _group(tid, main_tid, pyname, comm):
         return "XLA compute"
     if pyname and pyname.startswith("gtar-logd"):
         return "gtar-logd writer"
-    if ("consume_request_iterator" in (pyname or "") or "grpc" in comm
+    # grpcio's Python threads (the channel's spin thread, the one that
+    # consumes the request iterator) run its ForkManagedThread._run.
+    if (pyname or "").endswith("(_run)") or ("grpc" in comm
             or comm.startswith(("event_engine", "default-execu", "lifeguard", "resolver"))):
         return "gRPC"
     return "other"
@@ -110,22 +112,37 @@ def thread_cpu():
 
 
 class Probe:
-    """CPU and wall time of one `fit`: whole process, by thread group, daemon."""
+    """CPU and wall time of one `fit`: whole process, by thread group, daemon.
+
+    The writer's and gRPC's threads end with the run: a sampler thread keeps
+    each thread's last reading (every 0.2 s), so their CPU is not lost to
+    'other'. The sampler itself runs in every run, logged or not."""
 
     def __init__(self, daemon_pid):
         self.daemon_pid = daemon_pid
 
+    def _sample(self):
+        while not self._stop.wait(0.2):
+            self.last.update(thread_cpu())
+
     def __enter__(self):
         self.t0, self.c0 = time.perf_counter(), cpu_seconds(os.getpid())
         self.d0, self.th0 = cpu_seconds(self.daemon_pid), thread_cpu()
+        self.last = dict(self.th0)
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, name="bench-sampler", daemon=True)
+        self._sampler.start()
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.t0
         self.cpu = cpu_seconds(os.getpid()) - self.c0
         self.daemon = cpu_seconds(self.daemon_pid) - self.d0
+        self._stop.set()
+        self._sampler.join()
+        self.last.update(thread_cpu())
         self.groups = collections.Counter()
-        for tid, (g, c) in thread_cpu().items():
+        for tid, (g, c) in self.last.items():
             self.groups[g] += c - self.th0.get(tid, (g, 0.0))[1]
         self.groups["other"] += self.cpu - sum(self.groups.values())
 
@@ -252,7 +269,8 @@ def whole_run(model, d, base, samples, rounds, with_orbax):
               f"CPU {med(cpu):+6.1f} % (rounds {', '.join(f'{o:+.1f}' for o in cpu)})")
         print(f"      per save, medians: stall {med(stall):.0f} ms (its CPU {med(scpu):.0f} ms); "
               f"this process's CPU {med(beyond):+.0f} ms beyond the unlogged runs, {rest:+.0f} ms "
-              f"beyond the stall's ({rest / med(stall):.1f}x the stall, target < 2x); daemon "
+              f"beyond the stall's = {rest / med(stall):.1f}x the stall (target < 2x; "
+              f"{rest / med(scpu):.1f}x the stall's CPU); daemon "
               f"CPU {med(daemon):.0f} ms; "
               f"each epoch after the first {med(steady):+.0f} ms; wait at train end "
               f"{med(end):.0f} ms")
@@ -288,33 +306,34 @@ def main():
         print("    (stall per save against get_weights, per backend: bench_stall.py)")
 
         # --- 3. end-to-end throughput, 100 MB frames ---
-        frame = {f"w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())}
-        fb = sum(a.nbytes for a in frame.values())
         n = int(os.environ.get("BENCH_FRAMES", "5"))
-        print(f"\n[3] Python -> daemon over UDS, {n} frames of {fb / 1e6:.1f} MB, durable:")
-        rates = {}
-        me = os.getpid()
-        for how, shm in (("socket", False), ("shared memory", None), ("socket", False)):
-            with Client(d.address) as c:
-                with c.writer("bench/throughput.zip", mode="create", max_pending_bytes=3 * fb,
-                              shared_memory=shm) as w:
-                    caller = 0.0
-                    c0, dc0, t0 = cpu_seconds(me), cpu_seconds(d.proc.pid), time.perf_counter()
-                    for i in range(n):
-                        tc = time.thread_time()
-                        w.write_tensors(str(i), frame)
-                        caller += time.thread_time() - tc
-                    w.flush(600)
-                    el = time.perf_counter() - t0
-                    cpu, dcpu = cpu_seconds(me) - c0, cpu_seconds(d.proc.pid) - dc0
-            rates.setdefault(how, []).append(n * fb / el)
-            # What a save costs in CPU wherever it runs: the caller's share is
-            # the training thread's stall; the rest competes with training.
-            print(f"    bytes via {how:13s}: {n / el:.2f} frames/s, {n * fb / el / 1e6:.0f} MB/s; "
-                  f"CPU per frame: calling thread {1e3 * caller / n:.1f} ms, this process's "
-                  f"other threads {1e3 * max(cpu - caller, 0) / n:.1f} ms, daemon {1e3 * dcpu / n:.1f} ms")
-        print(f"    ratio shared memory / socket (mean of the two socket runs): "
-              f"{rates['shared memory'][0] / statistics.mean(rates['socket']):.2f}")
+        if n:
+            frame = {f"w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())}
+            fb = sum(a.nbytes for a in frame.values())
+            print(f"\n[3] Python -> daemon over UDS, {n} frames of {fb / 1e6:.1f} MB, durable:")
+            rates = {}
+            me = os.getpid()
+            for how, shm in (("socket", False), ("shared memory", None), ("socket", False)):
+                with Client(d.address) as c:
+                    with c.writer("bench/throughput.zip", mode="create", max_pending_bytes=3 * fb,
+                                  shared_memory=shm) as w:
+                        caller = 0.0
+                        c0, dc0, t0 = cpu_seconds(me), cpu_seconds(d.proc.pid), time.perf_counter()
+                        for i in range(n):
+                            tc = time.thread_time()
+                            w.write_tensors(str(i), frame)
+                            caller += time.thread_time() - tc
+                        w.flush(600)
+                        el = time.perf_counter() - t0
+                        cpu, dcpu = cpu_seconds(me) - c0, cpu_seconds(d.proc.pid) - dc0
+                rates.setdefault(how, []).append(n * fb / el)
+                # What a save costs in CPU wherever it runs: the caller's share is
+                # the training thread's stall; the rest competes with training.
+                print(f"    bytes via {how:13s}: {n / el:.2f} frames/s, {n * fb / el / 1e6:.0f} MB/s; "
+                      f"CPU per frame: calling thread {1e3 * caller / n:.1f} ms, this process's "
+                      f"other threads {1e3 * max(cpu - caller, 0) / n:.1f} ms, daemon {1e3 * dcpu / n:.1f} ms")
+            print(f"    ratio shared memory / socket (mean of the two socket runs): "
+                  f"{rates['shared memory'][0] / statistics.mean(rates['socket']):.2f}")
     finally:
         d.stop()
         d.cleanup()

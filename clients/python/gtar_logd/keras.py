@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from . import _keras_layout as L
-from ._keras_frames import (host_copy, model_units, optimizer_entries,  # noqa: F401 (API)
+from ._keras_frames import (host_copy, host_view, model_units, optimizer_entries,  # noqa: F401 (API)
                             weight_entries, weights_meta)
 from ._writer import Unit
 from .client import Client
