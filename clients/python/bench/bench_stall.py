@@ -129,7 +129,8 @@ def main():
         if why_not:
             print(f"keras_gtar 1.1.0: not measured ({why_not}); see setup_keras_gtar.sh")
         print(f"ratio GTARLogger stall / get_weights = {med(wall['GTARLogger']) / gw:.2f} "
-              f"(target <= 1.0); the copy into shared memory ~ "
+              f"(target <= 1.0); by the training thread's CPU (steadier under load) "
+              f"{med(cpu['GTARLogger']) / med(cpu['get_weights']):.2f}; the copy into shared memory ~ "
               f"{(med(wall['GTARLogger']) - med(wall['  of which host_view'])) * 1e3:.1f} ms")
         st = logger.stats
         print(f"GTARLogger: {st['durable']} units durable, {st['shm_bytes'] / 1e6:.0f} MB through "
