@@ -337,6 +337,7 @@ def main():
     finally:
         d.stop()
         d.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ a copy (`host_view`), and the copy into shared memory. No assertions.
 Torch: KERAS_BACKEND=torch with a CPU torch wheel installed, by hand.
 """
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -138,6 +139,7 @@ def main():
     finally:
         d.stop()
         d.cleanup()
+        shutil.rmtree(base, ignore_errors=True)  # ~1 GB of archives
 
 
 if __name__ == "__main__":
