@@ -12,22 +12,53 @@ from ._names import VALUE_NAME
 from ._writer import tensor
 
 
+def host_view(variable) -> np.ndarray:
+    """The variable's current value as a host NumPy array, without a copy
+    where the backend allows it: the one copy a snapshot needs is the
+    caller's (into shared memory, or `host_copy`'s).
+
+    * jax: a view of the immutable array (on CPU); it stays valid, and
+      unchanged, after the variable is updated.
+    * tensorflow: `read_value()` shares the variable's buffer (copy-on-write:
+      an update while the read is alive copies), and `_numpy()` is a view of
+      it. `Variable.numpy()` and `keras.ops.convert_to_numpy` copy.
+    * torch: `detach().numpy()` shares the CPU tensor's storage, which the
+      optimizer updates in place: a view, not a snapshot.
+    Other devices, dtypes NumPy lacks (torch's bfloat16) and other backends:
+    Keras's own conversion, which copies.
+    """
+    value = variable.value if hasattr(variable, "value") else variable
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return np.asarray(value)
+    if backend == "tensorflow":
+        read = getattr(value, "read_value", None)
+        t = read() if read is not None else value
+        numpy = getattr(t, "_numpy", None)  # EagerTensor: its host buffer (a copy off CPU)
+        if numpy is not None:
+            return numpy()
+    elif backend == "torch":
+        t = value.detach()
+        if t.device.type == "cpu" and str(t.dtype) != "torch.bfloat16":
+            return t.numpy()
+    # np.array inside: a copy, and torch refuses .numpy() on a tensor that
+    # requires grad.
+    return keras.ops.convert_to_numpy(value)
+
+
 def host_copy(variable, copy: str = "auto") -> np.ndarray:
     """A host numpy array holding the variable's current value.
 
     With the JAX backend values are immutable arrays, so a NumPy view of one
     (no copy on CPU) stays valid after the variable is updated. Other
-    backends (tensorflow, torch) update in place, so we copy. `copy='always'`
-    forces a copy; `copy='never'` takes whatever the backend's conversion
-    gives, which is a snapshot only where values are immutable.
+    backends (tensorflow, torch) update in place, so we copy -- once: a copy
+    of `host_view`. `copy='always'` forces a copy; `copy='never'` returns
+    `host_view`, a snapshot only where values are immutable.
     """
-    value = variable.value if hasattr(variable, "value") else variable
-    if keras.backend.backend() == "jax" and copy != "always":
-        return np.asarray(value)
-    # convert_to_numpy, not np.asarray: torch refuses .numpy() on a tensor that
-    # requires grad, and keras knows how to bring a value to the host.
-    a = keras.ops.convert_to_numpy(value)
-    return a if copy == "never" else np.array(a, copy=True)
+    a = host_view(variable)
+    if copy == "never" or (copy == "auto" and keras.backend.backend() == "jax"):
+        return a
+    return np.array(a, copy=True)
 
 
 def weights_meta(model) -> dict:

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from . import _keras_layout as L
-from ._keras_frames import (host_copy, model_units, optimizer_entries,  # noqa: F401 (API)
+from ._keras_frames import (host_copy, host_view, model_units, optimizer_entries,  # noqa: F401 (API)
                             weight_entries, weights_meta)
 from ._writer import Unit
 from .client import Client
@@ -147,6 +147,7 @@ class GTARLogger(keras.callbacks.Callback):
         #: after a resume: {'frame', 'epoch', 'step', 'optimizer'} of what was restored
         self.resumed = None
         self.batches = 0  # batches trained in all (continued on resume)
+        self._count_lock = threading.Lock()
         self._epoch = 0  # the current epoch, Keras's number
         self._epoch_steps = None  # batches in an epoch, once one has ended
         self._initial_epoch_before = None
@@ -224,7 +225,28 @@ class GTARLogger(keras.callbacks.Callback):
         self._save(self.batches, "pre_batch", batch=batch, step=self.batches,
                    epochs_done=self._epoch if batch == 0 else None)
 
+    @property
+    def async_safe(self):
+        """Whether Keras may run `on_train_batch_end` on its thread pool.
+
+        Keras waits for every step's logs on the training thread when a
+        callback has a batch-end hook that is not async-safe, so JAX cannot
+        queue the next step meanwhile; that alone cost training more than a
+        100 MB save every epoch. Unless frames or metrics are per batch, our
+        hook only counts batches (under a lock: the pool has several
+        threads; Keras waits for them before `on_epoch_end`)."""
+        return self.when in ("post_epoch", "pre_epoch") and self.log_metrics in ("epoch", "none")
+
     def on_train_batch_end(self, batch, logs=None):
+        if not self.async_safe:
+            self._batch_end(batch, logs)
+            return
+        with self._count_lock:
+            self.batches += 1
+            if self._batch_in_epoch is None or batch > self._batch_in_epoch:
+                self._batch_in_epoch = batch
+
+    def _batch_end(self, batch, logs):
         if self.log_metrics in ("batch", "both") and logs:
             self._metrics("batch", self.batches + self.step_offset, logs)
         steps = (self.params or {}).get("steps") or self._epoch_steps

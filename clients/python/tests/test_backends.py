@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gtar_logd import Trajectory
-from gtar_logd.keras import GTARLogger, host_copy, optimizer_entries, weight_entries
+from gtar_logd.keras import GTARLogger, host_copy, host_view, optimizer_entries, weight_entries
 from kerasutil import Capture, data, make_model, same
 
 EPOCHS = 3
@@ -86,3 +86,22 @@ def test_frames_are_snapshots_not_views():
     assert np.array_equal(host_copy(v, copy="never"), two)
     with pytest.raises(ValueError, match="copy must be"):
         GTARLogger("x.zip", copy="no")
+
+
+def test_the_snapshot_is_one_copy():
+    """The save's one copy is the caller's (into shared memory, or
+    host_copy's): reading a variable as a host array copies nothing on jax and
+    tensorflow (torch too, by hand), so two reads share their bytes; and
+    host_copy's copy owns its memory."""
+    v = keras.Variable(np.arange(12, dtype="float32").reshape(4, 3))
+    a, b = host_view(v), host_view(v)
+    assert np.array_equal(a, np.arange(12, dtype="float32").reshape(4, 3))
+    assert np.shares_memory(a, b), "host_view copied the variable"
+    c = host_copy(v, copy="always")
+    assert not np.shares_memory(c, a)
+    assert c.flags.owndata and np.array_equal(c, a)
+    # What GTARLogger stages: views (with shared memory) of every weight.
+    model = make_model(seed=14)
+    views, _ = weight_entries(model, copy="never")
+    again, _ = weight_entries(model, copy="never")
+    assert all(np.shares_memory(x[4], y[4]) for x, y in zip(views, again))

@@ -177,3 +177,26 @@ def test_unreachable_daemon_at_train_begin(tmp_path):
     logger = GTARLogger("x.zip", address="unix:" + str(tmp_path / "none.sock"))
     with pytest.raises(DaemonUnavailable, match="gtar-logd serve"):
         fit(make_model(), [logger], epochs=1)
+
+
+def test_epoch_frames_keep_kerass_async_dispatch(daemon, archive):
+    """With frames per epoch, GTARLogger's batch hook only counts, so Keras
+    may run it on its thread pool and not wait for each step's logs (with JAX
+    the next step stays queued); the counts are still exact. Per-batch frames
+    or metrics need the hook in order, on the training thread."""
+    model = make_model(seed=15)
+    logger = GTARLogger(archive, address=daemon.address)
+    assert logger.async_safe
+    if keras.backend.backend() == "jax":  # IS_THREAD_SAFE: Keras dispatches asynchronously
+        cbs = keras.callbacks.CallbackList([logger], model=model)
+        assert cbs._async_train  # Keras's own switch (private): what this is for
+    fit(model, [logger])
+    assert logger.batches == EPOCHS * STEPS
+    with Trajectory(archive, address=daemon.address) as t:
+        assert t.frames == [str(e) for e in range(EPOCHS)]
+        for e in range(EPOCHS):
+            p = t.progress(str(e))
+            assert (p["step"], p["epochs_done"]) == ((e + 1) * STEPS, e + 1)
+    for kw in ({"when": "post_batch"}, {"when": "pre_batch"}, {"log_metrics": "batch"},
+               {"log_metrics": "both"}):
+        assert not GTARLogger(archive, **kw).async_safe
