@@ -219,6 +219,7 @@ fn worker_args(o: &Options) -> Vec<std::ffi::OsString> {
         format!("--grace-secs={}", o.grace.as_secs()),
         format!("--writer-stall-secs={}", o.writer_stall.as_secs()),
         format!("--log={}", o.log),
+        format!("--remote-backlog-bytes={}", o.remote_backlog_bytes),
     ]
     .into_iter()
     .map(Into::into)
@@ -275,6 +276,7 @@ fn run_dispatcher(o: Options) -> anyhow::Result<()> {
         users_dir: data_dir.join("users"),
         admin_gid,
         worker_args: worker_args(&o),
+        remote: o.remote.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
