@@ -380,7 +380,10 @@ pub fn run_worker(o: Options, w: WorkerOptions) -> anyhow::Result<()> {
         cfg.shared_memory = o.shared_memory;
         cfg.grace = o.grace;
         cfg.others = Some((w.users_dir, w.admin));
-        tracing::info!(user = %w.user_name, admin = w.admin, "worker serving");
+        // The dispatcher's --remote, under this user's prefix (users::user_remote).
+        cfg.remote = o.remote.clone();
+        cfg.remote_backlog_bytes = o.remote_backlog_bytes;
+        tracing::info!(user = %w.user_name, admin = w.admin, remote = ?o.remote.as_ref().map(|r| r.to_string()), "worker serving");
         server::run(
             vec![listen::Listener::Handed(incoming)],
             cfg,
