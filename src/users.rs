@@ -348,7 +348,8 @@ fn start_worker(
         cmd.arg("--admin");
     }
     if let Some(r) = &o.remote {
-        cmd.arg("--remote").arg(user_remote(r, &who.name).to_string());
+        cmd.arg("--remote")
+            .arg(user_remote(r, &who.name).to_string());
     }
     cmd.env_clear()
         .env("HOME", &who.home)
@@ -359,8 +360,7 @@ fn start_worker(
         // The store's endpoint and credentials (the service's environment).
         cmd.envs(std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("AWS_")));
     }
-    cmd
-        .current_dir("/")
+    cmd.current_dir("/")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
     let (uid, gid, groups) = (who.uid, who.gid, who.groups.clone());

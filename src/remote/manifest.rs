@@ -162,7 +162,10 @@ impl Stored {
         match s.format.as_str() {
             FORMAT if s.segments.is_empty() && s.entries.is_empty() => Ok(s),
             FORMAT_V1 if s.packs.is_empty() => Ok(s),
-            FORMAT | FORMAT_V1 => Err(format!("manifest format {:?} with packs and inline contents", s.format)),
+            FORMAT | FORMAT_V1 => Err(format!(
+                "manifest format {:?} with packs and inline contents",
+                s.format
+            )),
             f => Err(format!(
                 "manifest format {f:?}, this gtar-logd reads {FORMAT:?} and {FORMAT_V1:?}"
             )),
@@ -430,7 +433,10 @@ mod tests {
         let mut m = Manifest::new("g".into());
         let mut objects = HashMap::new();
         objects.extend(m.push("s0".into(), 100, vec![entry("a", 0, 10)], "n").packs);
-        objects.extend(m.push("s1".into(), 50, vec![entry("b", 100, 10)], "n").packs);
+        objects.extend(
+            m.push("s1".into(), 50, vec![entry("b", 100, 10)], "n")
+                .packs,
+        );
         assert_eq!(m.end, 150);
         assert_eq!(reread(&m, &objects), m);
         let mut gap = m.clone();
@@ -486,19 +492,39 @@ mod tests {
         let mut objects = HashMap::new();
         let mut bytes = Vec::new();
         let frame = |k: u64| -> Vec<RemoteEntry> {
-            (0..4).map(|t| entry(&format!("frame/{k}/model/w{t}.f32.uni"), k * 1000 + t * 200, 100)).collect()
+            (0..4)
+                .map(|t| {
+                    entry(
+                        &format!("frame/{k}/model/w{t}.f32.uni"),
+                        k * 1000 + t * 200,
+                        100,
+                    )
+                })
+                .collect()
         };
         for k in 0..10_000u64 {
-            let c = m.push(format!("@seg/g-{:020}", k * 1000), 1000, frame(k), &format!("{k:x}"));
+            let c = m.push(
+                format!("@seg/g-{:020}", k * 1000),
+                1000,
+                frame(k),
+                &format!("{k:x}"),
+            );
             bytes.push(c.bytes());
             for r in &c.retired {
-                assert!(objects.contains_key(r), "a retired pack was uploaded before");
+                assert!(
+                    objects.contains_key(r),
+                    "a retired pack was uploaded before"
+                );
             }
             objects.extend(c.packs);
             if k % 997 == 0 || k == 9_999 {
                 assert_eq!(reread(&m, &objects), m, "after {k} frames");
             }
-            assert!(m.packs.len() <= (FANOUT - 1) * 6 + 1, "{} packs", m.packs.len());
+            assert!(
+                m.packs.len() <= (FANOUT - 1) * 6 + 1,
+                "{} packs",
+                m.packs.len()
+            );
         }
         let mean = |r: std::ops::Range<usize>| {
             bytes[r.clone()].iter().sum::<usize>() as f64 / r.len() as f64

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
-use object_store::path::Path as Key;
 use object_store::multipart::MultipartStore;
+use object_store::path::Path as Key;
 use object_store::{GetOptions, ObjectStore, ObjectStoreExt, UpdateVersion};
 
 use crate::error::{Classify, Kind};

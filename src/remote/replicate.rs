@@ -283,7 +283,10 @@ impl Replicator {
         let pending = tokio::task::spawn_blocking(move || j.read())
             .await
             .map_err(|e| self.remote.err(e))?
-            .map_err(|e| self.remote.err(format!("{}: {e}", journal.path().display())))?;
+            .map_err(|e| {
+                self.remote
+                    .err(format!("{}: {e}", journal.path().display()))
+            })?;
         for p in pending {
             let key = object_store::path::Path::from(p.key.as_str());
             match self.remote.multipart().abort_multipart(&key, &p.id).await {
@@ -295,7 +298,12 @@ impl Replicator {
                     tracing::info!(archive = %name, object = %key, upload = %p.id, "aborted a multipart upload a crash left");
                     self.unjournal(&journal, &p.id).await;
                 }
-                Err(e) => return Err(self.remote.err(format!("aborting the multipart upload {} of {key}: {e}", p.id))),
+                Err(e) => {
+                    return Err(self.remote.err(format!(
+                        "aborting the multipart upload {} of {key}: {e}",
+                        p.id
+                    )))
+                }
             }
         }
         let store = self.remote.store();
@@ -398,10 +406,9 @@ impl Replicator {
             .and_then(|r| r);
         if let Err(e) = journaled {
             let _ = mp.abort_multipart(key, &id).await;
-            return Err(self.remote.err(format!(
-                "{}: {e}",
-                journal.path().display()
-            )));
+            return Err(self
+                .remote
+                .err(format!("{}: {e}", journal.path().display())));
         }
         let parts = len.div_ceil(REMOTE_PART as u64) as usize;
         let res: Result<Vec<_>, RemoteError> = futures::stream::iter(0..parts)
