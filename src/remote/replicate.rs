@@ -470,7 +470,9 @@ impl Replicator {
             .collect();
         let rel = format!("{SEGMENTS}/{}-{from:020}", m.generation);
         let key = self.remote.key_of(name, &rel);
+        let t0 = std::time::Instant::now();
         self.put_segment(view.path(), &key, from, target).await?;
+        let segment_secs = t0.elapsed().as_secs_f64();
         let mut next = m.clone();
         let commit = next.push(rel, target - from, entries, &new_generation());
         let store = self.remote.store();
@@ -508,7 +510,7 @@ impl Replicator {
             }
             Err(e) => return Err(self.remote.err(e)),
         };
-        tracing::debug!(archive = %name, from, len = target - from, "replicated");
+        tracing::debug!(archive = %name, from, len = target - from, segment_secs, commit_secs = t0.elapsed().as_secs_f64() - segment_secs, "replicated");
         Ok((
             next,
             UpdateVersion {
