@@ -7,6 +7,11 @@
 //!   requests one remote read of the tensor makes after the first (counted
 //!   by the remote reader the daemon uses, run in this process).
 //!
+//! - the metadata (packs and manifest) one commit uploads at 10 and at
+//!   10,000 frames, computed by the daemon's own commit planner
+//!   (`Manifest::push`), next to what format 1 (the whole directory per
+//!   commit) uploaded.
+//!
 //! `cargo bench --bench remote` (GTAR_BENCH_ROUNDS, default 3).
 
 #[path = "../tests/common/daemon.rs"]
@@ -50,7 +55,53 @@ fn frame(k: u64) -> FrameSpec {
     }
 }
 
+/// Metadata bytes per commit of frames of 8 tensors, averaged over commits
+/// `at - window .. at` (merges included).
+fn manifest_cost() {
+    use gtar_logd::remote::manifest::{Manifest, RemoteEntry};
+    let mut m = Manifest::new("18c0ffee000011".into());
+    let mut per_commit = Vec::new();
+    let mut v1 = Vec::new();
+    for k in 0..10_000u64 {
+        let entries: Vec<RemoteEntry> = (0..8)
+            .map(|t| RemoteEntry {
+                name: format!("frames/{k}/model/layer{t}/kernel.f32.uni"),
+                method: 0,
+                flags: 0,
+                crc32: 0x1234_5678,
+                csize: 1 << 20,
+                usize: 1 << 20,
+                offset: k * 9_000_000 + t * 1_100_000,
+                data: Some(k * 9_000_000 + t * 1_100_000 + 80),
+            })
+            .collect();
+        let c = m.push(
+            format!("@seg/18c0ffee000011-{:020}", k * 9_000_000),
+            9_000_000,
+            entries,
+            &format!("{k:x}"),
+        );
+        per_commit.push(c.bytes());
+        if k == 9 || k == 9_999 {
+            // Format 1 put the whole manifest, entries inline, every commit.
+            v1.push(serde_json::to_vec(&m.entries).unwrap().len() + 64 * m.segments.len());
+        }
+    }
+    let mean = |r: std::ops::Range<usize>| {
+        per_commit[r.clone()].iter().sum::<usize>() as f64 / r.len() as f64
+    };
+    let (a, b) = (mean(0..10), mean(10_000 - 4096..10_000));
+    println!(
+        "manifest bytes uploaded per commit (8-tensor frames, merges amortized): {a:.0} at 10 frames, {b:.0} at 10,000 frames (ratio {:.2}); format 1 uploaded {} and {} (ratio {:.0})",
+        b / a,
+        v1[0],
+        v1[1],
+        v1[1] as f64 / v1[0] as f64
+    );
+}
+
 fn main() {
+    manifest_cost();
     let rounds: usize = std::env::var("GTAR_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())

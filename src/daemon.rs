@@ -244,6 +244,7 @@ fn worker_args(o: &Options) -> Vec<std::ffi::OsString> {
         format!("--peer-archives={}", o.peer_limits.archives),
         format!("--idle-exit-secs={}", o.worker_idle.as_secs()),
         format!("--log={}", o.log),
+        format!("--remote-backlog-bytes={}", o.remote_backlog_bytes),
     ]
     .into_iter()
     .map(Into::into)
@@ -300,6 +301,7 @@ fn run_dispatcher(o: Options) -> anyhow::Result<()> {
         users_dir: data_dir.join("users"),
         admin_gid,
         worker_args: worker_args(&o),
+        remote: o.remote.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -398,7 +400,10 @@ pub fn run_worker(o: Options, w: WorkerOptions) -> anyhow::Result<()> {
         let incoming = crate::users::incoming(chan, shutdown.clone(), w.idle_exit)?;
         let mut cfg = o.server_config(data_dir);
         cfg.others = Some((w.users_dir, w.admin));
-        tracing::info!(user = %w.user_name, admin = w.admin, "worker serving");
+        // The dispatcher's --remote, under this user's prefix (users::user_remote).
+        cfg.remote = o.remote.clone();
+        cfg.remote_backlog_bytes = o.remote_backlog_bytes;
+        tracing::info!(user = %w.user_name, admin = w.admin, remote = ?o.remote.as_ref().map(|r| r.to_string()), "worker serving");
         server::run(
             vec![listen::Listener::Handed(incoming)],
             cfg,

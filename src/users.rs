@@ -365,6 +365,26 @@ pub struct DispatchOptions {
     /// Arguments after `gtar-logd worker` every worker gets (the serve
     /// tunables); the channel, data directory and role are added per user.
     pub worker_args: Vec<OsString>,
+    /// `serve --remote`: each worker replicates to its own prefix of it,
+    /// `PREFIX/users/<name>` (see [`user_remote`]).
+    pub remote: Option<crate::remote::RemoteUrl>,
+}
+
+/// The remote storage of `user`'s worker: `PREFIX/users/<name>` under the
+/// service's `--remote`, so users' archive names never collide in the
+/// bucket. The credentials are the service's (its AWS_* environment, passed
+/// to the worker): the prefix separates names, it is not an access
+/// boundary (see docs/systemd.md).
+pub fn user_remote(service: &crate::remote::RemoteUrl, user: &str) -> crate::remote::RemoteUrl {
+    let prefix = if service.prefix.is_empty() {
+        format!("users/{user}")
+    } else {
+        format!("{}/users/{user}", service.prefix)
+    };
+    crate::remote::RemoteUrl {
+        bucket: service.bucket.clone(),
+        prefix,
+    }
 }
 
 struct Worker {
@@ -439,12 +459,20 @@ fn start_worker(
     if who.is_admin(o.admin_gid) {
         cmd.arg("--admin");
     }
+    if let Some(r) = &o.remote {
+        cmd.arg("--remote")
+            .arg(user_remote(r, &who.name).to_string());
+    }
     cmd.env_clear()
         .env("HOME", &who.home)
         .env("USER", &who.name)
         .env("LOGNAME", &who.name)
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .current_dir("/")
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    if o.remote.is_some() {
+        // The store's endpoint and credentials (the service's environment).
+        cmd.envs(std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("AWS_")));
+    }
+    cmd.current_dir("/")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
     let (uid, gid, groups) = (who.uid, who.gid, who.groups.clone());
@@ -598,6 +626,19 @@ pub async fn dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_user_replicates_under_its_own_prefix() {
+        let url = |s: &str| s.parse::<crate::remote::RemoteUrl>().unwrap();
+        assert_eq!(
+            user_remote(&url("s3://b/ckpt/"), "alice").to_string(),
+            "s3://b/ckpt/users/alice"
+        );
+        assert_eq!(
+            user_remote(&url("s3://b"), "bob").to_string(),
+            "s3://b/users/bob"
+        );
+    }
 
     #[test]
     fn a_passed_connection_keeps_its_peer() {

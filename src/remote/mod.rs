@@ -5,20 +5,25 @@
 //! * `PREFIX/NAME/@seg/<generation>-<offset, 20 digits>`: immutable segments,
 //!   each the exact bytes of the local file between two commit points (one
 //!   or more whole frames, never part of one);
-//! * `PREFIX/NAME/@manifest.json`: the commit point (see [`manifest`]):
-//!   the segments in order and the central directory, replaced only by a
-//!   conditional put (`If-Match` the e-tag it replaces, `If-None-Match: *`
-//!   for the first) once every segment it lists is uploaded.
+//! * `PREFIX/NAME/@pack/<generation>-<end>-<level>-<nonce>`: immutable
+//!   packs, each the segment list and central-directory entries of one range
+//!   of the archive (see [`manifest`]);
+//! * `PREFIX/NAME/@manifest.json`: the commit point: the generation, the end
+//!   and the packs in order, replaced only by a conditional put (`If-Match`
+//!   the e-tag it replaces, `If-None-Match: *` for the first) once every
+//!   segment and pack it lists is uploaded.
 //!
 //! Invariants:
 //! * A reader sees only what a committed manifest lists: never a partial
 //!   frame; the archive is materialized as segments ++ the manifest's tail.
-//! * Upload cost per frame is its bytes plus one manifest put; the local file
+//! * Upload cost per frame is its bytes plus its metadata (a small pack,
+//!   amortized merges, a manifest of O(log frames) pack references); the local file
 //!   is the backlog (read back with pread), so a slow store costs no memory
 //!   and never blocks the writer or `durable` acks (see [`replicate`]).
 //! * Every call that touches the store from blocking code goes through the
 //!   runtime handle (`block_on` on a blocking thread, never an async worker).
 
+pub mod journal;
 pub mod manifest;
 pub mod replicate;
 pub mod source;
@@ -30,11 +35,12 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as Key;
-use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutPayload, UpdateVersion};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt, UpdateVersion};
 
 use crate::error::{Classify, Kind};
-use manifest::Manifest;
+use manifest::{Manifest, Pack, Stored};
 pub use source::RemoteSource;
 
 /// Name of the manifest object in an archive's directory.
@@ -103,6 +109,13 @@ impl std::fmt::Display for RemoteUrl {
     }
 }
 
+/// What [`Remote::load`] found.
+enum Loaded {
+    Got(Manifest, UpdateVersion),
+    NotModified,
+    NotFound,
+}
+
 /// One remote archive read view, cached.
 struct Cached {
     archive: gtar::Archive,
@@ -117,8 +130,12 @@ pub struct Remote {
     /// The endpoint, for messages ("the AWS default" when none is set).
     pub endpoint: String,
     store: Arc<dyn ObjectStore>,
+    /// The same store, for multipart uploads by id (see [`journal`]).
+    multipart: Arc<dyn MultipartStore>,
     rt: tokio::runtime::Handle,
     cache: Mutex<HashMap<String, Cached>>,
+    /// Packs read (immutable), by full key.
+    packs: Mutex<HashMap<String, Arc<Pack>>>,
     /// Requests made by remote reads (GETs of segments and manifests).
     pub read_requests: Arc<AtomicU64>,
 }
@@ -144,12 +161,15 @@ impl Remote {
                     "remote storage {url} at {endpoint}: {e} (configured from AWS_* variables)"
                 ))
             })?;
+        let store = Arc::new(store);
         Ok(Remote {
             url,
             endpoint,
-            store: Arc::new(store),
+            multipart: store.clone(),
+            store,
             rt,
             cache: Mutex::new(HashMap::new()),
+            packs: Mutex::new(HashMap::new()),
             read_requests: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -197,23 +217,89 @@ impl Remote {
         &self,
         name: &str,
     ) -> Result<Option<(Manifest, UpdateVersion)>, RemoteError> {
+        match self.load(name, None).await? {
+            Loaded::Got(m, v) => Ok(Some((m, v))),
+            Loaded::NotFound => Ok(None),
+            Loaded::NotModified => unreachable!("asked without an e-tag"),
+        }
+    }
+
+    /// GET `name`'s manifest (unless it still has e-tag `known`) and the
+    /// packs it lists (immutable: each fetched once, then cached). A pack
+    /// that is gone was merged by a commit since the manifest was read:
+    /// read the manifest again.
+    async fn load(&self, name: &str, known: Option<String>) -> Result<Loaded, RemoteError> {
         let key = self.key(name, MANIFEST);
-        self.read_requests.fetch_add(1, Ordering::Relaxed);
-        match self.store.get(&key).await {
-            Ok(r) => {
-                let version = UpdateVersion {
-                    e_tag: r.meta.e_tag.clone(),
-                    version: r.meta.version.clone(),
+        let corrupt = |why| RemoteError::Corrupt {
+            name: name.into(),
+            why,
+        };
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let opts = GetOptions {
+                if_none_match: known.clone(),
+                ..Default::default()
+            };
+            self.read_requests.fetch_add(1, Ordering::Relaxed);
+            let r = match self.store.get_opts(&key, opts).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotModified { .. }) => return Ok(Loaded::NotModified),
+                Err(object_store::Error::NotFound { .. }) => return Ok(Loaded::NotFound),
+                Err(e) => return Err(self.err(e)),
+            };
+            let version = UpdateVersion {
+                e_tag: r.meta.e_tag.clone(),
+                version: r.meta.version.clone(),
+            };
+            let body = r.bytes().await.map_err(|e| self.err(e))?;
+            let stored = Stored::parse(&body).map_err(corrupt)?;
+            let mut packs = Vec::with_capacity(stored.packs.len());
+            let mut gone = false;
+            for p in &stored.packs {
+                let pkey = self.key(name, &p.key);
+                let cached = self.packs.lock().unwrap().get(pkey.as_ref()).cloned();
+                let pack = match cached {
+                    Some(pack) => pack,
+                    None => {
+                        self.read_requests.fetch_add(1, Ordering::Relaxed);
+                        let got = match self.store.get(&pkey).await {
+                            Ok(g) => g.bytes().await.map_err(|e| self.err(e))?,
+                            Err(object_store::Error::NotFound { .. }) if tries < 5 => {
+                                gone = true;
+                                break;
+                            }
+                            Err(e) => return Err(corrupt(format!("pack {}: {e}", p.key))),
+                        };
+                        let pack = Arc::new(Pack::parse(&got).map_err(corrupt)?);
+                        self.packs
+                            .lock()
+                            .unwrap()
+                            .insert(pkey.to_string(), pack.clone());
+                        pack
+                    }
                 };
-                let body = r.bytes().await.map_err(|e| self.err(e))?;
-                let m = Manifest::parse(&body).map_err(|why| RemoteError::Corrupt {
-                    name: name.into(),
-                    why,
-                })?;
-                Ok(Some((m, version)))
+                packs.push(pack);
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err(e)),
+            if gone {
+                continue;
+            }
+            {
+                // Forget this archive's packs the manifest no longer lists.
+                let dir = format!("{}/", self.key(name, manifest::PACKS));
+                let listed: std::collections::HashSet<String> = stored
+                    .packs
+                    .iter()
+                    .map(|p| self.key(name, &p.key).to_string())
+                    .collect();
+                self.packs
+                    .lock()
+                    .unwrap()
+                    .retain(|k, _| !k.starts_with(&dir) || listed.contains(k));
+            }
+            let refs: Vec<&Pack> = packs.iter().map(|p| p.as_ref()).collect();
+            let m = Manifest::assemble(stored, &refs).map_err(corrupt)?;
+            return Ok(Loaded::Got(m, version));
         }
     }
 
@@ -273,35 +359,22 @@ impl Remote {
                 .clone()
                 .map(|t| (t, c.archive.clone(), c.manifest.clone()))
         });
-        let key = self.key(name, MANIFEST);
-        let opts = GetOptions {
-            if_none_match: known.as_ref().map(|k| k.0.clone()),
-            ..Default::default()
-        };
-        self.read_requests.fetch_add(1, Ordering::Relaxed);
-        let got = self.rt.block_on(self.store.get_opts(&key, opts));
+        let got = self
+            .rt
+            .block_on(self.load(name, known.as_ref().map(|k| k.0.clone())))?;
         let (manifest, e_tag) = match got {
-            Err(object_store::Error::NotModified { .. }) => {
+            Loaded::NotModified => {
                 let (_, a, m) = known.expect("asked with an e-tag");
                 if let Some(c) = self.cache.lock().unwrap().get_mut(name) {
                     c.checked = Instant::now();
                 }
                 return Ok((a, m));
             }
-            Err(object_store::Error::NotFound { .. }) => {
+            Loaded::NotFound => {
                 self.cache.lock().unwrap().remove(name);
                 return Err(RemoteError::NotFound(name.into()));
             }
-            Err(e) => return Err(self.err(e)),
-            Ok(r) => {
-                let tag = r.meta.e_tag.clone();
-                let body = self.rt.block_on(r.bytes()).map_err(|e| self.err(e))?;
-                let m = Manifest::parse(&body).map_err(|why| RemoteError::Corrupt {
-                    name: name.into(),
-                    why,
-                })?;
-                (Arc::new(m), tag)
-            }
+            Loaded::Got(m, v) => (Arc::new(m), v.e_tag),
         };
         let src = RemoteSource::new(
             self.store.clone(),
@@ -398,6 +471,10 @@ impl Remote {
         &self.store
     }
 
+    pub(crate) fn multipart(&self) -> &Arc<dyn MultipartStore> {
+        &self.multipart
+    }
+
     pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
         &self.rt
     }
@@ -409,10 +486,6 @@ impl Remote {
 
     pub(crate) fn key_of(&self, name: &str, rel: &str) -> Key {
         self.key(name, rel)
-    }
-
-    pub(crate) fn payload(b: Vec<u8>) -> PutPayload {
-        PutPayload::from(b)
     }
 }
 

@@ -26,22 +26,29 @@
 //!   CREATE), a new generation is uploaded from offset 0 and replaces the
 //!   manifest; any other mismatch (an archive of the same name created here
 //!   while the store was unreachable, an offline compaction) is an error
-//!   shown in health and DescribeArchive, never an overwrite. Segments no manifest lists (a crash between a segment's
-//!   upload and its manifest, an old generation) are deleted when the task
-//!   starts and after a new generation is committed.
+//!   shown in health and DescribeArchive, never an overwrite. Segments and
+//!   packs no manifest lists (a crash between an upload and its manifest, an
+//!   old generation) are deleted when the task starts and after a new
+//!   generation is committed; packs a merge replaced, one commit later.
+//! * A multipart upload is journaled before its first part is sent
+//!   ([`super::journal`]) and aborted at the next start if a crash left it.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::TryStreamExt;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, UpdateVersion, WriteMultipart};
+use std::path::Path;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use tokio::sync::watch;
 
-use super::manifest::{Manifest, RemoteEntry};
+use super::journal::{Journal, Pending};
+use super::manifest::{Manifest, RemoteEntry, PACKS};
 use super::{Remote, RemoteError, SEGMENTS};
-use crate::limits::{REMOTE_PART, REMOTE_SINGLE_PUT_MAX};
+use crate::limits::{REMOTE_PART, REMOTE_PARTS_IN_FLIGHT, REMOTE_SINGLE_PUT_MAX};
 
 /// Replication state of one archive, as health and DescribeArchive show it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -158,6 +165,7 @@ impl Replicator {
         // The local archive was replaced in this daemon (CREATE): a remote
         // archive it does not continue may be replaced too.
         let mut may_replace = false;
+        let mut to_delete: Vec<String> = Vec::new();
         loop {
             let target = *want.borrow_and_update();
             let view = t.view.lock().unwrap().clone();
@@ -172,7 +180,7 @@ impl Replicator {
                 let (m, _) = state.as_ref().expect("loaded");
                 let Some(view) = view else { return Ok(()) };
                 if !cleaned {
-                    self.clean(&name, m).await?;
+                    self.clean(&name, m, view.path()).await?;
                     cleaned = true;
                 }
                 let local_matches = prefix_matches(&view, m, target);
@@ -195,10 +203,15 @@ impl Replicator {
                 }
                 let (m, v) = state.as_mut().expect("loaded");
                 if target > m.end {
-                    let (nm, nv) = self.upload(&name, &view, m, v.clone(), target).await?;
+                    let (nm, nv, retired) =
+                        self.upload(&name, &view, m, v.clone(), target).await?;
                     *m = nm;
                     *v = Some(nv);
                     may_replace = false;
+                    // Packs merged a commit ago: a reader of that manifest
+                    // has had a round to read them.
+                    let old = std::mem::replace(&mut to_delete, retired);
+                    self.delete_retired(&name, old).await;
                 }
                 Ok::<_, RemoteError>(())
             }
@@ -261,30 +274,184 @@ impl Replicator {
         })
     }
 
-    /// Delete segments the committed manifest does not list.
-    async fn clean(&self, name: &str, m: &Manifest) -> Result<(), RemoteError> {
-        let dir = self.remote.key_of(name, SEGMENTS);
-        let store = self.remote.store();
-        let listed: Vec<_> = store
-            .list(Some(&dir))
-            .try_collect()
+    /// Abort the multipart uploads the journal of the local archive at
+    /// `local` lists (a crash left them), then delete segments and packs the
+    /// committed manifest does not list.
+    async fn clean(&self, name: &str, m: &Manifest, local: &Path) -> Result<(), RemoteError> {
+        let journal = Journal::of(local);
+        let j = journal.clone();
+        let pending = tokio::task::spawn_blocking(move || j.read())
             .await
-            .map_err(|e| self.remote.err(e))?;
-        for o in listed {
-            let rel = o.location.as_ref().rsplit('/').next().unwrap_or_default();
-            let keep = m.segments.iter().any(|s| s.key.ends_with(rel));
-            if !keep {
-                tracing::info!(archive = %name, object = %o.location, "deleting a segment no manifest lists");
-                if let Err(e) = store.delete(&o.location).await {
-                    tracing::warn!(archive = %name, error = %e, "could not delete an orphan segment");
+            .map_err(|e| self.remote.err(e))?
+            .map_err(|e| {
+                self.remote
+                    .err(format!("{}: {e}", journal.path().display()))
+            })?;
+        for p in pending {
+            let key = object_store::path::Path::from(p.key.as_str());
+            match self.remote.multipart().abort_multipart(&key, &p.id).await {
+                // Gone or refused: completed or aborted already (servers
+                // answer 404 or 403 for an unknown upload id).
+                Ok(())
+                | Err(object_store::Error::NotFound { .. })
+                | Err(object_store::Error::PermissionDenied { .. }) => {
+                    tracing::info!(archive = %name, object = %key, upload = %p.id, "aborted a multipart upload a crash left");
+                    self.unjournal(&journal, &p.id).await;
+                }
+                Err(e) => {
+                    return Err(self.remote.err(format!(
+                        "aborting the multipart upload {} of {key}: {e}",
+                        p.id
+                    )))
+                }
+            }
+        }
+        let store = self.remote.store();
+        for dir in [SEGMENTS, PACKS] {
+            let dir = self.remote.key_of(name, dir);
+            let listed: Vec<_> = store
+                .list(Some(&dir))
+                .try_collect()
+                .await
+                .map_err(|e| self.remote.err(e))?;
+            for o in listed {
+                let rel = o.location.as_ref().rsplit('/').next().unwrap_or_default();
+                let keep = m.segments.iter().any(|s| s.key.ends_with(rel))
+                    || m.packs.iter().any(|p| p.key.ends_with(rel));
+                if !keep {
+                    tracing::info!(archive = %name, object = %o.location, "deleting an object no manifest lists");
+                    if let Err(e) = store.delete(&o.location).await {
+                        tracing::warn!(archive = %name, error = %e, "could not delete an orphan object");
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// Upload bytes `m.end..target` of the local file as one segment and
-    /// commit the manifest listing it.
+    async fn unjournal(&self, journal: &Journal, id: &str) {
+        let (j, id) = (journal.clone(), id.to_string());
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || j.remove(&id)).await {
+            tracing::warn!(journal = %journal.path().display(), error = %e, "could not update the upload journal");
+        }
+    }
+
+    /// Delete packs a manifest committed before the last one listed.
+    async fn delete_retired(&self, name: &str, keys: Vec<String>) {
+        for k in keys {
+            let key = self.remote.key_of(name, &k);
+            if let Err(e) = self.remote.store().delete(&key).await {
+                tracing::warn!(archive = %name, object = %key, error = %e, "could not delete a merged pack (deleted at the next start)");
+            }
+        }
+    }
+
+    /// Upload bytes `from..target` of the local file at `path` as the
+    /// object `key`: one PUT, or a multipart upload (journaled) with up to
+    /// [`REMOTE_PARTS_IN_FLIGHT`] parts read and sent at once. Each part
+    /// is read straight into the buffer the request sends (no copy).
+    async fn put_segment(
+        &self,
+        path: &Path,
+        key: &object_store::path::Path,
+        from: u64,
+        target: u64,
+    ) -> Result<(), RemoteError> {
+        let p = path.to_path_buf();
+        let file = Arc::new(
+            tokio::task::spawn_blocking(move || std::fs::File::open(&p))
+                .await
+                .map_err(|e| self.remote.err(e))?
+                .map_err(|e| self.remote.err(format!("reading the local archive: {e}")))?,
+        );
+        let read = |at: u64, n: usize| {
+            let f = file.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut b = vec![0u8; n];
+                    f.read_exact_at(&mut b, at).map(|_| Bytes::from(b))
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+            }
+        };
+        let local = |e: std::io::Error| self.remote.err(format!("reading the local archive: {e}"));
+        let len = target - from;
+        let store = self.remote.store();
+        if len <= REMOTE_SINGLE_PUT_MAX {
+            let b = read(from, len as usize).await.map_err(local)?;
+            store
+                .put(key, PutPayload::from(b))
+                .await
+                .map_err(|e| self.remote.err(e))?;
+            return Ok(());
+        }
+        let mp = self.remote.multipart();
+        let id = mp
+            .create_multipart(key)
+            .await
+            .map_err(|e| self.remote.err(e))?;
+        let journal = Journal::of(path);
+        let (j, entry) = (
+            journal.clone(),
+            Pending {
+                key: key.to_string(),
+                id: id.clone(),
+            },
+        );
+        let journaled = tokio::task::spawn_blocking(move || j.add(&entry))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        if let Err(e) = journaled {
+            let _ = mp.abort_multipart(key, &id).await;
+            return Err(self
+                .remote
+                .err(format!("{}: {e}", journal.path().display())));
+        }
+        let parts = len.div_ceil(REMOTE_PART as u64) as usize;
+        let res: Result<Vec<_>, RemoteError> = futures::stream::iter(0..parts)
+            .map(|i| {
+                let at = from + (i * REMOTE_PART) as u64;
+                let n = ((target - at) as usize).min(REMOTE_PART);
+                let (id, read) = (&id, &read);
+                async move {
+                    let b = read(at, n).await.map_err(local)?;
+                    mp.put_part(key, id, i, PutPayload::from(b))
+                        .await
+                        .map_err(|e| self.remote.err(e))
+                }
+            })
+            .buffered(REMOTE_PARTS_IN_FLIGHT)
+            .try_collect()
+            .await;
+        let done = match res {
+            Ok(parts) => mp
+                .complete_multipart(key, &id, parts)
+                .await
+                .map(|_| ())
+                .map_err(|e| self.remote.err(e)),
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(()) => {
+                self.unjournal(&journal, &id).await;
+                Ok(())
+            }
+            Err(e) => {
+                // Left in the journal if the abort fails too: the next start
+                // aborts it.
+                if mp.abort_multipart(key, &id).await.is_ok() {
+                    self.unjournal(&journal, &id).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Upload bytes `m.end..target` of the local file as one segment, then
+    /// the packs and the manifest listing it (see [`Manifest::push`]).
     async fn upload(
         &self,
         name: &str,
@@ -292,7 +459,7 @@ impl Replicator {
         m: &Manifest,
         version: Option<UpdateVersion>,
         target: u64,
-    ) -> Result<(Manifest, UpdateVersion), RemoteError> {
+    ) -> Result<(Manifest, UpdateVersion, Vec<String>), RemoteError> {
         let from = m.end;
         let entries: Vec<RemoteEntry> = view
             .index()
@@ -303,65 +470,21 @@ impl Replicator {
             .collect();
         let rel = format!("{SEGMENTS}/{}-{from:020}", m.generation);
         let key = self.remote.key_of(name, &rel);
-        let store = self.remote.store().clone();
-        let path = view.path().to_path_buf();
-        let file = Arc::new(
-            tokio::task::spawn_blocking(move || std::fs::File::open(&path))
-                .await
-                .map_err(|e| self.remote.err(e))?
-                .map_err(|e| self.remote.err(format!("reading the local archive: {e}")))?,
-        );
-        let len = target - from;
-        let read = |at: u64, n: usize| {
-            let f = file.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    let mut b = vec![0u8; n];
-                    f.read_exact_at(&mut b, at).map(|_| b)
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r)
-            }
-        };
-        let local = |e: std::io::Error| self.remote.err(format!("reading the local archive: {e}"));
-        if len <= REMOTE_SINGLE_PUT_MAX {
-            let b = read(from, len as usize).await.map_err(local)?;
-            store
-                .put(&key, Remote::payload(b))
-                .await
-                .map_err(|e| self.remote.err(e))?;
-        } else {
-            let up = store
-                .put_multipart(&key)
-                .await
-                .map_err(|e| self.remote.err(e))?;
-            let mut w = WriteMultipart::new_with_chunk_size(up, REMOTE_PART);
-            let mut at = from;
-            let res = async {
-                while at < target {
-                    let n = ((target - at) as usize).min(REMOTE_PART);
-                    // Read the next part while earlier ones upload.
-                    let (b, cap) = tokio::join!(read(at, n), w.wait_for_capacity(4));
-                    cap.map_err(|e| self.remote.err(e))?;
-                    w.put(b.map_err(local)?.into());
-                    at += n as u64;
-                }
-                Ok::<_, RemoteError>(())
-            }
-            .await;
-            match res {
-                Ok(()) => {
-                    w.finish().await.map_err(|e| self.remote.err(e))?;
-                }
-                Err(e) => {
-                    let _ = w.abort().await;
-                    return Err(e);
-                }
-            }
-        }
+        let t0 = std::time::Instant::now();
+        self.put_segment(view.path(), &key, from, target).await?;
+        let segment_secs = t0.elapsed().as_secs_f64();
         let mut next = m.clone();
-        next.push(rel, len, entries);
+        let commit = next.push(rel, target - from, entries, &new_generation());
+        let store = self.remote.store();
+        futures::stream::iter(commit.packs)
+            .map(|(k, body)| {
+                let key = self.remote.key_of(name, &k);
+                async move { store.put(&key, PutPayload::from(body)).await }
+            })
+            .buffer_unordered(4)
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| self.remote.err(e))?;
         let mode = match version {
             Some(v) => PutMode::Update(v),
             None => PutMode::Create,
@@ -369,7 +492,7 @@ impl Replicator {
         let put = store
             .put_opts(
                 &self.remote.key_of(name, super::MANIFEST),
-                Remote::payload(next.to_json()),
+                PutPayload::from(commit.manifest),
                 PutOptions::from(mode),
             )
             .await;
@@ -387,13 +510,14 @@ impl Replicator {
             }
             Err(e) => return Err(self.remote.err(e)),
         };
-        tracing::debug!(archive = %name, from, len, "replicated");
+        tracing::debug!(archive = %name, from, len = target - from, segment_secs, commit_secs = t0.elapsed().as_secs_f64() - segment_secs, "replicated");
         Ok((
             next,
             UpdateVersion {
                 e_tag: r.e_tag,
                 version: r.version,
             },
+            commit.retired,
         ))
     }
 }
@@ -422,9 +546,13 @@ fn prefix_matches(view: &gtar::Archive, m: &Manifest, target: u64) -> bool {
     }
 }
 
+/// A name never used before by this daemon or (practically) any other:
+/// seconds, pid and a counter.
 fn new_generation() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    format!("{:x}{:05x}", t.as_secs(), std::process::id() & 0xfffff)
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:x}{:05x}{n:x}", t.as_secs(), std::process::id() & 0xfffff)
 }

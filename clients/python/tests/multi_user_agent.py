@@ -35,7 +35,7 @@ def main():
         with c.writer(args["archive"], mode=args.get("mode", "append")) as w:
             for f in args["frames"]:
                 w.write_tensors(str(f), {"w": np.full(n, args["value"], np.float32)})
-            w.flush(120)
+            w.flush(120, replicated=args.get("replicated", False))
             out = {"shm_bytes": w.shm_bytes, "shm_refused": w.shm_refused}
     elif action == "read":
         out = {"archives": [a["archive"] for a in c.list_archives(args.get("prefix", ""))],

@@ -94,18 +94,19 @@ class Users:
 class Service:
     """`gtar-logd serve --multi-user` on a temp socket and data dir."""
 
-    def __init__(self, base: pathlib.Path, admin_group: str | None = None, name: str = "s",
-                 extra: tuple = ()):
+    def __init__(self, base: pathlib.Path, admin_group: str | None = None, tag: str = "",
+                 extra=(), env=None):
         self.base = base
-        self.data = base / f"data-{name}"
-        self.uds = str(base / f"{name}.sock")
-        self.log_path = base / f"dispatcher-{name}.log"
+        self.data = base / f"data{tag}"
+        self.uds = str(base / f"s{tag}.sock")
+        self.log_path = base / f"dispatcher{tag}.log"
         args = [str(base / "gtar-logd"), "serve", "--multi-user", "--data-dir", str(self.data),
                 "--uds", self.uds, "--log", "info", *extra]
         if admin_group:
             args += ["--admin-group", admin_group]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                         env=dict(os.environ, **(env or {})))
         deadline = time.monotonic() + 30
         while not os.path.exists(self.uds):
             assert self.proc.poll() is None, self.log()
@@ -343,7 +344,7 @@ def test_kill9_of_a_worker_loses_nothing_durable_and_the_next_connection_gets_a_
 
 def test_an_idle_worker_exits_and_the_next_connection_starts_a_new_one(world):
     w = world
-    svc = Service(w["base"], name="idle", extra=("--worker-idle", "2"))
+    svc = Service(w["base"], tag="-idle", extra=("--worker-idle", "2"))
     try:
         as_user(w, w["a"], "write", {"archive": "runs/idle.zip", "frames": [0, 1], "value": 5.0},
                 address=svc.address)
@@ -423,3 +424,41 @@ def test_tcp_needs_the_token_of_the_daemons_user(world):
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     assert not token_file.exists()
+
+
+def test_remote_storage_per_user_prefix_and_node_loss(world, tmp_path):
+    """`serve --multi-user --remote s3://ckpt/gpu01`: each worker replicates to
+    gpu01/users/NAME/ with the service's AWS environment; after the node's
+    disk is gone, a new service serves the user's archive from the store."""
+    from s3 import S3Server
+    w = world
+    s3 = S3Server(tmp_path / "s3")
+    s3.bucket("ckpt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(s3.env())
+    svcs = []
+    try:
+        svc = Service(w["base"], tag="-remote", extra=["--remote", "s3://ckpt/gpu01"], env=env)
+        svcs.append(svc)
+        sw = dict(w, svc=svc)
+        as_user(sw, w["a"], "write", {"archive": "runs/r.zip", "frames": [0, 1], "value": 3.0,
+                                      "replicated": True})
+        as_user(sw, w["b"], "write", {"archive": "runs/r.zip", "frames": [0], "value": 4.0,
+                                      "replicated": True})
+        for user in (w["a"], w["b"]):
+            m = s3.root / "ckpt" / "gpu01" / "users" / user / "runs" / "r.zip" / "@manifest.json"
+            assert m.exists(), sorted(str(p) for p in (s3.root / "ckpt").rglob("*"))
+        assert svc.stop() == 0
+        # The node's disk is gone: a new service, an empty data dir.
+        shutil.rmtree(svc.data)
+        svc = Service(w["base"], tag="-remote2", extra=["--remote", "s3://ckpt/gpu01"], env=env)
+        svcs.append(svc)
+        sw = dict(w, svc=svc)
+        ga = as_user(sw, w["a"], "read", {"archive": "runs/r.zip"})
+        gb = as_user(sw, w["b"], "read", {"archive": "runs/r.zip"})
+        assert ga == {"archives": ["runs/r.zip"], "frames": ["0", "1"], "last": 3.0}, ga
+        assert gb == {"archives": ["runs/r.zip"], "frames": ["0"], "last": 4.0}, gb
+    finally:
+        for svc in svcs:
+            svc.stop()
+        s3.stop()
