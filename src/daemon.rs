@@ -377,6 +377,9 @@ fn systemd_now_secs() -> u64 {
 /// passes over fd [`crate::users::WORKER_CHANNEL_FD`] (see `users`).
 pub fn run_worker(o: Options, w: WorkerOptions) -> anyhow::Result<()> {
     use std::os::fd::FromRawFd;
+    // First, while this is the only thread (it sets environment variables).
+    crate::users::take_worker_env()
+        .map_err(|e| anyhow::anyhow!("cannot take the service's AWS_* variables: {e}"))?;
     keep_freed_buffers();
     init_logging(&o.log);
     let fd = crate::users::WORKER_CHANNEL_FD;

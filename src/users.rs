@@ -16,7 +16,10 @@
 //!   (`SCM_RIGHTS`), so the worker sees the same peer credentials.
 //! * A worker drops to the user (`setgroups`, `setgid`, `setuid`, in that
 //!   order, all before `exec`) and never regains root; it gets an empty
-//!   environment, the channel as fd 3, and nothing else of the dispatcher's.
+//!   environment, the channel as fd 3, and nothing else of the dispatcher's
+//!   but, with `--remote`, the service's `AWS_*` variables through a pipe on
+//!   fd 4, read only after it made itself non-dumpable (its user can't read
+//!   them back from it).
 //! * A user's data directory is `<data-dir>/users/<name>`, created by the
 //!   dispatcher owned by the user, mode 0700 (02750 with the admin group as
 //!   its group when `--admin-group` is set); an existing one must already be
@@ -47,6 +50,12 @@ use tokio_util::sync::CancellationToken;
 
 /// The descriptor number a worker finds its channel at.
 pub const WORKER_CHANNEL_FD: RawFd = 3;
+/// The descriptor number a worker of a service with `--remote` reads the
+/// service's `AWS_*` variables from (a pipe; see [`take_worker_env`]).
+pub const WORKER_ENV_FD: RawFd = 4;
+/// Bounds what goes through that pipe: written whole before the worker
+/// starts, so it must fit the pipe's buffer (64 KiB on Linux).
+const WORKER_ENV_MAX: usize = 60 * 1024;
 
 // ---------------------------------------------------------------------------
 // Passing connections
@@ -468,10 +477,16 @@ fn start_worker(
         .env("USER", &who.name)
         .env("LOGNAME", &who.name)
         .env("PATH", "/usr/local/bin:/usr/bin:/bin");
-    if o.remote.is_some() {
-        // The store's endpoint and credentials (the service's environment).
-        cmd.envs(std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("AWS_")));
-    }
+    // The store's endpoint and credentials (the service's AWS_* variables)
+    // go through a pipe, not the environment: a process's initial
+    // environment stays readable in /proc/PID/environ by its user, while
+    // what the worker reads from the pipe after making itself non-dumpable
+    // is not (see `take_worker_env`).
+    let env_pipe = match &o.remote {
+        Some(_) => Some(aws_env_pipe()?),
+        None => None,
+    };
+    let env_fd = env_pipe.as_ref().map(|p| p.as_raw_fd());
     cmd.current_dir("/")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
@@ -494,9 +509,14 @@ fn start_worker(
                 return Err(io::Error::other("regained root after setuid"));
             }
             libc::umask(umask);
-            // dup2 clears close-on-exec on the copy: the one fd we pass.
+            // dup2 clears close-on-exec on the copy: the fds we pass.
             if libc::dup2(chan_fd, WORKER_CHANNEL_FD) < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = env_fd {
+                if libc::dup2(fd, WORKER_ENV_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -508,7 +528,74 @@ fn start_worker(
         )
     })?;
     drop(theirs);
+    drop(env_pipe);
     Ok((ours, child))
+}
+
+/// A pipe holding this process's `AWS_*` variables as `NAME\0VALUE\0`
+/// pairs, written whole and closed for writing: the read end, for a worker.
+fn aws_env_pipe() -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = Vec::new();
+    for (k, v) in std::env::vars_os().filter(|(k, _)| k.as_bytes().starts_with(b"AWS_")) {
+        for part in [k.as_bytes(), v.as_bytes()] {
+            buf.extend_from_slice(part);
+            buf.push(0);
+        }
+    }
+    if buf.len() > WORKER_ENV_MAX {
+        return Err(io::Error::other(format!(
+            "the AWS_* environment is {} bytes; at most {WORKER_ENV_MAX} are passed to workers",
+            buf.len()
+        )));
+    }
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills the two-element array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created for us and are owned once.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    std::io::Write::write_all(&mut std::fs::File::from(w), &buf)?;
+    Ok(r)
+}
+
+/// In a worker, before any other thread starts: make the process
+/// non-dumpable (its user can then neither read its memory nor
+/// `/proc/PID/environ`, nor attach a debugger; the kernel makes `/proc/PID`
+/// root's), then read the service's `AWS_*` variables from
+/// [`WORKER_ENV_FD`] into the environment, where `object_store` looks.
+pub fn take_worker_env() -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat only reads the descriptor's metadata.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(WORKER_ENV_FD, &mut st) } != 0
+        || st.st_mode & libc::S_IFMT != libc::S_IFIFO
+    {
+        return Ok(()); // a service without --remote passes none
+    }
+    // SAFETY: fd 4 is the pipe the dispatcher passed (checked above to be a
+    // FIFO); nothing else in this process owns it.
+    let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(WORKER_ENV_FD) });
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(&mut f, WORKER_ENV_MAX as u64 + 1),
+        &mut buf,
+    )?;
+    let mut parts = buf.split(|b| *b == 0);
+    while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+        if k.starts_with(b"AWS_") {
+            std::env::set_var(
+                std::ffi::OsStr::from_bytes(k),
+                std::ffi::OsStr::from_bytes(v),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Pass `conn` to the worker of its peer's uid, starting one if there is

@@ -448,6 +448,16 @@ def test_remote_storage_per_user_prefix_and_node_loss(world, tmp_path):
         for user in (w["a"], w["b"]):
             m = s3.root / "ckpt" / "gpu01" / "users" / user / "runs" / "r.zip" / "@manifest.json"
             assert m.exists(), sorted(str(p) for p in (s3.root / "ckpt").rglob("*"))
+        # The service's credentials reach the worker, not its user: they are
+        # not in its environment, and its user can't read its memory.
+        secret = env["AWS_SECRET_ACCESS_KEY"]
+        pids = svc.worker_pids(w["a"])
+        assert pids, svc.log()
+        for pid in pids:
+            assert secret.encode() not in pathlib.Path(f"/proc/{pid}/environ").read_bytes()
+            for f in ("environ", "mem"):
+                r = _run(["runuser", "-u", w["a"], "--", "head", "-c", "1", f"/proc/{pid}/{f}"])
+                assert r.returncode != 0, (f, r.stdout)
         assert svc.stop() == 0
         # The node's disk is gone: a new service, an empty data dir.
         shutil.rmtree(svc.data)
