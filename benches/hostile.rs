@@ -8,11 +8,13 @@
 //! (5 MiB sent of 64 MiB, streaming) of another archive, holding that
 //! archive's writer until the frame deadline.
 //!
-//! The clock of a hostile run starts once every hostile client has sent what
-//! it sends before it stalls (its `begin`, header and first bytes) — the
-//! state "50 hostile clients connected" — so their opening burst (125 MiB
-//! from the 25 big frames) is not counted against the writer; a 200 ms-
-//! trickle keeps going through the timed run.
+//! The clock of a hostile run starts one second after every hostile client
+//! has sent what it sends before it stalls (its `begin`, header and first
+//! bytes) — the state "50 hostile clients connected" — so their opening
+//! burst (125 MiB from the 25 big frames) is not counted against the writer;
+//! the 200 ms trickle keeps going through the timed run.
+//!
+//! BENCH_TRICKLE=0 makes every hostile client stall (none trickles).
 //!
 //! Rounds alternate quiet → hostile → quiet (BENCH_ROUNDS, default 5); each
 //! timed run writes BENCH_FRAMES (default 24) frames of 16 MiB and waits for
@@ -129,6 +131,9 @@ async fn writer(uds: &std::path::Path, archive: &str, n: u64) -> Duration {
 fn main() {
     let frames = env_u64("BENCH_FRAMES", 24);
     let rounds = env_u64("BENCH_ROUNDS", 5).max(1);
+    // BENCH_TRICKLE=0: every hostile client stalls, none trickles (to tell
+    // the two costs apart).
+    let trickle = env_u64("BENCH_TRICKLE", 1) != 0;
     let tmp = temp_root("bench-hostile-");
     let data = tmp.path().join("data");
     let uds = tmp.path().join("logd.sock");
@@ -162,14 +167,16 @@ fn main() {
                             format!("h{i}"),
                             size,
                             head,
-                            i % 2 == 1,
+                            trickle && i % 2 == 1,
                             ready.clone(),
                         )));
                     }
                     drop(ready);
-                    // Every sender dropped: all 50 are stalled (or failed).
+                    // Every sender dropped: all 50 sent their head (or failed).
+                    // A sent message may still sit in the HTTP/2 window on
+                    // its way to the daemon: a second for it to arrive.
                     let _ = all_ready.recv().await;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 // SAFETY: sync(2) takes no arguments and cannot fail.
                 unsafe { libc::sync() };
