@@ -575,6 +575,57 @@ impl Partial {
 /// core's L2 cache.
 const READ_PIECE: usize = 512 << 10;
 
+/// Tensors at least this large are read by several threads at once.
+const PARALLEL_MIN: usize = 8 << 20;
+
+/// Fill `buf` from `file` at `offset` and return the CRC-32 of what was
+/// read. A large tensor is split between up to 4 threads (one per core): the
+/// copy out of the page cache and the CRC are CPU work, and the anchor this
+/// read is held to (a plain `pread`) gets no CRC to do. Each thread reads and
+/// checks in pieces that stay in the cache between the two (a CRC pass over
+/// the whole tensor after the read would fetch it from memory a second time);
+/// the parts' CRCs are combined in order.
+fn read_checked(file: &std::fs::File, buf: &mut [u8], offset: u64) -> Result<crc32fast::Hasher> {
+    use std::os::unix::fs::FileExt;
+    fn part(file: &std::fs::File, buf: &mut [u8], mut at: u64) -> std::io::Result<crc32fast::Hasher> {
+        let mut crc = crc32fast::Hasher::new();
+        for piece in buf.chunks_mut(READ_PIECE) {
+            file.read_exact_at(piece, at)?;
+            crc.update(piece);
+            at += piece.len() as u64;
+        }
+        Ok(crc)
+    }
+    let threads = if buf.len() >= PARALLEL_MIN {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    } else {
+        1
+    };
+    let per = buf.len().div_ceil(threads).next_multiple_of(READ_PIECE).max(READ_PIECE);
+    std::thread::scope(|s| {
+        let mut parts = buf.chunks_mut(per);
+        let first = parts.next();
+        let others: Vec<_> = parts
+            .enumerate()
+            .map(|(i, b)| {
+                let at = offset + ((i + 1) * per) as u64;
+                s.spawn(move || part(file, b, at))
+            })
+            .collect();
+        let mut crc = match first {
+            Some(b) => part(file, b, offset)?,
+            None => crc32fast::Hasher::new(),
+        };
+        for h in others {
+            let more = h
+                .join()
+                .map_err(|_| Error::Protocol("a thread reading a tensor panicked".into()))??;
+            crc.combine(&more);
+        }
+        Ok(crc)
+    })
+}
+
 /// Archive files opened to read located tensors, by (path, device, inode).
 type Files = std::collections::HashMap<(String, u64, u64), std::sync::Arc<std::fs::File>>;
 
@@ -588,7 +639,7 @@ async fn read_located(
     loc: proto::EntryLocation,
     mut into: Partial,
 ) -> Result<Partial> {
-    use std::os::unix::fs::{FileExt, MetadataExt};
+    use std::os::unix::fs::MetadataExt;
     let key = (loc.file.clone(), loc.device, loc.inode);
     let cached = files.get(&key).cloned();
     let (file, into) = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -609,16 +660,7 @@ async fn read_located(
         let len = usize::try_from(loc.length)
             .map_err(|_| Error::Protocol(format!("{}: tensor too large", loc.file)))?;
         let buf = into.whole(len);
-        // Read and check in pieces that stay in the cache between the two:
-        // a CRC pass over the whole tensor after the read would fetch it
-        // from memory a second time.
-        let mut crc = crc32fast::Hasher::new();
-        let mut at = loc.offset;
-        for piece in buf.chunks_mut(READ_PIECE) {
-            file.read_exact_at(piece, at)?;
-            crc.update(piece);
-            at += piece.len() as u64;
-        }
+        let crc = read_checked(&file, buf, loc.offset)?;
         if crc.finalize() != loc.crc32 {
             return Err(Error::Protocol(format!(
                 "{}: CRC-32 mismatch of the tensor at offset {}",
