@@ -289,7 +289,9 @@ fn main() {
     let anchor = match dd_time(&ddfile, 1, false, DdKind::Direct) {
         Ok(_) => DdKind::Direct,
         Err(e) => {
-            println!("dd oflag=direct unavailable here ({e}); anchoring on plain dd bs=1M instead\n");
+            println!(
+                "dd oflag=direct unavailable here ({e}); anchoring on plain dd bs=1M instead\n"
+            );
             DdKind::Buffered
         }
     };
@@ -344,7 +346,10 @@ fn main() {
                         gbps(total, t)
                     );
                 }
-                Err(e) => println!("           reference: {} unavailable: {e}", reference.short()),
+                Err(e) => println!(
+                    "           reference: {} unavailable: {e}",
+                    reference.short()
+                ),
             }
         }
         let med = median(&ratios);
@@ -352,7 +357,11 @@ fn main() {
             "  ratio gtar-logd / {}: median {med:.2} of [{}] (target ≥ {TARGET:.2}){}",
             anchor.short(),
             list(&ratios),
-            if med >= TARGET { "" } else { "  << BELOW TARGET" }
+            if med >= TARGET {
+                ""
+            } else {
+                "  << BELOW TARGET"
+            }
         );
         let ref_med = (!ref_ratios.is_empty()).then(|| median(&ref_ratios));
         match ref_med {

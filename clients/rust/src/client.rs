@@ -587,7 +587,11 @@ const PARALLEL_MIN: usize = 8 << 20;
 /// the parts' CRCs are combined in order.
 fn read_checked(file: &std::fs::File, buf: &mut [u8], offset: u64) -> Result<crc32fast::Hasher> {
     use std::os::unix::fs::FileExt;
-    fn part(file: &std::fs::File, buf: &mut [u8], mut at: u64) -> std::io::Result<crc32fast::Hasher> {
+    fn part(
+        file: &std::fs::File,
+        buf: &mut [u8],
+        mut at: u64,
+    ) -> std::io::Result<crc32fast::Hasher> {
         let mut crc = crc32fast::Hasher::new();
         for piece in buf.chunks_mut(READ_PIECE) {
             file.read_exact_at(piece, at)?;
@@ -601,7 +605,11 @@ fn read_checked(file: &std::fs::File, buf: &mut [u8], offset: u64) -> Result<crc
     } else {
         1
     };
-    let per = buf.len().div_ceil(threads).next_multiple_of(READ_PIECE).max(READ_PIECE);
+    let per = buf
+        .len()
+        .div_ceil(threads)
+        .next_multiple_of(READ_PIECE)
+        .max(READ_PIECE);
     std::thread::scope(|s| {
         let mut parts = buf.chunks_mut(per);
         let first = parts.next();
