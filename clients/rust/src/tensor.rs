@@ -695,6 +695,38 @@ mod tests {
     }
 
     #[test]
+    fn a_zeroed_array_filled_through_its_bytes_equals_the_decoded_one() {
+        let shape = [3usize, 5];
+        for dtype in DType::ALL {
+            let bytes: Vec<u8> = (0..15 * dtype.itemsize())
+                .map(|i| (i * 37 + 11) as u8)
+                .collect();
+            let want = DynArray::from_le_bytes(dtype, &shape, &bytes).unwrap();
+            let mut got = DynArray::zeroed(dtype, &shape).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            assert_eq!(got.shape(), &shape[..]);
+            match got.le_bytes_mut() {
+                Some(b) => {
+                    assert_eq!(b.len(), bytes.len(), "{dtype}");
+                    assert!(b.iter().all(|&x| x == 0), "{dtype}: zeroed");
+                    b.copy_from_slice(&bytes);
+                    // Compared as bytes: some patterns are NaNs.
+                    assert_eq!(got.to_le_bytes(), want.to_le_bytes(), "{dtype}");
+                    assert_eq!(got.to_le_bytes(), bytes, "{dtype}");
+                }
+                // Not every byte is a bool: decoded instead, never viewed.
+                None => assert_eq!(dtype, DType::Bool),
+            }
+        }
+        assert!(DynArray::zeroed(DType::F32, &[0, 7])
+            .unwrap()
+            .le_bytes_mut()
+            .unwrap()
+            .is_empty());
+        assert!(DynArray::zeroed(DType::F64, &[usize::MAX, 2]).is_err());
+    }
+
+    #[test]
     fn floats_are_bit_exact() {
         let f = [0x7e01u16, 0xfc00, 0x8000, 0x0001, 0xffff];
         let a = ndarray::Array1::from_iter(f.iter().map(|&b| f16::from_bits(b)));
