@@ -17,8 +17,9 @@
 //! * Direct I/O (opt-in, [`ArchiveWriter::enable_direct_io`]): the data of an
 //!   entry of at least [`DIRECT_MIN`] bytes starts on a 4 KiB boundary (a
 //!   padding extra field in its local header) and its whole blocks go through
-//!   a second, `O_DIRECT` descriptor from two aligned staging buffers (an I/O
-//!   thread writes one while the writer thread fills the other), or, with
+//!   a second, `O_DIRECT` descriptor from aligned staging buffers (an I/O
+//!   thread writes up to three, in order, while the writer thread fills
+//!   the next), or, with
 //!   [`EntryWriter::write_unstaged`], straight from the caller's block-aligned
 //!   memory, synchronously, when nothing is staged; its last
 //!   partial block and every header go through the page cache as before. The
