@@ -171,9 +171,14 @@ impl Drop for Daemon {
 
 // ------------------------------------------------------------ child process
 
-/// Path of the daemon binary cargo built for this test or bench.
+/// Path of the daemon binary cargo built for this test or bench, or
+/// $GTAR_LOGD_BENCH_BIN: another build to compare in a benchmark (A/B runs of
+/// one change on the same disk, in one session).
 pub fn daemon_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_gtar-logd"))
+    match std::env::var_os("GTAR_LOGD_BENCH_BIN").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_gtar-logd")),
+    }
 }
 
 /// The real `gtar-logd serve` binary as a child process.

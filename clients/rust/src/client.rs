@@ -487,18 +487,81 @@ impl Client {
     }
 }
 
-/// A tensor being reassembled from its chunks.
+/// A tensor being reassembled from its chunks or read from the archive file.
 struct Partial {
     info: proto::TensorInfo,
     dtype: DType,
     shape: Vec<usize>,
-    bytes: Vec<u8>,
+    fill: Fill,
+}
+
+/// Where a tensor's bytes land.
+enum Fill {
+    /// In the array's own memory (its little-endian bytes), `filled` bytes of
+    /// it so far: no copy after the read or the chunk.
+    Array { array: DynArray, filled: usize },
+    /// In a byte buffer decoded at the end (bool; big-endian targets).
+    Bytes(Vec<u8>),
 }
 
 impl Partial {
+    fn new(info: proto::TensorInfo, dtype: DType, shape: Vec<usize>) -> Result<Partial> {
+        let mut array = DynArray::zeroed(dtype, &shape)
+            .map_err(|e| Error::Protocol(format!("tensor {}: {e}", info.path)))?;
+        let fill = if array.le_bytes_mut().is_some() {
+            Fill::Array { array, filled: 0 }
+        } else {
+            let cap = usize::try_from(info.size_bytes).unwrap_or(0).min(1 << 30);
+            Fill::Bytes(Vec::with_capacity(cap))
+        };
+        Ok(Partial {
+            info,
+            dtype,
+            shape,
+            fill,
+        })
+    }
+
+    /// Bytes received so far.
+    fn len(&self) -> usize {
+        match &self.fill {
+            Fill::Array { filled, .. } => *filled,
+            Fill::Bytes(b) => b.len(),
+        }
+    }
+
+    /// Append a chunk (the caller checked it fits `size_bytes`).
+    fn push(&mut self, data: &[u8]) {
+        match &mut self.fill {
+            Fill::Array { array, filled } => {
+                let dst = array.le_bytes_mut().expect("checked in Partial::new");
+                dst[*filled..*filled + data.len()].copy_from_slice(data);
+                *filled += data.len();
+            }
+            Fill::Bytes(b) => b.extend_from_slice(data),
+        }
+    }
+
+    /// All `len` bytes at once, to be written by the caller (a read).
+    fn whole(&mut self, len: usize) -> &mut [u8] {
+        match &mut self.fill {
+            Fill::Array { array, filled } => {
+                *filled = len;
+                array.le_bytes_mut().expect("checked in Partial::new")
+            }
+            Fill::Bytes(b) => {
+                b.resize(len, 0);
+                b
+            }
+        }
+    }
+
     fn finish(self) -> Result<Tensor> {
-        let array = DynArray::from_le_bytes(self.dtype, &self.shape, &self.bytes)
-            .map_err(|e| Error::Protocol(format!("tensor {}: {e}", self.info.path)))?;
+        let array = match self.fill {
+            Fill::Array { array, .. } => array,
+            Fill::Bytes(b) => DynArray::from_le_bytes(self.dtype, &self.shape, &b)
+                .map_err(|e| Error::Protocol(format!("tensor {}: {e}", self.info.path)))?,
+        };
         Ok(Tensor {
             path: self.info.path,
             group: self.info.group,
@@ -508,19 +571,86 @@ impl Partial {
     }
 }
 
+/// Bytes of a located tensor read, then CRC-checked, at a time: well inside a
+/// core's L2 cache.
+const READ_PIECE: usize = 512 << 10;
+
+/// Tensors at least this large are read by several threads at once.
+const PARALLEL_MIN: usize = 8 << 20;
+
+/// Fill `buf` from `file` at `offset` and return the CRC-32 of what was
+/// read. A large tensor is split between up to 4 threads (one per core): the
+/// copy out of the page cache and the CRC are CPU work, and the anchor this
+/// read is held to (a plain `pread`) gets no CRC to do. Each thread reads and
+/// checks in pieces that stay in the cache between the two (a CRC pass over
+/// the whole tensor after the read would fetch it from memory a second time);
+/// the parts' CRCs are combined in order.
+fn read_checked(file: &std::fs::File, buf: &mut [u8], offset: u64) -> Result<crc32fast::Hasher> {
+    use std::os::unix::fs::FileExt;
+    fn part(
+        file: &std::fs::File,
+        buf: &mut [u8],
+        mut at: u64,
+    ) -> std::io::Result<crc32fast::Hasher> {
+        let mut crc = crc32fast::Hasher::new();
+        for piece in buf.chunks_mut(READ_PIECE) {
+            file.read_exact_at(piece, at)?;
+            crc.update(piece);
+            at += piece.len() as u64;
+        }
+        Ok(crc)
+    }
+    let threads = if buf.len() >= PARALLEL_MIN {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    } else {
+        1
+    };
+    let per = buf
+        .len()
+        .div_ceil(threads)
+        .next_multiple_of(READ_PIECE)
+        .max(READ_PIECE);
+    std::thread::scope(|s| {
+        let mut parts = buf.chunks_mut(per);
+        let first = parts.next();
+        let others: Vec<_> = parts
+            .enumerate()
+            .map(|(i, b)| {
+                let at = offset + ((i + 1) * per) as u64;
+                s.spawn(move || part(file, b, at))
+            })
+            .collect();
+        let mut crc = match first {
+            Some(b) => part(file, b, offset)?,
+            None => crc32fast::Hasher::new(),
+        };
+        for h in others {
+            let more = h
+                .join()
+                .map_err(|_| Error::Protocol("a thread reading a tensor panicked".into()))??;
+            crc.combine(&more);
+        }
+        Ok(crc)
+    })
+}
+
 /// Archive files opened to read located tensors, by (path, device, inode).
 type Files = std::collections::HashMap<(String, u64, u64), std::sync::Arc<std::fs::File>>;
 
-/// Read a located tensor from the archive file (off the async threads): the
-/// file must be the one the daemon located it in (device and inode: a
-/// compaction replaces the file), and the bytes must match their CRC-32
-/// (crc32fast runs at memory speed, so the check is kept, as every daemon
-/// read has it).
-async fn read_located(files: &mut Files, loc: proto::EntryLocation) -> Result<Vec<u8>> {
-    use std::os::unix::fs::{FileExt, MetadataExt};
+/// Read a located tensor from the archive file (off the async threads)
+/// straight into its array: the file must be the one the daemon located it
+/// in (device and inode: a compaction replaces the file), and the bytes must
+/// match their CRC-32 (crc32fast runs at memory speed, so the check is kept,
+/// as every daemon read has it).
+async fn read_located(
+    files: &mut Files,
+    loc: proto::EntryLocation,
+    mut into: Partial,
+) -> Result<Partial> {
+    use std::os::unix::fs::MetadataExt;
     let key = (loc.file.clone(), loc.device, loc.inode);
     let cached = files.get(&key).cloned();
-    let (file, bytes) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (file, into) = tokio::task::spawn_blocking(move || -> Result<_> {
         let file = match cached {
             Some(f) => f,
             None => {
@@ -537,20 +667,20 @@ async fn read_located(files: &mut Files, loc: proto::EntryLocation) -> Result<Ve
         };
         let len = usize::try_from(loc.length)
             .map_err(|_| Error::Protocol(format!("{}: tensor too large", loc.file)))?;
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, loc.offset)?;
-        if crc32fast::hash(&buf) != loc.crc32 {
+        let buf = into.whole(len);
+        let crc = read_checked(&file, buf, loc.offset)?;
+        if crc.finalize() != loc.crc32 {
             return Err(Error::Protocol(format!(
                 "{}: CRC-32 mismatch of the tensor at offset {}",
                 loc.file, loc.offset
             )));
         }
-        Ok((file, buf))
+        Ok((file, into))
     })
     .await
     .map_err(|e| Error::Protocol(format!("reading a located tensor: {e}")))??;
     files.insert(key, file);
-    Ok(bytes)
+    Ok(into)
 }
 
 /// Reassemble a FrameData stream: `frame`, then per tensor its header and
@@ -562,7 +692,7 @@ async fn read_frames(mut stream: Streaming<proto::FrameData>) -> Result<Vec<Fram
     let mut cur: Option<Partial> = None;
     let finish = |cur: &mut Option<Partial>, frames: &mut Vec<Frame>| -> Result<()> {
         if let Some(p) = cur.take() {
-            let left = p.info.size_bytes - p.bytes.len() as u64;
+            let left = p.info.size_bytes - p.len() as u64;
             if left > 0 {
                 return Err(Error::Protocol(format!(
                     "tensor {} ended {left} bytes short of its size_bytes {}",
@@ -615,39 +745,31 @@ async fn read_frames(mut stream: Streaming<proto::FrameData>) -> Result<Vec<Fram
                         info.path, info.size_bytes, info.shape
                     )));
                 }
-                let bytes = match info.location.clone() {
-                    Some(loc) if loc.length == info.size_bytes => {
-                        read_located(&mut files, loc).await?
+                let p = Partial::new(info, dtype, shape)?;
+                cur = Some(match p.info.location.clone() {
+                    Some(loc) if loc.length == p.info.size_bytes => {
+                        read_located(&mut files, loc, p).await?
                     }
                     Some(loc) => {
                         return Err(Error::Protocol(format!(
                             "tensor {}: located length {} is not its size_bytes {}",
-                            info.path, loc.length, info.size_bytes
+                            p.info.path, loc.length, p.info.size_bytes
                         )))
                     }
-                    None => {
-                        let cap = usize::try_from(info.size_bytes).unwrap_or(0).min(1 << 30);
-                        Vec::with_capacity(cap)
-                    }
-                };
-                cur = Some(Partial {
-                    dtype,
-                    shape,
-                    bytes,
-                    info,
+                    None => p,
                 });
             }
             Some(Msg::Chunk(c)) => {
                 let p = cur.as_mut().ok_or_else(|| {
                     Error::Protocol("a chunk came before any tensor header".into())
                 })?;
-                if p.bytes.len() as u64 + c.data.len() as u64 > p.info.size_bytes {
+                if p.len() as u64 + c.data.len() as u64 > p.info.size_bytes {
                     return Err(Error::Protocol(format!(
                         "tensor {} got more bytes than its size_bytes {}",
                         p.info.path, p.info.size_bytes
                     )));
                 }
-                p.bytes.extend_from_slice(&c.data);
+                p.push(&c.data);
             }
             None => return Err(Error::Protocol("empty FrameData message".into())),
         }

@@ -281,6 +281,92 @@ fn decode_vec<T: Element>(bytes: &[u8]) -> Vec<T> {
     v
 }
 
+/// A zeroed vector of `n` elements, from `alloc_zeroed`: fresh pages from the
+/// kernel are already zero, so a large one costs nothing until it is written
+/// (`vec![x; n]` would write every element for the types the standard
+/// library does not know to be zero, such as `f16`).
+fn zeroed_vec<T: Element>(n: usize) -> Result<Vec<T>> {
+    let layout = std::alloc::Layout::array::<T>(n)
+        .map_err(|_| Error::Tensor(format!("{n} {} elements do not fit in memory", T::DTYPE)))?;
+    if layout.size() == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the layout has a non-zero size; a null pointer (allocation
+    // refused) returns before use. All-zero bytes are a valid value of every `Element` (0, 0.0,
+    // false), so the `n` elements are initialised, and the allocation was made
+    // by the global allocator with exactly the layout of `n` `T`s, which is
+    // what `Vec::from_raw_parts` requires of the pointer and capacity.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<T>();
+        if p.is_null() {
+            return Err(Error::Tensor(format!(
+                "cannot allocate {} bytes for a {} tensor",
+                layout.size(),
+                T::DTYPE
+            )));
+        }
+        Ok(Vec::from_raw_parts(p, n, n))
+    }
+}
+
+fn zeroed<T: Element>(shape: &[usize], n: usize) -> Result<DynArray> {
+    let a = ArrayD::from_shape_vec(IxDyn(shape), zeroed_vec::<T>(n)?)
+        .map_err(|e| Error::Tensor(format!("shape {shape:?}: {e}")))?;
+    Ok(T::wrap(a))
+}
+
+/// The little-endian bytes of a standard-layout array's elements, writable:
+/// on a little-endian target they are the elements' own memory. `None` for
+/// bool (not every byte is a valid bool), on big-endian targets, and for an
+/// array that is not contiguous in standard order.
+fn le_bytes_mut<T: Element>(a: &mut ArrayD<T>) -> Option<&mut [u8]> {
+    if cfg!(target_endian = "big") || T::DTYPE == DType::Bool {
+        return None;
+    }
+    let s = a.as_slice_mut()?;
+    let len = std::mem::size_of_val(s);
+    // SAFETY: every `Element` but bool (excluded above) is a plain integer or
+    // float type without padding for which any bit pattern is a valid value,
+    // so its memory may be viewed, and written, as `len` initialised bytes;
+    // the view borrows `a` mutably for its lifetime.
+    Some(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), len) })
+}
+
+impl DynArray {
+    /// A zero-filled array of `dtype` and `shape`, to be filled through
+    /// [`le_bytes_mut`](Self::le_bytes_mut): a tensor read that way lands in
+    /// the array's own memory, with no copy after the read.
+    pub fn zeroed(dtype: DType, shape: &[usize]) -> Result<DynArray> {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| Error::Tensor(format!("shape {shape:?} overflows")))?;
+        match dtype {
+            DType::F32 => zeroed::<f32>(shape, n),
+            DType::F64 => zeroed::<f64>(shape, n),
+            DType::I32 => zeroed::<i32>(shape, n),
+            DType::I64 => zeroed::<i64>(shape, n),
+            DType::U8 => zeroed::<u8>(shape, n),
+            DType::U32 => zeroed::<u32>(shape, n),
+            DType::U64 => zeroed::<u64>(shape, n),
+            DType::F16 => zeroed::<f16>(shape, n),
+            DType::BF16 => zeroed::<bf16>(shape, n),
+            DType::I8 => zeroed::<i8>(shape, n),
+            DType::I16 => zeroed::<i16>(shape, n),
+            DType::U16 => zeroed::<u16>(shape, n),
+            DType::Bool => zeroed::<bool>(shape, n),
+        }
+    }
+
+    /// The elements' memory as their little-endian (wire) bytes, writable,
+    /// when that is the same memory: a little-endian target, a dtype other
+    /// than bool, an array contiguous in standard order. `None` otherwise
+    /// (decode with [`from_le_bytes`](Self::from_le_bytes) then).
+    pub fn le_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        each!(self, a => le_bytes_mut(a))
+    }
+}
+
 impl DynArray {
     /// The element type.
     pub fn dtype(&self) -> DType {
@@ -606,6 +692,38 @@ mod tests {
         assert_eq!(u, [0x0201, 0xfeff]);
         let b: Vec<bool> = decode_vec(&[0, 1, 2, 255]);
         assert_eq!(b, [false, true, true, true]);
+    }
+
+    #[test]
+    fn a_zeroed_array_filled_through_its_bytes_equals_the_decoded_one() {
+        let shape = [3usize, 5];
+        for dtype in DType::ALL {
+            let bytes: Vec<u8> = (0..15 * dtype.itemsize())
+                .map(|i| (i * 37 + 11) as u8)
+                .collect();
+            let want = DynArray::from_le_bytes(dtype, &shape, &bytes).unwrap();
+            let mut got = DynArray::zeroed(dtype, &shape).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            assert_eq!(got.shape(), &shape[..]);
+            match got.le_bytes_mut() {
+                Some(b) => {
+                    assert_eq!(b.len(), bytes.len(), "{dtype}");
+                    assert!(b.iter().all(|&x| x == 0), "{dtype}: zeroed");
+                    b.copy_from_slice(&bytes);
+                    // Compared as bytes: some patterns are NaNs.
+                    assert_eq!(got.to_le_bytes(), want.to_le_bytes(), "{dtype}");
+                    assert_eq!(got.to_le_bytes(), bytes, "{dtype}");
+                }
+                // Not every byte is a bool: decoded instead, never viewed.
+                None => assert_eq!(dtype, DType::Bool),
+            }
+        }
+        assert!(DynArray::zeroed(DType::F32, &[0, 7])
+            .unwrap()
+            .le_bytes_mut()
+            .unwrap()
+            .is_empty());
+        assert!(DynArray::zeroed(DType::F64, &[usize::MAX, 2]).is_err());
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //!   header and each entry's last partial block through the page cache, and
 //!   the two never touch the same block (the kernel keeps the page cache
 //!   coherent with direct writes).
-//! * At most one write is in flight (double buffering: the caller fills one
-//!   stage while the I/O thread writes the other); [`DirectIo::end`] and
-//!   [`DirectIo::drain_quietly`] return only when none is, so nothing is
-//!   committed or truncated under a write.
+//! * Writes go out in file order from one I/O thread, up to
+//!   [`DIRECT_STAGES`] − 1 stages queued or in flight while the caller fills
+//!   the next; [`DirectIo::end`] and [`DirectIo::drain_quietly`] return only
+//!   when none is, so nothing is committed or truncated under a write. The
+//!   first failed write is reported by the next call that waits for a stage
+//!   (and by `end`), never lost.
 //! * A file system that refuses `O_DIRECT` (EINVAL) is detected at the first
 //!   write, which then goes through the page cache, and so does every later
 //!   one: the engine degrades, it never fails for that.
@@ -31,6 +33,14 @@ pub(crate) const DIRECT_MIN: u64 = 1 << 20;
 pub(crate) const DIRECT_ALIGN: usize = 4096;
 /// Size of the staging buffer, i.e. of one direct write.
 pub(crate) const DIRECT_STAGE: usize = 4 << 20;
+/// Staging buffers per writer (allocated as they are first needed). With
+/// two (double buffering) the device idled whenever the thread filling them
+/// was descheduled or waited for the network for longer than one write: the
+/// stage it was filling was the only one not in flight. With four, the I/O
+/// thread has up to three written stages queued, 12 MiB of slack, so the
+/// disk keeps writing through such hiccups. 16 MiB per writer of large
+/// entries, well inside the daemon's memory bound.
+pub(crate) const DIRECT_STAGES: usize = 4;
 
 /// One aligned staging buffer: `DIRECT_STAGE` bytes starting at `off` in a
 /// plain `Vec` with one page of slack, sliced at its first aligned address
@@ -80,17 +90,20 @@ struct IoDone {
 
 /// The `O_DIRECT` side of a writer (see the module docs).
 ///
-/// Double-buffered: while one stage is being written by the I/O thread, the
-/// writer thread copies the next chunk of data into the other, so the copy
-/// and the device transfer overlap (they alternated before, and the copy
-/// left the disk idle for a quarter of the time). At most one write is in
-/// flight; `drain` waits for it, and nothing is truncated or committed while
-/// one is.
+/// While the I/O thread writes the queued stages, the writer thread copies
+/// the next data into another, so the copy and the device transfer overlap
+/// (they alternated once, and the copy left the disk idle for a quarter of
+/// the time). Nothing is truncated or committed while a write is queued or
+/// in flight.
 pub(crate) struct DirectIo {
     /// The stage being filled.
     cur: Stage,
-    /// The other stage, when it is not being written.
-    spare: Option<Stage>,
+    /// Stages neither filled nor queued.
+    free: Vec<Stage>,
+    /// Stages handed to the I/O thread and not yet back.
+    queued: usize,
+    /// The first failed write not yet reported.
+    failed: Option<io::Error>,
     /// Bytes staged in `cur`, and the (aligned) file offset of its first.
     staged: usize,
     at: u64,
@@ -111,7 +124,7 @@ impl std::fmt::Debug for DirectIo {
         f.debug_struct("DirectIo")
             .field("staged", &self.staged)
             .field("at", &self.at)
-            .field("in_flight", &self.spare.is_none())
+            .field("queued", &self.queued)
             .field("refused", &self.refused.load(Ordering::Relaxed))
             .finish()
     }
@@ -191,7 +204,9 @@ impl DirectIo {
             })?;
         Ok(DirectIo {
             cur: Stage::new(),
-            spare: Some(Stage::new()),
+            free: (1..DIRECT_STAGES).map(|_| Stage::new()).collect(),
+            queued: 0,
+            failed: None,
             staged: 0,
             at: 0,
             refused,
@@ -202,21 +217,37 @@ impl DirectIo {
         })
     }
 
-    /// Wait for the write in flight, if any, and return how it went.
+    /// Take back one stage from the I/O thread, waiting for it, and keep
+    /// its write's error if it is the first.
+    fn reap_one(&mut self) {
+        let d = match self.done.recv() {
+            Ok(d) => d,
+            Err(_) => IoDone {
+                stage: Stage::new(),
+                result: Err(io::Error::other("the direct I/O thread stopped")),
+            },
+        };
+        self.queued -= 1;
+        self.free.push(d.stage);
+        if let Err(e) = d.result {
+            self.failed.get_or_insert(e);
+        }
+    }
+
+    /// The first failed write since the last report, if any.
+    fn take_failed(&mut self) -> io::Result<()> {
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait for every queued write, and return how they went.
     pub(crate) fn drain(&mut self) -> io::Result<()> {
-        if self.spare.is_some() {
-            return Ok(());
+        while self.queued > 0 {
+            self.reap_one();
         }
-        match self.done.recv() {
-            Ok(d) => {
-                self.spare = Some(d.stage);
-                d.result
-            }
-            Err(_) => {
-                self.spare = Some(Stage::new());
-                Err(io::Error::other("the direct I/O thread stopped"))
-            }
-        }
+        self.take_failed()
     }
 
     /// Whether new entries use this path (the file system has not refused).
@@ -224,13 +255,16 @@ impl DirectIo {
         !self.refused.load(Ordering::Relaxed)
     }
 
-    /// Hand the first `len` staged bytes to the I/O thread (waiting for the
-    /// previous write first) and continue in the other stage at `at + len`.
-    /// `len` is `staged` or its whole blocks, with the rest already copied
-    /// elsewhere by the caller.
+    /// Queue the first `len` staged bytes for the I/O thread (waiting for a
+    /// free stage first if every other one is queued) and continue in a free
+    /// stage at `at + len`. `len` is `staged` or its whole blocks, with the
+    /// rest already copied elsewhere by the caller.
     fn submit(&mut self, len: usize) -> io::Result<()> {
-        self.drain()?;
-        let next = self.spare.take().expect("drained");
+        if self.free.is_empty() {
+            self.reap_one();
+        }
+        self.take_failed()?;
+        let next = self.free.pop().expect("a stage was reaped");
         let stage = std::mem::replace(&mut self.cur, next);
         let req = IoReq {
             stage,
@@ -241,9 +275,10 @@ impl DirectIo {
         self.staged = 0;
         let sent = self.io.as_ref().map(|io| io.send(req));
         if !matches!(sent, Some(Ok(()))) {
-            self.spare = Some(Stage::new());
+            self.free.push(Stage::new());
             return Err(io::Error::other("the direct I/O thread stopped"));
         }
+        self.queued += 1;
         Ok(())
     }
 }

@@ -1,0 +1,209 @@
+//! Loading the newest 100 MB frame through this crate against a plain read
+//! of the same bytes from the same file (issue 16, goal 2: ≥ 0.8 ×), with the
+//! page cache cold and warm, against the real daemon binary (release) on a
+//! temp Unix socket.
+//!
+//! `cargo bench -p gtar-logd-client --bench read` writes one frame of
+//! 6 × 2048×2048 f32 (100.7 MB, the Keras benchmark's model), asks the daemon
+//! where its tensors lie (GetFrame with `locate`), and then times, in
+//! BENCH_ROUNDS (default 5) interleaved rounds of plain → client → plain:
+//! * plain: `pread` of each tensor's bytes into a fresh buffer, nothing else —
+//!   the anchor;
+//! * client: `Client::get_frame(archive, FrameSel::LAST)` — GetFrame over the
+//!   socket, the daemon answering with locations, the located reads from the
+//!   archive file straight into each array's memory, CRC-32 checked.
+//!
+//! Cold: every timed read starts after `sync` and `echo 3 >
+//! /proc/sys/vm/drop_caches` (root only; skipped, and said so, otherwise).
+//! Warm: after one untimed read. A round's ratio is the plain read's time
+//! (mean of the two around it) over the client's: ≥ 1 means as fast as the
+//! plain read. The median of the rounds is the headline. Printed, never
+//! asserted.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use gtar_logd_client::ndarray::Array2;
+use gtar_logd_client::proto::{frame_data::Msg, get_frame_request::Frame as Sel};
+use gtar_logd_client::{proto, Client, FrameSel, NewFrame, OpenOptions};
+use support::Daemon;
+use tokio_stream::StreamExt;
+
+fn env_u64(k: &str, default: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn list(xs: &[f64]) -> String {
+    xs.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Write back dirty pages and drop the page cache; false if not allowed.
+fn drop_caches() -> bool {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+}
+
+/// Where each tensor of the newest frame lies: (file, offset, length).
+async fn locations(c: &Client, archive: &str) -> Vec<(String, u64, u64)> {
+    let mut s = c
+        .raw()
+        .get_frame(proto::GetFrameRequest {
+            archive: archive.into(),
+            frame: Some(Sel::Position(-1)),
+            locate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.next().await {
+        if let Some(Msg::Tensor(t)) = m.unwrap().msg {
+            let loc = t
+                .location
+                .expect("the daemon located the tensor (same user, Unix socket)");
+            out.push((loc.file, loc.offset, loc.length));
+        }
+    }
+    out
+}
+
+/// The anchor: each tensor's bytes read into a fresh buffer.
+fn plain_read(locs: &[(String, u64, u64)]) -> Duration {
+    let t = Instant::now();
+    let f = std::fs::File::open(&locs[0].0).unwrap();
+    let mut total = 0;
+    for (_, off, len) in locs {
+        let mut buf = vec![0u8; *len as usize];
+        f.read_exact_at(&mut buf, *off).unwrap();
+        total += buf.len();
+        std::hint::black_box(&buf);
+    }
+    std::hint::black_box(total);
+    t.elapsed()
+}
+
+async fn client_read(c: &Client, archive: &str, tensors: usize) -> Duration {
+    let t = Instant::now();
+    let f = c.get_frame(archive, FrameSel::LAST).await.unwrap();
+    let el = t.elapsed();
+    assert_eq!(f.tensors.len(), tensors);
+    el
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rounds = env_u64("BENCH_ROUNDS", 5).max(1);
+    let d = Daemon::start();
+    let c = Client::connect(&d.uds_addr()).await.unwrap();
+    let archive = "bench/read.zip";
+    let weights: Vec<Array2<f32>> = (0..6)
+        .map(|k| Array2::from_shape_fn((2048, 2048), |(i, j)| (i * 2048 + j + k) as f32 * 1e-6))
+        .collect();
+    // Two frames, so the one read is the newest of several, as after a run.
+    let mut w = c.writer(archive, OpenOptions::replace()).await.unwrap();
+    for i in 0..2 {
+        let mut f = NewFrame::new(i.to_string());
+        for (k, a) in weights.iter().enumerate() {
+            f.push_tensor(format!("layer/{k}"), "weight", a);
+        }
+        w.write(f).await.unwrap().await.unwrap();
+    }
+    w.close().await.unwrap();
+
+    let locs = locations(&c, archive).await;
+    assert_eq!(locs.len(), weights.len());
+    let bytes: u64 = locs.iter().map(|l| l.2).sum();
+    // What the client returns is what was written (checked once, untimed).
+    let f = c.get_frame(archive, FrameSel::LAST).await.unwrap();
+    for (k, a) in weights.iter().enumerate() {
+        let got = f
+            .get(&format!("layer/{k}"), "weight")
+            .unwrap()
+            .array
+            .clone()
+            .try_into_array::<f32>()
+            .unwrap();
+        assert_eq!(got, a.clone().into_dyn(), "layer/{k} reads back as written");
+    }
+    println!(
+        "newest frame of {archive}: {} tensors, {:.1} MB; {rounds} rounds of plain pread → client get_frame → plain pread",
+        locs.len(),
+        bytes as f64 / 1e6
+    );
+
+    let can_drop = drop_caches();
+    let mut summary = Vec::new();
+    for cold in [false, true] {
+        let label = if cold { "cold" } else { "warm" };
+        if cold && !can_drop {
+            println!("== cold: skipped (writing /proc/sys/vm/drop_caches needs root)");
+            continue;
+        }
+        let prep = || {
+            if cold {
+                drop_caches();
+            }
+        };
+        if !cold {
+            plain_read(&locs);
+            client_read(&c, archive, locs.len()).await;
+        }
+        println!("== page cache {label}");
+        let mut ratios = Vec::new();
+        let mut ours = Vec::new();
+        for r in 1..=rounds {
+            prep();
+            let a = plain_read(&locs);
+            prep();
+            let m = client_read(&c, archive, locs.len()).await;
+            prep();
+            let b = plain_read(&locs);
+            let anchor = (a + b) / 2;
+            let ratio = anchor.as_secs_f64() / m.as_secs_f64();
+            ratios.push(ratio);
+            ours.push(m.as_secs_f64());
+            println!(
+                "  round {r}: plain {:.1} / {:.1} ms ({:.2} GB/s); client {:.1} ms ({:.2} GB/s); ratio {ratio:.2}",
+                a.as_secs_f64() * 1e3,
+                b.as_secs_f64() * 1e3,
+                bytes as f64 / anchor.as_secs_f64() / 1e9,
+                m.as_secs_f64() * 1e3,
+                bytes as f64 / m.as_secs_f64() / 1e9,
+            );
+        }
+        let med = median(ratios.clone());
+        println!(
+            "  client / plain read: median {med:.2} of [{}] (target ≥ 0.80){}",
+            list(&ratios),
+            if med >= 0.8 { "" } else { "  << BELOW TARGET" }
+        );
+        summary.push((label, med, median(ours)));
+    }
+    for (label, med, t) in summary {
+        println!(
+            "summary: Rust get_frame of the newest 100.7 MB frame, {label}: {med:.2} × a plain read of the same bytes (median; client {:.1} ms)",
+            t * 1e3
+        );
+    }
+}
