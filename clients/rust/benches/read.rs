@@ -6,12 +6,15 @@
 //! `cargo bench -p gtar-logd-client --bench read` writes one frame of
 //! 6 × 2048×2048 f32 (100.7 MB, the Keras benchmark's model), asks the daemon
 //! where its tensors lie (GetFrame with `locate`), and then times, in
-//! BENCH_ROUNDS (default 5) interleaved rounds of plain → client → plain:
+//! BENCH_ROUNDS (default 5) interleaved rounds of plain → client → client
+//! with `verify_reads` → plain:
 //! * plain: `pread` of each tensor's bytes into a fresh buffer, nothing else —
 //!   the anchor;
 //! * client: `Client::get_frame(archive, FrameSel::LAST)` — GetFrame over the
 //!   socket, the daemon answering with locations, the located reads from the
-//!   archive file straight into each array's memory, CRC-32 checked.
+//!   archive file straight into each array's memory (the default, as in
+//!   Python: no CRC pass, see `Client::verify_reads`);
+//! * the same with `verify_reads(true)`: CRC-32 checked as it is read.
 //!
 //! Cold: every timed read starts after `sync` and `echo 3 >
 //! /proc/sys/vm/drop_caches` (root only; skipped, and said so, otherwise).
@@ -116,6 +119,7 @@ async fn main() {
     let rounds = env_u64("BENCH_ROUNDS", 5).max(1);
     let d = Daemon::start();
     let c = Client::connect(&d.uds_addr()).await.unwrap();
+    let cv = c.clone().verify_reads(true);
     let archive = "bench/read.zip";
     let weights: Vec<Array2<f32>> = (0..6)
         .map(|k| Array2::from_shape_fn((2048, 2048), |(i, j)| (i * 2048 + j + k) as f32 * 1e-6))
@@ -171,6 +175,7 @@ async fn main() {
         }
         println!("== page cache {label}");
         let mut ratios = Vec::new();
+        let mut checked = Vec::new();
         let mut ours = Vec::new();
         for r in 1..=rounds {
             prep();
@@ -178,25 +183,31 @@ async fn main() {
             prep();
             let m = client_read(&c, archive, locs.len()).await;
             prep();
+            let v = client_read(&cv, archive, locs.len()).await;
+            prep();
             let b = plain_read(&locs);
             let anchor = (a + b) / 2;
             let ratio = anchor.as_secs_f64() / m.as_secs_f64();
             ratios.push(ratio);
+            checked.push(anchor.as_secs_f64() / v.as_secs_f64());
             ours.push(m.as_secs_f64());
             println!(
-                "  round {r}: plain {:.1} / {:.1} ms ({:.2} GB/s); client {:.1} ms ({:.2} GB/s); ratio {ratio:.2}",
+                "  round {r}: plain {:.1} / {:.1} ms ({:.2} GB/s); client {:.1} ms ({:.2} GB/s), ratio {ratio:.2}; with verify_reads {:.1} ms, ratio {:.2}",
                 a.as_secs_f64() * 1e3,
                 b.as_secs_f64() * 1e3,
                 bytes as f64 / anchor.as_secs_f64() / 1e9,
                 m.as_secs_f64() * 1e3,
                 bytes as f64 / m.as_secs_f64() / 1e9,
+                v.as_secs_f64() * 1e3,
+                checked[checked.len() - 1],
             );
         }
         let med = median(ratios.clone());
         println!(
-            "  client / plain read: median {med:.2} of [{}] (target ≥ 0.80){}",
+            "  client / plain read: median {med:.2} of [{}] (target ≥ 0.80){}; with verify_reads(true) (CRC-checked): {:.2}",
             list(&ratios),
-            if med >= 0.8 { "" } else { "  << BELOW TARGET" }
+            if med >= 0.8 { "" } else { "  << BELOW TARGET" },
+            median(checked),
         );
         summary.push((label, med, median(ours)));
     }

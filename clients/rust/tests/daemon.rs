@@ -895,3 +895,48 @@ fn write_future_is_send(w: &mut gtar_logd_client::FrameWriter, f: NewFrame<'stat
     fn send<T: Send>(_: T) {}
     send(w.write(f));
 }
+
+/// On the Unix socket the client reads stored tensors from the archive file
+/// itself: a byte flipped on disk shows up as read unless `verify_reads` is
+/// on, which names the mismatch; streamed over TCP the daemon's own check
+/// refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn located_reads_come_from_the_file_and_verify_reads_checks_their_crc() {
+    let d = Daemon::start();
+    let c = Client::connect(&d.uds_addr()).await.unwrap();
+    let x = Array1::<u32>::from_iter(0..1024);
+    let mut w = c.writer("rot.zip", OpenOptions::replace()).await.unwrap();
+    w.write_frame("0", [("", "x", x.view())])
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    w.close().await.unwrap();
+    let ok = c.get_frame("rot.zip", FrameSel::LAST).await.unwrap();
+    assert_eq!(
+        ok.tensors[0].array.as_array::<u32>().unwrap().as_slice(),
+        x.as_slice()
+    );
+    // Flip element 5 (value 5) in place: its 4 bytes are unique in the file.
+    let path = d.data.join("rot.zip");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let needle: Vec<u8> = [5u32, 6].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let at = bytes
+        .windows(8)
+        .position(|w| w == needle.as_slice())
+        .unwrap();
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let f = c.get_frame("rot.zip", FrameSel::LAST).await.unwrap();
+    assert_eq!(f.tensors[0].array.as_array::<u32>().unwrap()[5], 5 ^ 0xff);
+    let e = c
+        .clone()
+        .verify_reads(true)
+        .get_frame("rot.zip", FrameSel::LAST)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("CRC-32 mismatch"), "{e}");
+    let tcp = Client::connect(&d.tcp_addr()).await.unwrap();
+    let e = tcp.get_frame("rot.zip", FrameSel::LAST).await.unwrap_err();
+    assert!(e.to_string().contains("CRC"), "{e}");
+}
