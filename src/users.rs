@@ -216,11 +216,12 @@ pub fn incoming(
             let readable = tokio::select! {
                 r = afd.readable() => r,
                 _ = tick.tick(), if !retiring && idle_exit.is_some() => {
+                    let limit = idle_exit.expect("the branch runs only with a limit");
                     let now = tokio::time::Instant::now();
                     if live.load(SeqCst) > 0 {
                         idle_since = None;
-                    } else if now - *idle_since.get_or_insert(now) >= idle_exit.expect("checked") {
-                        tracing::info!(idle = ?idle_exit.expect("checked"), "no connection for a while: exiting (the next connection starts a new worker)");
+                    } else if now - *idle_since.get_or_insert(now) >= limit {
+                        tracing::info!(idle = ?limit, "no connection for a while: exiting (the next connection starts a new worker)");
                         // SAFETY: shutdown(2) on our own open socket.
                         if unsafe { libc::shutdown(afd.get_ref().as_raw_fd(), libc::SHUT_RD) } != 0 {
                             tracing::warn!(error = %io::Error::last_os_error(), "cannot retire the channel; staying up");
@@ -727,64 +728,52 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_passed_connection_keeps_its_peer() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (ours, theirs) = channel().unwrap();
-            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-            send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
-            drop(b);
-            let end = CancellationToken::new();
-            let mut s = incoming(theirs, end.clone(), None).unwrap();
-            use tokio_stream::StreamExt;
-            let got = s.next().await.unwrap().unwrap();
-            assert_eq!(
-                got.inner.peer_cred().unwrap().pid(),
-                Some(std::process::id() as i32)
-            );
-            use std::io::Write;
-            let mut a = a;
-            a.write_all(b"x").unwrap();
-            let mut buf = [0u8; 1];
-            got.inner.readable().await.unwrap();
-            assert_eq!(got.inner.try_read(&mut buf).unwrap(), 1);
-            drop(ours);
-            assert!(s.next().await.is_none());
-            end.cancelled().await;
-        });
+    #[tokio::test]
+    async fn a_passed_connection_keeps_its_peer() {
+        let (ours, theirs) = channel().unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
+        drop(b);
+        let end = CancellationToken::new();
+        let mut s = incoming(theirs, end.clone(), None).unwrap();
+        use tokio_stream::StreamExt;
+        let got = s.next().await.unwrap().unwrap();
+        assert_eq!(
+            got.inner.peer_cred().unwrap().pid(),
+            Some(std::process::id() as i32)
+        );
+        use std::io::Write;
+        let mut a = a;
+        a.write_all(b"x").unwrap();
+        let mut buf = [0u8; 1];
+        got.inner.readable().await.unwrap();
+        assert_eq!(got.inner.try_read(&mut buf).unwrap(), 1);
+        drop(ours);
+        assert!(s.next().await.is_none());
+        end.cancelled().await;
     }
 
-    #[test]
-    fn an_idle_worker_retires_only_when_its_connections_are_gone() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (ours, theirs) = channel().unwrap();
-            let end = CancellationToken::new();
-            let idle = std::time::Duration::from_millis(1);
-            let mut s = incoming(theirs, end.clone(), Some(idle)).unwrap();
-            use tokio_stream::StreamExt;
-            // A live connection keeps the worker up past the idle limit.
-            let (_a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-            send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
-            let got = s.next().await.unwrap().unwrap();
-            tokio::time::sleep(IDLE_CHECK * 3).await;
-            assert!(!end.is_cancelled());
-            send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
-            let second = s.next().await.unwrap().unwrap();
-            // With both gone it retires: the dispatcher's next hand-over
-            // fails (EPIPE), which makes it start a new worker.
-            drop((got, second));
-            end.cancelled().await;
-            let e = send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap_err();
-            assert_eq!(e.raw_os_error(), Some(libc::EPIPE), "{e}");
-        });
+    #[tokio::test]
+    async fn an_idle_worker_retires_only_when_its_connections_are_gone() {
+        let (ours, theirs) = channel().unwrap();
+        let end = CancellationToken::new();
+        let idle = std::time::Duration::from_millis(1);
+        let mut s = incoming(theirs, end.clone(), Some(idle)).unwrap();
+        use tokio_stream::StreamExt;
+        // A live connection keeps the worker up past the idle limit.
+        let (_a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
+        let got = s.next().await.unwrap().unwrap();
+        tokio::time::sleep(IDLE_CHECK * 3).await;
+        assert!(!end.is_cancelled());
+        send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap();
+        let second = s.next().await.unwrap().unwrap();
+        // With both gone it retires: the dispatcher's next hand-over
+        // fails (EPIPE), which makes it start a new worker.
+        drop((got, second));
+        end.cancelled().await;
+        let e = send_fd(ours.as_raw_fd(), b.as_raw_fd()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPIPE), "{e}");
     }
 
     #[test]

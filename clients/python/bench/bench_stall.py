@@ -44,16 +44,10 @@ import numpy as np  # noqa: E402
 from conftest import Daemon  # noqa: E402
 from gtar_logd._keras_frames import host_view  # noqa: E402
 from gtar_logd.keras import GTARLogger  # noqa: E402
+from bench_callback import big_model  # noqa: E402  (the same 100 MB model)
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
 GAP = float(os.environ.get("BENCH_GAP", "1.0"))
-
-
-def big_model():
-    keras.utils.set_random_seed(0)
-    m = keras.Sequential([keras.Input((2048,))] + [keras.layers.Dense(2048) for _ in range(6)])
-    m.compile(optimizer="sgd", loss="mse")
-    return m
 
 
 def main():

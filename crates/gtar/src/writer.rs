@@ -984,19 +984,34 @@ pub(crate) mod tests {
         assert!(a.read("frames/x/a.u8.uni").is_err());
     }
 
-    #[test]
-    fn a_failing_queued_write_is_reported_not_lost() {
+    /// One committed frame, then a direct side whose files refuse writes
+    /// (opened read-only: EBADF), like a disk failing in the middle of an
+    /// entry, while `fail` writes; afterwards nothing of it is in the file,
+    /// and with a working direct side again the writer goes on.
+    fn with_failing_direct(name: &str, fail: impl FnOnce(&mut ArchiveWriter)) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.zip");
+        let path = dir.path().join(name);
         let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
         w.enable_direct_io();
         let mut expect = write_frames(&mut w, 0..1);
         let end = w.committed_len();
-        // Files that refuse writes (read-only: EBADF): the staged writes go
-        // to the I/O thread and fail there, while this thread goes on.
         let ro = || File::open(&path).unwrap();
         w.direct = Some(DirectIo::new(ro(), ro()).unwrap());
-        {
+        fail(&mut w);
+        assert_eq!(w.committed_len(), end);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
+        w.direct = None;
+        w.enable_direct_io();
+        expect.extend(write_frames(&mut w, 1..2));
+        drop(w);
+        check(&path, &expect, true);
+    }
+
+    #[test]
+    fn a_failing_queued_write_is_reported_not_lost() {
+        // The staged writes go to the I/O thread and fail there, while this
+        // thread goes on.
+        with_failing_direct("q.zip", |w| {
             let mut t = w.begin().unwrap();
             let size = DIRECT_STAGE * (DIRECT_STAGES + 2);
             let mut e = t.start_entry("frames/x/q.u8.uni", size as u64).unwrap();
@@ -1015,29 +1030,12 @@ pub(crate) mod tests {
                 None => e.finish().unwrap_err(),
             };
             assert!(err.to_string().contains("Bad file descriptor"), "{err}");
-        }
-        assert_eq!(w.committed_len(), end);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
-        w.direct = None;
-        w.enable_direct_io();
-        expect.extend(write_frames(&mut w, 1..2));
-        drop(w);
-        check(&path, &expect, true);
+        });
     }
 
     #[test]
     fn a_failing_write_breaks_its_entry_and_the_writer_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f.zip");
-        let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
-        w.enable_direct_io();
-        let mut expect = write_frames(&mut w, 0..1);
-        let end = w.committed_len();
-        // A direct side whose files refuse writes (opened read-only: EBADF),
-        // like a disk failing in the middle of an entry.
-        let ro = || File::open(&path).unwrap();
-        w.direct = Some(DirectIo::new(ro(), ro()).unwrap());
-        {
+        with_failing_direct("f.zip", |w| {
             let mut t = w.begin().unwrap();
             let size = 3 * DIRECT_STAGE;
             let mut e = t.start_entry("frames/x/b.u8.uni", size as u64).unwrap();
@@ -1048,13 +1046,6 @@ pub(crate) mod tests {
             // What reached the file is unknown: the entry takes nothing more.
             let again = e.write(&[1]).unwrap_err();
             assert!(again.to_string().contains("earlier write"), "{again}");
-        }
-        assert_eq!(w.committed_len(), end);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
-        w.direct = None;
-        w.enable_direct_io();
-        expect.extend(write_frames(&mut w, 1..2));
-        drop(w);
-        check(&path, &expect, true);
+        });
     }
 }
