@@ -307,6 +307,16 @@ impl Replicator {
             }
         }
         let store = self.remote.store();
+        // The objects the manifest lists, by their last key component: one
+        // set, not a scan of the manifest per listed object (thousands of
+        // segments at start-up).
+        let last = |k: &str| k.rsplit('/').next().unwrap_or_default().to_string();
+        let listed_keys: std::collections::HashSet<String> = m
+            .segments
+            .iter()
+            .map(|s| last(&s.key))
+            .chain(m.packs.iter().map(|p| last(&p.key)))
+            .collect();
         for dir in [SEGMENTS, PACKS] {
             let dir = self.remote.key_of(name, dir);
             let listed: Vec<_> = store
@@ -315,10 +325,7 @@ impl Replicator {
                 .await
                 .map_err(|e| self.remote.err(e))?;
             for o in listed {
-                let rel = o.location.as_ref().rsplit('/').next().unwrap_or_default();
-                let keep = m.segments.iter().any(|s| s.key.ends_with(rel))
-                    || m.packs.iter().any(|p| p.key.ends_with(rel));
-                if !keep {
+                if !listed_keys.contains(&last(o.location.as_ref())) {
                     tracing::info!(archive = %name, object = %o.location, "deleting an object no manifest lists");
                     if let Err(e) = store.delete(&o.location).await {
                         tracing::warn!(archive = %name, error = %e, "could not delete an orphan object");
