@@ -137,11 +137,16 @@ fn keep_freed_buffers() {
 }
 
 /// Cancel `shutdown` on SIGTERM or SIGINT, telling systemd we are stopping.
+///
+/// The handlers are installed before this returns, not in the spawned task:
+/// call it before binding a socket, so a SIGTERM that arrives as soon as a
+/// client can connect (systemd stopping a just-started unit) is a clean stop,
+/// not the default action's death by signal.
 fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
             _ = int.recv() => tracing::info!("SIGINT"),
@@ -189,6 +194,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        cancel_on_signal(shutdown.clone());
         let request = listen::Request {
             perms: Some(perms),
             ..o.listen.clone()
@@ -201,8 +208,6 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             tracing::info!(token_file = %f.display(), "TCP requests need `authorization: Bearer <token>` from this file");
             cfg.tcp_token = Some(std::sync::Arc::new(t));
         }
-        let shutdown = CancellationToken::new();
-        cancel_on_signal(shutdown.clone());
         let addrs: Vec<String> = bound.listeners.iter().map(|l| l.describe()).collect();
         let mut watchdog = None;
         let on_ready = |alive: server::Liveness| {
@@ -307,6 +312,8 @@ fn run_dispatcher(o: Options) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        cancel_on_signal(shutdown.clone());
         let (listener, socket_file) = match activation.unix.into_iter().next() {
             Some((_, l)) => {
                 l.set_nonblocking(true)?;
@@ -328,8 +335,6 @@ fn run_dispatcher(o: Options) -> anyhow::Result<()> {
                 (l, Some(p))
             }
         };
-        let shutdown = CancellationToken::new();
-        cancel_on_signal(shutdown.clone());
         // The watchdog pings while the dispatcher's event loop turns.
         let beat = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         {

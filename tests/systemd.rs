@@ -554,6 +554,34 @@ async fn watchdog_pid_of_another_process_is_ignored() {
     p.terminate(Duration::from_secs(30));
 }
 
+/// A SIGTERM the moment the socket accepts connections (systemd stopping a
+/// unit it just started) is a clean stop: the handler is installed before
+/// the socket is bound, so the signal's default action never kills it.
+#[test]
+fn sigterm_as_soon_as_the_socket_accepts_is_a_clean_stop() {
+    let tmp = temp_root("sd-early");
+    let root = tmp.path();
+    let sock = root.join("e.sock");
+    for round in 0..20 {
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new(daemon_bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(root.join("data"))
+            .arg("--uds")
+            .arg(&sock)
+            .env_remove("NOTIFY_SOCKET");
+        let mut p = spawn_logged(cmd, &root.join(format!("early{round}.log")));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Poll without sleeping so the signal lands as early as it can.
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "no socket; log:\n{}", p.log());
+            std::thread::yield_now();
+        }
+        p.terminate(Duration::from_secs(30));
+    }
+}
+
 /// `--socket-group` / `--socket-mode`: the daemon's own socket gets exactly
 /// that mode and group; without them it is owner-only (0600).
 #[test]
