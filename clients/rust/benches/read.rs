@@ -6,10 +6,12 @@
 //! `cargo bench -p gtar-logd-client --bench read` writes one frame of
 //! 6 × 2048×2048 f32 (100.7 MB, the Keras benchmark's model), asks the daemon
 //! where its tensors lie (GetFrame with `locate`), and then times, in
-//! BENCH_ROUNDS (default 5) interleaved rounds of plain → client → client
-//! with `verify_reads` → plain:
-//! * plain: `pread` of each tensor's bytes into a fresh buffer, nothing else —
-//!   the anchor;
+//! BENCH_ROUNDS (default 9) interleaved rounds of plain → not zeroed →
+//! client → client with `verify_reads` → not zeroed → plain:
+//! * plain: `pread` of each tensor's bytes into a fresh `vec![0u8; n]`,
+//!   nothing else — the anchor; and, printed beside it, the same into a
+//!   buffer not zeroed first (the client never zeroes the arrays it reads
+//!   into; `calloc` of reused heap memory writes every byte);
 //! * client: `Client::get_frame(archive, FrameSel::LAST)` — GetFrame over the
 //!   socket, the daemon answering with locations, the located reads from the
 //!   archive file straight into each array's memory (the default, as in
@@ -91,14 +93,31 @@ async fn locations(c: &Client, archive: &str) -> Vec<(String, u64, u64)> {
     out
 }
 
-/// The anchor: each tensor's bytes read into a fresh buffer.
-fn plain_read(locs: &[(String, u64, u64)]) -> Duration {
+/// The anchor: each tensor's bytes read into a fresh buffer, zeroed first
+/// (`vec![0; n]`, as plain Rust does) or not (`zeroed == false`: `pread`
+/// into a vector's spare capacity, as the client reads).
+fn plain_read(locs: &[(String, u64, u64)], zeroed: bool) -> Duration {
+    use std::os::fd::AsRawFd;
     let t = Instant::now();
     let f = std::fs::File::open(&locs[0].0).unwrap();
     let mut total = 0;
     for (_, off, len) in locs {
-        let mut buf = vec![0u8; *len as usize];
-        f.read_exact_at(&mut buf, *off).unwrap();
+        let len = *len as usize;
+        let buf = if zeroed {
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, *off).unwrap();
+            buf
+        } else {
+            let mut buf = Vec::<u8>::with_capacity(len);
+            // SAFETY: pread writes at most `len` bytes into the spare
+            // capacity; `set_len` covers only what it wrote (checked).
+            unsafe {
+                let n = libc::pread(f.as_raw_fd(), buf.as_mut_ptr().cast(), len, *off as i64);
+                assert_eq!(n, len as isize, "one pread of a tensor's bytes");
+                buf.set_len(len);
+            }
+            buf
+        };
         total += buf.len();
         std::hint::black_box(&buf);
     }
@@ -116,7 +135,7 @@ async fn client_read(c: &Client, archive: &str, tensors: usize) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let rounds = env_u64("BENCH_ROUNDS", 5).max(1);
+    let rounds = env_u64("BENCH_ROUNDS", 9).max(1);
     let d = Daemon::start();
     let c = Client::connect(&d.uds_addr()).await.unwrap();
     let cv = c.clone().verify_reads(true);
@@ -151,7 +170,7 @@ async fn main() {
         assert_eq!(got, a.clone().into_dyn(), "layer/{k} reads back as written");
     }
     println!(
-        "newest frame of {archive}: {} tensors, {:.1} MB; {rounds} rounds of plain pread → client get_frame → plain pread",
+        "newest frame of {archive}: {} tensors, {:.1} MB; {rounds} rounds of plain → not zeroed → client get_frame → verified → not zeroed → plain",
         locs.len(),
         bytes as f64 / 1e6
     );
@@ -170,43 +189,54 @@ async fn main() {
             }
         };
         if !cold {
-            plain_read(&locs);
+            plain_read(&locs, true);
             client_read(&c, archive, locs.len()).await;
         }
         println!("== page cache {label}");
         let mut ratios = Vec::new();
+        let mut unzeroed = Vec::new();
         let mut checked = Vec::new();
         let mut ours = Vec::new();
         for r in 1..=rounds {
             prep();
-            let a = plain_read(&locs);
+            let a = plain_read(&locs, true);
+            prep();
+            let ua = plain_read(&locs, false);
             prep();
             let m = client_read(&c, archive, locs.len()).await;
             prep();
             let v = client_read(&cv, archive, locs.len()).await;
             prep();
-            let b = plain_read(&locs);
+            let ub = plain_read(&locs, false);
+            prep();
+            let b = plain_read(&locs, true);
             let anchor = (a + b) / 2;
+            let uanchor = (ua + ub) / 2;
             let ratio = anchor.as_secs_f64() / m.as_secs_f64();
             ratios.push(ratio);
+            unzeroed.push(uanchor.as_secs_f64() / m.as_secs_f64());
             checked.push(anchor.as_secs_f64() / v.as_secs_f64());
             ours.push(m.as_secs_f64());
             println!(
-                "  round {r}: plain {:.1} / {:.1} ms ({:.2} GB/s); client {:.1} ms ({:.2} GB/s), ratio {ratio:.2}; with verify_reads {:.1} ms, ratio {:.2}",
+                "  round {r}: plain {:.1} / {:.1} ms ({:.2} GB/s), not zeroed {:.1} / {:.1} ms; client {:.1} ms ({:.2} GB/s), ratio {ratio:.2} ({:.2} to not zeroed); with verify_reads {:.1} ms, ratio {:.2}",
                 a.as_secs_f64() * 1e3,
                 b.as_secs_f64() * 1e3,
                 bytes as f64 / anchor.as_secs_f64() / 1e9,
+                ua.as_secs_f64() * 1e3,
+                ub.as_secs_f64() * 1e3,
                 m.as_secs_f64() * 1e3,
                 bytes as f64 / m.as_secs_f64() / 1e9,
+                unzeroed[unzeroed.len() - 1],
                 v.as_secs_f64() * 1e3,
                 checked[checked.len() - 1],
             );
         }
         let med = median(ratios.clone());
         println!(
-            "  client / plain read: median {med:.2} of [{}] (target ≥ 0.80){}; with verify_reads(true) (CRC-checked): {:.2}",
+            "  client / plain read: median {med:.2} of [{}] (target ≥ 0.80){}; / a plain read into memory not zeroed first: {:.2}; with verify_reads(true) (CRC-checked): {:.2}",
             list(&ratios),
             if med >= 0.8 { "" } else { "  << BELOW TARGET" },
+            median(unzeroed),
             median(checked),
         );
         summary.push((label, med, median(ours)));

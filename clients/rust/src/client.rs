@@ -1,5 +1,6 @@
 //! The async client: connect, then query or open a [`FrameWriter`].
 
+use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -10,7 +11,7 @@ use tonic::Streaming;
 use crate::address::Address;
 use crate::error::{Error, Result};
 use crate::proto::{self, logd_client::LogdClient};
-use crate::tensor::{DType, DynArray};
+use crate::tensor::{DType, DynArray, Filling};
 use crate::writer::{FrameWriter, OpenOptions};
 
 /// Largest gRPC message the client sends or accepts: the daemon accepts 16 MiB.
@@ -516,22 +517,23 @@ struct Partial {
 
 /// Where a tensor's bytes land.
 enum Fill {
-    /// In the array's own memory (its little-endian bytes), `filled` bytes of
-    /// it so far: no copy after the read or the chunk.
-    Array { array: DynArray, filled: usize },
+    /// In the array's own memory (its little-endian bytes): no copy after
+    /// the read or the chunk, and no zeroing before.
+    Array(Filling),
     /// In a byte buffer decoded at the end (bool; big-endian targets).
     Bytes(Vec<u8>),
 }
 
 impl Partial {
     fn new(info: proto::TensorInfo, dtype: DType, shape: Vec<usize>) -> Result<Partial> {
-        let mut array = DynArray::zeroed(dtype, &shape)
-            .map_err(|e| Error::Protocol(format!("tensor {}: {e}", info.path)))?;
-        let fill = if array.le_bytes_mut().is_some() {
-            Fill::Array { array, filled: 0 }
-        } else {
-            let cap = usize::try_from(info.size_bytes).unwrap_or(0).min(1 << 30);
-            Fill::Bytes(Vec::with_capacity(cap))
+        let fill = match Filling::new(dtype, &shape)
+            .map_err(|e| Error::Protocol(format!("tensor {}: {e}", info.path)))?
+        {
+            Some(f) => Fill::Array(f),
+            None => {
+                let cap = usize::try_from(info.size_bytes).unwrap_or(0).min(1 << 30);
+                Fill::Bytes(Vec::with_capacity(cap))
+            }
         };
         Ok(Partial {
             info,
@@ -544,7 +546,7 @@ impl Partial {
     /// Bytes received so far.
     fn len(&self) -> usize {
         match &self.fill {
-            Fill::Array { filled, .. } => *filled,
+            Fill::Array(f) => f.filled(),
             Fill::Bytes(b) => b.len(),
         }
     }
@@ -552,32 +554,50 @@ impl Partial {
     /// Append a chunk (the caller checked it fits `size_bytes`).
     fn push(&mut self, data: &[u8]) {
         match &mut self.fill {
-            Fill::Array { array, filled } => {
-                let dst = array.le_bytes_mut().expect("checked in Partial::new");
-                dst[*filled..*filled + data.len()].copy_from_slice(data);
-                *filled += data.len();
-            }
+            Fill::Array(f) => f.push(data),
             Fill::Bytes(b) => b.extend_from_slice(data),
         }
     }
 
-    /// All `len` bytes at once, to be written by the caller (a read).
-    fn whole(&mut self, len: usize) -> &mut [u8] {
+    /// All `len` bytes at once, written by `read` (a located read), which
+    /// returns `Ok` only once it has written every byte it was given.
+    fn read_whole<R>(
+        &mut self,
+        len: usize,
+        read: impl FnOnce(&mut [MaybeUninit<u8>]) -> Result<R>,
+    ) -> Result<R> {
         match &mut self.fill {
-            Fill::Array { array, filled } => {
-                *filled = len;
-                array.le_bytes_mut().expect("checked in Partial::new")
+            Fill::Array(f) => {
+                let buf = f.rest();
+                if buf.len() != len {
+                    return Err(Error::Protocol(format!(
+                        "tensor {}: {len} located bytes for {} to fill",
+                        self.info.path,
+                        buf.len()
+                    )));
+                }
+                let r = read(buf)?;
+                // SAFETY: `read` returned Ok: it wrote all `len` bytes.
+                unsafe { f.advance(len) };
+                Ok(r)
             }
             Fill::Bytes(b) => {
-                b.resize(len, 0);
-                b
+                b.clear();
+                b.reserve_exact(len);
+                let r = read(&mut b.spare_capacity_mut()[..len])?;
+                // SAFETY: `read` returned Ok: it wrote the first `len` bytes
+                // of the spare capacity.
+                unsafe { b.set_len(len) };
+                Ok(r)
             }
         }
     }
 
     fn finish(self) -> Result<Tensor> {
         let array = match self.fill {
-            Fill::Array { array, .. } => array,
+            Fill::Array(f) => f.finish().ok_or_else(|| {
+                Error::Protocol(format!("tensor {}: bytes missing", self.info.path))
+            })?,
             Fill::Bytes(b) => DynArray::from_le_bytes(self.dtype, &self.shape, &b)
                 .map_err(|e| Error::Protocol(format!("tensor {}: {e}", self.info.path)))?,
         };
@@ -600,33 +620,38 @@ const READ_PIECE: usize = 512 << 10;
 const PARALLEL_MIN: usize = 8 << 20;
 
 /// Fill `buf` from `file` at `offset` and, with `verify`, return the CRC-32
-/// of what was read. A large tensor is split between up to 4 threads (one per core): the
-/// copy out of the page cache and the CRC are CPU work, and the anchor this
-/// read is held to (a plain `pread`) gets no CRC to do. Each thread reads and
-/// checks in pieces that stay in the cache between the two (a CRC pass over
-/// the whole tensor after the read would fetch it from memory a second time);
+/// of what was read; `Ok` only once every byte of `buf` is written. A large
+/// tensor is split between up to 4 threads (one per core): the copy out of
+/// the page cache and the CRC are CPU work, and the anchor this read is
+/// held to (a plain `pread`) gets no CRC to do. Each thread reads and checks
+/// in pieces that stay in the cache between the two (a CRC pass over the
+/// whole tensor after the read would fetch it from memory a second time);
 /// the parts' CRCs are combined in order.
 fn read_into(
     file: &std::fs::File,
-    buf: &mut [u8],
+    buf: &mut [MaybeUninit<u8>],
     offset: u64,
     verify: bool,
 ) -> Result<crc32fast::Hasher> {
-    use std::os::unix::fs::FileExt;
-    let part =
-        |file: &std::fs::File, buf: &mut [u8], mut at: u64| -> std::io::Result<crc32fast::Hasher> {
-            let mut crc = crc32fast::Hasher::new();
-            for piece in buf.chunks_mut(READ_PIECE) {
-                file.read_exact_at(piece, at)?;
-                if verify {
-                    crc.update(piece);
-                }
-                at += piece.len() as u64;
+    let part = |file: &std::fs::File,
+                buf: &mut [MaybeUninit<u8>],
+                mut at: u64|
+     -> std::io::Result<crc32fast::Hasher> {
+        let mut crc = crc32fast::Hasher::new();
+        for piece in buf.chunks_mut(READ_PIECE) {
+            let piece = read_exact_at_uninit(file, piece, at)?;
+            if verify {
+                crc.update(piece);
             }
-            Ok(crc)
-        };
+            at += piece.len() as u64;
+        }
+        Ok(crc)
+    };
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // Asked once: the standard library reads cgroup files each time.
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let threads = if buf.len() >= PARALLEL_MIN {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+        cores.min(4)
     } else {
         1
     };
@@ -657,6 +682,49 @@ fn read_into(
         }
         Ok(crc)
     })
+}
+
+/// `read_exact_at` into memory that need not be initialised (the standard
+/// library's `read_buf_exact_at` is unstable); returns the bytes, now
+/// initialised.
+fn read_exact_at_uninit<'a>(
+    file: &std::fs::File,
+    buf: &'a mut [MaybeUninit<u8>],
+    offset: u64,
+) -> std::io::Result<&'a mut [u8]> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0;
+    while done < buf.len() {
+        let at = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| std::io::Error::other("offset beyond this platform's off_t"))?;
+        // SAFETY: pread writes at most `buf.len() - done` bytes, into the
+        // part of `buf` (borrowed mutably) not yet written.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast(),
+                buf.len() - done,
+                at,
+            )
+        };
+        match n {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the archive file ends before the tensor's bytes do",
+                ))
+            }
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    // SAFETY: the loop wrote all `buf.len()` bytes.
+    Ok(unsafe { &mut *(buf as *mut [MaybeUninit<u8>] as *mut [u8]) })
 }
 
 /// Archive files opened to read located tensors, by (path, device, inode).
@@ -692,8 +760,7 @@ async fn read_located(
         };
         let len = usize::try_from(loc.length)
             .map_err(|_| Error::Protocol(format!("{}: tensor too large", loc.file)))?;
-        let buf = into.whole(len);
-        let crc = read_into(&file, buf, loc.offset, verify)?;
+        let crc = into.read_whole(len, |buf| read_into(&file, buf, loc.offset, verify))?;
         if verify && crc.finalize() != loc.crc32 {
             return Err(Error::Protocol(format!(
                 "{}: CRC-32 mismatch of the tensor at offset {}",

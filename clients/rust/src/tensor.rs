@@ -250,6 +250,66 @@ macro_rules! each {
     };
 }
 
+/// Evaluate `$e` with `$t` the element type of the dtype `$d`.
+macro_rules! with_type {
+    ($d:expr, $t:ident => $e:expr) => {
+        match $d {
+            DType::F32 => {
+                type $t = f32;
+                $e
+            }
+            DType::F64 => {
+                type $t = f64;
+                $e
+            }
+            DType::I32 => {
+                type $t = i32;
+                $e
+            }
+            DType::I64 => {
+                type $t = i64;
+                $e
+            }
+            DType::U8 => {
+                type $t = u8;
+                $e
+            }
+            DType::U32 => {
+                type $t = u32;
+                $e
+            }
+            DType::U64 => {
+                type $t = u64;
+                $e
+            }
+            DType::F16 => {
+                type $t = f16;
+                $e
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $e
+            }
+            DType::I8 => {
+                type $t = i8;
+                $e
+            }
+            DType::I16 => {
+                type $t = i16;
+                $e
+            }
+            DType::U16 => {
+                type $t = u16;
+                $e
+            }
+            DType::Bool => {
+                type $t = bool;
+                $e
+            }
+        }
+    };
+}
+
 fn decode<T: Element>(shape: &[usize], bytes: &[u8]) -> Result<DynArray> {
     let a = ArrayD::from_shape_vec(IxDyn(shape), decode_vec::<T>(bytes))
         .map_err(|e| Error::Tensor(format!("shape {shape:?}: {e}")))?;
@@ -281,38 +341,134 @@ fn decode_vec<T: Element>(bytes: &[u8]) -> Vec<T> {
     v
 }
 
-/// A zeroed vector of `n` elements, from `alloc_zeroed`: fresh pages from the
-/// kernel are already zero, so a large one costs nothing until it is written
-/// (`vec![x; n]` would write every element for the types the standard
-/// library does not know to be zero, such as `f16`).
-fn zeroed_vec<T: Element>(n: usize) -> Result<Vec<T>> {
-    let layout = std::alloc::Layout::array::<T>(n)
-        .map_err(|_| Error::Tensor(format!("{n} {} elements do not fit in memory", T::DTYPE)))?;
-    if layout.size() == 0 {
-        return Ok(Vec::new());
-    }
-    // SAFETY: the layout has a non-zero size; a null pointer (allocation
-    // refused) returns before use. All-zero bytes are a valid value of every `Element` (0, 0.0,
-    // false), so the `n` elements are initialised, and the allocation was made
-    // by the global allocator with exactly the layout of `n` `T`s, which is
-    // what `Vec::from_raw_parts` requires of the pointer and capacity.
-    unsafe {
-        let p = std::alloc::alloc_zeroed(layout).cast::<T>();
-        if p.is_null() {
-            return Err(Error::Tensor(format!(
-                "cannot allocate {} bytes for a {} tensor",
-                layout.size(),
-                T::DTYPE
-            )));
+/// A standard-layout array of `dtype` and `shape` being filled with its
+/// little-endian bytes — copied from chunks or read straight from a file —
+/// in memory that is never zeroed first. Zeroing is not free: `calloc` of
+/// heap memory a previous frame freed writes every byte (2 ms per 16 MB
+/// tensor, on the read's critical path), and fresh zero pages are faulted
+/// in by the read anyway. It becomes a [`DynArray`] only once every byte has
+/// been written ([`finish`](Self::finish)); dropped before, it is freed
+/// unread.
+pub(crate) struct Filling {
+    /// From the global allocator with `layout` (dangling if it has size 0).
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+    dtype: DType,
+    shape: Vec<usize>,
+    n: usize,
+    /// Bytes `..filled` are initialised.
+    filled: usize,
+}
+
+// SAFETY: `Filling` owns its allocation exclusively (like a `Vec<u8>`).
+unsafe impl Send for Filling {}
+
+impl Filling {
+    /// `Ok(None)` where the elements' memory is not their wire bytes: bool
+    /// (not every byte is a bool) and big-endian targets.
+    pub(crate) fn new(dtype: DType, shape: &[usize]) -> Result<Option<Filling>> {
+        if cfg!(target_endian = "big") || dtype == DType::Bool {
+            return Ok(None);
         }
-        Ok(Vec::from_raw_parts(p, n, n))
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| Error::Tensor(format!("shape {shape:?} overflows")))?;
+        let layout = with_type!(dtype, T => std::alloc::Layout::array::<T>(n))
+            .map_err(|_| Error::Tensor(format!("{n} {dtype} elements do not fit in memory")))?;
+        let bytes = layout.size();
+        let ptr = if bytes == 0 {
+            std::ptr::NonNull::<u8>::dangling()
+        } else {
+            // SAFETY: the layout has a non-zero size.
+            std::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) }).ok_or_else(|| {
+                Error::Tensor(format!(
+                    "cannot allocate {bytes} bytes for a {dtype} tensor"
+                ))
+            })?
+        };
+        Ok(Some(Filling {
+            ptr,
+            layout,
+            dtype,
+            shape: shape.to_vec(),
+            n,
+            filled: 0,
+        }))
+    }
+
+    /// Bytes written so far.
+    pub(crate) fn filled(&self) -> usize {
+        self.filled
+    }
+
+    /// The bytes not yet written, to be read into.
+    pub(crate) fn rest(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
+        // SAFETY: the allocation holds `layout.size()` bytes, this borrows
+        // `self` mutably, and `MaybeUninit` asks nothing of their contents.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.ptr.as_ptr().add(self.filled).cast(),
+                self.layout.size() - self.filled,
+            )
+        }
+    }
+
+    /// Record that the first `n` bytes of [`rest`](Self::rest) were written.
+    ///
+    /// # Safety
+    /// They were: every one of them initialised.
+    pub(crate) unsafe fn advance(&mut self, n: usize) {
+        assert!(n <= self.layout.size() - self.filled, "past the end");
+        self.filled += n;
+    }
+
+    /// Append `data` (the caller checked that it fits).
+    pub(crate) fn push(&mut self, data: &[u8]) {
+        let rest = self.rest();
+        assert!(data.len() <= rest.len(), "past the end");
+        // SAFETY: `rest` has room for `data`, which it cannot overlap (it is
+        // borrowed from `self`); the copy initialises those bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), rest.as_mut_ptr().cast(), data.len());
+            self.advance(data.len());
+        }
+    }
+
+    /// The array, once every byte has been written; `None` before.
+    pub(crate) fn finish(self) -> Option<DynArray> {
+        if self.filled != self.layout.size() {
+            return None;
+        }
+        let this = std::mem::ManuallyDrop::new(self);
+        fn array<T: Element>(f: &Filling) -> DynArray {
+            assert_ne!(T::DTYPE, DType::Bool, "Filling::new refuses bool");
+            let v = if f.layout.size() == 0 {
+                Vec::new()
+            } else {
+                // SAFETY: the allocation was made by the global allocator
+                // with `Layout::array::<T>(n)` (`new`, for this dtype's `T`),
+                // every byte is initialised, and every bit pattern is a
+                // valid `T` for these plain integer and float types. The
+                // `Filling` is not dropped: its memory now belongs to the
+                // vector.
+                unsafe { Vec::from_raw_parts(f.ptr.as_ptr().cast::<T>(), f.n, f.n) }
+            };
+            let a = ArrayD::from_shape_vec(IxDyn(&f.shape), v).expect("n is the shape's product");
+            T::wrap(a)
+        }
+        Some(with_type!(this.dtype, T => array::<T>(&this)))
     }
 }
 
-fn zeroed<T: Element>(shape: &[usize], n: usize) -> Result<DynArray> {
-    let a = ArrayD::from_shape_vec(IxDyn(shape), zeroed_vec::<T>(n)?)
-        .map_err(|e| Error::Tensor(format!("shape {shape:?}: {e}")))?;
-    Ok(T::wrap(a))
+impl Drop for Filling {
+    fn drop(&mut self) {
+        if self.layout.size() > 0 {
+            // SAFETY: allocated in `new` with this layout, not handed on
+            // (`finish` does not drop).
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        }
+    }
 }
 
 /// The little-endian bytes of a standard-layout array's elements, writable:
@@ -333,31 +489,6 @@ fn le_bytes_mut<T: Element>(a: &mut ArrayD<T>) -> Option<&mut [u8]> {
 }
 
 impl DynArray {
-    /// A zero-filled array of `dtype` and `shape`, to be filled through
-    /// [`le_bytes_mut`](Self::le_bytes_mut): a tensor read that way lands in
-    /// the array's own memory, with no copy after the read.
-    pub fn zeroed(dtype: DType, shape: &[usize]) -> Result<DynArray> {
-        let n = shape
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .ok_or_else(|| Error::Tensor(format!("shape {shape:?} overflows")))?;
-        match dtype {
-            DType::F32 => zeroed::<f32>(shape, n),
-            DType::F64 => zeroed::<f64>(shape, n),
-            DType::I32 => zeroed::<i32>(shape, n),
-            DType::I64 => zeroed::<i64>(shape, n),
-            DType::U8 => zeroed::<u8>(shape, n),
-            DType::U32 => zeroed::<u32>(shape, n),
-            DType::U64 => zeroed::<u64>(shape, n),
-            DType::F16 => zeroed::<f16>(shape, n),
-            DType::BF16 => zeroed::<bf16>(shape, n),
-            DType::I8 => zeroed::<i8>(shape, n),
-            DType::I16 => zeroed::<i16>(shape, n),
-            DType::U16 => zeroed::<u16>(shape, n),
-            DType::Bool => zeroed::<bool>(shape, n),
-        }
-    }
-
     /// The elements' memory as their little-endian (wire) bytes, writable,
     /// when that is the same memory: a little-endian target, a dtype other
     /// than bool, an array contiguous in standard order. `None` otherwise
@@ -436,21 +567,7 @@ impl DynArray {
                 bytes.len()
             )));
         }
-        match dtype {
-            DType::F32 => decode::<f32>(shape, bytes),
-            DType::F64 => decode::<f64>(shape, bytes),
-            DType::I32 => decode::<i32>(shape, bytes),
-            DType::I64 => decode::<i64>(shape, bytes),
-            DType::U8 => decode::<u8>(shape, bytes),
-            DType::U32 => decode::<u32>(shape, bytes),
-            DType::U64 => decode::<u64>(shape, bytes),
-            DType::F16 => decode::<f16>(shape, bytes),
-            DType::BF16 => decode::<bf16>(shape, bytes),
-            DType::I8 => decode::<i8>(shape, bytes),
-            DType::I16 => decode::<i16>(shape, bytes),
-            DType::U16 => decode::<u16>(shape, bytes),
-            DType::Bool => decode::<bool>(shape, bytes),
-        }
+        with_type!(dtype, T => decode::<T>(shape, bytes))
     }
 }
 
@@ -695,35 +812,39 @@ mod tests {
     }
 
     #[test]
-    fn a_zeroed_array_filled_through_its_bytes_equals_the_decoded_one() {
+    fn a_filling_equals_the_decoded_array_once_every_byte_is_written() {
         let shape = [3usize, 5];
         for dtype in DType::ALL {
             let bytes: Vec<u8> = (0..15 * dtype.itemsize())
                 .map(|i| (i * 37 + 11) as u8)
                 .collect();
             let want = DynArray::from_le_bytes(dtype, &shape, &bytes).unwrap();
-            let mut got = DynArray::zeroed(dtype, &shape).unwrap();
+            let Some(mut f) = Filling::new(dtype, &shape).unwrap() else {
+                // Not every byte is a bool: decoded instead, never filled.
+                assert_eq!(dtype, DType::Bool);
+                continue;
+            };
+            assert_eq!(f.rest().len(), bytes.len(), "{dtype}");
+            // In pieces, as chunks arrive.
+            let (a, b) = bytes.split_at(7);
+            f.push(a);
+            assert_eq!(f.filled(), 7);
+            f.push(b);
+            let got = f.finish().expect("every byte written");
             assert_eq!(got.dtype(), dtype);
             assert_eq!(got.shape(), &shape[..]);
-            match got.le_bytes_mut() {
-                Some(b) => {
-                    assert_eq!(b.len(), bytes.len(), "{dtype}");
-                    assert!(b.iter().all(|&x| x == 0), "{dtype}: zeroed");
-                    b.copy_from_slice(&bytes);
-                    // Compared as bytes: some patterns are NaNs.
-                    assert_eq!(got.to_le_bytes(), want.to_le_bytes(), "{dtype}");
-                    assert_eq!(got.to_le_bytes(), bytes, "{dtype}");
-                }
-                // Not every byte is a bool: decoded instead, never viewed.
-                None => assert_eq!(dtype, DType::Bool),
-            }
+            // Compared as bytes: some patterns are NaNs.
+            assert_eq!(got.to_le_bytes(), want.to_le_bytes(), "{dtype}");
+            assert_eq!(got.to_le_bytes(), bytes, "{dtype}");
         }
-        assert!(DynArray::zeroed(DType::F32, &[0, 7])
-            .unwrap()
-            .le_bytes_mut()
-            .unwrap()
-            .is_empty());
-        assert!(DynArray::zeroed(DType::F64, &[usize::MAX, 2]).is_err());
+        // Short of its size it is no array (and is freed unread).
+        let mut f = Filling::new(DType::F64, &[2, 2]).unwrap().unwrap();
+        f.push(&[1; 31]);
+        assert!(f.finish().is_none());
+        let empty = Filling::new(DType::F32, &[0, 7]).unwrap().unwrap();
+        assert_eq!(empty.finish().unwrap().shape(), &[0, 7]);
+        assert!(Filling::new(DType::F64, &[usize::MAX, 2]).is_err());
+        assert!(Filling::new(DType::F64, &[usize::MAX / 4, 2]).is_err());
     }
 
     #[test]
