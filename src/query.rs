@@ -203,7 +203,7 @@ fn manifests_at(
     };
     let mut out = HashMap::new();
     for e in found {
-        let Ok(bytes) = a.read_entry(&e) else {
+        let Ok(bytes) = a.read_small(&e) else {
             continue;
         };
         let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
@@ -231,7 +231,7 @@ fn keras_shape(a: &Archive, rt: &RecordType, elements: u64) -> Option<Vec<u64>> 
     if e.size() > 4 * 64 {
         return None;
     }
-    let bytes = a.read_entry(&e).ok()?;
+    let bytes = a.read_small(&e).ok()?;
     let shape: Vec<u64> = bytes
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as u64)

@@ -633,7 +633,7 @@ async fn malformed_requests_get_the_right_code_and_touch_nothing_outside() {
                     name: n.into(),
                     start: 0,
                     stop: None,
-                    locate: false,
+                    ..Default::default()
                 })
                 .await
             {

@@ -69,6 +69,7 @@ async fn a_frame_over_4_gib_round_trips() {
             frame: Some(by_index("0")),
             names: vec![],
             locate: false,
+            batch: false,
         })
         .await
         .unwrap()
@@ -105,6 +106,7 @@ async fn a_frame_over_4_gib_round_trips() {
                 );
                 off += ch.data.len() as u64;
             }
+            Msg::Located(_) => panic!("a `located` batch, not asked for"),
         }
     }
     let last = current.unwrap();

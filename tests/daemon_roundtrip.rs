@@ -379,6 +379,7 @@ async fn positions_groups_records_scalars_and_history() {
             frame: None,
             names: vec![],
             locate: false,
+            batch: false,
         })
         .await
         .unwrap()
@@ -397,6 +398,7 @@ async fn positions_groups_records_scalars_and_history() {
                 frame: None,
                 names: vec![],
                 locate: true,
+                batch: false,
             })
             .await
             .unwrap()

@@ -343,6 +343,11 @@ pub struct GetFrameRequest {
     /// EntryLocation); granted per tensor, otherwise the bytes are streamed.
     #[prost(bool, tag = "6")]
     pub locate: bool,
+    /// With `locate`: frames whose tensors are all located come many to a
+    /// message (FrameData.located) instead of a message per frame and tensor.
+    /// Others still come as `frame`, `tensor`, `chunk`s, in order.
+    #[prost(bool, tag = "7")]
+    pub batch: bool,
     #[prost(oneof = "get_frame_request::Frame", tags = "3, 4")]
     pub frame: ::core::option::Option<get_frame_request::Frame>,
 }
@@ -406,15 +411,15 @@ pub struct EntryLocation {
     pub inode: u64,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct FrameData {
-    #[prost(oneof = "frame_data::Msg", tags = "1, 2, 3")]
+    #[prost(oneof = "frame_data::Msg", tags = "1, 2, 3, 4")]
     pub msg: ::core::option::Option<frame_data::Msg>,
 }
 /// Nested message and enum types in `FrameData`.
 pub mod frame_data {
     #[allow(clippy::all)]
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Msg {
         /// Starts a frame (GetFrame: once; TensorHistory: once per frame).
         #[prost(string, tag = "1")]
@@ -423,7 +428,26 @@ pub mod frame_data {
         Tensor(super::TensorInfo),
         #[prost(message, tag = "3")]
         Chunk(super::Chunk),
+        /// Only when the request asked to `batch`: whole located frames, each
+        /// what a `frame` and its located `tensor`s would say.
+        #[prost(message, tag = "4")]
+        Located(super::LocatedFrames),
     }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LocatedFrames {
+    #[prost(message, repeated, tag = "1")]
+    pub frames: ::prost::alloc::vec::Vec<LocatedFrame>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LocatedFrame {
+    #[prost(string, tag = "1")]
+    pub frame: ::prost::alloc::string::String,
+    /// Each with its `location`.
+    #[prost(message, repeated, tag = "2")]
+    pub tensors: ::prost::alloc::vec::Vec<TensorInfo>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -477,9 +501,11 @@ pub struct TensorHistoryRequest {
     pub start: i64,
     #[prost(int64, optional, tag = "5")]
     pub stop: ::core::option::Option<i64>,
-    /// As GetFrameRequest.locate.
+    /// As GetFrameRequest.locate and .batch.
     #[prost(bool, tag = "6")]
     pub locate: bool,
+    #[prost(bool, tag = "7")]
+    pub batch: bool,
 }
 /// A keep policy: a frame kept by any field is kept; at least one must be set.
 #[allow(clippy::all)]

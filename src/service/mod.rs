@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod errors;
+pub mod frames;
 pub mod ingest;
 
 use std::pin::Pin;
@@ -15,10 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::archives::{Archives, Origin, ReadError};
-use crate::error::Classify;
-use crate::limits::SEND_CHUNK;
 use crate::proto::v1::{self as pb, logd_server::Logd};
-use crate::query::{self, TensorRef};
+use crate::query;
 use errors::{bad, status, Kind};
 
 /// What every handler shares.
@@ -71,69 +70,6 @@ fn locate_granted<T>(req: &Request<T>, asked: bool) -> Option<u32> {
         .get::<tonic::transport::server::UdsConnectInfo>()
         .and_then(|c| c.peer_cred)
         .map(|c| c.uid())
-}
-
-/// Stream tensors (header, then chunks) from a blocking thread. With
-/// `locate`, a stored tensor's header carries its location instead and no
-/// chunks follow.
-fn send_tensors(
-    archive: gtar::Archive,
-    frames: Vec<(String, Vec<TensorRef>)>,
-    tx: mpsc::Sender<Result<pb::FrameData, Status>>,
-    locate: bool,
-) {
-    use pb::frame_data::Msg;
-    use std::io::Read;
-    let out = |m: Msg| tx.blocking_send(Ok(pb::FrameData { msg: Some(m) })).is_ok();
-    for (frame, tensors) in frames {
-        if !out(Msg::Frame(frame)) {
-            return;
-        }
-        for t in tensors {
-            let location = if locate {
-                match query::locate(&archive, &t.entry) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e.into()));
-                        return;
-                    }
-                }
-            } else {
-                None
-            };
-            let mut info: pb::TensorInfo = t.info.clone().into();
-            let located = location.is_some();
-            info.location = location.map(Into::into);
-            if !out(Msg::Tensor(info)) {
-                return;
-            }
-            if located {
-                continue;
-            }
-            let mut r = match archive.entry_reader(&t.entry) {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(status(e.kind(), e.to_string())));
-                    return;
-                }
-            };
-            let mut left = t.entry.size();
-            while left > 0 {
-                let mut buf = vec![0u8; (left as usize).min(SEND_CHUNK)];
-                if let Err(e) = r.read_exact(&mut buf) {
-                    let _ = tx.blocking_send(Err(status(
-                        Kind::Internal,
-                        format!("{}: {e}", t.info.path),
-                    )));
-                    return;
-                }
-                left -= buf.len() as u64;
-                if !out(Msg::Chunk(pb::Chunk { data: buf.into() })) {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -234,6 +170,7 @@ impl Logd for Service {
     ) -> Result<Response<Self::GetFrameStream>, Status> {
         let uid = locate_granted(&req, req.get_ref().locate);
         let r = req.into_inner();
+        let r_batch = r.batch;
         let a = open_read(&self.state, r.archive).await?;
         let (tx, rx) = mpsc::channel(4);
         let plan = tokio::task::spawn_blocking(move || -> Result<_, Status> {
@@ -253,7 +190,16 @@ impl Logd for Service {
         })
         .await
         .map_err(|e| status(Kind::Internal, e.to_string()))??;
-        tokio::task::spawn_blocking(move || send_tensors(plan.0, plan.1, tx, plan.2));
+        tokio::task::spawn_blocking(move || {
+            let (archive, frames, locate) = plan;
+            let mut out = frames::FrameSender::new(archive, tx, locate, r_batch);
+            for (frame, tensors) in frames {
+                if !out.send(frame, tensors) {
+                    return;
+                }
+            }
+            out.finish();
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -301,18 +247,20 @@ impl Logd for Service {
         };
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
+            let mut out = frames::FrameSender::new(a.clone(), tx, locate, r.batch);
             for f in frames {
-                match query::history_tensor(&a, &r.group, &r.name, &f) {
-                    Ok(t) => send_tensors(a.clone(), vec![(f, vec![t])], tx.clone(), locate),
+                let sent = match query::history_tensor(&a, &r.group, &r.name, &f) {
+                    Ok(t) => out.send(f, vec![t]),
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(e.into()));
+                        out.fail(e.into());
                         return;
                     }
-                }
-                if tx.is_closed() {
+                };
+                if !sent {
                     return;
                 }
             }
+            out.finish();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

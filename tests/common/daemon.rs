@@ -836,6 +836,7 @@ pub async fn collect_frames(
                 .expect("chunk before any tensor")
                 .data
                 .extend_from_slice(&c.data),
+            Some(Msg::Located(_)) => panic!("a `located` batch, not asked for"),
             None => panic!("empty FrameData"),
         }
     }
@@ -863,6 +864,7 @@ pub async fn get_frame(
             frame: Some(frame),
             names: vec![],
             locate: false,
+            batch: false,
         })
         .await?
         .into_inner();

@@ -385,14 +385,52 @@ def test_located_reads_match_streamed_reads_and_are_checked(daemon, client, arch
         f.seek(loc.offset + 7)
         f.write(bytes([b[0] ^ 1]))
     with pytest.raises(GtarLogdError, match="CRC-32 mismatch"):
-        _Files("test").read(loc, verify=True)
+        _Files("test").read_array(big, verify=True)
     # The file replaced by a copy (a new inode, as compaction leaves it).
     tmp = loc.file + ".new"
     with open(loc.file, "rb") as src, open(tmp, "wb") as dst:
         dst.write(src.read())
     os.replace(tmp, loc.file)
     with pytest.raises(GtarLogdError, match="was replaced"):
-        _Files("test").read(loc, verify=False)
+        _Files("test").read_array(big, verify=False)
+
+
+def test_batched_located_frames_arrive_in_order_and_match_the_streamed_ones(
+        daemon, client, archive):
+    """With `batch`, located frames come many to a message; the client's
+    arrays (small ones sharing a block per batch) equal the streamed ones,
+    frame by frame, in the archive's order."""
+    from gtar_logd import Client
+    from gtar_logd._proto import logd_pb2 as pb
+    n = 300  # several batches: 16, 32, 64, 128, then the rest
+    with client.writer(archive) as w:
+        for i in range(n):
+            w.write_tensors(i, {"a": np.arange(3, dtype=np.float64) * i,
+                                "m": np.array([[i % 2 == 0, True], [False, i % 3 == 0]]),
+                                "s": np.float32(i), "e": np.zeros((0, 3), np.float16)})
+        w.flush(120)
+    group = "tensors/a"
+    req = pb.TensorHistoryRequest(archive=archive, group=group, name="value", locate=True,
+                                  batch=True)
+    msgs = list(client.stub.TensorHistory(req))
+    assert {m.WhichOneof("msg") for m in msgs} == {"located"}
+    sizes = [len(m.located.frames) for m in msgs]
+    assert sizes[:4] == [16, 32, 64, 128] and sum(sizes) == n, sizes
+    assert [f.frame for m in msgs for f in m.located.frames] == client.list_frames(archive)
+    req.batch = False
+    assert {m.WhichOneof("msg") for m in client.stub.TensorHistory(req)} == {"frame", "tensor"}
+    with Client(daemon.tcp_address) as tcp:
+        for key in ("a", "m", "s", "e"):
+            got, want = client.tensor_history(archive, key), tcp.tensor_history(archive, key)
+            assert [i for i, _ in got] == [i for i, _ in want] == [str(i) for i in range(n)]
+            for (_, x), (_, y) in zip(got, want):
+                assert x.dtype == y.dtype and x.shape == y.shape and _bits(x) == _bits(y), key
+            got[5][1][...] = 0  # a view into a shared block: writable, and alone
+            assert _bits(got[6][1]) == _bits(want[6][1])
+        frame = client.read_frame(archive, 7)
+        assert set(frame) == {"a", "m", "s", "e"}
+        for k, v in tcp.read_frame(archive, 7).items():
+            assert _bits(frame[k]) == _bits(v), k
 
 
 def test_a_second_writer_of_the_same_group_is_refused_naming_the_first_unless_both_share(

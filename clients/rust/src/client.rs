@@ -438,6 +438,7 @@ impl Client {
                 frame,
                 names: q.names.clone(),
                 locate: self.locate(),
+                batch: self.locate(),
             })
             .await?
             .into_inner();
@@ -500,6 +501,7 @@ impl Client {
                 start,
                 stop,
                 locate: self.locate(),
+                batch: self.locate(),
             })
             .await?
             .into_inner();
@@ -775,8 +777,45 @@ async fn read_located(
     Ok(into)
 }
 
+/// A tensor from its header: checked, and read from the archive file if it
+/// is located (else its chunks follow).
+async fn start_tensor(files: &mut Files, info: proto::TensorInfo, verify: bool) -> Result<Partial> {
+    let dtype = DType::from_proto(info.dtype).ok_or_else(|| {
+        Error::Protocol(format!(
+            "tensor {}: unknown dtype {}",
+            info.path, info.dtype
+        ))
+    })?;
+    let shape = info
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| Error::Protocol(format!("tensor {}: shape too large", info.path)))?;
+    let want = info
+        .shape
+        .iter()
+        .try_fold(dtype.itemsize() as u64, |n, &d| n.checked_mul(d));
+    if want != Some(info.size_bytes) {
+        return Err(Error::Protocol(format!(
+            "tensor {}: size_bytes {} is not {dtype} × shape {:?}",
+            info.path, info.size_bytes, info.shape
+        )));
+    }
+    let p = Partial::new(info, dtype, shape)?;
+    match p.info.location.clone() {
+        Some(loc) if loc.length == p.info.size_bytes => read_located(files, loc, p, verify).await,
+        Some(loc) => Err(Error::Protocol(format!(
+            "tensor {}: located length {} is not its size_bytes {}",
+            p.info.path, loc.length, p.info.size_bytes
+        ))),
+        None => Ok(p),
+    }
+}
+
 /// Reassemble a FrameData stream: `frame`, then per tensor its header and
-/// either chunks totalling `size_bytes` or its location in the archive file.
+/// either chunks totalling `size_bytes` or its location in the archive file;
+/// or (`batch`) whole located frames, many to a message.
 async fn read_frames(mut stream: Streaming<proto::FrameData>, verify: bool) -> Result<Vec<Frame>> {
     use proto::frame_data::Msg;
     let mut files = Files::new();
@@ -813,43 +852,26 @@ async fn read_frames(mut stream: Streaming<proto::FrameData>, verify: bool) -> R
                         info.path
                     )));
                 }
-                let dtype = DType::from_proto(info.dtype).ok_or_else(|| {
-                    Error::Protocol(format!(
-                        "tensor {}: unknown dtype {}",
-                        info.path, info.dtype
-                    ))
-                })?;
-                let shape = info
-                    .shape
-                    .iter()
-                    .map(|&d| usize::try_from(d))
-                    .collect::<Result<Vec<usize>, _>>()
-                    .map_err(|_| {
-                        Error::Protocol(format!("tensor {}: shape too large", info.path))
-                    })?;
-                let want = info
-                    .shape
-                    .iter()
-                    .try_fold(dtype.itemsize() as u64, |n, &d| n.checked_mul(d));
-                if want != Some(info.size_bytes) {
-                    return Err(Error::Protocol(format!(
-                        "tensor {}: size_bytes {} is not {dtype} × shape {:?}",
-                        info.path, info.size_bytes, info.shape
-                    )));
+                cur = Some(start_tensor(&mut files, info, verify).await?);
+            }
+            Some(Msg::Located(batch)) => {
+                finish(&mut cur, &mut frames)?;
+                for f in batch.frames {
+                    frames.push(Frame {
+                        index: f.frame,
+                        tensors: Vec::new(),
+                    });
+                    for info in f.tensors {
+                        if info.location.is_none() {
+                            return Err(Error::Protocol(format!(
+                                "tensor {} came in a `located` batch without its location",
+                                info.path
+                            )));
+                        }
+                        let mut p = Some(start_tensor(&mut files, info, verify).await?);
+                        finish(&mut p, &mut frames)?;
+                    }
                 }
-                let p = Partial::new(info, dtype, shape)?;
-                cur = Some(match p.info.location.clone() {
-                    Some(loc) if loc.length == p.info.size_bytes => {
-                        read_located(&mut files, loc, p, verify).await?
-                    }
-                    Some(loc) => {
-                        return Err(Error::Protocol(format!(
-                            "tensor {}: located length {} is not its size_bytes {}",
-                            p.info.path, loc.length, p.info.size_bytes
-                        )))
-                    }
-                    None => p,
-                });
             }
             Some(Msg::Chunk(c)) => {
                 let p = cur.as_mut().ok_or_else(|| {

@@ -39,13 +39,112 @@ impl Entry {
 }
 
 /// Records and frames of one archive.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Index {
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
     records: BTreeMap<RecordType, BTreeMap<FrameIndex, usize>>,
     /// Prefixes `P` with frame markers (`{P/}gtar_logd` groups), any index.
     markers: BTreeSet<String>,
+    /// What reads learned about the entries (not carried over by `clone`).
+    learned: Learned,
+}
+
+/// A cloned index starts knowing nothing: it may come to describe another
+/// file (a compaction's output), where the same offsets hold other entries.
+impl Clone for Index {
+    fn clone(&self) -> Index {
+        Index {
+            entries: self.entries.clone(),
+            by_name: self.by_name.clone(),
+            records: self.records.clone(),
+            markers: self.markers.clone(),
+            learned: Learned::default(),
+        }
+    }
+}
+
+/// Entries at most this large are kept in memory once read
+/// ([`crate::Archive::read_small`]).
+pub const SMALL_ENTRY_MAX: u64 = 64 << 10;
+/// The bytes kept per archive at most; when full, they start over.
+const SMALL_BUDGET: usize = 4 << 20;
+/// Data offsets kept per archive at most; when full, they start over.
+const OFFSETS_MAX: usize = 1 << 20;
+
+/// What reading an archive taught about its committed entries: the bytes
+/// of small ones (manifests, shapes) and where each one's data starts (an
+/// index read from a central directory knows only the local header's
+/// offset, and the data follows a header of variable length). Keyed by
+/// local header offset (and CRC-32 for bytes): a committed entry never
+/// changes in place — the file is append-only and only uncommitted bytes
+/// are ever cut off — so what was learned stays right for the life of the
+/// file this index describes. A tensor history, which visits every frame's
+/// manifest and tensor, then touches the file (or the object store) only
+/// for the tensors' bytes from the second time on.
+/// Clones share what is learned.
+#[derive(Clone, Default)]
+pub struct Learned(std::sync::Arc<std::sync::Mutex<LearnedMaps>>);
+
+#[derive(Default)]
+struct LearnedMaps {
+    small_bytes: usize,
+    small: HashMap<(u64, u32), std::sync::Arc<[u8]>>,
+    data_offsets: HashMap<u64, u64>,
+}
+
+impl std::fmt::Debug for Learned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Learned")
+    }
+}
+
+impl Learned {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LearnedMaps> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `e`'s bytes, if kept.
+    pub fn bytes(&self, e: &Entry) -> Option<std::sync::Arc<[u8]>> {
+        let key = (e.cd.local_header_offset, e.cd.crc32);
+        self.lock().small.get(&key).cloned()
+    }
+
+    /// Keep `bytes` (already checked against `e`'s CRC) if `e` is small.
+    pub fn keep_bytes(&self, e: &Entry, bytes: std::sync::Arc<[u8]>) {
+        if e.size() > SMALL_ENTRY_MAX {
+            return;
+        }
+        let mut m = self.lock();
+        if m.small_bytes + bytes.len() > SMALL_BUDGET {
+            m.small.clear();
+            m.small_bytes = 0;
+        }
+        m.small_bytes += bytes.len();
+        let key = (e.cd.local_header_offset, e.cd.crc32);
+        if let Some(old) = m.small.insert(key, bytes) {
+            m.small_bytes -= old.len();
+        }
+    }
+
+    /// Where `e`'s data starts, if known.
+    pub fn data_offset(&self, e: &Entry) -> Option<u64> {
+        e.data_offset.or_else(|| {
+            self.lock()
+                .data_offsets
+                .get(&e.cd.local_header_offset)
+                .copied()
+        })
+    }
+
+    /// Remember where `e`'s data starts (read from its local header).
+    pub fn keep_data_offset(&self, e: &Entry, at: u64) {
+        let mut m = self.lock();
+        if m.data_offsets.len() >= OFFSETS_MAX {
+            m.data_offsets.clear();
+        }
+        m.data_offsets.insert(e.cd.local_header_offset, at);
+    }
 }
 
 /// Group name (the last component) of the record that marks a frame written
@@ -64,6 +163,11 @@ fn marker_prefix(group: &str) -> Option<&str> {
 impl Index {
     pub fn new() -> Index {
         Index::default()
+    }
+
+    /// What reads learned about the entries (see [`Learned`]).
+    pub fn learned(&self) -> &Learned {
+        &self.learned
     }
 
     /// Add an entry that comes after every entry already indexed.

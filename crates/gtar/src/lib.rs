@@ -69,7 +69,7 @@ pub use checkpoint::{sidecar_path, Checkpoints, SAMPLES as CHECKPOINT_SAMPLES, S
 pub use compact::{entry_time, CompactPlan, Compacted, Exclusive, Rewriter};
 pub use copy::CopyStats;
 pub use fsutil::is_being_written;
-pub use index::{group_under, Entry, Index, FRAME_MARKER_GROUP};
+pub use index::{group_under, Entry, Index, Learned, FRAME_MARKER_GROUP};
 pub use path::{
     check_component, index_cmp, Behavior, Format, FrameIndex, RecordPath, RecordType, Resolution,
 };

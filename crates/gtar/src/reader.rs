@@ -91,6 +91,9 @@ pub struct Archive {
     path: PathBuf,
     file: Arc<dyn ReadAt>,
     index: Arc<RwLock<Index>>,
+    /// The index's [`Learned`](crate::Learned), held apart so that reads
+    /// use it without taking the index lock (a caller may hold a guard).
+    learned: crate::Learned,
     state: OpenState,
 }
 
@@ -121,6 +124,7 @@ impl Archive {
         Ok(Archive {
             path,
             file: Arc::new(file),
+            learned: index.learned().clone(),
             index: Arc::new(RwLock::new(index)),
             state,
         })
@@ -128,10 +132,16 @@ impl Archive {
 
     /// A reader over a file whose index someone else (a writer) maintains.
     pub fn with_shared_index(path: &Path, index: Arc<RwLock<Index>>) -> Result<Archive, Error> {
+        let learned = index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .learned()
+            .clone();
         Ok(Archive {
             path: path.to_path_buf(),
             file: Arc::new(File::open(path)?),
             index,
+            learned,
             state: OpenState::Clean,
         })
     }
@@ -143,6 +153,7 @@ impl Archive {
         Archive {
             path,
             file: source,
+            learned: index.learned().clone(),
             index: Arc::new(RwLock::new(index)),
             state: OpenState::Clean,
         }
@@ -209,10 +220,12 @@ impl Archive {
 
     /// Where an entry's (possibly compressed) data starts.
     pub fn data_offset(&self, e: &Entry) -> Result<u64, Error> {
-        match e.data_offset {
-            Some(o) => Ok(o),
-            None => local_data_offset(&*self.file, e),
+        if let Some(o) = self.learned.data_offset(e) {
+            return Ok(o);
         }
+        let o = local_data_offset(&*self.file, e)?;
+        self.learned.keep_data_offset(e, o);
+        Ok(o)
     }
 
     /// Read a whole entry into memory, checking size and CRC.
@@ -226,6 +239,18 @@ impl Archive {
         Ok(out)
     }
 
+    /// A small entry's bytes, read once and then kept in memory for every
+    /// reader of this archive (see [`Learned`](crate::Learned)); a
+    /// larger one is read as [`read_entry`](Self::read_entry) reads it.
+    pub fn read_small(&self, e: &Entry) -> Result<Arc<[u8]>, Error> {
+        if let Some(b) = self.learned.bytes(e) {
+            return Ok(b);
+        }
+        let b: Arc<[u8]> = self.read_entry(e)?.into();
+        self.learned.keep_bytes(e, b.clone());
+        Ok(b)
+    }
+
     /// Bytes `offset .. offset + len` of an entry's uncompressed data,
     /// clamped to its end. Like every read, a range that reaches the entry's
     /// end is checked against the CRC (the entry is read from its start for
@@ -237,10 +262,7 @@ impl Archive {
         let end = start.saturating_add(len).min(size);
         let mut out = vec![0u8; (end - start) as usize];
         if end < size && e.cd.method == METHOD_STORED {
-            let data_offset = match e.data_offset {
-                Some(o) => o,
-                None => local_data_offset(&*self.file, e)?,
-            };
+            let data_offset = self.data_offset(e)?;
             self.file.pread_exact(&mut out, data_offset + start)?;
             return Ok(out);
         }
@@ -259,10 +281,7 @@ impl Archive {
     /// A streaming reader over an entry's uncompressed bytes. It returns an
     /// error instead of end-of-file if the size or CRC do not match.
     pub fn entry_reader(&self, e: &Entry) -> Result<EntryReader, Error> {
-        let data_offset = match e.data_offset {
-            Some(o) => o,
-            None => local_data_offset(&*self.file, e)?,
-        };
+        let data_offset = self.data_offset(e)?;
         let raw = PosReader {
             file: self.file.clone(),
             pos: data_offset,

@@ -1,0 +1,229 @@
+//! Answering GetFrame and TensorHistory: frames of tensors sent from a
+//! blocking thread, each tensor as its header and chunks of its bytes or,
+//! with `locate`, as its header carrying where the bytes are.
+//!
+//! Invariants: frames go out in the order given, each whole (its `frame`,
+//! then its tensors) or, with `batch`, as one entry of a `located` message;
+//! a pending batch is sent before anything that follows it, so batching
+//! never reorders. A frame joins a batch only if every tensor of it was
+//! located: a client that reads the files itself then gets one message per
+//! up to [`BATCH_MAX`] frames instead of two per frame, which is what a
+//! Python client pays for most (about 40 µs per gRPC message, against 25 µs
+//! to read a 100 KB tensor).
+
+use std::io::Read;
+
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::errors::{status, Kind};
+use crate::error::Classify;
+use crate::limits::SEND_CHUNK;
+use crate::proto::v1 as pb;
+use crate::query::{self, TensorRef};
+use pb::frame_data::Msg;
+
+/// Frames in the first batch: small, so the client starts reading while the
+/// daemon locates the rest.
+const BATCH_FIRST: usize = 16;
+/// Frames in a batch at most (each doubles the last up to this): a few
+/// hundred bytes each, so a batch stays far below any message size limit.
+const BATCH_MAX: usize = 256;
+
+/// Sends frames down a response stream; `false` from a send means the
+/// client went away (or an error was sent): stop.
+pub struct FrameSender {
+    archive: gtar::Archive,
+    tx: mpsc::Sender<Result<pb::FrameData, Status>>,
+    locate: bool,
+    /// With `batch`: located frames waiting to go, and how many make a batch.
+    batch: Option<(Vec<pb::LocatedFrame>, usize)>,
+}
+
+impl FrameSender {
+    pub fn new(
+        archive: gtar::Archive,
+        tx: mpsc::Sender<Result<pb::FrameData, Status>>,
+        locate: bool,
+        batch: bool,
+    ) -> FrameSender {
+        FrameSender {
+            archive,
+            tx,
+            locate,
+            batch: (locate && batch).then(|| (Vec::new(), BATCH_FIRST)),
+        }
+    }
+
+    fn out(&self, m: Msg) -> bool {
+        self.tx
+            .blocking_send(Ok(pb::FrameData { msg: Some(m) }))
+            .is_ok()
+    }
+
+    /// Send an error and stop.
+    pub fn fail(&mut self, e: Status) {
+        if self.flush() {
+            let _ = self.tx.blocking_send(Err(e));
+        }
+    }
+
+    /// Send the pending batch, if any.
+    fn flush(&mut self) -> bool {
+        match &mut self.batch {
+            Some((pending, limit)) if !pending.is_empty() => {
+                let frames = std::mem::take(pending);
+                *limit = (*limit * 2).min(BATCH_MAX);
+                self.out(Msg::Located(pb::LocatedFrames { frames }))
+            }
+            _ => true,
+        }
+    }
+
+    /// Send one frame and its tensors.
+    pub fn send(&mut self, frame: String, tensors: Vec<TensorRef>) -> bool {
+        let mut infos = Vec::with_capacity(tensors.len());
+        let mut all_located = true;
+        for t in &tensors {
+            let location = if self.locate {
+                match query::locate(&self.archive, &t.entry) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.fail(e.into());
+                        return false;
+                    }
+                }
+            } else {
+                None
+            };
+            all_located &= location.is_some();
+            let mut info: pb::TensorInfo = t.info.clone().into();
+            info.location = location.map(Into::into);
+            infos.push(info);
+        }
+        if let Some((pending, limit)) = &mut self.batch {
+            if all_located {
+                pending.push(pb::LocatedFrame {
+                    frame,
+                    tensors: infos,
+                });
+                return pending.len() < *limit || self.flush();
+            }
+        }
+        if !self.flush() || !self.out(Msg::Frame(frame)) {
+            return false;
+        }
+        for (t, info) in tensors.iter().zip(infos) {
+            let located = info.location.is_some();
+            if !self.out(Msg::Tensor(info)) {
+                return false;
+            }
+            if !located && !self.send_bytes(t) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A tensor's bytes, in chunks.
+    fn send_bytes(&mut self, t: &TensorRef) -> bool {
+        let mut r = match self.archive.entry_reader(&t.entry) {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(status(e.kind(), e.to_string()));
+                return false;
+            }
+        };
+        let mut left = t.entry.size();
+        while left > 0 {
+            let mut buf = vec![0u8; (left as usize).min(SEND_CHUNK)];
+            if let Err(e) = r.read_exact(&mut buf) {
+                self.fail(status(Kind::Internal, format!("{}: {e}", t.info.path)));
+                return false;
+            }
+            left -= buf.len() as u64;
+            if !self.out(Msg::Chunk(pb::Chunk { data: buf.into() })) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Send what is pending: call once every frame was sent.
+    pub fn finish(mut self) {
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gtar::{ArchiveWriter, Compression, OpenMode};
+
+    /// What a history of `t/value` over frames 0..40 sends, frame 20 stored
+    /// compressed (so streamed, not located).
+    fn history(batch: bool) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.zip");
+        let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
+        for i in 0..40u8 {
+            let mut t = w.begin().unwrap();
+            let c = if i == 20 {
+                Compression::Deflate(6)
+            } else {
+                Compression::Stored
+            };
+            t.add(&format!("t/frames/{i}/value.f32.uni"), &[i; 64], c)
+                .unwrap();
+            t.commit().unwrap();
+        }
+        w.close().unwrap();
+        let a = gtar::Archive::open(&path).unwrap();
+        let (tx, mut rx) = mpsc::channel(1000);
+        let mut out = FrameSender::new(a.clone(), tx, true, batch);
+        for f in query::history_frames(&a, "t", "value", 0, None).unwrap() {
+            let t = query::history_tensor(&a, "t", "value", &f).unwrap();
+            assert!(out.send(f, vec![t]));
+        }
+        out.finish();
+        let mut got = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            got.push(match m.unwrap().msg.unwrap() {
+                Msg::Located(l) => {
+                    let f: Vec<&str> = l.frames.iter().map(|f| f.frame.as_str()).collect();
+                    assert!(l
+                        .frames
+                        .iter()
+                        .all(|f| f.tensors.len() == 1 && f.tensors[0].location.is_some()));
+                    format!("located {}..{}", f[0], f[f.len() - 1])
+                }
+                Msg::Frame(f) => format!("frame {f}"),
+                Msg::Tensor(t) => format!("tensor located={}", t.location.is_some()),
+                Msg::Chunk(c) => format!("chunk {}", c.data.len()),
+            });
+        }
+        got
+    }
+
+    #[test]
+    fn a_streamed_frame_sends_the_pending_batch_first_and_order_holds() {
+        assert_eq!(
+            history(true),
+            [
+                "located 0..15",
+                "located 16..19",
+                "frame 20",
+                "tensor located=false",
+                "chunk 64",
+                "located 21..39",
+            ]
+        );
+        let plain = history(false);
+        assert_eq!(plain.len(), 40 * 2 + 1);
+        assert_eq!(
+            plain[40..43],
+            ["frame 20", "tensor located=false", "chunk 64"]
+        );
+        assert_eq!(plain[0..2], ["frame 0", "tensor located=true"]);
+    }
+}
