@@ -164,23 +164,42 @@ pub fn may_locate(a: &Archive, uid: u32) -> bool {
     a.file_metadata().is_ok_and(|m| uid == 0 || m.uid() == uid)
 }
 
-/// The location of `e`'s bytes, or `None` if they are compressed (those are
-/// streamed). The entry is committed: its bytes are never rewritten in place.
-pub fn locate(a: &Archive, e: &Entry) -> Result<Option<Location>, QueryError> {
-    use std::os::unix::fs::MetadataExt;
-    if e.cd.method != 0 {
-        return Ok(None);
+/// Where an archive's stored entries lie: its file's absolute path,
+/// device and inode, found once per request (not once per tensor).
+pub struct Locator {
+    file: String,
+    device: u64,
+    inode: u64,
+}
+
+impl Locator {
+    pub fn new(a: &Archive) -> Result<Locator, QueryError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = a.file_metadata()?;
+        let file = std::path::absolute(a.path()).map_err(gtar::Error::Io)?;
+        Ok(Locator {
+            file: file.to_string_lossy().into_owned(),
+            device: m.dev(),
+            inode: m.ino(),
+        })
     }
-    let m = a.file_metadata()?;
-    let file = std::path::absolute(a.path()).map_err(gtar::Error::Io)?;
-    Ok(Some(Location {
-        file: file.to_string_lossy().into_owned(),
-        offset: a.data_offset(e)?,
-        length: e.cd.compressed_size,
-        crc32: e.cd.crc32,
-        device: m.dev(),
-        inode: m.ino(),
-    }))
+
+    /// The location of `e`'s bytes, or `None` if they are compressed (those
+    /// are streamed). The entry is committed: its bytes are never rewritten
+    /// in place.
+    pub fn locate(&self, a: &Archive, e: &Entry) -> Result<Option<Location>, QueryError> {
+        if e.cd.method != 0 {
+            return Ok(None);
+        }
+        Ok(Some(Location {
+            file: self.file.clone(),
+            offset: a.data_offset(e)?,
+            length: e.cd.compressed_size,
+            crc32: e.cd.crc32,
+            device: self.device,
+            inode: self.inode,
+        }))
+    }
 }
 
 /// A tensor to send back: what it is and where its bytes are.
@@ -313,60 +332,135 @@ fn history_kind(rt: &RecordType) -> bool {
     matches!(rt.behavior, Behavior::Discrete | Behavior::Continuous)
 }
 
-/// Frames (or steps) of the records named `name` in `group`, sliced
-/// Python-style by `start`/`stop`.
-pub fn history_frames(
-    a: &Archive,
-    group: &str,
-    name: &str,
-    start: i64,
-    stop: Option<i64>,
-) -> Result<Vec<String>, QueryError> {
-    let ix = a.index();
-    let mut frames: Vec<String> = Vec::new();
-    for rt in ix.record_types() {
-        if history_kind(rt) && rt.group == group && rt.name == name {
-            frames.extend(ix.frames(rt).into_iter().map(str::to_string));
-        }
-    }
-    if frames.is_empty() {
-        return Err(QueryError::NotFound(format!(
-            "no discrete or continuous record {name:?} in group {group:?}"
-        )));
-    }
-    frames.sort_by(|x, y| gtar::index_cmp(x, y));
-    frames.dedup();
-    let n = frames.len() as i64;
-    let clamp = |v: i64| if v < 0 { (n + v).max(0) } else { v.min(n) };
-    let (s, e) = (clamp(start), clamp(stop.unwrap_or(n)));
-    Ok(if s < e {
-        frames[s as usize..e as usize].to_vec()
-    } else {
-        Vec::new()
-    })
+/// One record's history (TensorHistory): the record types named `name` in
+/// `group` and the manifests' record types, found once; then each frame
+/// costs a few lookups and the parse of its manifest (whose bytes the
+/// archive keeps, see `gtar::Learned`).
+pub struct History {
+    rts: Vec<RecordType>,
+    manifests: Vec<RecordType>,
+    group: String,
+    name: String,
 }
 
-/// The record `name` of `group` at frame `index` (for TensorHistory).
-pub fn history_tensor(
-    a: &Archive,
-    group: &str,
-    name: &str,
-    index: &str,
-) -> Result<TensorRef, QueryError> {
-    let found: Option<(RecordType, Entry)> = {
+impl History {
+    pub fn new(a: &Archive, group: &str, name: &str) -> Result<History, QueryError> {
         let ix = a.index();
-        let hit = ix
+        let rts: Vec<RecordType> = ix
             .record_types()
             .filter(|rt| history_kind(rt) && rt.group == group && rt.name == name)
-            .find_map(|rt| ix.record(rt, index).map(|e| (rt.clone(), e.clone())));
-        hit
-    };
-    let (rt, e) = found
-        .ok_or_else(|| QueryError::NotFound(format!("{group}/{name} has no frame {index:?}")))?;
-    // The manifest lives under the writer's prefix, which we don't know here:
-    // look for any manifest at this frame.
-    let manifest = manifests_at(a, None, index);
-    Ok(tensor_ref(a, &rt, &e, &manifest))
+            .cloned()
+            .collect();
+        if rts.is_empty() {
+            return Err(QueryError::NotFound(format!(
+                "no discrete or continuous record {name:?} in group {group:?}"
+            )));
+        }
+        let manifests = ix
+            .record_types()
+            .filter(|rt| layout::is_manifest(rt))
+            .cloned()
+            .collect();
+        Ok(History {
+            rts,
+            manifests,
+            group: group.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Frames (or steps) of the record, sliced Python-style by
+    /// `start`/`stop`.
+    pub fn frames(&self, a: &Archive, start: i64, stop: Option<i64>) -> Vec<String> {
+        let mut frames: Vec<String> = {
+            let ix = a.index();
+            self.rts
+                .iter()
+                .flat_map(|rt| ix.frames(rt))
+                .map(str::to_string)
+                .collect()
+        };
+        frames.sort_by(|x, y| gtar::index_cmp(x, y));
+        frames.dedup();
+        let n = frames.len() as i64;
+        let clamp = |v: i64| if v < 0 { (n + v).max(0) } else { v.min(n) };
+        let (s, e) = (clamp(start), clamp(stop.unwrap_or(n)));
+        if s < e {
+            frames.truncate(e as usize);
+            frames.drain(..s as usize);
+            frames
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The record at frame `index`.
+    pub fn tensor(&self, a: &Archive, index: &str) -> Result<TensorRef, QueryError> {
+        let (found, manifests) = {
+            let ix = a.index();
+            let found = self
+                .rts
+                .iter()
+                .find_map(|rt| ix.record(rt, index).map(|e| (rt, e.clone())));
+            // The manifest lives under the writer's prefix, which we don't
+            // know here: any manifest at this frame.
+            let manifests: Vec<Entry> = self
+                .manifests
+                .iter()
+                .filter_map(|rt| ix.record(rt, index).cloned())
+                .collect();
+            (found, manifests)
+        };
+        let (rt, e) = found.ok_or_else(|| {
+            QueryError::NotFound(format!(
+                "{}/{} has no frame {index:?}",
+                self.group, self.name
+            ))
+        })?;
+        let manifest = manifest_entry(a, &manifests, e.name());
+        Ok(tensor_ref(a, rt, &e, &manifest))
+    }
+}
+
+/// The dtype and shape that one of `manifests` gives the tensor `path`,
+/// as a map for [`tensor_ref`]: parsed borrowing from the manifest's bytes,
+/// so a manifest of many tensors costs no allocation per tensor.
+fn manifest_entry(
+    a: &Archive,
+    manifests: &[Entry],
+    path: &str,
+) -> HashMap<String, (DType, Vec<u64>)> {
+    #[derive(serde::Deserialize)]
+    struct Lite<'a> {
+        #[serde(borrow)]
+        tensors: Vec<LiteTensor<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct LiteTensor<'a> {
+        #[serde(borrow)]
+        path: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        dtype: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        shape: &'a serde_json::value::RawValue,
+    }
+    let mut out = HashMap::new();
+    for e in manifests {
+        let Ok(bytes) = a.read_small(e) else { continue };
+        let Ok(m) = serde_json::from_slice::<Lite>(&bytes) else {
+            continue;
+        };
+        let hit = m.tensors.iter().find(|t| t.path == path).and_then(|t| {
+            let d = DType::from_name(&t.dtype)?;
+            let shape: Vec<u64> = serde_json::from_str(t.shape.get()).ok()?;
+            Some((d, shape))
+        });
+        if let Some(v) = hit {
+            out.insert(path.to_string(), v);
+            break;
+        }
+    }
+    out
 }
 
 /// A piece of a record, as ReadRecord answers it.

@@ -36,6 +36,8 @@ pub struct FrameSender {
     archive: gtar::Archive,
     tx: mpsc::Sender<Result<pb::FrameData, Status>>,
     locate: bool,
+    /// Found at the first tensor to locate.
+    locator: Option<query::Locator>,
     /// With `batch`: located frames waiting to go, and how many make a batch.
     batch: Option<(Vec<pb::LocatedFrame>, usize)>,
 }
@@ -51,6 +53,7 @@ impl FrameSender {
             archive,
             tx,
             locate,
+            locator: None,
             batch: (locate && batch).then(|| (Vec::new(), BATCH_FIRST)),
         }
     }
@@ -86,7 +89,7 @@ impl FrameSender {
         let mut all_located = true;
         for t in &tensors {
             let location = if self.locate {
-                match query::locate(&self.archive, &t.entry) {
+                match self.locate(&t.entry) {
                     Ok(l) => l,
                     Err(e) => {
                         self.fail(e.into());
@@ -123,6 +126,14 @@ impl FrameSender {
             }
         }
         true
+    }
+
+    fn locate(&mut self, e: &gtar::Entry) -> Result<Option<query::Location>, query::QueryError> {
+        let locator = match &mut self.locator {
+            Some(l) => l,
+            None => self.locator.insert(query::Locator::new(&self.archive)?),
+        };
+        locator.locate(&self.archive, e)
     }
 
     /// A tensor's bytes, in chunks.
@@ -181,8 +192,9 @@ mod tests {
         let a = gtar::Archive::open(&path).unwrap();
         let (tx, mut rx) = mpsc::channel(1000);
         let mut out = FrameSender::new(a.clone(), tx, true, batch);
-        for f in query::history_frames(&a, "t", "value", 0, None).unwrap() {
-            let t = query::history_tensor(&a, "t", "value", &f).unwrap();
+        let h = query::History::new(&a, "t", "value").unwrap();
+        for f in h.frames(&a, 0, None) {
+            let t = h.tensor(&a, &f).unwrap();
             assert!(out.send(f, vec![t]));
         }
         out.finish();

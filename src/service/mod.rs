@@ -235,12 +235,14 @@ impl Logd for Service {
             return Err(bad("name", "is empty"));
         }
         let a = open_read(&self.state, r.archive).await?;
-        let (frames, locate) = {
+        let (history, frames, locate) = {
             let a = a.clone();
             let (g, n) = (r.group.clone(), r.name.clone());
             tokio::task::spawn_blocking(move || {
                 let locate = uid.is_some_and(|u| query::may_locate(&a, u));
-                query::history_frames(&a, &g, &n, r.start, r.stop).map(|f| (f, locate))
+                let h = query::History::new(&a, &g, &n)?;
+                let frames = h.frames(&a, r.start, r.stop);
+                Ok::<_, query::QueryError>((h, frames, locate))
             })
             .await
             .map_err(|e| status(Kind::Internal, e.to_string()))??
@@ -249,7 +251,7 @@ impl Logd for Service {
         tokio::task::spawn_blocking(move || {
             let mut out = frames::FrameSender::new(a.clone(), tx, locate, r.batch);
             for f in frames {
-                let sent = match query::history_tensor(&a, &r.group, &r.name, &f) {
+                let sent = match history.tensor(&a, &f) {
                     Ok(t) => out.send(f, vec![t]),
                     Err(e) => {
                         out.fail(e.into());

@@ -15,7 +15,8 @@ Starts its own daemon on a temp socket. Prints medians over BENCH_ROUNDS
    and cold (cold: `echo 3 > /proc/sys/vm/drop_caches` before each timed
    read; root only, else skipped), and libgetar's in-process `getRecord`
    (timed inside the oracle interpreter, start-up excluded).
-   ratio = plain-read time / our time (>= 0.8 is the target).
+   ratio = plain-read time / our time (>= 0.8 is the target); /empty: the
+   same against the plain read into `np.empty` buffers.
 2. `Client.tensor_history` of one 100 KB tensor across BENCH_HISTORY_FRAMES
    (default 1000) frames against plain preads of those bytes (one per frame,
    one descriptor) and libgetar's in-process loop of `getRecord` over the
@@ -57,13 +58,15 @@ def locations(c, archive, req):
     return [m.tensor.location for m in c.stub.GetFrame(req) if m.WhichOneof("msg") == "tensor"]
 
 
-def plain_read(locs):
-    """The anchor: open the file, pread each tensor's bytes into a new buffer."""
+def plain_read(locs, empty=False):
+    """The anchor: open the file, pread each tensor's bytes into a new buffer:
+    a `bytearray` (zeroed) or, with `empty`, an `np.empty` one (not zeroed,
+    and large ones faulted in by huge pages, as the client reads)."""
     fd = os.open(locs[0].file, os.O_RDONLY)
     try:
         out = []
         for loc in locs:
-            buf = bytearray(loc.length)
+            buf = np.empty(loc.length, np.uint8) if empty else bytearray(loc.length)
             mv = memoryview(buf)
             done = 0
             while done < loc.length:
@@ -124,10 +127,12 @@ def main():
             assert np.array_equal(c.read_frame("frame.zip", 0)["w"], w)
             print(f"\n1. read_frame of a {nbytes / 1e6:.0f} MB frame "
                   f"(ratio = plain read time / ours; target >= 0.8)")
-            print(f"   {'cache':<5} {'plain ms':>9} {'located':>9} {'ratio':>6} {'+verify':>9} "
+            print(f"   {'cache':<5} {'plain ms':>9} {'empty ms':>9} {'located':>9} {'ratio':>6} "
+                  f"{'/empty':>6} {'+verify':>9} "
                   f"{'ratio':>6} {'streamed':>9} {'ratio':>6} {'libgetar':>9} {'ratio':>6}")
             cases = {
                 "plain": lambda: plain_read(locs),
+                "empty": lambda: plain_read(locs, empty=True),
                 "located": lambda: c.read_frame("frame.zip", 0),
                 "verify": lambda: verified.read_frame("frame.zip", 0),
                 "streamed": lambda: streamed.read_frame("frame.zip", 0),
@@ -144,8 +149,9 @@ def main():
                                                 "--index", "0")["read_s"]))
                     lg = statistics.median(lgs)
                 p = m["plain"]
-                print(f"   {'cold' if cold else 'warm':<5} {p * 1e3:9.1f} "
+                print(f"   {'cold' if cold else 'warm':<5} {p * 1e3:9.1f} {m['empty'] * 1e3:9.1f} "
                       f"{m['located'] * 1e3:9.1f} {p / m['located']:6.2f} "
+                      f"{m['empty'] / m['located']:6.2f} "
                       f"{m['verify'] * 1e3:9.1f} {p / m['verify']:6.2f} "
                       f"{m['streamed'] * 1e3:9.1f} {p / m['streamed']:6.2f} "
                       f"{lg * 1e3:9.1f} {p / lg:6.2f}")
@@ -166,10 +172,11 @@ def main():
             assert len(hlocs) == HISTORY_FRAMES and all(loc.length for loc in hlocs)
             got = c.tensor_history("hist.zip", "b")
             assert len(got) == HISTORY_FRAMES
-            print(f"   {'cache':<5} {'plain ms':>9} {'located':>9} {'ratio':>6} "
-                  f"{'streamed':>9} {'ratio':>6} {'libgetar':>9} {'ratio':>6}")
+            print(f"   {'cache':<5} {'plain ms':>9} {'empty ms':>9} {'located':>9} {'ratio':>6} "
+                  f"{'/empty':>6} {'streamed':>9} {'ratio':>6} {'libgetar':>9} {'ratio':>6}")
             cases = {
                 "plain": lambda: plain_read(hlocs),
+                "empty": lambda: plain_read(hlocs, empty=True),
                 "located": lambda: c.tensor_history("hist.zip", "b"),
                 "streamed": lambda: streamed.tensor_history("hist.zip", "b"),
             }
@@ -185,8 +192,9 @@ def main():
                                                 "--group", group, "--name", "value")["read_s"]))
                     lg = statistics.median(lgs)
                 p = m["plain"]
-                print(f"   {'cold' if cold else 'warm':<5} {p * 1e3:9.1f} "
+                print(f"   {'cold' if cold else 'warm':<5} {p * 1e3:9.1f} {m['empty'] * 1e3:9.1f} "
                       f"{m['located'] * 1e3:9.1f} {p / m['located']:6.2f} "
+                      f"{m['empty'] / m['located']:6.2f} "
                       f"{m['streamed'] * 1e3:9.1f} {p / m['streamed']:6.2f} "
                       f"{lg * 1e3:9.1f} {p / lg:6.2f}")
     finally:

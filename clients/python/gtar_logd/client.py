@@ -358,11 +358,6 @@ def _encode(m) -> bytes:
     return m if isinstance(m, bytes) else m.SerializeToString()
 
 
-# Located tensors smaller than this share one allocation per batch
-# (`_Files.read_frames`).
-_SHARED_MAX = 1 << 20
-
-
 class _Files:
     """Archive files opened to read located tensors, each checked once to be
     the file the daemon located them in."""
@@ -372,51 +367,38 @@ class _Files:
         self.fds = {}
         self.dtypes = {}
 
-    def _dtype(self, code) -> np.dtype:
-        dt = self.dtypes.get(code)
-        if dt is None:
-            dt = self.dtypes[code] = dtypes.from_wire(code)
-        return dt
-
-    def read_array(self, info, verify: bool, into: np.ndarray | None = None) -> np.ndarray:
+    def read_array(self, info, verify: bool) -> np.ndarray:
         """The located tensor `info`, read from the file straight into its
-        array: `np.empty` (or the bytes `into`), so nothing is zeroed first
-        and nothing copied after."""
-        dt = self._dtype(info.dtype)
+        array: `np.empty`, so nothing is zeroed first and nothing copied after."""
+        dt = self.dtypes.get(info.dtype)
+        if dt is None:
+            dt = self.dtypes[info.dtype] = dtypes.from_wire(info.dtype)
         loc = info.location
-        if into is None:
-            into = np.empty(loc.length, np.uint8)
+        raw = np.empty(loc.length, np.uint8)
         try:
-            arr = into.view(dt).reshape(tuple(info.shape))
+            arr = raw.view(dt).reshape(tuple(info.shape))
         except ValueError:
             raise GtarLogdError(f"{self.what}: tensor {info.path} is located as {loc.length} "
                                 f"bytes, not a {dt.name} tensor of shape "
                                 f"{tuple(info.shape)}") from None
-        if loc.length:
-            self._read_into(loc, memoryview(into), verify)
+        fd = self._fd(loc)
+        done = os.preadv(fd, [raw], loc.offset) if loc.length else 0
+        while done < loc.length:  # a short read (rare): the rest
+            n = os.preadv(fd, [raw[done:]], loc.offset + done)
+            if n == 0:
+                raise GtarLogdError(f"{self.what}: {loc.file} ends inside a tensor")
+            done += n
+        if verify and zlib.crc32(raw) != loc.crc32:
+            raise GtarLogdError(f"{self.what}: CRC-32 mismatch reading {loc.file} "
+                                f"at {loc.offset}")
         return arr if dt.isnative else arr.astype(dt.newbyteorder("="))
 
     def read_frames(self, located, verify: bool) -> list:
-        """[(index, [(TensorInfo, ndarray)])] of a `located` batch. Tensors
-        under `_SHARED_MAX` bytes are views into one allocation per batch:
-        one large `np.empty` is faulted in by huge pages where a thousand
-        small ones take a page fault per 4 KiB (measured: 100 KB tensors of
-        a 1,000-frame history read in 34 instead of 46 ms). A view keeps its
-        batch's block alive, which is why large tensors get their own."""
-        infos = [t for f in located.frames for t in f.tensors]
-        sizes = [(t.location.length + 63) & ~63 if t.location.length < _SHARED_MAX else 0
-                 for t in infos]
-        block = np.empty(sum(sizes), np.uint8)
-        arrays, at = [], 0
-        for t, n in zip(infos, sizes):
-            into = None
-            if n:
-                into, at = block[at:at + t.location.length], at + n
-            arrays.append(self.read_array(t, verify, into))
-        arrays = iter(arrays)
-        return [(f.frame, [(t, next(arrays)) for t in f.tensors]) for f in located.frames]
+        """[(index, [(TensorInfo, ndarray)])] of a `located` batch."""
+        read = self.read_array
+        return [(f.frame, [(t, read(t, verify)) for t in f.tensors]) for f in located.frames]
 
-    def _read_into(self, loc, mv: memoryview, verify: bool) -> None:
+    def _fd(self, loc) -> int:
         key = (loc.file, loc.device, loc.inode)
         fd = self.fds.get(key)
         if fd is None:
@@ -427,15 +409,7 @@ class _Files:
                 raise GtarLogdError(f"{self.what}: {loc.file} was replaced (compacted?) "
                                     f"while it was read; read it again")
             self.fds[key] = fd
-        done = 0
-        while done < loc.length:
-            n = os.preadv(fd, [mv[done:]], loc.offset + done)
-            if n == 0:
-                raise GtarLogdError(f"{self.what}: {loc.file} ends inside a tensor")
-            done += n
-        if verify and zlib.crc32(mv) != loc.crc32:
-            raise GtarLogdError(f"{self.what}: CRC-32 mismatch reading {loc.file} "
-                                f"at {loc.offset}")
+        return fd
 
     def close(self):
         for fd in self.fds.values():
