@@ -554,6 +554,20 @@ async fn watchdog_pid_of_another_process_is_ignored() {
     p.terminate(Duration::from_secs(30));
 }
 
+/// `gtar-logd serve` on its own socket `sock`, data under `root`, not
+/// started by systemd.
+fn serve_on(root: &Path, sock: &Path, args: &[String]) -> Command {
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--uds")
+        .arg(sock)
+        .args(args)
+        .env_remove("NOTIFY_SOCKET");
+    cmd
+}
+
 /// A SIGTERM the moment the socket accepts connections (systemd stopping a
 /// unit it just started) is a clean stop: the handler is installed before
 /// the socket is bound, so the signal's default action never kills it.
@@ -564,14 +578,10 @@ fn sigterm_as_soon_as_the_socket_accepts_is_a_clean_stop() {
     let sock = root.join("e.sock");
     for round in 0..20 {
         let _ = std::fs::remove_file(&sock);
-        let mut cmd = Command::new(daemon_bin());
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(root.join("data"))
-            .arg("--uds")
-            .arg(&sock)
-            .env_remove("NOTIFY_SOCKET");
-        let mut p = spawn_logged(cmd, &root.join(format!("early{round}.log")));
+        let mut p = spawn_logged(
+            serve_on(root, &sock, &[]),
+            &root.join(format!("early{round}.log")),
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         // Poll without sleeping so the signal lands as early as it can.
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
@@ -615,15 +625,7 @@ fn own_socket_mode_and_group() {
         ),
     ] {
         let sock = root.join("p.sock");
-        let mut cmd = Command::new(daemon_bin());
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(root.join("data"))
-            .arg("--uds")
-            .arg(&sock)
-            .args(&args)
-            .env_remove("NOTIFY_SOCKET");
-        let mut p = spawn_logged(cmd, &root.join("perm.log"));
+        let mut p = spawn_logged(serve_on(root, &sock, &args), &root.join("perm.log"));
         wait_for("the socket", &mut p, || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
