@@ -193,7 +193,7 @@ class Unit:
     """What goes between BeginFrame and CommitFrame (or loose records)."""
 
     __slots__ = ("id", "index", "tensors", "records", "scalars", "nbytes",
-                 "sent_gen", "received", "t_submit", "parts_done", "place")
+                 "sent_gen", "received", "t_submit", "parts_done", "place", "repl_left")
 
     def __init__(self, index=None, tensors=(), records=(), scalars=()):
         self.id = next(_ids)
@@ -211,6 +211,8 @@ class Unit:
         self.parts_done = set()
         # Tensor number -> its offset in the writer's shared memory (staged).
         self.place = {}
+        # Commits of this unit acked durable and not yet replicated.
+        self.repl_left = 0
 
     def parts(self):
         """Loose units: [(k, kind, item)] not yet durable."""
@@ -334,10 +336,12 @@ class Writer:
         self.durable_count = 0
         self.replicated_count = 0
         # With a daemon started with --remote: (gen, seq) of commits acked
-        # durable and not yet replicated; commits whose stream broke before
-        # their replicated ack (the daemon still replicates them from its disk).
+        # durable and not yet replicated, to their unit (counted in
+        # replicated_count once every commit of it is, like durable_count);
+        # commits whose stream broke before their replicated ack (the daemon
+        # still replicates them from its disk).
         self._replicating = False
-        self._awaiting_repl = set()
+        self._awaiting_repl = {}
         self._repl_unconfirmed = []
         self.blocked_seconds = 0.0
         self.shm_bytes = 0  # tensor bytes sent through shared memory
@@ -600,7 +604,7 @@ class Writer:
                             # Commits of an older stream cannot be acked now.
                             self._repl_unconfirmed.extend(
                                 k for k in self._awaiting_repl if k[0] != gen)
-                            self._awaiting_repl = {k for k in self._awaiting_repl
+                            self._awaiting_repl = {k: u for k, u in self._awaiting_repl.items()
                                                    if k[0] == gen}
                             if resp.opened.shm_attached:
                                 self._shm_gen = gen
@@ -633,9 +637,11 @@ class Writer:
                         self._on_ack(gen, getattr(resp, kind), kind == "durable")
                     elif kind == "replicated":
                         with self._cond:
-                            if (gen, resp.replicated.seq) in self._awaiting_repl:
-                                self._awaiting_repl.discard((gen, resp.replicated.seq))
-                                self.replicated_count += 1
+                            u = self._awaiting_repl.pop((gen, resp.replicated.seq), None)
+                            if u is not None:
+                                u.repl_left -= 1
+                                if u.repl_left == 0 and u.id not in self._pending:
+                                    self.replicated_count += 1
                                 self._cond.notify_all()
                 with self._cond:
                     if self._closing and not self._pending:
@@ -747,7 +753,8 @@ class Writer:
                 return
             del self._inflight[ack.seq]
             if self._replicating:
-                self._awaiting_repl.add((gen, ack.seq))
+                self._awaiting_repl[(gen, ack.seq)] = u
+                u.repl_left += 1
             if part is not None:
                 u.parts_done.add(part)
                 if u.parts():

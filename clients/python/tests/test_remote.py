@@ -33,8 +33,12 @@ def test_flush_replicated_then_node_loss(tmp_path, s3):
             w = c.writer("run.zip")
             for k, a in arrays.items():
                 w.write_tensors(str(k), {"w": a})
+            # Loose records and scalars: one unit, one commit each.
+            w.write_records([("notes/a.json", b"{}"), ("notes/b.json", b"[]")],
+                            scalars=[("", "loss", 3, 0.5)])
             w.flush(replicated=True, timeout=120)
-            assert w.replicated_count == 4
+            # Counted per unit, like durable_count: not per commit.
+            assert w.replicated_count == w.durable_count == 5
             w.close()
     finally:
         d1.kill9()
@@ -151,7 +155,8 @@ def test_keras_run_through_a_30s_store_outage(tmp_path, s3):
         # Every epoch's frame is durable and, at on_train_end, replicated
         # (the counters also count the writer's record-only frames).
         assert logger.stats["durable"] >= epochs
-        assert logger.stats["replicated"] >= epochs, logger.stats
+        assert logger.stats["replicated"] == logger.stats["durable"], logger.stats
+        assert all(r[4] <= r[3] for r in out.rows), out.rows
         log = d.log_path.read_text()
         assert "replication failed" in log and "replication works again" in log
     finally:
