@@ -73,8 +73,15 @@ pub const DEFAULT_PEER_STREAMS: usize = 64;
 pub const DEFAULT_PEER_BYTES_IN_FLIGHT: u64 = 256 << 20;
 pub const DEFAULT_PEER_ARCHIVES: usize = 32;
 
+/// A `located` batch of frames (GetFrame/TensorHistory `batch`) holds at
+/// most this many encoded bytes; a frame whose tensors alone take more is
+/// sent unbatched, a message per tensor.
+pub const LOCATED_BATCH_BYTES: usize = 1 << 20;
+
 /// Room for the fields around the payload of one message.
 const ENVELOPE: usize = 64 << 10;
+
+const _: () = assert!(LOCATED_BATCH_BYTES + ENVELOPE <= CLIENT_DEFAULT_RECEIVE);
 
 const _: () = assert!(SEND_CHUNK + ENVELOPE <= CLIENT_DEFAULT_RECEIVE);
 // A ReadRecord answer holds `data`, plus `text` only for a whole record of

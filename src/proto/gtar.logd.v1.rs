@@ -344,8 +344,9 @@ pub struct GetFrameRequest {
     #[prost(bool, tag = "6")]
     pub locate: bool,
     /// With `locate`: frames whose tensors are all located come many to a
-    /// message (FrameData.located) instead of a message per frame and tensor.
-    /// Others still come as `frame`, `tensor`, `chunk`s, in order.
+    /// message (FrameData.located, at most 256 frames and 1 MiB) instead of a
+    /// message per frame and tensor. Others (and a frame of more than 1 MiB of
+    /// tensor headers) still come as `frame`, `tensor`, `chunk`s, in order.
     #[prost(bool, tag = "7")]
     pub batch: bool,
     #[prost(oneof = "get_frame_request::Frame", tags = "3, 4")]

@@ -6,19 +6,21 @@
 //! then its tensors) or, with `batch`, as one entry of a `located` message;
 //! a pending batch is sent before anything that follows it, so batching
 //! never reorders. A frame joins a batch only if every tensor of it was
-//! located: a client that reads the files itself then gets one message per
-//! up to [`BATCH_MAX`] frames instead of two per frame, which is what a
-//! Python client pays for most (about 40 µs per gRPC message, against 25 µs
-//! to read a 100 KB tensor).
+//! located and it fits [`LOCATED_BATCH_BYTES`] (a batch never outgrows a
+//! client's default receive limit): a client that reads the files itself
+//! then gets one message per up to [`BATCH_MAX`] frames instead of two per
+//! frame, which is what a Python client pays for most (about 40 µs per gRPC
+//! message, against 25 µs to read a 100 KB tensor).
 
 use std::io::Read;
 
+use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::errors::{status, Kind};
 use crate::error::Classify;
-use crate::limits::SEND_CHUNK;
+use crate::limits::{LOCATED_BATCH_BYTES, SEND_CHUNK};
 use crate::proto::v1 as pb;
 use crate::query::{self, TensorRef};
 use pb::frame_data::Msg;
@@ -26,8 +28,8 @@ use pb::frame_data::Msg;
 /// Frames in the first batch: small, so the client starts reading while the
 /// daemon locates the rest.
 const BATCH_FIRST: usize = 16;
-/// Frames in a batch at most (each doubles the last up to this): a few
-/// hundred bytes each, so a batch stays far below any message size limit.
+/// Frames in a batch at most (each doubles the last up to this); its bytes
+/// are bounded too ([`LOCATED_BATCH_BYTES`]).
 const BATCH_MAX: usize = 256;
 
 /// Sends frames down a response stream; `false` from a send means the
@@ -38,8 +40,16 @@ pub struct FrameSender {
     locate: bool,
     /// Found at the first tensor to locate.
     locator: Option<query::Locator>,
-    /// With `batch`: located frames waiting to go, and how many make a batch.
-    batch: Option<(Vec<pb::LocatedFrame>, usize)>,
+    /// With `batch`: located frames waiting to go.
+    batch: Option<Batch>,
+}
+
+/// Located frames waiting to go, their encoded size, and how many frames
+/// make this batch.
+struct Batch {
+    frames: Vec<pb::LocatedFrame>,
+    bytes: usize,
+    limit: usize,
 }
 
 impl FrameSender {
@@ -54,7 +64,11 @@ impl FrameSender {
             tx,
             locate,
             locator: None,
-            batch: (locate && batch).then(|| (Vec::new(), BATCH_FIRST)),
+            batch: (locate && batch).then(|| Batch {
+                frames: Vec::new(),
+                bytes: 0,
+                limit: BATCH_FIRST,
+            }),
         }
     }
 
@@ -74,9 +88,10 @@ impl FrameSender {
     /// Send the pending batch, if any.
     fn flush(&mut self) -> bool {
         match &mut self.batch {
-            Some((pending, limit)) if !pending.is_empty() => {
-                let frames = std::mem::take(pending);
-                *limit = (*limit * 2).min(BATCH_MAX);
+            Some(b) if !b.frames.is_empty() => {
+                let frames = std::mem::take(&mut b.frames);
+                b.bytes = 0;
+                b.limit = (b.limit * 2).min(BATCH_MAX);
                 self.out(Msg::Located(pb::LocatedFrames { frames }))
             }
             _ => true,
@@ -104,15 +119,29 @@ impl FrameSender {
             info.location = location.map(Into::into);
             infos.push(info);
         }
-        if let Some((pending, limit)) = &mut self.batch {
-            if all_located {
-                pending.push(pb::LocatedFrame {
-                    frame,
-                    tensors: infos,
-                });
-                return pending.len() < *limit || self.flush();
+        let entry = pb::LocatedFrame {
+            frame,
+            tensors: infos,
+        };
+        // As a field of LocatedFrames: its bytes, a tag and a length.
+        let size = entry.encoded_len() + 8;
+        if all_located && size <= LOCATED_BATCH_BYTES && self.batch.is_some() {
+            let full = self
+                .batch
+                .as_ref()
+                .is_some_and(|b| b.bytes + size > LOCATED_BATCH_BYTES);
+            if full && !self.flush() {
+                return false;
             }
+            let b = self.batch.as_mut().expect("checked");
+            b.frames.push(entry);
+            b.bytes += size;
+            return b.frames.len() < b.limit || self.flush();
         }
+        let pb::LocatedFrame {
+            frame,
+            tensors: infos,
+        } = entry;
         if !self.flush() || !self.out(Msg::Frame(frame)) {
             return false;
         }
@@ -215,6 +244,42 @@ mod tests {
             });
         }
         got
+    }
+
+    #[test]
+    fn a_frame_too_large_for_a_batch_goes_unbatched_after_the_pending_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.zip");
+        let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
+        let pad = "p".repeat(200);
+        for (i, n) in [(0, 1), (1, 6000)] {
+            let mut t = w.begin().unwrap();
+            for j in 0..n {
+                let name = format!("g/t{j}_{pad}/frames/{i}/value.f32.uni");
+                t.add(&name, &[1; 8], Compression::Stored).unwrap();
+            }
+            t.commit().unwrap();
+        }
+        w.close().unwrap();
+        let a = gtar::Archive::open(&path).unwrap();
+        let (tx, mut rx) = mpsc::channel(10_000);
+        let mut out = FrameSender::new(a.clone(), tx, true, true);
+        for i in ["0", "1"] {
+            let tensors = query::frame_tensors(&a, "", i, &[]).unwrap();
+            assert!(out.send(i.into(), tensors));
+        }
+        out.finish();
+        let mut kinds = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            kinds.push(match m.unwrap().msg.unwrap() {
+                Msg::Located(l) => format!("located {}", l.frames.len()),
+                Msg::Frame(f) => format!("frame {f}"),
+                Msg::Tensor(t) => format!("tensor located={}", t.location.is_some()),
+                Msg::Chunk(_) => "chunk".into(),
+            });
+        }
+        assert_eq!(kinds[..3], ["located 1", "frame 1", "tensor located=true"]);
+        assert_eq!(kinds.len(), 2 + 6000);
     }
 
     #[test]
