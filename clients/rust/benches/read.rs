@@ -18,6 +18,9 @@
 //!   Python: no CRC pass, see `Client::verify_reads`);
 //! * the same with `verify_reads(true)`: CRC-32 checked as it is read.
 //!
+//! Then `tensor_history` of one 100 KB tensor over 1,000 frames against
+//! plain preads of those bytes, warm and cold, the same way.
+//!
 //! Cold: every timed read starts after `sync` and `echo 3 >
 //! /proc/sys/vm/drop_caches` (root only; skipped, and said so, otherwise).
 //! Warm: after one untimed read. A round's ratio is the plain read's time
@@ -245,6 +248,87 @@ async fn main() {
         println!(
             "summary: Rust get_frame of the newest 100.7 MB frame, {label}: {med:.2} × a plain read of the same bytes (median; client {:.1} ms)",
             t * 1e3
+        );
+    }
+    history(&c, rounds, can_drop).await;
+}
+
+/// `tensor_history` of one 100 KB tensor over 1,000 frames against plain
+/// preads of those bytes (each into a fresh `vec![0u8; n]`, all kept).
+async fn history(c: &Client, rounds: u64, can_drop: bool) {
+    let archive = "bench/history.zip";
+    let frames = 1000;
+    let mut w = c.writer(archive, OpenOptions::replace()).await.unwrap();
+    let mut last = None;
+    for i in 0..frames {
+        let a = gtar_logd_client::ndarray::Array1::from_shape_fn(25_000, |j| (i * j) as f32);
+        let mut f = NewFrame::new(i.to_string());
+        f.push_tensor("hist", "b", &a);
+        last = Some(w.write(f).await.unwrap());
+    }
+    last.unwrap().await.unwrap();
+    w.close().await.unwrap();
+    let mut s = c
+        .raw()
+        .tensor_history(proto::TensorHistoryRequest {
+            archive: archive.into(),
+            group: "hist".into(),
+            name: "b".into(),
+            locate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut locs = Vec::new();
+    while let Some(m) = s.next().await {
+        if let Some(Msg::Tensor(t)) = m.unwrap().msg {
+            let l = t.location.expect("located");
+            locs.push((l.file, l.offset, l.length));
+        }
+    }
+    assert_eq!(locs.len(), frames);
+    let plain = |locs: &[(String, u64, u64)]| {
+        let t = Instant::now();
+        let f = std::fs::File::open(&locs[0].0).unwrap();
+        let kept: Vec<Vec<u8>> = locs
+            .iter()
+            .map(|(_, off, len)| {
+                let mut buf = vec![0u8; *len as usize];
+                f.read_exact_at(&mut buf, *off).unwrap();
+                buf
+            })
+            .collect();
+        std::hint::black_box(kept);
+        t.elapsed()
+    };
+    println!("== tensor_history of one 100 KB tensor over {frames} frames");
+    for cold in [false, true] {
+        if cold && !can_drop {
+            continue;
+        }
+        let prep = || cold && drop_caches();
+        let mut ratios = Vec::new();
+        for _ in 0..rounds {
+            prep();
+            let a = plain(&locs);
+            prep();
+            let t = Instant::now();
+            let got = c
+                .tensor_history(archive, "hist", "b", 0, None)
+                .await
+                .unwrap();
+            let m = t.elapsed();
+            assert_eq!(got.len(), frames);
+            prep();
+            let b = plain(&locs);
+            ratios.push(((a + b) / 2).as_secs_f64() / m.as_secs_f64());
+        }
+        let label = if cold { "cold" } else { "warm" };
+        println!(
+            "summary: Rust tensor_history, {label}: {:.2} × plain preads of the same bytes (median of [{}]; target ≥ 0.80)",
+            median(ratios.clone()),
+            list(&ratios)
         );
     }
 }
