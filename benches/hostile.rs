@@ -24,32 +24,22 @@
 //! the health-check p99 of each. The median ratio is the headline (target ≥
 //! 0.9), with the medians of the health p99s. Printed, never asserted.
 
+mod common;
 #[path = "../tests/common/daemon.rs"]
 mod daemon;
 
 use std::time::{Duration, Instant};
 
+use common::{env_u64, list, median};
 use daemon::*;
 use gtar_logd::proto::v1::{self as pb, write_request::Msg as In};
 use prost::bytes::Bytes;
 
 const FRAME: u64 = 16 << 20;
 
-fn env_u64(k: &str, default: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn p99(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[(v.len() * 99 / 100).min(v.len() - 1)]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 /// Stall (or trickle) inside a frame until aborted.
@@ -227,14 +217,13 @@ fn main() {
             hostile_p99.push(hostile.1.as_secs_f64() * 1e3);
             before = after;
         }
-        let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
         println!(
             "summary: well-behaved writer with 50 hostile clients connected: {:.2}x its throughput without them (median of {} rounds: {}; target >= 0.9); health p99 median {:.1} ms with them, {:.1} ms without (target: 100 ms)",
-            median(ratios.clone()),
+            median(&ratios),
             ratios.len(),
             list(&ratios),
-            median(hostile_p99),
-            median(quiet_p99),
+            median(&hostile_p99),
+            median(&quiet_p99),
         );
     });
 }

@@ -40,6 +40,7 @@
 //! BENCH_QUERY_FRAMES (default 10000), BENCH_QUERIES (default 300).
 //! Timings are printed, never asserted.
 
+mod common;
 #[path = "../tests/common/daemon.rs"]
 mod daemon;
 
@@ -47,19 +48,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{env_u64, list, median};
 use daemon::*;
 use gtar_logd::proto::v1::DType;
 
 const MIB: u64 = 1 << 20;
 const FRAME: u64 = 100 * MIB;
 const CHUNK: usize = 4 << 20;
-
-fn env_u64(k: &str, default: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn gbps(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e9
@@ -225,25 +220,6 @@ fn daemon_ingest(
         received,
         hwm_kib,
     }
-}
-
-/// Median of a non-empty sample (mean of the middle two for an even count).
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn list(xs: &[f64]) -> String {
-    xs.iter()
-        .map(|x| format!("{x:.2}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {

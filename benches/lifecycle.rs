@@ -25,6 +25,7 @@
 //! Knobs (env): BENCH_ARCHIVE_MB, BENCH_FRAME_MB, BENCH_ROUNDS,
 //! BENCH_REFLINK_DIR, BENCH_SKIP_COMPACT, BENCH_SKIP_SNAPSHOT.
 
+mod common;
 #[path = "../tests/common/daemon.rs"]
 mod daemon;
 
@@ -32,26 +33,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{env_u64, median};
 use daemon::*;
 use gtar::{ArchiveWriter, Compression, OpenMode};
 
 const MIB: u64 = 1 << 20;
 
-fn env_u64(k: &str, default: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn sync_all() {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn run(cmd: &mut Command) {
@@ -160,7 +150,7 @@ fn bench_compaction(dir: &Path, rounds: usize) {
     }
     println!(
         "summary: compaction at {:.2}x the speed of cp of the kept bytes (median of {rounds} rounds; target >= 0.70)",
-        median(ratios)
+        median(&ratios)
     );
     for p in [&pristine, &kept, &work] {
         let _ = std::fs::remove_file(p);
@@ -221,8 +211,8 @@ fn bench_snapshot(dir: &Path, rounds: usize, what: &str) {
         std::fs::remove_file(data.join(&name)).unwrap();
         ratios.push((ratio, snap.as_secs_f64()));
     }
-    let med = median(ratios.iter().map(|r| r.0).collect());
-    let med_t = median(ratios.iter().map(|r| r.1).collect());
+    let med = median(&ratios.iter().map(|r| r.0).collect::<Vec<_>>());
+    let med_t = median(&ratios.iter().map(|r| r.1).collect::<Vec<_>>());
     println!(
         "summary: snapshot ({what}) at {med:.2}x the speed of cp, {med_t:.3} s (median of {rounds} rounds; targets: >= 0.80x without reflinks, <= 1 s of 10 GB with)"
     );

@@ -14,6 +14,7 @@
 //!
 //! `cargo bench --bench remote` (GTAR_BENCH_ROUNDS, default 3).
 
+mod common;
 #[path = "../tests/common/daemon.rs"]
 mod daemon;
 #[path = "../tests/common/s3.rs"]
@@ -23,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::median;
 use daemon::*;
 use futures::TryStreamExt;
 use gtar_logd::proto::v1 as pb;
@@ -32,11 +34,6 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMulti
 use s3::S3Server;
 
 const MB100: u64 = 100_000_000;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn frame(k: u64) -> FrameSpec {
     FrameSpec {
@@ -169,7 +166,7 @@ fn main() {
         }
     });
     drop(d1);
-    let (p, q) = (median(plain), median(repl));
+    let (p, q) = (median(&plain), median(&repl));
     println!(
         "replication of a 100 MB frame: {:.0} MB/s (median of {rounds}); plain multipart upload: {:.0} MB/s; ratio {:.2} (goal >= 0.7)",
         100.0 / q,
@@ -268,7 +265,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(d2);
-    let (g, r) = (median(getf), median(ranged));
+    let (g, r) = (median(&getf), median(&ranged));
     println!(
         "GetFrame of a 100 MB frame from a remote-only archive: {:.0} MB/s (median of {rounds}); plain ranged GET: {:.0} MB/s; ratio {:.2} (goal >= 0.7)",
         100.0 / g,

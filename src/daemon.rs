@@ -406,11 +406,9 @@ pub fn run_worker(o: Options, w: WorkerOptions) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         cancel_on_signal(shutdown.clone());
         let incoming = crate::users::incoming(chan, shutdown.clone(), w.idle_exit)?;
+        // `remote` is the dispatcher's, under this user's prefix (users::user_remote).
         let mut cfg = o.server_config(data_dir);
         cfg.others = Some((w.users_dir, w.admin));
-        // The dispatcher's --remote, under this user's prefix (users::user_remote).
-        cfg.remote = o.remote.clone();
-        cfg.remote_backlog_bytes = o.remote_backlog_bytes;
         tracing::info!(user = %w.user_name, admin = w.admin, remote = ?o.remote.as_ref().map(|r| r.to_string()), "worker serving");
         server::run(
             vec![listen::Listener::Handed(incoming)],

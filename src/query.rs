@@ -258,15 +258,17 @@ fn keras_shape(a: &Archive, rt: &RecordType, elements: u64) -> Option<Vec<u64>> 
     (shape.iter().product::<u64>() == elements).then_some(shape)
 }
 
+/// `e` as a tensor: dtype and shape from its manifest entry if it has one,
+/// else from the record type (and keras_gtar's shape record).
 fn tensor_ref(
     a: &Archive,
     rt: &RecordType,
     e: &Entry,
-    manifest: &HashMap<String, (DType, Vec<u64>)>,
+    manifest: Option<(DType, Vec<u64>)>,
 ) -> TensorRef {
     let size = e.size();
-    let (dtype, shape) = match manifest.get(e.name()) {
-        Some((d, s)) => (*d, s.clone()),
+    let (dtype, shape) = match manifest {
+        Some(m) => m,
         None => {
             let d = if rt.resolution == Resolution::Text {
                 DType::U8
@@ -322,7 +324,7 @@ pub fn frame_tensors(
     }
     Ok(picked
         .iter()
-        .map(|(rt, e)| tensor_ref(a, rt, e, &manifest))
+        .map(|(rt, e)| tensor_ref(a, rt, e, manifest.get(e.name()).cloned()))
         .collect())
 }
 
@@ -418,18 +420,14 @@ impl History {
             ))
         })?;
         let manifest = manifest_entry(a, &manifests, e.name());
-        Ok(tensor_ref(a, rt, &e, &manifest))
+        Ok(tensor_ref(a, rt, &e, manifest))
     }
 }
 
 /// The dtype and shape that one of `manifests` gives the tensor `path`,
-/// as a map for [`tensor_ref`]: parsed borrowing from the manifest's bytes,
-/// so a manifest of many tensors costs no allocation per tensor.
-fn manifest_entry(
-    a: &Archive,
-    manifests: &[Entry],
-    path: &str,
-) -> HashMap<String, (DType, Vec<u64>)> {
+/// parsed borrowing from the manifest's bytes, so a manifest of many
+/// tensors costs no allocation per tensor.
+fn manifest_entry(a: &Archive, manifests: &[Entry], path: &str) -> Option<(DType, Vec<u64>)> {
     #[derive(serde::Deserialize)]
     struct Lite<'a> {
         #[serde(borrow)]
@@ -444,23 +442,14 @@ fn manifest_entry(
         #[serde(borrow)]
         shape: &'a serde_json::value::RawValue,
     }
-    let mut out = HashMap::new();
-    for e in manifests {
-        let Ok(bytes) = a.read_small(e) else { continue };
-        let Ok(m) = serde_json::from_slice::<Lite>(&bytes) else {
-            continue;
-        };
-        let hit = m.tensors.iter().find(|t| t.path == path).and_then(|t| {
-            let d = DType::from_name(&t.dtype)?;
-            let shape: Vec<u64> = serde_json::from_str(t.shape.get()).ok()?;
-            Some((d, shape))
-        });
-        if let Some(v) = hit {
-            out.insert(path.to_string(), v);
-            break;
-        }
-    }
-    out
+    manifests.iter().find_map(|e| {
+        let bytes = a.read_small(e).ok()?;
+        let m = serde_json::from_slice::<Lite>(&bytes).ok()?;
+        let t = m.tensors.iter().find(|t| t.path == path)?;
+        let d = DType::from_name(&t.dtype)?;
+        let shape: Vec<u64> = serde_json::from_str(t.shape.get()).ok()?;
+        Some((d, shape))
+    })
 }
 
 /// A piece of a record, as ReadRecord answers it.

@@ -104,7 +104,7 @@ impl FrameSender {
         let mut all_located = true;
         for t in &tensors {
             let location = if self.locate {
-                match self.locate(&t.entry) {
+                match self.location_of(&t.entry) {
                     Ok(l) => l,
                     Err(e) => {
                         self.fail(e.into());
@@ -119,29 +119,20 @@ impl FrameSender {
             info.location = location.map(Into::into);
             infos.push(info);
         }
-        let entry = pb::LocatedFrame {
-            frame,
-            tensors: infos,
-        };
-        // As a field of LocatedFrames: its bytes, a tag and a length.
-        let size = entry.encoded_len() + 8;
-        if all_located && size <= LOCATED_BATCH_BYTES && self.batch.is_some() {
-            let full = self
-                .batch
-                .as_ref()
-                .is_some_and(|b| b.bytes + size > LOCATED_BATCH_BYTES);
-            if full && !self.flush() {
-                return false;
+        if all_located && self.batch.is_some() {
+            // Its bytes as an entry of LocatedFrames, tags and lengths
+            // counted generously.
+            let size = frame.len() + 16 + infos.iter().map(|i| i.encoded_len() + 8).sum::<usize>();
+            if size <= LOCATED_BATCH_BYTES {
+                return self.batch_up(
+                    pb::LocatedFrame {
+                        frame,
+                        tensors: infos,
+                    },
+                    size,
+                );
             }
-            let b = self.batch.as_mut().expect("checked");
-            b.frames.push(entry);
-            b.bytes += size;
-            return b.frames.len() < b.limit || self.flush();
         }
-        let pb::LocatedFrame {
-            frame,
-            tensors: infos,
-        } = entry;
         if !self.flush() || !self.out(Msg::Frame(frame)) {
             return false;
         }
@@ -157,12 +148,28 @@ impl FrameSender {
         true
     }
 
-    fn locate(&mut self, e: &gtar::Entry) -> Result<Option<query::Location>, query::QueryError> {
+    fn location_of(
+        &mut self,
+        e: &gtar::Entry,
+    ) -> Result<Option<query::Location>, query::QueryError> {
         let locator = match &mut self.locator {
             Some(l) => l,
             None => self.locator.insert(query::Locator::new(&self.archive)?),
         };
         locator.locate(&self.archive, e)
+    }
+
+    /// Add a located frame of `size` bytes to the batch, sending the batch
+    /// first if the frame would not fit and after if it is full.
+    fn batch_up(&mut self, frame: pb::LocatedFrame, size: usize) -> bool {
+        let full = |b: &Batch| b.bytes + size > LOCATED_BATCH_BYTES;
+        if self.batch.as_ref().is_some_and(full) && !self.flush() {
+            return false;
+        }
+        let b = self.batch.as_mut().expect("only called when batching");
+        b.frames.push(frame);
+        b.bytes += size;
+        b.frames.len() < b.limit || self.flush()
     }
 
     /// A tensor's bytes, in chunks.

@@ -170,7 +170,7 @@ impl Logd for Service {
     ) -> Result<Response<Self::GetFrameStream>, Status> {
         let uid = locate_granted(&req, req.get_ref().locate);
         let r = req.into_inner();
-        let r_batch = r.batch;
+        let batch = r.batch;
         let a = open_read(&self.state, r.archive).await?;
         let (tx, rx) = mpsc::channel(4);
         let plan = tokio::task::spawn_blocking(move || -> Result<_, Status> {
@@ -192,7 +192,7 @@ impl Logd for Service {
         .map_err(|e| status(Kind::Internal, e.to_string()))??;
         tokio::task::spawn_blocking(move || {
             let (archive, frames, locate) = plan;
-            let mut out = frames::FrameSender::new(archive, tx, locate, r_batch);
+            let mut out = frames::FrameSender::new(archive, tx, locate, batch);
             for (frame, tensors) in frames {
                 if !out.send(frame, tensors) {
                     return;

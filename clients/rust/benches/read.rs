@@ -28,41 +28,19 @@
 //! plain read. The median of the rounds is the headline. Printed, never
 //! asserted.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
+use common::{env_u64, list, median};
 use gtar_logd_client::ndarray::Array2;
 use gtar_logd_client::proto::{frame_data::Msg, get_frame_request::Frame as Sel};
 use gtar_logd_client::{proto, Client, FrameSel, NewFrame, OpenOptions};
 use support::Daemon;
 use tokio_stream::StreamExt;
-
-fn env_u64(k: &str, default: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
-
-fn list(xs: &[f64]) -> String {
-    xs.iter()
-        .map(|x| format!("{x:.2}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 /// Write back dirty pages and drop the page cache; false if not allowed.
 fn drop_caches() -> bool {
@@ -73,7 +51,7 @@ fn drop_caches() -> bool {
 
 /// Where each tensor of the newest frame lies: (file, offset, length).
 async fn locations(c: &Client, archive: &str) -> Vec<(String, u64, u64)> {
-    let mut s = c
+    let s = c
         .raw()
         .get_frame(proto::GetFrameRequest {
             archive: archive.into(),
@@ -84,6 +62,11 @@ async fn locations(c: &Client, archive: &str) -> Vec<(String, u64, u64)> {
         .await
         .unwrap()
         .into_inner();
+    located(s).await
+}
+
+/// Where each tensor of an answer asked with `locate` (not `batch`) lies.
+async fn located(mut s: tonic::Streaming<proto::FrameData>) -> Vec<(String, u64, u64)> {
     let mut out = Vec::new();
     while let Some(m) = s.next().await {
         if let Some(Msg::Tensor(t)) = m.unwrap().msg {
@@ -234,15 +217,15 @@ async fn main() {
                 checked[checked.len() - 1],
             );
         }
-        let med = median(ratios.clone());
+        let med = median(&ratios);
         println!(
             "  client / plain read: median {med:.2} of [{}] (target ≥ 0.80){}; / a plain read into memory not zeroed first: {:.2}; with verify_reads(true) (CRC-checked): {:.2}",
             list(&ratios),
             if med >= 0.8 { "" } else { "  << BELOW TARGET" },
-            median(unzeroed),
-            median(checked),
+            median(&unzeroed),
+            median(&checked),
         );
-        summary.push((label, med, median(ours)));
+        summary.push((label, med, median(&ours)));
     }
     for (label, med, t) in summary {
         println!(
@@ -268,7 +251,7 @@ async fn history(c: &Client, rounds: u64, can_drop: bool) {
     }
     last.unwrap().await.unwrap();
     w.close().await.unwrap();
-    let mut s = c
+    let s = c
         .raw()
         .tensor_history(proto::TensorHistoryRequest {
             archive: archive.into(),
@@ -280,13 +263,7 @@ async fn history(c: &Client, rounds: u64, can_drop: bool) {
         .await
         .unwrap()
         .into_inner();
-    let mut locs = Vec::new();
-    while let Some(m) = s.next().await {
-        if let Some(Msg::Tensor(t)) = m.unwrap().msg {
-            let l = t.location.expect("located");
-            locs.push((l.file, l.offset, l.length));
-        }
-    }
+    let locs = located(s).await;
     assert_eq!(locs.len(), frames);
     let plain = |locs: &[(String, u64, u64)]| {
         let t = Instant::now();
@@ -327,7 +304,7 @@ async fn history(c: &Client, rounds: u64, can_drop: bool) {
         let label = if cold { "cold" } else { "warm" };
         println!(
             "summary: Rust tensor_history, {label}: {:.2} × plain preads of the same bytes (median of [{}]; target ≥ 0.80)",
-            median(ratios.clone()),
+            median(&ratios),
             list(&ratios)
         );
     }

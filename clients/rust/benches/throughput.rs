@@ -23,21 +23,16 @@
 //! from earlier work are not written back during it. Timings are printed,
 //! never asserted.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};
 
+use common::{env_u64, median};
 use gtar_logd_client::ndarray::Array2;
 use gtar_logd_client::{Client, NewFrame, OpenOptions};
 use support::Daemon;
-
-fn env_u64(k: &str, default: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// user + system CPU of a process (all its threads).
 fn cpu(pid: u32) -> Duration {
@@ -106,16 +101,6 @@ async fn run(c: &Client, d: &Daemon, shm: bool, frames: u64, weights: &[Array2<f
     }
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -163,9 +148,9 @@ async fn main() {
     }
     println!(
         "summary: shared memory / socket, median of {rounds} round(s): throughput {:.2}x, daemon CPU per frame {:.2}x, this process's CPU per frame {:.2}x",
-        median(speed),
-        median(dcpu),
-        median(mecpu)
+        median(&speed),
+        median(&dcpu),
+        median(&mecpu)
     );
 
     // Reading back: a frame written once, fetched whole and decoded.
@@ -187,7 +172,7 @@ async fn main() {
         times.push(t.elapsed().as_secs_f64());
         assert_eq!(f.tensors.len(), weights.len());
     }
-    let t = median(times);
+    let t = median(&times);
     println!(
         "read back: get_frame of one 100.7 MB frame, median {:.1} ms ({:.0} MB/s)",
         t * 1e3,

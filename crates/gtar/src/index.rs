@@ -82,7 +82,8 @@ const OFFSETS_MAX: usize = 1 << 20;
 /// file this index describes. A tensor history, which visits every frame's
 /// manifest and tensor, then touches the file (or the object store) only
 /// for the tensors' bytes from the second time on.
-/// Clones share what is learned.
+///
+/// Clones share what is learned (an [`Index`]'s clone does not: see there).
 #[derive(Clone, Default)]
 pub struct Learned(std::sync::Arc<std::sync::Mutex<LearnedMaps>>);
 
