@@ -45,9 +45,27 @@ fi
 # After the client venv: the export test reads its files with PyPI's
 # safetensors and numpy from there.
 export GTAR_EXPORT_PYTHON=$CLIENT/bin/python
-# The reflink benchmark-test needs a reflink-capable file system (XFS, btrfs);
-# set GTAR_REFLINK_DIR to a directory on one to run it.
-export GTAR_REFLINK_DIR=${GTAR_REFLINK_DIR:-none}
+# --- a reflink-capable file system for the snapshot/compaction test --------------
+# A small XFS (reflink=1) on a loop file, mounted once and reused by later runs
+# (we are root). GTAR_REFLINK_DIR set by the caller (a directory on XFS or
+# btrfs) is used instead.
+if [ -z "${GTAR_REFLINK_DIR:-}" ]; then
+  REFLINK_IMG=${TMPDIR:-/tmp}/gtar-logd-reflink.img
+  REFLINK_MNT=${TMPDIR:-/tmp}/gtar-logd-reflink
+  if ! mountpoint -q "$REFLINK_MNT"; then
+    echo "== making an XFS (reflink=1) on a loop file at $REFLINK_MNT"
+    if ! command -v mkfs.xfs >/dev/null; then
+      apt-get install -y -q xfsprogs >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null && apt-get install -y -q xfsprogs >/dev/null; }
+    fi
+    rm -f "$REFLINK_IMG"
+    truncate -s 1G "$REFLINK_IMG"
+    mkfs.xfs -q -m reflink=1 "$REFLINK_IMG"
+    mkdir -p "$REFLINK_MNT"
+    mount -o loop "$REFLINK_IMG" "$REFLINK_MNT"
+  fi
+  export GTAR_REFLINK_DIR=$REFLINK_MNT
+fi
 echo "== cargo build"
 cargo build --workspace --all-targets --quiet
 echo "== cargo test (all, including oracle tests)"

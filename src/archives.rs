@@ -120,9 +120,16 @@ pub enum Origin {
 }
 
 pub struct Archives {
+    /// This user's archive names → files (confinement, read cache).
     catalog: Catalog,
+    /// The live writers: reads of an archive being written go through its
+    /// writer's index, so every acked frame is visible at once.
     writers: Arc<Registry>,
+    /// Other users' archives (`~USER/` names), read-only: only in a worker
+    /// of the multi-user service.
     others: Option<Others>,
+    /// With `--remote`: uploads durable frames and serves remote-only
+    /// archives.
     replicator: Option<Arc<Replicator>>,
 }
 
@@ -133,6 +140,7 @@ pub struct Others {
     users_dir: PathBuf,
     /// Whether this worker's user is root or in the admin group.
     admin: bool,
+    /// One catalog per user looked at so far, by user name.
     catalogs: Mutex<HashMap<String, Arc<Catalog>>>,
 }
 

@@ -42,11 +42,49 @@ fn remote(arg: &str) -> Result<Option<RemoteArchive>> {
     }))
 }
 
+/// The file an offline command works on. Offline commands take file paths;
+/// a relative path that is not a file here but is an archive of the user's
+/// daemon (under the default data directory) is taken from there, with a
+/// note; otherwise the error says where the daemon's archives are.
+/// `s3://` keys pass through.
+pub fn locate(arg: &Path) -> Result<std::path::PathBuf> {
+    let s = arg.to_string_lossy();
+    if s.starts_with("s3://") || arg.exists() {
+        return Ok(arg.to_path_buf());
+    }
+    let data = crate::daemon::default_data_dir();
+    if arg.is_relative() {
+        let there = data.join(arg);
+        if there.is_file() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "note: {s} is not a file here; using the daemon's archive {}",
+                there.display()
+            );
+            return Ok(there);
+        }
+    }
+    anyhow::bail!(
+        "{s}: no such file. Offline commands take archive file paths, not the names a daemon \
+         serves; your daemon's archives are files under {} (its --data-dir), e.g. {}",
+        data.display(),
+        data.join(arg.file_name().map(Path::new).unwrap_or(arg))
+            .display()
+    )
+}
+
 fn open(path: &Path) -> Result<Archive> {
     if let Some(r) = remote(&path.to_string_lossy())? {
         let (a, _) = r.remote.open_read(&r.name)?;
         return Ok(a);
     }
+    open_file(path)
+}
+
+/// Open an archive file for reading, saying on stderr what recovery found:
+/// a note for an archive a live writer holds (no central directory while it
+/// appends: not damage), a warning for a damaged one.
+pub fn open_file(path: &Path) -> Result<Archive> {
     let a =
         Archive::open(path).with_context(|| format!("{}: cannot open archive", path.display()))?;
     if let OpenState::Recovered(rep) = a.state() {

@@ -104,12 +104,18 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
+/// Log to stderr. A log line that cannot be written is dropped, silently:
+/// tracing's default reports the failure with `eprintln!`, which panics when
+/// stderr is a closed pipe or a full disk — and a panic in the signal task
+/// meant a SIGTERM that never stopped the daemon (`serve 2>&1 | head -3`, a
+/// journald restart). Nothing the daemon does may depend on its log.
 fn init_logging(filter: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         fmt.init();
@@ -291,17 +297,14 @@ fn run_dispatcher(o: Options) -> anyhow::Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(MULTI_USER_DATA_DIR));
-    // Users pass through it to their own directory (0711: no listing).
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(&data_dir)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot create the data directory {} (--data-dir): {e}",
-                data_dir.display()
-            )
-        })?;
+    // Users pass through it to their own directory (0711: no listing);
+    // systemd's StateDirectoryMode= makes it so, and so do we.
+    crate::users::ensure_dir_mode(&data_dir, 0o711).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the data directory {} (--data-dir): {e}",
+            data_dir.display()
+        )
+    })?;
     let dopts = crate::users::DispatchOptions {
         users_dir: data_dir.join("users"),
         admin_gid,

@@ -137,7 +137,8 @@ pub fn tensor_bytes(d: DType, shape: &[u64], max_bytes: u64) -> Result<u64, Stri
     }
     if n > max_bytes {
         return Err(format!(
-            "shape {shape:?} is {n} bytes, over the limit of {max_bytes}"
+            "shape {shape:?} is {n} bytes, over the daemon's limit of {max_bytes} \
+             (serve --max-tensor-bytes / GTAR_LOGD_MAX_TENSOR_BYTES)"
         ));
     }
     Ok(n)

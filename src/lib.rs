@@ -14,7 +14,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod listen;
 pub mod peer;
-pub mod proto;
+pub use gtar_logd_proto as proto;
 pub mod query;
 pub mod remote;
 pub mod server;

@@ -108,9 +108,13 @@ struct CompactCli {
     /// Print what would be kept and dropped, write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Let the frame recorded as the best (GTARLogger's monitor=) be dropped like any other; its record goes with it. By default it is kept.
+    #[arg(long)]
+    drop_best: bool,
 }
 
 fn compact(c: CompactCli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let archive = locate(&c.archive)?;
     let keep_best = c
         .keep_best
         .as_deref()
@@ -135,6 +139,7 @@ fn compact(c: CompactCli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
             keep_every: c.keep_every,
             keep_best,
             keep_newer_than,
+            drop_best: c.drop_best,
         },
         dry_run: c.dry_run,
     };
@@ -144,7 +149,7 @@ fn compact(c: CompactCli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
              (compaction drops every frame no policy keeps)"
         );
     }
-    gtar_logd::lifecycle::compact::compact(&c.archive, &args, out).map(|_| ())
+    gtar_logd::lifecycle::compact::compact(&archive, &args, out).map(|_| ())
 }
 
 #[derive(clap::Args)]
@@ -288,6 +293,8 @@ impl ServeArgs {
     }
 }
 
+use gtar_logd::cli::locate;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut out = std::io::stdout().lock();
@@ -303,46 +310,52 @@ fn main() -> ExitCode {
             },
         ),
         Cmd::Frames { archive, group } => {
-            gtar_logd::cli::frames(&archive, group.as_deref(), &mut out)
+            locate(&archive).and_then(|a| gtar_logd::cli::frames(&a, group.as_deref(), &mut out))
         }
-        Cmd::Ls { archive } => gtar_logd::cli::ls(&archive, &mut out),
+        Cmd::Ls { archive } => locate(&archive).and_then(|a| gtar_logd::cli::ls(&a, &mut out)),
         Cmd::Fetch { remote, local } => gtar_logd::cli::fetch(&remote, &local, &mut out),
-        Cmd::Repair { archive } => gtar_logd::cli::repair(&archive, &mut out),
-        Cmd::Compact(c) => compact(c, &mut out),
-        Cmd::Snapshot { src, dst } => {
-            gtar_logd::lifecycle::snapshot::snapshot(&src, &dst, &mut out).map(|_| ())
+        Cmd::Repair { archive } => {
+            locate(&archive).and_then(|a| gtar_logd::cli::repair(&a, &mut out))
         }
+        Cmd::Compact(c) => compact(c, &mut out),
+        Cmd::Snapshot { src, dst } => locate(&src).and_then(|src| {
+            gtar_logd::lifecycle::snapshot::snapshot(&src, &dst, &mut out).map(|_| ())
+        }),
         Cmd::Export {
             archive,
             group,
             frame,
             format,
             output,
-        } => gtar_logd::lifecycle::export::export(
-            &archive,
-            group.as_deref(),
-            frame.as_deref(),
-            format,
-            &output,
-        )
-        .and_then(|e| {
-            use std::io::Write;
-            writeln!(
-                out,
-                "frame {} of {}: {} tensors, {} bytes -> {}",
-                e.frame,
-                archive.display(),
-                e.tensors.len(),
-                e.bytes,
-                output.display()
-            )?;
-            Ok(())
+        } => locate(&archive).and_then(|archive| {
+            gtar_logd::lifecycle::export::export(
+                &archive,
+                group.as_deref(),
+                frame.as_deref(),
+                format,
+                &output,
+            )
+            .and_then(|e| {
+                use std::io::Write;
+                writeln!(
+                    out,
+                    "frame {} of {}: {} tensors, {} bytes -> {}",
+                    e.frame,
+                    archive.display(),
+                    e.tensors.len(),
+                    e.bytes,
+                    output.display()
+                )?;
+                Ok(())
+            })
         }),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gtar-logd: {e:#}");
+            // Not eprintln!: it panics when stderr is gone (a closed pipe).
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "gtar-logd: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -113,8 +113,30 @@ pub fn frames(a: &Archive, group: &str) -> Result<Vec<String>, QueryError> {
     let ix = a.index();
     let prefix = (!group.is_empty()).then_some(group);
     if prefix.is_some() && !ix.record_types().any(|rt| group_under(&rt.group, prefix)) {
+        let groups: BTreeSet<&str> = ix
+            .record_types()
+            .map(|rt| rt.group.split('/').next().unwrap_or(""))
+            .collect();
+        let keras = ix
+            .record_types()
+            .any(|rt| rt.group.split('/').any(|c| c == "keras"));
         return Err(QueryError::NotFound(format!(
-            "no group {group:?} in this archive"
+            "no group {group:?} in this archive; its groups are: {}{}",
+            if groups.is_empty() {
+                "none (it is empty)".to_string()
+            } else {
+                groups
+                    .iter()
+                    .map(|g| format!("{g:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            if keras {
+                ". It holds Keras frames (GTARLogger): read them with gtar_logd.Trajectory, \
+                 or with group='keras' (the group's name before 'keras/' if the run had one)"
+            } else {
+                ""
+            }
         )));
     }
     Ok(ix.frames_under(prefix).into_iter().collect())

@@ -331,6 +331,88 @@ impl Identity {
     }
 }
 
+/// Make `dir` (and its parents) if missing and give it exactly `mode`,
+/// whatever the umask: `DirBuilder::mode` is filtered by it, and the shipped
+/// unit's `UMask=0077` turned 0711 into 0700, locking every worker out of
+/// its own directory. A directory found with another mode is repaired, and
+/// the log says so.
+pub fn ensure_dir_mode(dir: &Path, mode: u32) -> io::Result<()> {
+    let created = match std::fs::symlink_metadata(dir) {
+        Ok(md) if md.is_dir() => false,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a directory", dir.display()),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)?;
+            true
+        }
+        Err(e) => return Err(e),
+    };
+    let had = std::fs::symlink_metadata(dir)?.mode() & 0o7777;
+    if had != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+        if !created {
+            tracing::warn!(
+                dir = %dir.display(),
+                "repaired the directory's mode from {had:04o} to {mode:04o}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What a user's directory must be: its mode and group (module docs).
+fn user_dir_mode(who_gid: u32, admin_gid: Option<u32>) -> (u32, u32) {
+    match admin_gid {
+        Some(g) => (0o2750, g),
+        None => (0o700, who_gid),
+    }
+}
+
+/// At start: every existing user directory under `users_dir` gets the mode
+/// and group it must have (an earlier version or a hand-made directory may
+/// differ; a newly set `--admin-group` needs its group). Directories not
+/// owned by the user they are named after are left alone ([`user_dir`]
+/// refuses them).
+pub fn repair_user_dirs(users_dir: &Path, admin_gid: Option<u32>) -> io::Result<()> {
+    for entry in std::fs::read_dir(users_dir)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let md = std::fs::symlink_metadata(entry.path())?;
+        let Ok(Some(u)) = nix::unistd::User::from_name(&name) else {
+            continue;
+        };
+        if !md.is_dir() || md.uid() != u.uid.as_raw() {
+            continue;
+        }
+        let (mode, gid) = user_dir_mode(u.gid.as_raw(), admin_gid);
+        if md.gid() != gid {
+            std::os::unix::fs::lchown(entry.path(), None, Some(gid))?;
+            tracing::warn!(user = %name, "repaired the group of the user's directory to gid {gid}");
+        }
+        // chown may clear the set-group-ID bit: set the mode after it.
+        if md.gid() != gid || md.mode() & 0o7777 != mode {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+            if md.mode() & 0o7777 != mode {
+                tracing::warn!(
+                    user = %name,
+                    "repaired the mode of the user's directory from {:04o} to {mode:04o}",
+                    md.mode() & 0o7777
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Create `<users_dir>/<name>` for `who` (module docs), or check the one
 /// that is there. Returns the directory.
 pub fn user_dir(users_dir: &Path, who: &Identity, admin_gid: Option<u32>) -> io::Result<PathBuf> {
@@ -352,10 +434,10 @@ pub fn user_dir(users_dir: &Path, who: &Identity, admin_gid: Option<u32>) -> io:
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
             // Mode while still ours (setgid is kept for a directory across
-            // chown), then hand it over.
-            let mode = if admin_gid.is_some() { 0o2750 } else { 0o700 };
+            // chown by root), then hand it over.
+            let (mode, gid) = user_dir_mode(who.gid, admin_gid);
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
-            std::os::unix::fs::lchown(&dir, Some(who.uid), Some(admin_gid.unwrap_or(who.gid)))?;
+            std::os::unix::fs::lchown(&dir, Some(who.uid), Some(gid))?;
         }
         Err(e) => return Err(e),
     }
@@ -666,11 +748,10 @@ pub async fn dispatch(
     shutdown: CancellationToken,
     grace: std::time::Duration,
 ) -> anyhow::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(&o.users_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", o.users_dir.display()))?;
+    // Users pass through it to their own directory; nobody lists it.
+    ensure_dir_mode(&o.users_dir, 0o711)
+        .and_then(|()| repair_user_dirs(&o.users_dir, o.admin_gid))
+        .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", o.users_dir.display()))?;
     let o = Arc::new(o);
     loop {
         let (conn, _) = tokio::select! {

@@ -671,8 +671,19 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
                 .await
                 .unwrap();
         }
-        // A second stream's frame queues behind the open one.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The writer thread has taken the frame and is writing its parts
+        // when the file grows by most of the 3 MiB sent (the last part may
+        // still sit in its buffer): only then does the client vanish, so the
+        // abort of an in-progress frame is what is tested.
+        let file = d.data.join(ar);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::metadata(&file).map_or(0, |m| m.len()) < 2 << 20 {
+            assert!(
+                Instant::now() < deadline,
+                "the writer never wrote the frame's first 2 MiB"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         s.abandon();
         drop(cut);
     }

@@ -254,6 +254,45 @@ fn compact_keeps_what_the_policies_say_bit_exact_and_shrinks_the_file() {
     );
 }
 
+/// The frame `GTARLogger(monitor=...)` recorded as the best (a
+/// `best.json` pointing at it) is kept by any policy; `--drop-best` lets it
+/// go, and its record with it, so no record names a frame that is gone.
+/// Before, `--keep-last 2` dropped it without a word and `best.json` then
+/// named a frame that no longer existed.
+#[test]
+fn compact_keeps_the_recorded_best_frame_unless_told_to_drop_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.zip");
+    let mut run = write_run(&path, 5, 4096, |f| f as f64);
+    const BEST: &str = "run/gtar_logd/keras/best.json";
+    let best = br#"{"format":"gtar-logd/keras-best/1","frame":"0","monitor":"val_loss","mode":"min","value":0.0,"epoch":0}"#;
+    let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Append).unwrap();
+    let mut t = w.begin().unwrap();
+    t.add(BEST, best, Compression::Stored).unwrap();
+    t.commit().unwrap();
+    w.close().unwrap();
+    run.records.insert(BEST.into(), best.to_vec());
+
+    let out = ok(&["compact", p(&path), "--group", "run", "--keep-last", "2"]);
+    assert!(out.contains("keep\t0\trecorded-best"), "{out}");
+    assert_holds(&path, &run, &set(&["0", "3", "4"]));
+
+    let out = ok(&[
+        "compact",
+        p(&path),
+        "--group",
+        "run",
+        "--keep-last",
+        "1",
+        "--drop-best",
+    ]);
+    assert!(out.contains("drop\t0"), "{out}");
+    assert!(out.contains(&format!("drop\t{BEST}")), "{out}");
+    run.records.remove(BEST);
+    assert_holds(&path, &run, &set(&["4"]));
+    assert!(Archive::open(&path).unwrap().read(BEST).is_err());
+}
+
 #[test]
 fn compact_refuses_what_it_cannot_judge_and_a_live_writer() {
     let dir = tempfile::tempdir().unwrap();
@@ -855,17 +894,38 @@ fn free_bytes(dir: &Path) -> u64 {
     }
 }
 
+/// Bytes of `path` in extents the file system marks shared (FIEMAP's
+/// FIEMAP_EXTENT_SHARED, as `filefrag -v` prints it).
+fn shared_bytes(path: &Path) -> u64 {
+    let out = Command::new("filefrag")
+        .args(["-v", "-b4096", p(path)])
+        .output()
+        .expect("filefrag (e2fsprogs) runs");
+    assert!(
+        out.status.success(),
+        "filefrag -v {}: {out:?}",
+        path.display()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "   0:        0..    2047:      24576..     26623:   2048:             shared"
+    text.lines()
+        .filter(|l| l.contains("shared"))
+        .filter_map(|l| l.split(':').nth(3)?.trim().parse::<u64>().ok())
+        .sum::<u64>()
+        * 4096
+}
+
+/// Snapshot and compaction on a reflink-capable file system (./test.sh makes
+/// a small XFS with reflink=1 on a loop file and sets GTAR_REFLINK_DIR):
+/// the copies share extents with the source (FIEMAP says so), writing to the
+/// source afterwards leaves the snapshot as it was, and both stay valid.
 #[test]
-#[ignore = "needs GTAR_REFLINK_DIR: a directory on a reflink-capable file system (XFS, btrfs), or none; run by ./test.sh"]
+#[ignore = "needs GTAR_REFLINK_DIR: a directory on a reflink-capable file system; ./test.sh makes one"]
 fn snapshots_and_compactions_share_extents_where_the_file_system_can() {
     let base = std::env::var_os("GTAR_REFLINK_DIR").expect(
-        "GTAR_REFLINK_DIR: a directory on XFS (reflink=1) or btrfs, or \"none\" to say there \
-         is none here (./test.sh sets it)",
+        "GTAR_REFLINK_DIR: a directory on XFS (reflink=1) or btrfs; ./test.sh makes one on a \
+         loop file",
     );
-    if base == "none" {
-        eprintln!("GTAR_REFLINK_DIR=none: no reflink-capable file system here; not tested");
-        return;
-    }
     let dir = tempfile::tempdir_in(base).unwrap();
     let path = dir.path().join("run.zip");
     let run = write_run(&path, 16, 8 << 20, |f| f as f64);
@@ -875,20 +935,56 @@ fn snapshots_and_compactions_share_extents_where_the_file_system_can() {
     let dst = dir.path().join("snap.zip");
     let s = gtar::snapshot_path(&path, &dst).unwrap();
     let used = free.saturating_sub(free_bytes(dir.path()));
-    eprintln!("snapshot: {:?}; {used} bytes of {size} newly used", s.stats);
+    let shared = shared_bytes(&dst);
+    eprintln!(
+        "snapshot: {:?}; {used} bytes of {size} newly used; {shared} bytes in shared extents",
+        s.stats
+    );
     assert!(s.stats.reflinked >= s.committed - 4096, "{:?}", s.stats);
+    assert!(
+        shared >= size * 9 / 10,
+        "only {shared} of {size} bytes of the snapshot share extents"
+    );
     assert!(
         used < size / 10,
         "{used} bytes used for a {size}-byte snapshot"
     );
     assert_snapshot_of_run(&dst, &run);
+    // A write to the source lands in its own blocks, not the snapshot's.
+    let snap_before = std::fs::read(&dst).unwrap();
+    let mid = size / 2;
+    let mut saved = vec![0u8; 4096];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.read_exact_at(&mut saved, mid).unwrap();
+        f.write_all_at(&vec![0xA5; 4096], mid).unwrap();
+        f.sync_all().unwrap();
+        assert!(
+            std::fs::read(&dst).unwrap() == snap_before,
+            "the snapshot changed"
+        );
+        f.write_all_at(&saved, mid).unwrap();
+        f.sync_all().unwrap();
+    }
     // Compaction: kept tensors keep their offsets modulo 4 KiB, so the
     // kernel's copy shares their blocks too.
     let free = free_bytes(dir.path());
     ok(&["compact", p(&path), "--group", "run", "--keep-every", "2"]);
     let used = free.saturating_sub(free_bytes(dir.path()));
     let new_len = std::fs::metadata(&path).unwrap().len();
-    eprintln!("compaction: {size} -> {new_len} bytes; {used} bytes newly used");
+    let shared = shared_bytes(&path);
+    eprintln!(
+        "compaction: {size} -> {new_len} bytes; {used} bytes newly used; {shared} bytes shared"
+    );
+    assert!(
+        shared >= new_len * 9 / 10,
+        "only {shared} of {new_len} bytes of the compacted archive share extents"
+    );
     assert!(
         used < new_len / 10,
         "{used} bytes used for a {new_len}-byte compaction"
@@ -897,6 +993,10 @@ fn snapshots_and_compactions_share_extents_where_the_file_system_can() {
         &path,
         &run,
         &set(&["0", "2", "4", "6", "8", "10", "12", "14", "15"]),
+    );
+    assert!(
+        std::fs::read(&dst).unwrap() == snap_before,
+        "the snapshot changed"
     );
 }
 

@@ -73,8 +73,19 @@ async fn stream(
     w.close().await.unwrap();
 }
 
+/// Wait until `n` acks arrived; fails the test after 120 s instead of
+/// hanging it (a stream that died stops acking).
 async fn wait_acks(acks: &Acks, n: usize) {
-    while acks.lock().unwrap().len() < n {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = acks.lock().unwrap().len();
+        if got >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {got} of {n} acks within 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -27,7 +27,7 @@ fn generated_code_matches_the_proto() {
     let regen = std::env::var_os("GTAR_LOGD_REGEN").is_some();
     for name in ["gtar.logd.v1.rs", "logd_descriptor.bin"] {
         let fresh = std::fs::read(out.path().join(name)).unwrap();
-        let committed_path = root.join("src/proto").join(name);
+        let committed_path = root.join("crates/gtar-logd-proto/src").join(name);
         if regen {
             std::fs::write(&committed_path, &fresh).unwrap();
             continue;
@@ -35,7 +35,7 @@ fn generated_code_matches_the_proto() {
         let committed = std::fs::read(&committed_path).unwrap_or_default();
         assert!(
             fresh == committed,
-            "src/proto/{name} is out of date with proto/: run GTAR_LOGD_REGEN=1 cargo test --test proto_drift"
+            "crates/gtar-logd-proto/src/{name} is out of date with proto/: run GTAR_LOGD_REGEN=1 cargo test --test proto_drift"
         );
     }
 }

@@ -445,7 +445,7 @@ fn has_line(msg: &str, line: &str) -> bool {
 /// `gtar-logd serve` under a test-owned NOTIFY_SOCKET, with the watchdog
 /// variables set the way systemd sets them (WATCHDOG_PID = the daemon's own
 /// pid: the shell wrapper exports its pid, then execs the daemon).
-fn spawn_notified(root: &Path, notify: &Notify, watchdog_pid: &str, extra: &[&str]) -> Proc {
+fn notified_cmd(root: &Path, notify: &Notify, watchdog_pid: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(format!(
@@ -462,7 +462,14 @@ fn spawn_notified(root: &Path, notify: &Notify, watchdog_pid: &str, extra: &[&st
         .env("WATCHDOG_USEC", "200000")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID");
-    spawn_logged(cmd, &root.join("daemon.log"))
+    cmd
+}
+
+fn spawn_notified(root: &Path, notify: &Notify, watchdog_pid: &str, extra: &[&str]) -> Proc {
+    spawn_logged(
+        notified_cmd(root, notify, watchdog_pid, extra),
+        &root.join("daemon.log"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -635,4 +642,123 @@ fn own_socket_mode_and_group() {
         assert_eq!(md.gid(), want_gid, "{args:?}");
         p.terminate(Duration::from_secs(30));
     }
+}
+
+// ------------------------------------------------------------ stderr gone
+
+/// Start `cmd` with stderr a pipe, read its first log line, then close the
+/// pipe's read end (`serve 2>&1 | head -1`); the daemon goes on serving.
+fn spawn_with_stderr_closed(mut cmd: Command, root: &Path, sock: &Path) -> Proc {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let stderr = child.stderr.take().unwrap();
+    // A thread, so a daemon that logs nothing fails the test at a deadline
+    // instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = String::new();
+        let mut r = std::io::BufReader::new(stderr);
+        let _ = r.read_line(&mut first);
+        let _ = tx.send(first);
+        // `r` dropped here: the read end is closed.
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("no log line within 30 s");
+    println!("first log line, then stderr closed: {first:?}");
+    let mut p = Proc {
+        child,
+        log: root.join("no-log"),
+    };
+    wait_for("the socket", &mut p, || {
+        std::os::unix::net::UnixStream::connect(sock).is_ok()
+    });
+    p
+}
+
+/// Send `signal`; `p` must exit 0 within 30 s.
+fn signal_and_wait(p: &mut Proc, signal: libc::c_int) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(p.pid(), signal) };
+    wait_clean_exit(p, signal);
+}
+
+fn wait_clean_exit(p: &mut Proc, signal: libc::c_int) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            assert!(st.success(), "exit {st} after signal {signal}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "signal {signal}: still running 30 s later (the daemon ignored it)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A signal stops the daemon cleanly whatever its stderr is: a pipe whose
+/// reader went away after the first line (`serve 2>&1 | head -1`, a
+/// journald restart), then SIGTERM or SIGINT; and stderr `/dev/full`.
+/// Before, the log writer's own error report panicked in the signal task
+/// and the daemon went on serving until `kill -9`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_stop_the_daemon_when_stderr_is_gone() {
+    let tmp = temp_root("sd-stderr");
+    let root = tmp.path();
+    let sock = root.join("s.sock");
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut p = spawn_with_stderr_closed(serve_on(root, &sock, &[]), root, &sock);
+        // Still serving with nobody reading its log.
+        assert_eq!(health(&sock, "").await.ok(), Some(SERVING));
+        signal_and_wait(&mut p, signal);
+    }
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut cmd = serve_on(root, &sock, &[]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(full);
+    let mut p = Proc {
+        child: cmd.spawn().unwrap(),
+        log: root.join("no-log"),
+    };
+    wait_for("the socket", &mut p, || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    assert_eq!(health(&sock, "").await.ok(), Some(SERVING));
+    signal_and_wait(&mut p, libc::SIGTERM);
+}
+
+/// The same under systemd's eyes: watchdog on, stderr gone; SIGTERM (what
+/// `systemctl stop` sends) gives STOPPING=1 and a clean exit.
+#[test]
+fn systemd_stop_with_watchdog_when_stderr_is_gone() {
+    let tmp = temp_root("sd-stderr-wd");
+    let root = tmp.path();
+    let notify = Notify::bind(root);
+    let sock = root.join("d.sock");
+    let cmd = notified_cmd(root, &notify, "$$", &[]);
+    let mut p = spawn_with_stderr_closed(cmd, root, &sock);
+    let ready = notify.recv(Duration::from_secs(30)).expect("no READY=1");
+    assert!(has_line(&ready, "READY=1"), "{ready:?}");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(p.pid(), libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = notify
+            .recv(Duration::from_secs(5))
+            .expect("no STOPPING=1 after SIGTERM with stderr gone");
+        if has_line(&m, "STOPPING=1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no STOPPING=1 after SIGTERM");
+    }
+    wait_clean_exit(&mut p, libc::SIGTERM);
 }

@@ -63,16 +63,27 @@ pub struct Listed {
 /// Read-only archives kept open at once.
 const MAX_CACHED: usize = 128;
 
+/// An archive opened for reading, valid while the file keeps this size and
+/// modification time.
 struct Cached {
     size: u64,
     mtime: Option<SystemTime>,
     archive: Archive,
 }
 
+/// Archive names → files under one data directory (module docs).
 pub struct Catalog {
+    /// The data directory, canonical: every resolved path must lie under it.
     root: PathBuf,
+    /// Names of the archives known to exist (`.zip` files under `root`),
+    /// kept fresh by the watcher: what `ListArchives` answers from without
+    /// walking the directory. Shared with the watcher's callback.
     known: Arc<Mutex<BTreeMap<String, ()>>>,
+    /// Read views by canonical path, reused while the file is unchanged, so
+    /// a query does not re-read a central directory it already has.
     cache: Mutex<HashMap<PathBuf, Cached>>,
+    /// Keeps `known` fresh; `None` where no watcher could be set up (then
+    /// lookups check the file system).
     _watcher: Option<notify::RecommendedWatcher>,
 }
 

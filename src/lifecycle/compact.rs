@@ -71,7 +71,9 @@ pub fn compact(path: &Path, args: &CompactArgs, out: &mut dyn Write) -> Result<C
         }
     }
     let reader = ex.reader()?;
-    let facts = facts::frame_facts(&reader, ex.file(), scope, &args.policy)
+    let best = facts::BestRecords::read(&reader, scope, args.policy.drop_best)
+        .with_context(|| format!("{}", path.display()))?;
+    let facts = facts::frame_facts(&reader, ex.file(), scope, &args.policy, &best)
         .with_context(|| format!("{}", path.display()))?;
     if facts.is_empty() {
         writeln!(
@@ -106,7 +108,10 @@ pub fn compact(path: &Path, args: &CompactArgs, out: &mut dyn Write) -> Result<C
         .filter(|d| d.keep())
         .map(|d| d.index.as_str())
         .collect();
-    let plan = CompactPlan::new(ex.index(), scope, &|f| keep.contains(f));
+    let gone = best.dropped_with(&facts::dropped(&decisions));
+    let plan = CompactPlan::dropping_records(ex.index(), scope, &|f| keep.contains(f), &|r| {
+        gone.contains(r)
+    });
     let old_len = ex.len();
     let new_len = plan
         .new_len(ex.file())
@@ -123,6 +128,13 @@ pub fn compact(path: &Path, args: &CompactArgs, out: &mut dyn Write) -> Result<C
         } else {
             writeln!(out, "{}\t{}", verb(false), d.index)?;
         }
+    }
+    for r in &gone {
+        writeln!(
+            out,
+            "{}\t{r}\t(it names a dropped frame as the best: --drop-best)",
+            verb(false)
+        )?;
     }
     writeln!(
         out,

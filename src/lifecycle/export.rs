@@ -24,7 +24,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use gtar::{Archive, Entry, OpenState};
+use gtar::{Archive, Entry};
 use serde_json::Value;
 
 use super::Progress;
@@ -252,6 +252,19 @@ fn npy_header(descr: &str, shape: &[u64]) -> Vec<u8> {
     h
 }
 
+/// The process's umask, read without changing it (`umask(2)` can only set
+/// it, and setting it even briefly races other threads' file creation).
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
 /// A temporary output file beside OUT, removed unless put in place.
 struct Output {
     tmp: PathBuf,
@@ -270,8 +283,14 @@ impl Output {
         }
     }
 
+    /// Fsync, give the file the mode any new file of the user gets (0666
+    /// less the umask, as Python's `Trajectory.export` and `cp` do; the
+    /// safetensors writer made it 0600), rename over OUT, fsync the directory.
     fn commit(mut self, out: &Path) -> Result<()> {
-        File::open(&self.tmp)?.sync_all()?;
+        use std::os::unix::fs::PermissionsExt;
+        let f = File::open(&self.tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o666 & !umask()))?;
+        f.sync_all()?;
         std::fs::rename(&self.tmp, out)?;
         self.done = true;
         let dir = match out.parent() {
@@ -421,16 +440,7 @@ pub fn export(
     format: ExportFormat,
     out: &Path,
 ) -> Result<Exported> {
-    let a =
-        Archive::open(path).with_context(|| format!("{}: cannot open archive", path.display()))?;
-    if let OpenState::Recovered(rep) = a.state() {
-        eprintln!(
-            "warning: {}: {}; reading the {} complete entries",
-            path.display(),
-            rep.reason,
-            rep.entries.len()
-        );
-    }
+    let a = crate::cli::open_file(path)?;
     let group = group.unwrap_or("");
     let what = |e: query::QueryError| anyhow::anyhow!("{}: {e}", path.display());
     let frames = query::frames(&a, group).map_err(what)?;

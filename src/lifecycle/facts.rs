@@ -15,6 +15,10 @@
 //!   not by gtar-logd's writer, which writes a fixed 1980 date so archives
 //!   are reproducible. A frame with neither has no known time.
 //! * Write order: the offset of the frame's last entry in the file.
+//! * The recorded best frame: `{P/}gtar_logd/keras/best.json` records (what
+//!   `GTARLogger(monitor=...)` writes) name a frame in their `frame` field.
+//!   That frame is kept unless the policy says `drop_best`; then a record
+//!   whose frame is dropped is dropped with it ([`BestRecords::dropped_with`]).
 
 use std::fs::File;
 use std::time::{Duration, SystemTime};
@@ -28,6 +32,81 @@ use crate::layout;
 /// Unix epoch), when the daemon records it.
 pub const MANIFEST_TIME_FIELD: &str = "written_unix_ms";
 
+/// Where a best-frame record lives below a group.
+pub const BEST_RECORD: &str = "gtar_logd/keras/best.json";
+
+/// The best-frame records under a scope: (record name, the frame it names).
+#[derive(Debug, Default)]
+pub struct BestRecords(Vec<(String, Option<String>)>);
+
+impl BestRecords {
+    /// The best-frame records in `scope`. Without `drop_best`, a record whose
+    /// frame cannot be read is an error (compaction must not guess which
+    /// frame to keep).
+    pub fn read(a: &Archive, scope: Option<&str>, drop_best: bool) -> Result<BestRecords> {
+        let entries: Vec<gtar::Entry> = {
+            let ix = a.index();
+            ix.entries()
+                .iter()
+                .filter(|e| {
+                    let n = e.name();
+                    (n == BEST_RECORD || n.ends_with(&format!("/{BEST_RECORD}")))
+                        && ix
+                            .get(n)
+                            .is_some_and(|v| v.cd.local_header_offset == e.cd.local_header_offset)
+                        && group_under(&gtar::RecordPath::parse(n).rtype.group, scope)
+                })
+                .cloned()
+                .collect()
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let frame = a
+                .read_entry(&e)
+                .map_err(anyhow::Error::new)
+                .and_then(|b| Ok(serde_json::from_slice::<serde_json::Value>(&b)?))
+                .and_then(|v| match v.get("frame").and_then(|f| f.as_str()) {
+                    Some(f) => Ok(f.to_string()),
+                    None => bail!("no string field \"frame\""),
+                });
+            match frame {
+                Ok(f) => out.push((e.name().to_string(), Some(f))),
+                Err(_) if drop_best => out.push((e.name().to_string(), None)),
+                Err(err) => bail!(
+                    "{}: cannot tell which frame it records as the best ({err:#}); compaction \
+                     keeps that frame, so it stops here. Pass --drop-best (drop_best) to \
+                     compact regardless: the record is then dropped",
+                    e.name()
+                ),
+            }
+        }
+        Ok(BestRecords(out))
+    }
+
+    fn names(&self, frame: &str) -> bool {
+        self.0.iter().any(|(_, f)| f.as_deref() == Some(frame))
+    }
+
+    /// The records to drop when `dropped` frames go: those naming one of
+    /// them, or no readable frame at all.
+    pub fn dropped_with(&self, dropped: &[String]) -> std::collections::HashSet<String> {
+        self.0
+            .iter()
+            .filter(|(_, f)| f.as_ref().is_none_or(|f| dropped.contains(f)))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// The frames `decisions` drop.
+pub fn dropped(decisions: &[gtar::Decision]) -> Vec<String> {
+    decisions
+        .iter()
+        .filter(|d| !d.keep())
+        .map(|d| d.index.clone())
+        .collect()
+}
+
 /// The facts of every frame under `scope`, as much as `policy` needs. `file`
 /// is the archive file (for local headers).
 pub fn frame_facts(
@@ -35,6 +114,7 @@ pub fn frame_facts(
     file: &File,
     scope: Option<&str>,
     policy: &Policy,
+    best: &BestRecords,
 ) -> Result<Vec<FrameFacts>> {
     let frames = a.index().frames_under(scope);
     let metric = match &policy.keep_best {
@@ -62,6 +142,7 @@ pub fn frame_facts(
             None
         };
         out.push(FrameFacts {
+            recorded_best: best.names(&f),
             index: f,
             metric,
             time,

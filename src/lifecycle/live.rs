@@ -149,7 +149,9 @@ pub fn compact(lease: &Lease, args: &LiveCompact) -> Result<LiveOutcome, LiveErr
         }
     }
     let frozen = Archive::with_shared_index(&path, Arc::new(RwLock::new(at_t.clone())))?;
-    let facts = facts::frame_facts(&frozen, &file, scope, &args.policy)
+    let best = facts::BestRecords::read(&frozen, scope, args.policy.drop_best)
+        .map_err(|e| LiveError::Policy(format!("{e:#}")))?;
+    let facts = facts::frame_facts(&frozen, &file, scope, &args.policy, &best)
         .map_err(|e| LiveError::Policy(format!("{e:#}")))?;
     let mut out = LiveOutcome {
         old_len: view.closed_len(),
@@ -166,7 +168,9 @@ pub fn compact(lease: &Lease, args: &LiveCompact) -> Result<LiveOutcome, LiveErr
         .filter(|d| d.keep())
         .map(|d| d.index.clone())
         .collect();
-    let plan = CompactPlan::new(&at_t, scope, &|f| keep.contains(f));
+    let gone = best.dropped_with(&facts::dropped(&decisions));
+    let plan =
+        CompactPlan::dropping_records(&at_t, scope, &|f| keep.contains(f), &|r| gone.contains(r));
     out.kept = plan.kept.clone();
     out.dropped = plan.dropped.clone();
     out.decisions = decisions;

@@ -132,6 +132,7 @@ pub fn keep_policy(wire: Option<pb::KeepPolicy>) -> Result<gtar::Policy, BadFiel
         },
         keep_newer_than: count("keep.newer_than_seconds", k.newer_than_seconds)?
             .map(std::time::Duration::from_secs),
+        drop_best: k.drop_best,
     };
     if policy.is_empty() {
         return Err(BadField::new(
@@ -156,14 +157,16 @@ impl From<crate::lifecycle::live::LiveOutcome> for pb::CompactResponse {
     }
 }
 
-impl pb::SnapshotResponse {
-    pub fn new(destination: String, s: crate::lifecycle::live::Snapped) -> Self {
-        pb::SnapshotResponse {
-            destination,
-            size_bytes: s.bytes,
-            frame_count: s.frames as u64,
-            reflinked_bytes: s.reflinked,
-        }
+/// A live snapshot's answer: the copy's name and what it holds.
+pub fn snapshot_response(
+    destination: String,
+    s: crate::lifecycle::live::Snapped,
+) -> pb::SnapshotResponse {
+    pb::SnapshotResponse {
+        destination,
+        size_bytes: s.bytes,
+        frame_count: s.frames as u64,
+        reflinked_bytes: s.reflinked,
     }
 }
 

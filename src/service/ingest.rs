@@ -618,7 +618,10 @@ impl Stream {
         if size > max {
             return Err(bad(
                 "record.size",
-                format!("{size} bytes is over the daemon's limit of {max} (--max-tensor-bytes)"),
+                format!(
+                    "{size} bytes is over the daemon's limit of {max} \
+                     (serve --max-tensor-bytes / GTAR_LOGD_MAX_TENSOR_BYTES)"
+                ),
             ));
         }
         let own = self.frame.is_none();

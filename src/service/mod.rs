@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::archives::{Archives, Origin, ReadError};
+use crate::archives::{Archives, Origin};
 use crate::proto::v1::{self as pb, logd_server::Logd};
 use crate::query;
 use errors::{bad, status, Kind};
@@ -53,10 +53,23 @@ async fn open_read(state: &Arc<State>, name: String) -> Result<gtar::Archive, St
 
 async fn open_any(state: &Arc<State>, name: String) -> Result<(gtar::Archive, Origin), Status> {
     let st = state.clone();
-    tokio::task::spawn_blocking(move || st.archives.open_any(&name))
+    blocking(move || st.archives.open_any(&name)).await
+}
+
+/// Run `f` on tokio's blocking pool — file I/O, index locks, sorting: nothing
+/// that can block runs on an async worker — and map its error through the
+/// one table (`errors`); a task that panicked is INTERNAL.
+pub(crate) async fn blocking<T, E>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Status>
+where
+    T: Send + 'static,
+    E: Into<Status> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| status(Kind::Internal, e.to_string()))?
-        .map_err(|e: ReadError| e.into())
+        .map_err(Into::into)
 }
 
 /// Whether this request's peer may be told where tensor bytes are (see
@@ -106,9 +119,7 @@ impl Logd for Service {
     ) -> Result<Response<pb::ListArchivesResponse>, Status> {
         let prefix = req.into_inner().prefix;
         let st = self.state.clone();
-        let listed = tokio::task::spawn_blocking(move || st.archives.list(&prefix))
-            .await
-            .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        let listed = blocking(move || st.archives.list(&prefix)).await?;
         let archives = listed
             .into_iter()
             .map(|l| pb::ArchiveInfo {
@@ -130,15 +141,14 @@ impl Logd for Service {
         let n = name.clone();
         let remote_only = matches!(origin, Origin::Remote { .. });
         // The size of the file just opened (its path is already resolved).
-        let described = tokio::task::spawn_blocking(move || {
+        let described = blocking(move || {
             let size = match origin {
                 Origin::Local => std::fs::metadata(a.path()).map_or(0, |m| m.len()),
                 Origin::Remote { size } => size,
             };
-            query::describe(&a, &n, size)
+            Ok::<_, Status>(query::describe(&a, &n, size))
         })
-        .await
-        .map_err(|e| status(Kind::Internal, e.to_string()))?;
+        .await?;
         let mut out: pb::DescribeArchiveResponse = described.into();
         if let Some(r) = self.state.archives.replicator() {
             out.replication = Some(convert::replication(
@@ -158,9 +168,7 @@ impl Logd for Service {
         let a = open_read(&self.state, r.archive).await?;
         // Sorting every frame index of a large archive is CPU work, and the
         // index lock may be held by a writer: off the async workers.
-        let frames = tokio::task::spawn_blocking(move || query::frames(&a, &r.group))
-            .await
-            .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        let frames = blocking(move || query::frames(&a, &r.group)).await?;
         Ok(Response::new(pb::ListFramesResponse { frames }))
     }
 
@@ -173,7 +181,7 @@ impl Logd for Service {
         let batch = r.batch;
         let a = open_read(&self.state, r.archive).await?;
         let (tx, rx) = mpsc::channel(4);
-        let plan = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+        let plan = blocking(move || -> Result<_, Status> {
             let index = match r.frame {
                 Some(pb::get_frame_request::Frame::Index(i)) => {
                     crate::layout::check_index("index", &i)?;
@@ -188,8 +196,7 @@ impl Logd for Service {
             let locate = uid.is_some_and(|u| query::may_locate(&a, u));
             Ok((a, vec![(index, tensors)], locate))
         })
-        .await
-        .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        .await?;
         tokio::task::spawn_blocking(move || {
             let (archive, frames, locate) = plan;
             let mut out = frames::FrameSender::new(archive, tx, locate, batch);
@@ -212,11 +219,8 @@ impl Logd for Service {
             return Err(bad("path", "is empty"));
         }
         let a = open_read(&self.state, r.archive).await?;
-        let piece = tokio::task::spawn_blocking(move || {
-            query::record_range(&a, &r.path, r.offset, r.max_bytes)
-        })
-        .await
-        .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        let piece =
+            blocking(move || query::record_range(&a, &r.path, r.offset, r.max_bytes)).await?;
         Ok(Response::new(pb::ReadRecordResponse {
             text: piece.text().unwrap_or_default(),
             data: piece.data,
@@ -238,14 +242,13 @@ impl Logd for Service {
         let (history, frames, locate) = {
             let a = a.clone();
             let (g, n) = (r.group.clone(), r.name.clone());
-            tokio::task::spawn_blocking(move || {
+            blocking(move || {
                 let locate = uid.is_some_and(|u| query::may_locate(&a, u));
                 let h = query::History::new(&a, &g, &n)?;
                 let frames = h.frames(&a, r.start, r.stop);
                 Ok::<_, query::QueryError>((h, frames, locate))
             })
-            .await
-            .map_err(|e| status(Kind::Internal, e.to_string()))??
+            .await?
         };
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
@@ -281,9 +284,7 @@ impl Logd for Service {
             dry_run: r.dry_run,
         };
         let st = self.state.clone();
-        let done = tokio::task::spawn_blocking(move || st.archives.compact(&r.archive, &args))
-            .await
-            .map_err(|e| status(Kind::Internal, e.to_string()))??;
+        let done = blocking(move || st.archives.compact(&r.archive, &args)).await?;
         Ok(Response::new(done.into()))
     }
 
@@ -300,9 +301,7 @@ impl Logd for Service {
         }
         let st = self.state.clone();
         let dest = r.destination.clone();
-        let s = tokio::task::spawn_blocking(move || st.archives.snapshot(&r.archive, &dest))
-            .await
-            .map_err(|e| status(Kind::Internal, e.to_string()))??;
-        Ok(Response::new(pb::SnapshotResponse::new(r.destination, s)))
+        let s = blocking(move || st.archives.snapshot(&r.archive, &dest)).await?;
+        Ok(Response::new(convert::snapshot_response(r.destination, s)))
     }
 }

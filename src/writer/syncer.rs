@@ -23,7 +23,8 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use super::{Shared, WriterError, WriterState};
+use super::handle::Shared;
+use super::{WriterError, WriterState};
 
 pub(super) type Ack = oneshot::Sender<Result<(), WriterError>>;
 

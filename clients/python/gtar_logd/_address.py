@@ -26,14 +26,33 @@ def resolve(address: str | None = None) -> str:
     Targets are gRPC targets: `unix:/path/to.sock` or `host:port`.
     """
     if address:
-        return address
+        return as_target(address)
     env = os.environ.get("GTAR_LOGD_ADDRESS")
     if env:
-        return env
+        return as_target(env)
     uds = os.environ.get("GTAR_LOGD_UDS")
     if uds:
         return "unix:" + os.path.abspath(uds)
     return "unix:" + default_socket_path()
+
+
+def as_target(address: str) -> str:
+    """A gRPC target for `address`: a bare socket path (`/run/x.sock`,
+    `./x.sock`, `~/x.sock`, or any existing socket file) becomes
+    `unix:ABSPATH`, as the Rust client and `gtar-logd --address` take it;
+    anything else (`unix:...`, `host:port`) is left as it is."""
+    if address.startswith(("/", "./", "../", "~")) or (
+            ":" not in address and _is_socket(address)):
+        return "unix:" + os.path.abspath(os.path.expanduser(address))
+    return address
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def unix_path(target: str) -> str | None:

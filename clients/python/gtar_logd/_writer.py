@@ -672,10 +672,15 @@ class Writer:
                 if logged:
                     with self._cond:
                         kept = _summary(self._pending.values())
+                    at_risk = (f"{kept} not yet stored: held in this process and resent "
+                               f"when the daemon is back (lost only if this process ends "
+                               f"first)" if kept else
+                               "no frame was in flight, so nothing is at risk; frames saved "
+                               "meanwhile are held in this process and sent when it is back")
                     log.warning(
                         "gtar-logd: lost the stream to the daemon at %s (%s); reconnecting for "
-                        "up to %.0f s, %s kept meanwhile%s", self.client.address, _short(why),
-                        self.reconnect_timeout, kept or "nothing",
+                        "up to %.0f s; %s%s", self.client.address, _short(why),
+                        self.reconnect_timeout, at_risk,
                         f" ({quiet} more brief outage{'s' * (quiet != 1)} not logged)"
                         if quiet else "")
             elif now > outage[0] + self.reconnect_timeout:

@@ -168,7 +168,8 @@ class Client:
     def compact(self, archive: str, *, keep_last: int | None = None,
                 keep_every: int | None = None, keep_best: str | None = None,
                 keep_newer_than: float | None = None, group: str | None = None,
-                dry_run: bool = False, timeout: float | None = None) -> dict:
+                dry_run: bool = False, drop_best: bool = False,
+                timeout: float | None = None) -> dict:
         """Apply a keep policy to `archive` while writers go on (the daemon's
         Compact): frames of records under `group` that no policy keeps are
         dropped; the newest frame never is. A frame kept by any policy is kept.
@@ -179,10 +180,12 @@ class Client:
             by a metric GTARLogger stored per epoch
         :param keep_newer_than: frames written less than this many seconds ago
         :param dry_run: only say what would be kept and dropped
+        :param drop_best: the frame GTARLogger(monitor=...) recorded as the best
+            is kept unless this is set; then it may be dropped, with its record
         :returns: {'kept', 'dropped' (frame indices), 'old_size', 'new_size',
             'bytes_reclaimed', 'written'}
         """
-        keep = pb.KeepPolicy(best=keep_best or "")
+        keep = pb.KeepPolicy(best=keep_best or "", drop_best=bool(drop_best))
         if keep_last is not None:
             keep.last = int(keep_last)
         if keep_every is not None:

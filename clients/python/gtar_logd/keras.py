@@ -474,9 +474,9 @@ def _keep_policy(keep):
     if isinstance(keep, int):
         keep = {"last": keep}
     names = {"last": "keep_last", "every": "keep_every", "best": "keep_best",
-             "newer_than": "keep_newer_than"}
+             "newer_than": "keep_newer_than", "drop_best": "drop_best"}
     unknown = set(keep) - set(names)
-    if unknown or not keep:
+    if unknown or not set(keep) - {"drop_best"}:
         raise ValueError(f"keep: unknown keys {sorted(unknown)}; use any of {sorted(names)}"
                          if unknown else "keep: an empty policy would drop every frame "
                          "but the newest")

@@ -45,8 +45,7 @@ def _user_python(user: str, venv_python: str):
                             " sys.version_info[:2]]))"]).stdout)
     sp, (major, minor) = info
     cand = shutil.which(f"python{major}.{minor}", path="/usr/local/bin:/usr/bin:/bin")
-    if cand is None:
-        pytest.skip(f"no interpreter other users can run with {venv_python}'s packages")
+    assert cand is not None, f"no interpreter other users can run with {venv_python}'s packages"
     return cand, sp
 
 
@@ -91,8 +90,72 @@ class Users:
             shutil.rmtree(f"/tmp/gtar-logd-{uid}", ignore_errors=True)
 
 
+UNIT = HERE.parents[2] / "systemd" / "gtar-logd.service"
+
+
+def unit_settings(unit: pathlib.Path = UNIT) -> dict[str, list[str]]:
+    """`Key=Value` lines of the [Service] section of a unit file, in order."""
+    out: dict[str, list[str]] = {}
+    section = None
+    for line in unit.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line:
+            k, v = line.split("=", 1)
+            out.setdefault(k, []).append(v)
+    return out
+
+
+def unit_launch(binary: str, data: pathlib.Path, uds: str, admin_group: str | None):
+    """How systemd starts the shipped system service, for a test: the unit's
+    `ExecStart=` arguments (the binary, data directory and admin group
+    swapped for the test's; `--uds`, since the test binds its own socket
+    where the unit is socket-activated), its `UMask=`, a data directory made
+    with `StateDirectoryMode=`'s mode, and only the capabilities
+    `CapabilityBoundingSet=` leaves (with `NoNewPrivileges=`), through
+    setpriv. Read from the unit file, so a change to the unit changes the test.
+    Returns (argv, umask)."""
+    import shlex
+    u = unit_settings()
+    exec_start = shlex.split(u["ExecStart"][-1])
+    assert exec_start[0] == "/usr/bin/gtar-logd", exec_start
+    state = "/var/lib/" + u["StateDirectory"][-1]
+    args = [binary]
+    rest = exec_start[1:]
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--data-dir":
+            assert rest[i + 1] == state, (rest[i + 1], state)
+            args += [a, str(data)]
+            i += 2
+        elif a == "--admin-group":
+            if admin_group:
+                args += [a, admin_group]
+            i += 2
+        else:
+            args.append(a)
+            i += 1
+    args += ["--uds", uds]
+    data.mkdir(mode=0o700)
+    os.chmod(data, int(u["StateDirectoryMode"][-1], 8))
+    caps = u["CapabilityBoundingSet"][-1].split()
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed to start the service with the unit's capabilities"
+    prefix = [setpriv, "--bounding-set",
+              "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps),
+              "--inh-caps", "-all"]
+    if u.get("NoNewPrivileges", ["no"])[-1] == "yes":
+        prefix.append("--no-new-privs")
+    return prefix + ["--"] + args, int(u["UMask"][-1], 8)
+
+
 class Service:
-    """`gtar-logd serve --multi-user` on a temp socket and data dir."""
+    """The shipped system service (`serve --multi-user`, as `unit_launch`
+    reads it from systemd/gtar-logd.service) on a temp socket and data dir."""
 
     def __init__(self, base: pathlib.Path, admin_group: str | None = None, tag: str = "",
                  extra=(), env=None):
@@ -100,13 +163,12 @@ class Service:
         self.data = base / f"data{tag}"
         self.uds = str(base / f"s{tag}.sock")
         self.log_path = base / f"dispatcher{tag}.log"
-        args = [str(base / "gtar-logd"), "serve", "--multi-user", "--data-dir", str(self.data),
-                "--uds", self.uds, "--log", "info", *extra]
-        if admin_group:
-            args += ["--admin-group", admin_group]
+        args, umask = unit_launch(str(base / "gtar-logd"), self.data, self.uds, admin_group)
+        args += ["--log", "info", *extra]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ, **(env or {})))
+                                         env=dict(os.environ, **(env or {})),
+                                         preexec_fn=lambda: os.umask(umask))
         deadline = time.monotonic() + 30
         while not os.path.exists(self.uds):
             assert self.proc.poll() is None, self.log()

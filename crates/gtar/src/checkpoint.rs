@@ -50,10 +50,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::error::Error;
 use crate::index::{parse_central_directory, Entry};
 use crate::scan::{read_local, scan_from, ScanReport, Src};
 use crate::zipfmt::*;
-use crate::Error;
 
 /// The sidecar of `a.zip` is `a.zip.gtar-ckpt`.
 pub const SIDECAR_SUFFIX: &str = ".gtar-ckpt";

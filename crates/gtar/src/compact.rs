@@ -42,13 +42,13 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use crate::copy::{beside, Copier, CopyStats, TempFile};
+use crate::error::Error;
 use crate::fsutil::lock_exclusive;
 use crate::index::{group_under, Entry, Index};
 use crate::path::{Behavior, RecordPath};
 use crate::reader::{read_tail, Archive};
 use crate::scan::{scan, ScanReport};
 use crate::zipfmt::*;
-use crate::Error;
 
 /// Entries at least this large keep their data's offset modulo 4 KiB.
 pub const ALIGN_MIN: u64 = 64 << 10;
@@ -171,6 +171,17 @@ impl CompactPlan {
     /// Plan to keep, of the frames of records in `scope` (a group, or `None`
     /// for the whole archive), those for which `keep` says so.
     pub fn new(index: &Index, scope: Option<&str>, keep: &dyn Fn(&str) -> bool) -> CompactPlan {
+        Self::dropping_records(index, scope, keep, &|_| false)
+    }
+
+    /// As [`new`](Self::new), and also drop the records (not frames) whose
+    /// names `drop_record` picks: a record that points at a dropped frame.
+    pub fn dropping_records(
+        index: &Index,
+        scope: Option<&str>,
+        keep: &dyn Fn(&str) -> bool,
+        drop_record: &dyn Fn(&str) -> bool,
+    ) -> CompactPlan {
         let mut plan = CompactPlan::default();
         for f in index.frames_under(scope) {
             if keep(&f) {
@@ -194,7 +205,11 @@ impl CompactPlan {
             }
             let rp = RecordPath::parse(e.name());
             if rp.rtype.behavior != Behavior::Discrete {
-                base.push(e.clone());
+                if drop_record(e.name()) {
+                    plan.entries_dropped += 1;
+                } else {
+                    base.push(e.clone());
+                }
                 continue;
             }
             if group_under(&rp.rtype.group, scope) && dropped.contains(rp.index.as_str()) {

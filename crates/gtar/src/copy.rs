@@ -20,8 +20,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::error::Error;
 use crate::fsutil::sync_parent_dir;
-use crate::Error;
 
 /// How the bytes of a copy were moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use crate::Error;
+use crate::error::Error;
 
 /// Exclusive advisory lock so two writers (or a writer and a repair) never
 /// interleave in one file. Never blocks: a held lock is [`Error::Locked`].

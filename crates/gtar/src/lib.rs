@@ -54,6 +54,7 @@ mod checkpoint;
 mod compact;
 mod copy;
 mod direct;
+mod error;
 mod fsutil;
 mod index;
 mod path;
@@ -68,6 +69,7 @@ mod zipfmt;
 pub use checkpoint::{sidecar_path, Checkpoints, SAMPLES as CHECKPOINT_SAMPLES, SIDECAR_SUFFIX};
 pub use compact::{entry_time, CompactPlan, Compacted, Exclusive, Rewriter};
 pub use copy::CopyStats;
+pub use error::Error;
 pub use fsutil::is_being_written;
 pub use index::{group_under, Entry, Index, Learned, FRAME_MARKER_GROUP};
 pub use path::{
@@ -86,18 +88,3 @@ pub use zipfmt::{encode_tail, CentralEntry};
 /// Entries at least this large have their data written with `O_DIRECT` once
 /// [`ArchiveWriter::enable_direct_io`] is on (and start on a 4 KiB boundary).
 pub const DIRECT_MIN: u64 = direct::DIRECT_MIN;
-
-/// Errors of the format layer.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error("corrupt archive: {0}")]
-    Corrupt(String),
-    #[error("no such record: {0}")]
-    NotFound(String),
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    #[error("the archive is open for writing by another process")]
-    Locked,
-}

@@ -21,11 +21,11 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use flate2::read::DeflateDecoder;
 
 use crate::checkpoint::recover;
+use crate::error::Error;
 use crate::index::{parse_central_directory, Entry, Index};
 use crate::path::RecordType;
 use crate::scan::ScanReport;
 use crate::zipfmt::*;
-use crate::Error;
 
 /// How the index of an opened archive was obtained.
 #[derive(Debug, Clone)]
@@ -235,7 +235,9 @@ impl Archive {
         let mut out = Vec::new();
         out.try_reserve_exact(size.min(1 << 32))
             .map_err(|_| Error::Corrupt(format!("{}: cannot allocate {} bytes", e.name(), size)))?;
-        self.entry_reader(e)?.read_to_end(&mut out)?;
+        self.entry_reader(e)?
+            .read_to_end(&mut out)
+            .map_err(|err| data_error(e, err))?;
         Ok(out)
     }
 
@@ -495,4 +497,21 @@ pub fn read_tail(file: &File, len: u64) -> Result<(Tail, Vec<Entry>), String> {
         .map_err(|e| format!("reading the central directory: {e}"))?;
     let entries = parse_central_directory(&cd, tail.entries, tail.cd_offset)?;
     Ok((tail, entries))
+}
+
+/// An error reading an entry's data: bytes that do not check out (a CRC-32
+/// mismatch, a corrupt deflate stream, data shorter than its size) are
+/// [`Error::Corrupt`], naming the entry; anything else is the I/O error it is.
+fn data_error(e: &Entry, err: io::Error) -> Error {
+    match err.kind() {
+        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof => {
+            let msg = err.to_string();
+            if msg.contains(e.name()) {
+                Error::Corrupt(msg)
+            } else {
+                Error::Corrupt(format!("{}: {msg}", e.name()))
+            }
+        }
+        _ => Error::Io(err),
+    }
 }

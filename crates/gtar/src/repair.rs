@@ -15,11 +15,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::checkpoint::{recover, Checkpoints};
+use crate::error::Error;
 use crate::fsutil::lock_exclusive;
 use crate::reader::read_tail;
 use crate::scan::ScanReport;
 use crate::zipfmt::{encode_tail, CentralEntry};
-use crate::Error;
 
 /// Repair `path` in place if its central directory is missing or invalid:
 /// keep every complete frame, drop the torn tail, write a new central

@@ -8,6 +8,11 @@
 //! * a frame kept by any policy is kept (the policies are a union);
 //! * the newest frame is never dropped: the last in GETAR order (what
 //!   `frame=-1` reads and resume restores) and the last written, if another;
+//! * a frame that a record of the archive names as the best
+//!   ([`FrameFacts::recorded_best`], e.g. `GTARLogger(monitor=...)`'s
+//!   `best.json`) is kept unless the policy says `drop_best` — and then the
+//!   caller drops that record with it, so no record points at a frame that
+//!   is gone;
 //! * a policy that cannot be evaluated is an error, never a silent drop: a
 //!   `keep_best` metric that no frame has, or `keep_newer_than` over frames
 //!   whose write time is unknown, refuses to decide;
@@ -17,8 +22,8 @@
 use std::cmp::Ordering;
 use std::time::{Duration, SystemTime};
 
+use crate::error::Error;
 use crate::path::index_cmp;
-use crate::Error;
 
 /// Which end of a metric is best.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +88,9 @@ pub struct Policy {
     pub keep_best: Option<Best>,
     /// Frames written less than this long ago.
     pub keep_newer_than: Option<Duration>,
+    /// Let the frame recorded as the best be dropped like any other (its
+    /// record goes with it); by default it is kept.
+    pub drop_best: bool,
 }
 
 impl Policy {
@@ -105,6 +113,8 @@ pub struct FrameFacts {
     /// Where the frame was written relative to the others (larger = later,
     /// e.g. the file offset of its last entry).
     pub written: u64,
+    /// A record of the archive names this frame as the best one.
+    pub recorded_best: bool,
 }
 
 /// Why a frame is kept.
@@ -115,6 +125,8 @@ pub enum Reason {
     Every,
     Best,
     Newer,
+    /// Named by a record as the best frame.
+    RecordedBest,
 }
 
 impl Reason {
@@ -125,6 +137,7 @@ impl Reason {
             Reason::Every => "every",
             Reason::Best => "best",
             Reason::Newer => "newer",
+            Reason::RecordedBest => "recorded-best",
         }
     }
 }
@@ -215,6 +228,13 @@ pub fn select(
             reasons[i].push(Reason::Best);
         }
     }
+    if !policy.drop_best {
+        for (i, f) in frames.iter().enumerate() {
+            if f.recorded_best {
+                reasons[i].push(Reason::RecordedBest);
+            }
+        }
+    }
     if let Some(d) = policy.keep_newer_than {
         let unknown: Vec<&str> = frames
             .iter()
@@ -265,6 +285,7 @@ mod tests {
                 metric: None,
                 time: None,
                 written: k as u64,
+                recorded_best: false,
             })
             .collect()
     }
@@ -401,6 +422,27 @@ mod tests {
     }
 
     #[test]
+    fn the_recorded_best_frame_is_kept_unless_drop_best() {
+        let mut f = facts(&["0", "1", "2", "3", "4"]);
+        f[1].recorded_best = true;
+        let mut p = Policy {
+            keep_last: Some(1),
+            ..Policy::default()
+        };
+        let d = select(&f, &p, now()).unwrap();
+        assert_eq!(kept(&d), ["1", "4"]);
+        assert_eq!(d[1].reasons, [Reason::RecordedBest]);
+        p.drop_best = true;
+        assert_eq!(kept(&select(&f, &p, now()).unwrap()), ["4"]);
+        // drop_best alone is no policy.
+        let only = Policy {
+            drop_best: true,
+            ..Policy::default()
+        };
+        assert!(only.is_empty());
+    }
+
+    #[test]
     fn policies_are_a_union_and_an_empty_policy_is_refused() {
         let mut f = facts(&["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]);
         f[2].metric = Some(0.01);
@@ -409,6 +451,7 @@ mod tests {
             keep_every: Some(4),
             keep_best: Some("loss:min:1".parse().unwrap()),
             keep_newer_than: None,
+            drop_best: false,
         };
         let d = select(&f, &p, now()).unwrap();
         assert_eq!(kept(&d), ["0", "2", "4", "8", "9"]);

@@ -51,9 +51,9 @@ use std::os::unix::fs::FileExt;
 
 use flate2::read::DeflateDecoder;
 
+use crate::error::Error;
 use crate::index::{Entry, Index};
 use crate::zipfmt::*;
-use crate::Error;
 
 /// What a scan found.
 #[derive(Debug, Clone, Default)]

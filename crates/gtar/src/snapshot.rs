@@ -22,11 +22,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::copy::{Copier, CopyStats, TempFile};
+use crate::error::Error;
 use crate::index::{Entry, Index};
 use crate::reader::{local_data_offset, read_tail};
 use crate::scan::{scan, ScanReport};
 use crate::zipfmt::*;
-use crate::Error;
 
 /// The committed part of an archive: its entries in file order and where the
 /// last one ends.

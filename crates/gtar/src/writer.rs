@@ -46,13 +46,13 @@ use std::sync::{Arc, RwLock};
 
 use crate::checkpoint::{invalidate, recover, Checkpoints};
 use crate::direct::{DirectIo, DIRECT_ALIGN, DIRECT_MIN};
+use crate::error::Error;
 use crate::fsutil::{lock_exclusive, sync_parent_dir};
 use crate::index::{Entry, Index};
 use crate::reader::{read_tail, Archive};
 use crate::repair::write_repaired;
 use crate::scan::ScanReport;
 use crate::zipfmt::*;
-use crate::Error;
 
 /// Bytes CRC-checked and then copied at a time: well inside a core's L2.
 const CRC_PIECE: usize = 128 << 10;
@@ -128,6 +128,9 @@ pub struct ArchiveWriter {
     buf: Vec<u8>,
     buf_at: u64,
     direct: Option<DirectIo>,
+    /// Lay out large entries as direct I/O does even where it is off
+    /// ([`ArchiveWriter::align_large_entries`]).
+    align_large: bool,
     /// The recovery checkpoint chain (see `checkpoint`): fed at commit,
     /// written after each fdatasync.
     checkpoints: Checkpoints,
@@ -225,6 +228,7 @@ impl ArchiveWriter {
                 buf: Vec::with_capacity(BUF_CAP),
                 buf_at: end,
                 direct: None,
+                align_large: false,
                 checkpoints,
             },
             report,
@@ -249,7 +253,21 @@ impl ArchiveWriter {
         self.direct.as_ref().is_some_and(DirectIo::usable)
     }
 
-    /// Whether an entry of `len` bytes is written with direct I/O.
+    /// Lay out large entries as direct I/O does (data at 4 KiB-aligned
+    /// offsets, by a padding extra field) whether or not `O_DIRECT` is on:
+    /// the archive then has the same bytes whichever way it was written
+    /// (tests compare the two), and copies of it can share whole blocks.
+    pub fn align_large_entries(&mut self) {
+        self.align_large = true;
+    }
+
+    /// Whether an entry of `len` bytes gets its data block-aligned.
+    fn aligned_for(&self, len: u64) -> bool {
+        len >= DIRECT_MIN && (self.align_large || self.direct_for(len))
+    }
+
+    /// Whether an entry of `len` bytes is written with direct I/O (its data
+    /// is then aligned too).
     fn direct_for(&self, len: u64) -> bool {
         len >= DIRECT_MIN && self.direct.as_ref().is_some_and(DirectIo::usable)
     }
@@ -517,7 +535,7 @@ impl<'a> Txn<'a> {
             compressed_size: data.len() as u64,
             uncompressed_size: usize_,
             mark: self.mark(false),
-            pad: if direct {
+            pad: if self.w.aligned_for(data.len() as u64) {
                 align_pad(at, name, DIRECT_ALIGN as u64)
             } else {
                 0
@@ -558,7 +576,7 @@ impl<'a> Txn<'a> {
         Self::check_name(name)?;
         let at = self.pos;
         let direct = self.w.direct_for(size);
-        let pad = if direct {
+        let pad = if self.w.aligned_for(size) {
             align_pad(at, name, DIRECT_ALIGN as u64)
         } else {
             0

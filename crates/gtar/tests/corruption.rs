@@ -33,6 +33,8 @@ struct Frame {
 struct Fixture {
     bytes: Vec<u8>,
     frames: Vec<Frame>,
+    /// Every value written under each name (a rewritten name has several).
+    written: std::collections::HashMap<String, Vec<Vec<u8>>>,
 }
 
 fn scratch_dir() -> tempfile::TempDir {
@@ -54,6 +56,7 @@ fn build_fixture(dir: &Path, many: bool) -> Fixture {
     let path = dir.join("fixture.zip");
     let (mut w, _) = ArchiveWriter::open(&path, OpenMode::Create).unwrap();
     let mut frames = Vec::new();
+    let mut written: std::collections::HashMap<String, Vec<Vec<u8>>> = Default::default();
     let count = if many { 300u64 } else { 16 };
     for n in 0..count {
         let large = if many { n % 60 == 17 } else { n % 4 == 1 };
@@ -101,6 +104,9 @@ fn build_fixture(dir: &Path, many: bool) -> Fixture {
             }
         }
         let c = t.commit().unwrap();
+        for (name, data, _) in &recs {
+            written.entry(name.clone()).or_default().push(data.clone());
+        }
         frames.push(Frame {
             index: n.to_string(),
             names: recs.into_iter().map(|r| r.0).collect(),
@@ -110,11 +116,18 @@ fn build_fixture(dir: &Path, many: bool) -> Fixture {
     w.close().unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
-    Fixture { bytes, frames }
+    Fixture {
+        bytes,
+        frames,
+        written,
+    }
 }
 
-/// Open and read everything; any error is fine, a panic is not.
-fn open_and_read_all(path: &Path) -> Result<(Archive, usize), String> {
+/// Open and read everything. An entry reads back as exactly a value that
+/// was written under its name, or fails as corrupt naming what (a CRC
+/// mismatch, a bad header); never other bytes, never a panic. An open that
+/// fails says why (`Err`).
+fn open_and_read_all(fx: &Fixture, path: &Path) -> Result<(Archive, usize), String> {
     let a = Archive::open(path).map_err(|e| e.to_string())?;
     let entries: Vec<_> = a.index().entries().to_vec();
     let mut ok = 0;
@@ -122,12 +135,19 @@ fn open_and_read_all(path: &Path) -> Result<(Archive, usize), String> {
         match a.read_entry(e) {
             Ok(d) => {
                 assert_eq!(d.len() as u64, e.size());
+                if let Some(values) = fx.written.get(e.name()) {
+                    assert!(
+                        values.contains(&d),
+                        "{}: read back bytes that were never written under that name",
+                        e.name()
+                    );
+                }
                 ok += 1;
             }
-            Err(e) => {
-                let msg = e.to_string();
-                assert!(!msg.is_empty());
-            }
+            // A CRC-32 mismatch, a corrupt deflate stream, data cut short:
+            // corrupt, naming the entry.
+            Err(gtar::Error::Corrupt(msg)) => assert!(msg.contains(e.name()), "{msg}"),
+            Err(err) => panic!("{}: not a corruption error: {err:?}", e.name()),
         }
     }
     Ok((a, ok))
@@ -142,7 +162,7 @@ fn frames_before(fx: &Fixture, cut: u64) -> impl Iterator<Item = &Frame> {
 fn truncation_case(fx: &Fixture, file: &Path, cut: usize) -> Result<(), String> {
     std::fs::write(file, &fx.bytes[..cut]).unwrap();
     // Reader: recovers in memory (or fails clearly), then all entries read.
-    let r = open_and_read_all(file);
+    let r = open_and_read_all(fx, file);
     let check_frames = |a: &Archive, what: &str| -> Result<(), String> {
         let ix = a.index();
         for f in frames_before(fx, cut as u64) {
@@ -163,7 +183,7 @@ fn truncation_case(fx: &Fixture, file: &Path, cut: usize) -> Result<(), String> 
     // Repair in place (the file is already a copy), then it must be valid.
     match gtar::repair(file) {
         Ok(_) => {
-            let (a, ok) = open_and_read_all(file)
+            let (a, ok) = open_and_read_all(fx, file)
                 .map_err(|e| format!("cut at {cut}: repaired archive does not open: {e}"))?;
             if !matches!(a.state(), OpenState::Clean) {
                 return Err(format!(
@@ -225,13 +245,20 @@ fn flip_case(fx: &Fixture, file: &Path, seed: u64) -> Result<(), String> {
         b.truncate(cut);
     }
     std::fs::write(file, &b).unwrap();
-    let _ = open_and_read_all(file);
+    // Whatever opens reads right or fails as corrupt (checked inside).
+    let _ = open_and_read_all(fx, file);
     match gtar::repair(file) {
         Ok(_) => {
-            // Whatever it kept must open; reads may still fail on a flipped
-            // data byte (CRC), clearly.
-            let _ = open_and_read_all(file)
+            // Whatever it kept must open without recovery; reads may still
+            // fail on a flipped data byte (CRC), as corrupt, never as other
+            // bytes.
+            let (a, _) = open_and_read_all(fx, file)
                 .map_err(|e| format!("flip seed {seed}: repaired file does not open: {e}"))?;
+            if !matches!(a.state(), OpenState::Clean) {
+                return Err(format!(
+                    "flip seed {seed}: repaired file still needs recovery"
+                ));
+            }
         }
         Err(e) => {
             let msg = e.to_string();

@@ -526,6 +526,10 @@ pub struct KeepPolicy {
     /// Frames written less than this many seconds ago.
     #[prost(uint64, optional, tag = "4")]
     pub newer_than_seconds: ::core::option::Option<u64>,
+    /// The frame a record names as the best (GTARLogger's monitor=) is kept
+    /// unless this is set; then it may be dropped, and its record with it.
+    #[prost(bool, tag = "5")]
+    pub drop_best: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
