@@ -42,6 +42,14 @@ async function waitFor(what, ms, fn) {
   }
 }
 
+// A screenshot of the whole page, no taller than its content.
+async function shot(page, file) {
+  const vp = page.viewportSize();
+  await page.setViewportSize({ width: vp.width, height: 200 });
+  await page.screenshot({ path: join(process.env.SHOTS || ".", file), fullPage: true });
+  await page.setViewportSize(vp);
+}
+
 let checks = 0;
 const ok = (what) => { checks++; console.log("ok -", what); };
 
@@ -86,7 +94,7 @@ try {
   ok(`loss curve: ${loss.xs.length} points, one per epoch, equal to the stored values`);
   const boxes = await page.$$eval("#timeline a", (a) => a.length);
   assert.equal(boxes, EXPECT.frames.length);
-  await page.screenshot({ path: join(process.env.SHOTS || ".", "view-archive.png"), fullPage: true });
+  await shot(page, "view-archive.png");
 
   // A tensor page per tensor: L2 norm, update ratio and percentiles as shown
   // in the page's table equal numpy's on GetFrame's arrays.
@@ -108,7 +116,7 @@ try {
       e.percentiles[i].forEach((p, k) => close(r.v[11 + k], p, `${id} frame ${f} percentile #${k}`));
     });
     if (id === "keras/layer/0/weight/0/weight") {
-      await page.screenshot({ path: join(process.env.SHOTS || ".", "view-tensor.png"), fullPage: true });
+      await shot(page, "view-tensor.png");
     }
   }
   ok(`norm, update ratio and 9 percentiles of ${ids.length} tensors × ${EXPECT.frames.length} frames equal numpy's (method 'linear')`);
@@ -121,7 +129,7 @@ try {
     assert.ok(r >= 0, `${id} in the layer overview`);
     EXPECT.tensors[id].update_ratio.forEach((v, j) => close(lay.update_ratio[r][j], v, `layers: ${id} frame ${j}`));
   }
-  await page.screenshot({ path: join(process.env.SHOTS || ".", "view-layers.png"), fullPage: true });
+  await shot(page, "view-layers.png");
   ok("layer overview: every tensor's update ratio");
 
   // Frame page: tensors with .npy links, and a diff.
