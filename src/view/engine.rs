@@ -132,6 +132,9 @@ fn tempfile_in(dir: &Path, path: &Path) -> Result<(PathBuf, std::fs::File)> {
     Ok((p, f))
 }
 
+/// Tensor bytes a source handed over, by tensor id.
+type BytesById = HashMap<String, Arc<Vec<u8>>>;
+
 /// One tensor of one frame with its statistics.
 #[derive(Debug, Clone, Serialize)]
 pub struct Cell {
@@ -213,7 +216,7 @@ impl Engine {
         st: &mut ArchiveState,
         name: &str,
         index: &str,
-    ) -> Result<(Vec<TensorMeta>, HashMap<String, Arc<Vec<u8>>>)> {
+    ) -> Result<(Vec<TensorMeta>, BytesById)> {
         if let Some(m) = st.metas.get(index) {
             return Ok((m.clone(), HashMap::new()));
         }

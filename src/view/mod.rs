@@ -217,21 +217,29 @@ impl<E: Into<anyhow::Error>> From<E> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        use gtar_logd_client::Code;
         let msg = format!("{:#}", self.0);
-        let not_found = self.0.chain().any(|c| {
-            c.downcast_ref::<gtar_logd_client::Error>()
-                .is_some_and(|e| e.code() == Some(gtar_logd_client::Code::NotFound))
-                || matches!(
-                    c.downcast_ref::<crate::query::QueryError>(),
-                    Some(crate::query::QueryError::NotFound(_))
-                )
-                || c.downcast_ref::<source::NotFound>().is_some()
-        });
-        let code = if not_found {
-            StatusCode::NOT_FOUND
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
+        let code = self
+            .0
+            .chain()
+            .find_map(|c| {
+                if c.downcast_ref::<source::NotFound>().is_some()
+                    || matches!(
+                        c.downcast_ref::<crate::query::QueryError>(),
+                        Some(crate::query::QueryError::NotFound(_))
+                    )
+                {
+                    return Some(StatusCode::NOT_FOUND);
+                }
+                // The daemon's answer, for names it refused or does not have.
+                match c.downcast_ref::<gtar_logd_client::Error>()?.code()? {
+                    Code::NotFound => Some(StatusCode::NOT_FOUND),
+                    Code::PermissionDenied => Some(StatusCode::FORBIDDEN),
+                    Code::InvalidArgument => Some(StatusCode::BAD_REQUEST),
+                    _ => None,
+                }
+            })
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (code, Json(json!({ "error": msg }))).into_response()
     }
 }

@@ -76,7 +76,7 @@ pub struct BadLength {
 /// The elements of `bytes` (little-endian, as stored) as `f64`.
 pub fn decode(dtype: DType, bytes: &[u8]) -> Result<Vec<f64>, BadLength> {
     let (item, _) = dtype.storage();
-    if bytes.len() % item != 0 {
+    if !bytes.len().is_multiple_of(item) {
         return Err(BadLength {
             len: bytes.len(),
             dtype: dtype.name(),
