@@ -428,6 +428,47 @@ fn view_of_the_daemon_and_offline() {
     assert_eq!(st, 404);
     let (st, _, _) = v.get("/api/archive?name=%2Fetc%2Fpasswd");
     assert_eq!(st, 404);
+    drop(v);
+
+    // Compaction keeps the statistics of the frames it keeps: the same bytes,
+    // so the same keys; only the new neighbours' update ratios are new.
+    let out = Command::new(daemon_bin())
+        .args(["compact", file.to_str().unwrap(), "--keep-every", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = View::start(&[dir.to_str().unwrap()], &env);
+    let t = v.json(&format!("/api/tensor?name={}&id=dense/kernel", q(&oname)));
+    assert_eq!(t["frames"], serde_json::json!(["0", "2", "4"]));
+    assert_eq!(
+        t["computed"], 0,
+        "statistics computed again after a compaction"
+    );
+    let fin = |i: usize| -> Vec<f64> { weights(i).iter().map(|&x| x as f64).collect() };
+    let (w2, w0) = (fin(2), fin(0));
+    let l2 = w2
+        .iter()
+        .filter(|x| x.is_finite())
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt();
+    let d = w2
+        .iter()
+        .zip(&w0)
+        .filter(|(a, b)| a.is_finite() && b.is_finite())
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    close(l2, &t["stats"][1]["l2"], "frame 2 L2 after compaction");
+    close(
+        d / l2,
+        &t["stats"][1]["update_ratio"],
+        "frame 2 against frame 0 after compaction",
+    );
 }
 
 #[test]
