@@ -83,6 +83,21 @@ KERAS_BACKEND=jax JAX_PLATFORMS=cpu \
   "$CLIENT/bin/python" -m pytest -q -p no:cacheprovider clients/python/tests || rc=$?
 if [ "$rc" -eq 5 ]; then echo "pytest collected no Python tests: that is a failure here"; rc=1; fi
 
+# --- gtar-logd view in headless Chromium ----------------------------------------
+# Debian's chromium, driven by playwright-core from npm (tests/view_browser,
+# pinned by its package-lock.json; `npx playwright install` is not used): a
+# Keras run, the page's values against numpy, a live frame, 401s, a
+# libgetar-written archive offline; takes the README's screenshots (docs/view-*.png).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "== installing Debian's chromium (for the view test)"
+  SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+echo "== view: tests/view_browser/run.sh"
+rc_view=0
+CLIENT_PYTHON=$CLIENT/bin/python tests/view_browser/run.sh || rc_view=$?
+[ "$rc" -ne 0 ] || rc=$rc_view
+
 # --- the Keras tests again on the tensorflow backend (CPU) ----------------------
 # A venv of its own: tensorflow pins h5py<3.15 and brings its own numpy stack;
 # the client needs only grpcio + protobuf at run time (no grpcio-tools).

@@ -22,4 +22,5 @@ pub mod service;
 pub mod shm;
 pub mod systemd;
 pub mod users;
+pub mod view;
 pub mod writer;

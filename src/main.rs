@@ -84,6 +84,26 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// A web page of every frame's exact statistics: metric curves, each
+    /// tensor across frames, every layer's update ratio, frame diffs. Shows
+    /// the archives of your daemon, or with PATHS the archive files and
+    /// directories given (offline, no daemon). Prints a URL with a token.
+    View(ViewCli),
+}
+
+#[derive(clap::Args)]
+struct ViewCli {
+    /// Archive files or directories holding them (offline); none: your daemon's archives.
+    paths: Vec<PathBuf>,
+    /// The daemon's address when no PATHS are given [default: as for every client: $GTAR_LOGD_ADDRESS, else the default socket]
+    #[arg(long, default_value = "")]
+    address: String,
+    /// The address to serve the page on (anything but loopback lets others on the network try the token)
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// The port to serve the page on [default: a free one]
+    #[arg(long, default_value_t = 0)]
+    port: u16,
 }
 
 #[derive(clap::Args)]
@@ -295,6 +315,19 @@ impl ServeArgs {
 
 use gtar_logd::cli::locate;
 
+fn view(v: ViewCli) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Runtime::new()?.block_on(gtar_logd::view::run(gtar_logd::view::Options {
+        paths: v.paths,
+        address: v.address,
+        host: v.host,
+        port: v.port,
+        cache_dir: None,
+    }))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut out = std::io::stdout().lock();
@@ -318,6 +351,7 @@ fn main() -> ExitCode {
             locate(&archive).and_then(|a| gtar_logd::cli::repair(&a, &mut out))
         }
         Cmd::Compact(c) => compact(c, &mut out),
+        Cmd::View(v) => view(v),
         Cmd::Snapshot { src, dst } => locate(&src).and_then(|src| {
             gtar_logd::lifecycle::snapshot::snapshot(&src, &dst, &mut out).map(|_| ())
         }),

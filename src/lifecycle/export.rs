@@ -78,6 +78,11 @@ fn dtype_info(d: DType) -> (safetensors::Dtype, &'static str, u64) {
     }
 }
 
+/// npy's `descr` of a dtype (bfloat16: `<V2`, see the module docs).
+pub(crate) fn npy_descr(d: DType) -> &'static str {
+    dtype_info(d).1
+}
+
 /// `{prefix}` and the numbers of a group ending in `keras/layer/{i}/weight/{j}`.
 fn keras_weight(group: &str) -> Option<(String, u64, u64)> {
     let c: Vec<&str> = group.split('/').collect();
@@ -226,7 +231,7 @@ pub fn tensor_names(a: &Archive, group: &str, refs: &[TensorRef]) -> Vec<String>
 /// The npy header (format 1.0, or 2.0 for a header over 64 KiB) of an array.
 /// Hand-written: it is one formatted line (numpy's `format.py` documents
 /// it), while the npy crates want typed arrays and know no bfloat16.
-fn npy_header(descr: &str, shape: &[u64]) -> Vec<u8> {
+pub(crate) fn npy_header(descr: &str, shape: &[u64]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
     let shape = match dims.len() {
         1 => format!("({},)", dims[0]),
