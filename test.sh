@@ -70,6 +70,12 @@ echo "== cargo build"
 cargo build --workspace --all-targets --quiet
 echo "== cargo test (all, including oracle tests)"
 cargo test --workspace -- --include-ignored
+# --- the Rust client as published ---------------------------------------------
+# `cargo package` packs the client and the protobuf crate it depends on and
+# builds the packed client on its own, against the packed gtar-logd-proto
+# (not the workspace): what someone who adds the crate gets.
+echo "== cargo package -p gtar-logd-proto -p gtar-logd-client (packs, then builds the packed crates alone)"
+cargo package --quiet --allow-dirty -p gtar-logd-proto -p gtar-logd-client
 # The daemon the Python tests start: the one built above, in cargo's target
 # directory (which honours CARGO_TARGET_DIR and build.target-dir).
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
