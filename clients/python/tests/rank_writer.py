@@ -74,6 +74,10 @@ def main(cfg: dict) -> None:
                      chunk_bytes=cfg.get("chunk_bytes", 1 << 20))
         try:
             for f in cfg["frames"]:
+                if f == stall_at:
+                    # The frames before are stored first: the process dies
+                    # in this frame, not in one gRPC has not sent yet.
+                    w.flush(timeout=120)
                 w.write_frame(str(f), shards(f, rank, world))
             w.flush(timeout=120)
             out = {"durable": w.durable_count, "aborted": w.aborted}
