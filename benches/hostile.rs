@@ -64,6 +64,7 @@ async fn hostile(
             name: "x".into(),
             dtype: pb::DType::Uint8 as i32,
             shape: vec![size],
+            ..Default::default()
         }),
         In::Chunk(pb::Chunk {
             data: Bytes::from(vec![1u8; head]),

@@ -4,6 +4,7 @@
 //! writer pipeline, catalog and gRPC service built on it.
 
 pub mod archives;
+pub mod assembly;
 pub mod auth;
 pub mod catalog;
 pub mod cli;

@@ -205,6 +205,7 @@ pub async fn run(
         shared_memory: cfg.shared_memory,
         stream_idle: cfg.stream_idle,
         quotas: crate::peer::Quotas::new(cfg.peer_limits.clone()),
+        jobs: crate::assembly::Jobs::new(cfg.limits.frame_deadline),
     });
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LogdServer<Service>>().await;

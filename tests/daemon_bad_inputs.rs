@@ -32,6 +32,7 @@ fn tensor(name: &str, dtype: i32, shape: &[u64]) -> pb::WriteRequest {
         name: name.into(),
         dtype,
         shape: shape.to_vec(),
+        ..Default::default()
     }))
 }
 fn gtensor(group: &str, name: &str) -> pb::WriteRequest {
@@ -40,6 +41,7 @@ fn gtensor(group: &str, name: &str) -> pb::WriteRequest {
         name: name.into(),
         dtype: DType::Uint8 as i32,
         shape: vec![1],
+        ..Default::default()
     }))
 }
 fn chunk(n: usize) -> pb::WriteRequest {

@@ -70,6 +70,7 @@ async fn a_frame_over_4_gib_round_trips() {
             names: vec![],
             locate: false,
             batch: false,
+            ..Default::default()
         })
         .await
         .unwrap()

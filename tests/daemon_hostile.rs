@@ -64,6 +64,7 @@ async fn hostile(
         name: "x".into(),
         dtype: pb::DType::Uint8 as i32,
         shape: vec![size],
+        ..Default::default()
     })))
     .await?;
     s.send(req(In::Chunk(pb::Chunk {

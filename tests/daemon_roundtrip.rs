@@ -380,6 +380,7 @@ async fn positions_groups_records_scalars_and_history() {
             names: vec![],
             locate: false,
             batch: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -399,6 +400,7 @@ async fn positions_groups_records_scalars_and_history() {
                 names: vec![],
                 locate: true,
                 batch: false,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -661,6 +663,7 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
             name: "w".into(),
             dtype: DType::Uint8 as i32,
             shape: vec![10 << 20],
+            ..Default::default()
         })))
         .await
         .unwrap();

@@ -97,6 +97,7 @@ async fn send_shm_frame(
             name: t.name.clone(),
             dtype: t.dtype,
             shape: t.shape.clone(),
+            ..Default::default()
         })))
         .await?;
         let bytes = t.data.to_vec();
@@ -151,6 +152,7 @@ async fn begin_u8_tensor(s: &mut Session, index: &str, len: u64) {
         name: "a".into(),
         dtype: DType::Uint8 as i32,
         shape: vec![len],
+        ..Default::default()
     })))
     .await
     .unwrap();

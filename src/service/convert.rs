@@ -2,6 +2,7 @@
 //! here and in `server.rs`; everything below the service speaks the daemon's
 //! own types (`layout::DType`, `query::Description`, `query::TensorMeta`, …).
 
+use crate::assembly::{Abort, Ack, FrameDone, RankSpec, Slice};
 use crate::error::BadField;
 use crate::layout::DType;
 use crate::proto::v1 as pb;
@@ -51,6 +52,75 @@ pub fn wire_dtype(d: DType) -> pb::DType {
     }
 }
 
+/// A wire box (`TensorSlice`), named by `field` when malformed.
+pub fn slice(field: &str, wire: pb::TensorSlice) -> Result<Slice, BadField> {
+    if wire.offsets.len() != wire.shape.len() {
+        return Err(BadField::new(
+            field,
+            format!(
+                "{field}: {} offsets for {} dimensions; give one offset per dimension",
+                wire.offsets.len(),
+                wire.shape.len()
+            ),
+        ));
+    }
+    Ok(Slice {
+        offsets: wire.offsets,
+        shape: wire.shape,
+    })
+}
+
+pub fn wire_slice(s: &Slice) -> pb::TensorSlice {
+    pb::TensorSlice {
+        offsets: s.offsets.clone(),
+        shape: s.shape.clone(),
+    }
+}
+
+/// A stream's place in a job (`OpenArchive.ranks`).
+pub fn rank_spec(wire: pb::RankSpec) -> RankSpec {
+    RankSpec {
+        job: wire.job,
+        rank: wire.rank,
+        world: wire.world_size,
+    }
+}
+
+fn frame_ack(d: FrameDone) -> pb::FrameAck {
+    pb::FrameAck {
+        index: d.index,
+        seq: d.seq,
+        bytes: d.bytes,
+    }
+}
+
+/// A domain ack as the Write stream's answer.
+pub fn ack(a: Ack) -> pb::WriteResponse {
+    use pb::write_response::Msg;
+    let msg = match a {
+        Ack::Received(d) => Msg::Received(frame_ack(d)),
+        Ack::Durable(d) => Msg::Durable(frame_ack(d)),
+        Ack::Replicated(d) => Msg::Replicated(frame_ack(d)),
+        Ack::Aborted {
+            seq,
+            abort:
+                Abort {
+                    index,
+                    reason,
+                    missing,
+                    bad_input,
+                },
+        } => Msg::Aborted(pb::FrameAborted {
+            index,
+            seq,
+            reason,
+            missing_ranks: missing,
+            bad_input,
+        }),
+    };
+    pb::WriteResponse { msg: Some(msg) }
+}
+
 impl From<TensorMeta> for pb::TensorInfo {
     fn from(t: TensorMeta) -> pb::TensorInfo {
         pb::TensorInfo {
@@ -61,6 +131,7 @@ impl From<TensorMeta> for pb::TensorInfo {
             shape: t.shape,
             size_bytes: t.size_bytes,
             location: None,
+            slice: None,
         }
     }
 }

@@ -52,7 +52,8 @@ status_from!(
     crate::remote::RemoteError,
     crate::writer::WriterError,
     crate::query::QueryError,
-    crate::peer::QuotaError
+    crate::peer::QuotaError,
+    crate::assembly::JobError
 );
 
 /// Prefix of prost's decode errors, which tonic reports as INTERNAL.

@@ -36,25 +36,34 @@
 //! * Tensor bytes come either in `chunk`s or, when the client attached a
 //!   shared memory region at open (see [`crate::shm`]), as `shm_chunk`s that
 //!   name a range of it; both are checked the same way against the tensor.
+//! * A stream opened with `ranks` is one rank of a job: its frames are built
+//!   as [`RankFrame`]s and committed through its [`Seat`] (see
+//!   [`crate::assembly`]), which writes a frame once every rank committed it
+//!   and answers `aborted` instead when it cannot; this module only
+//!   translates. The job, not the stream, holds the archive's lease and the
+//!   group's claim, for all its ranks.
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use crate::assembly::{
+    Ack, FrameDone, FrameError, JobError, JobKey, RankFrame, Seat, Seg, Tickets, WriterSink,
+};
 use crate::layout::{self, Manifest, ManifestTensor};
 use crate::limits::{COMPRESS_MAX, SMALL_FRAME_MAX};
 use crate::peer::{BytesQuota, Peer, StreamQuota};
 use crate::proto::v1::{
-    write_request::Msg as In, write_response::Msg as Out, FrameAck, OpenMode, Opened, WriteRequest,
+    write_request::Msg as In, write_response::Msg as Out, OpenMode, Opened, WriteRequest,
     WriteResponse,
 };
 use crate::service::convert;
 use crate::service::errors::{bad, remap_decode, status, Kind};
 use crate::service::State;
 use crate::shm::{self, Region};
-use crate::writer::{FrameTicket, Lease, Part, WriterError};
+use crate::writer::{FrameTicket, Lease, Part, WriterHandle};
 use gtar::{Committed, OpenMode as GtarMode, Precompressed};
 
 /// Frames of one stream handed to the writer and not yet committed: the next
@@ -91,7 +100,10 @@ struct Frame {
     own_record: bool,
 }
 
-/// A frame handed to the writer, waiting for its acks.
+type Answer<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Result<T, FrameError>>> + Send>>;
+
+/// A frame handed to the writer (or to its job), waiting for its acks.
 struct Pending {
     permit: OwnedSemaphorePermit,
     /// An assembled frame's bytes stay counted until it is written.
@@ -99,8 +111,35 @@ struct Pending {
     index: String,
     seq: u64,
     bytes: u64,
-    received: oneshot::Receiver<Result<Committed, WriterError>>,
-    durable: oneshot::Receiver<Result<(), WriterError>>,
+    /// `None`: the writer (or the job) went away without answering.
+    received: Answer<Committed>,
+    durable: Answer<()>,
+}
+
+impl Pending {
+    fn answers(ticket: FrameTicket) -> (Answer<Committed>, Answer<()>) {
+        let (r, d) = (ticket.received, ticket.durable);
+        (
+            Box::pin(async move { r.await.ok().map(|x| x.map_err(FrameError::Writer)) }),
+            Box::pin(async move { d.await.ok().map(|x| x.map_err(FrameError::Writer)) }),
+        )
+    }
+
+    fn job_answers(t: Tickets) -> (Answer<Committed>, Answer<()>) {
+        let (r, d) = (t.received, t.durable);
+        (
+            Box::pin(async move { r.await.ok() }),
+            Box::pin(async move { d.await.ok() }),
+        )
+    }
+}
+
+/// A rank's frame being received (streams opened with `ranks`).
+struct RankPart {
+    frame: RankFrame,
+    permit: OwnedSemaphorePermit,
+    /// Its bytes received in `chunk`s, counted for the peer until written.
+    held: BytesQuota,
 }
 
 /// Where the bytes of a tensor piece are.
@@ -117,7 +156,12 @@ struct Stream {
     state: Arc<State>,
     // Field order is drop order: the claim on the group goes before the
     // peer's count of streams.
-    lease: Lease,
+    /// None for a rank of a job: the job holds the lease.
+    _lease: Option<Lease>,
+    /// A rank's seat in its job (module docs).
+    seat: Option<Seat<WriterSink>>,
+    rank_frame: Option<RankPart>,
+    writer: WriterHandle,
     quota: StreamQuota,
     /// This stream's number, for the writer's ordering of frames.
     id: u64,
@@ -265,35 +309,78 @@ impl Stream {
         let st = state.clone();
         let name = o.archive.clone();
         let group = o.group.clone();
-        // Leasing may open and repair the file; counting the group's frames
-        // sorts every index under the index lock: both off the async workers.
-        let (mut lease, existing) = tokio::task::spawn_blocking(move || {
-            let lease = st.archives.lease(&name, mode)?;
-            let existing = {
-                let r = lease.handle.reader();
-                let ix = r.index();
-                ix.frames_under((!group.is_empty()).then_some(group.as_str()))
-                    .len() as u64
-            };
-            Ok::<_, crate::archives::LeaseError>((lease, existing))
-        })
-        .await
-        .map_err(|e| status(Kind::Internal, e.to_string()))??;
-        quota.archive(lease.handle.path())?;
-        lease.claim_group(&o.group, peer, o.share_group)?;
-        let repaired = lease
-            .repaired
-            .as_ref()
-            .map(|r| {
-                format!(
-                    "{}; kept {} entries, dropped {} entries and {} bytes",
-                    r.reason,
-                    r.entries.len(),
-                    r.entries_dropped,
-                    r.bytes_dropped
-                )
-            })
-            .unwrap_or_default();
+        let describe = |r: &gtar::ScanReport| {
+            format!(
+                "{}; kept {} entries, dropped {} entries and {} bytes",
+                r.reason,
+                r.entries.len(),
+                r.entries_dropped,
+                r.bytes_dropped
+            )
+        };
+        let count = move |w: &WriterHandle| {
+            let r = w.reader();
+            let ix = r.index();
+            ix.frames_under((!group.is_empty()).then_some(group.as_str()))
+                .len() as u64
+        };
+        let (lease, seat, writer, existing, repaired) = match o.ranks.clone() {
+            None => {
+                // Leasing may open and repair the file; counting the group's
+                // frames sorts every index under the index lock: both off
+                // the async workers.
+                let (mut lease, existing) = tokio::task::spawn_blocking(move || {
+                    let lease = st.archives.lease(&name, mode)?;
+                    let existing = count(&lease.handle);
+                    Ok::<_, crate::archives::LeaseError>((lease, existing))
+                })
+                .await
+                .map_err(|e| status(Kind::Internal, e.to_string()))??;
+                lease.claim_group(&o.group, peer, o.share_group)?;
+                let repaired = lease.repaired.as_ref().map(describe).unwrap_or_default();
+                let w = lease.handle.clone();
+                (Some(lease), None, w, existing, repaired)
+            }
+            Some(r) => {
+                let spec = convert::rank_spec(r);
+                let key = JobKey {
+                    uid: ucred.map(|c| c.uid()),
+                    archive: o.archive.clone(),
+                    group: o.group.clone(),
+                    job: spec.job.clone(),
+                };
+                let level = o.compression;
+                let jobs = state.jobs.clone();
+                let claim = o.group.clone();
+                // The first rank starts the job: it leases the archive (in
+                // the stream's mode) and claims the group for all ranks.
+                let (seat, existing, repaired) = tokio::task::spawn_blocking(move || {
+                    let mut repaired = String::new();
+                    let seat = jobs.join(key, &spec, level, || {
+                        let mut lease = st
+                            .archives
+                            .lease(&name, mode)
+                            .map_err(|e| JobError::open(&e))?;
+                        lease
+                            .claim_group(&claim, peer, false)
+                            .map_err(|e| JobError::open(&e))?;
+                        repaired = lease.repaired.as_ref().map(describe).unwrap_or_default();
+                        Ok(WriterSink {
+                            handle: lease.handle.clone(),
+                            stream: STREAM_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                            _lease: lease,
+                        })
+                    })?;
+                    let existing = count(&seat.sink().handle);
+                    Ok::<_, JobError>((seat, existing, repaired))
+                })
+                .await
+                .map_err(|e| status(Kind::Internal, e.to_string()))??;
+                let w = seat.sink().handle.clone();
+                (None, Some(seat), w, existing, repaired)
+            }
+        };
+        quota.archive(writer.path())?;
         let offer = match o.shm.as_ref() {
             None => None,
             Some(_) if !state.shared_memory => Some(Err(
@@ -337,7 +424,7 @@ impl Stream {
         let repl = state.archives.replicator().map(|r| Replicate {
             replicator: r.clone(),
             name: o.archive.clone(),
-            view: lease.handle.reader(),
+            view: writer.reader(),
             ended: ended.clone(),
         });
         tokio::spawn(forward_acks(
@@ -349,7 +436,10 @@ impl Stream {
         ));
         Ok(Stream {
             state,
-            lease,
+            _lease: lease,
+            seat,
+            rank_frame: None,
+            writer,
             quota,
             failure,
             id: STREAM_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -406,7 +496,7 @@ impl Stream {
     /// The next part of the open frame: kept while the frame is small,
     /// else sent on to the writer (module docs).
     async fn part(&mut self, p: Part) -> Result<(), Status> {
-        let handle = self.lease.handle.clone();
+        let handle = self.writer.clone();
         let id = self.id;
         let f = self.frame("frame")?;
         if f.ticket.is_none() {
@@ -459,8 +549,16 @@ impl Stream {
     async fn handle(&mut self, m: In) -> Result<(), Status> {
         match m {
             In::Open(_) => Err(bad("open", "the stream is already open")),
+            In::Begin(b) if self.seat.is_some() => self.rank_begin(b.index).await,
             In::Begin(b) => self.begin(b.index).await,
+            In::Tensor(t) if self.rank_frame.is_some() => self.rank_tensor(t),
             In::Tensor(t) => {
+                if t.slice.is_some() {
+                    return Err(bad(
+                        "tensor.slice",
+                        "tensor.slice: only a stream opened with `ranks` sends slices of a tensor",
+                    ));
+                }
                 self.tensor_done("tensor")?;
                 layout::check_group("tensor.group", &t.group)?;
                 layout::check_name("tensor.name", &t.name)?;
@@ -482,6 +580,10 @@ impl Stream {
                     shape: t.shape,
                 });
                 self.start_entry(path, size).await
+            }
+            In::Chunk(c) if self.rank_frame.is_some() => {
+                let n = c.data.len() as u64;
+                self.rank_piece("chunk.data", n, Seg::Bytes(c.data))
             }
             In::Chunk(c) => {
                 let n = c.data.len() as u64;
@@ -505,11 +607,45 @@ impl Stream {
                         ),
                     ));
                 }
+                if self.rank_frame.is_some() {
+                    let seg = Seg::Shm {
+                        region: r.clone(),
+                        offset: c.offset,
+                        len: c.length,
+                    };
+                    return self.rank_piece("shm_chunk.length", 0, seg);
+                }
                 let piece = Piece::Shm {
                     region: r.clone(),
                     offset: c.offset,
                 };
                 self.piece("shm_chunk.length", c.length, piece).await
+            }
+            In::Record(r) if self.rank_frame.is_some() => {
+                layout::check_record_path("record.path", &r.path)?;
+                let path = layout::join(&[&self.prefix, &r.path]);
+                let max = self.state.max_tensor_bytes;
+                let rf = self.rank_frame.as_mut().expect("checked");
+                if r.size == 0 {
+                    rf.held.grow(r.data.len() as u64)?;
+                    return Ok(rf.frame.record(path, r.data)?);
+                }
+                if !r.data.is_empty() {
+                    return Err(bad(
+                        "record.size",
+                        "set either `data` or `size` (and then send the bytes in `chunk`s), not both",
+                    ));
+                }
+                if r.size > max {
+                    return Err(bad(
+                        "record.size",
+                        format!(
+                            "{} bytes is over the daemon's limit of {max} (--max-tensor-bytes)",
+                            r.size
+                        ),
+                    ));
+                }
+                Ok(rf.frame.start_record(path, r.size)?)
             }
             In::Record(r) => {
                 self.tensor_done("record")?;
@@ -524,6 +660,17 @@ impl Stream {
                 self.tensor_done("scalar")?;
                 layout::check_group("scalar.group", &s.group)?;
                 layout::check_name("scalar.name", &s.name)?;
+                if let Some(rf) = self.rank_frame.as_mut() {
+                    let index = if s.index.is_empty() {
+                        rf.frame.index.clone()
+                    } else {
+                        layout::check_index("scalar.index", &s.index)?;
+                        s.index
+                    };
+                    let path = layout::scalar_path(&self.prefix, &s.group, &s.name, &index);
+                    rf.held.grow(8)?;
+                    return Ok(rf.frame.record(path, s.value.to_le_bytes().to_vec())?);
+                }
                 let index = if s.index.is_empty() {
                     self.frame
                         .as_ref()
@@ -536,11 +683,95 @@ impl Stream {
                 let path = layout::scalar_path(&self.prefix, &s.group, &s.name, &index);
                 self.whole(path, s.value.to_le_bytes().to_vec()).await
             }
+            In::Commit(_) if self.rank_frame.is_some() => self.rank_commit(),
             In::Commit(_) => {
                 self.tensor_done("commit")?;
                 self.commit().await
             }
         }
+    }
+
+    /// `begin` on a rank's stream.
+    async fn rank_begin(&mut self, index: String) -> Result<(), Status> {
+        if let Some(f) = &self.rank_frame {
+            return Err(bad(
+                "begin",
+                format!("frame {:?} is still open; commit it first", f.frame.index),
+            ));
+        }
+        self.tensor_done("begin")?;
+        layout::check_index("begin.index", &index)?;
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| status(Kind::Internal, "stream closed"))?;
+        self.seat.as_ref().expect("a rank").begin(&index);
+        self.rank_frame = Some(RankPart {
+            frame: RankFrame::new(index),
+            permit,
+            held: self.quota.bytes(),
+        });
+        Ok(())
+    }
+
+    /// A tensor header inside a rank's frame: a whole tensor or a slice.
+    fn rank_tensor(&mut self, t: crate::proto::v1::TensorHeader) -> Result<(), Status> {
+        layout::check_group("tensor.group", &t.group)?;
+        layout::check_name("tensor.name", &t.name)?;
+        let dtype = convert::dtype("tensor.dtype", t.dtype)?;
+        let slice = t
+            .slice
+            .map(|s| convert::slice("tensor.slice", s))
+            .transpose()?;
+        let max = self.state.max_tensor_bytes;
+        let rf = self.rank_frame.as_mut().expect("checked");
+        let path = layout::tensor_path(&self.prefix, &t.group, &t.name, &rf.frame.index, dtype);
+        Ok(rf.frame.tensor(path, dtype, t.shape, slice, max)?)
+    }
+
+    /// The next bytes of a rank's open tensor or record; `held`: bytes the
+    /// daemon keeps (chunks; shared memory stays the client's).
+    fn rank_piece(&mut self, field: &str, held: u64, seg: Seg) -> Result<(), Status> {
+        let n = match &seg {
+            Seg::Bytes(b) => b.len() as u64,
+            Seg::Shm { len, .. } => *len,
+        };
+        let rf = self.rank_frame.as_mut().expect("checked");
+        rf.held.grow(held)?;
+        rf.frame.piece(field, seg)?;
+        self.seat
+            .as_ref()
+            .expect("a rank")
+            .delivered(&rf.frame.index, n);
+        Ok(())
+    }
+
+    /// `commit` on a rank's stream: hand the part to the job; the acks come
+    /// when every rank committed the frame (or it was aborted).
+    fn rank_commit(&mut self) -> Result<(), Status> {
+        let rf = self.rank_frame.as_ref().expect("checked");
+        if let Some((path, n)) = rf.frame.incomplete() {
+            return Err(bad("commit", format!("tensor {path} is missing {n} bytes")));
+        }
+        let rf = self.rank_frame.take().expect("checked");
+        let (index, bytes) = (rf.frame.index.clone(), rf.frame.bytes());
+        let tickets = self.seat.as_ref().expect("a rank").commit(rf.frame)?;
+        let (received, durable) = Pending::job_answers(tickets);
+        let p = Pending {
+            permit: rf.permit,
+            _held: rf.held,
+            index,
+            seq: self.seq,
+            bytes,
+            received,
+            durable,
+        };
+        self.seq += 1;
+        self.acks
+            .send(p)
+            .map_err(|_| status(Kind::Internal, "client went away"))
     }
 
     /// The next `n` bytes of the open tensor.
@@ -709,17 +940,18 @@ impl Stream {
             None => {
                 let mut parts = std::mem::take(&mut f.held);
                 parts.push(Part::Commit);
-                self.lease.handle.submit_frame(self.id, parts)?
+                self.writer.submit_frame(self.id, parts)?
             }
         };
+        let (received, durable) = Pending::answers(ticket);
         let p = Pending {
             permit: f.permit,
             _held: f.held_bytes,
             index: f.index,
             seq: self.seq,
             bytes: f.bytes,
-            received: ticket.received,
-            durable: ticket.durable,
+            received,
+            durable,
         };
         self.seq += 1;
         self.acks
@@ -743,9 +975,8 @@ async fn forward_acks(
         failed.cancel();
     };
     let fail2 = fail.clone();
-    let (dtx, mut drx) =
-        mpsc::unbounded_channel::<(FrameAck, u64, oneshot::Receiver<Result<(), WriterError>>)>();
-    let (rtx, mut rrx) = mpsc::unbounded_channel::<(FrameAck, u64)>();
+    let (dtx, mut drx) = mpsc::unbounded_channel::<(FrameDone, u64, Answer<()>)>();
+    let (rtx, mut rrx) = mpsc::unbounded_channel::<(FrameDone, u64)>();
     let tx2 = tx.clone();
     if let Some(r) = &repl {
         let (tx3, r) = (
@@ -758,7 +989,11 @@ async fn forward_acks(
                     _ = r.0.replicated(&r.1, end) => {}
                     _ = r.2.cancelled() => return,
                 }
-                if send(&tx3, Out::Replicated(ack)).await.is_err() {
+                if tx3
+                    .send(Ok(convert::ack(Ack::Replicated(ack))))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -767,17 +1002,18 @@ async fn forward_acks(
     tokio::spawn(async move {
         while let Some((ack, end, rx)) = drx.recv().await {
             let msg = match rx.await {
-                Ok(Ok(())) => {
+                Some(Ok(())) => {
                     if let Some(r) = &repl {
                         r.replicator.durable(&r.name, &r.view, end);
                         let _ = rtx.send((ack.clone(), end));
                     }
-                    WriteResponse {
-                        msg: Some(Out::Durable(ack)),
-                    }
+                    convert::ack(Ack::Durable(ack))
                 }
-                Ok(Err(e)) => return fail2(Status::from(e)),
-                Err(_) => {
+                Some(Err(FrameError::Writer(e))) => return fail2(Status::from(e)),
+                Some(Err(FrameError::Aborted(a))) => {
+                    return fail2(status(Kind::Internal, a.reason));
+                }
+                None => {
                     return fail2(status(
                         Kind::ShuttingDown,
                         "the writer stopped before the frame was durable",
@@ -793,20 +1029,28 @@ async fn forward_acks(
         let received = p.received.await;
         drop(p.permit); // committed (or failed): the stream may send another
         let committed = match received {
-            Ok(Ok(c)) => c,
-            refused => {
-                return fail(match refused {
-                    Ok(Err(e)) => e.into(),
-                    _ => status(Kind::Internal, "the archive writer stopped"),
-                });
+            Some(Ok(c)) => c,
+            Some(Err(FrameError::Aborted(abort))) => {
+                // A rank's frame: dropped whole; the stream goes on.
+                let a = Ack::Aborted { seq: p.seq, abort };
+                if tx.send(Ok(convert::ack(a))).await.is_err() {
+                    return fail(status(Kind::Internal, "client went away"));
+                }
+                continue;
             }
+            Some(Err(FrameError::Writer(e))) => return fail(e.into()),
+            None => return fail(status(Kind::Internal, "the archive writer stopped")),
         };
-        let ack = FrameAck {
+        let ack = FrameDone {
             index: p.index,
             seq: p.seq,
             bytes: committed.bytes.max(p.bytes),
         };
-        if send(&tx, Out::Received(ack.clone())).await.is_err() {
+        if tx
+            .send(Ok(convert::ack(Ack::Received(ack.clone()))))
+            .await
+            .is_err()
+        {
             return fail(status(Kind::Internal, "client went away"));
         }
         let _ = dtx.send((ack, committed.txn + committed.bytes, p.durable));

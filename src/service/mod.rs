@@ -31,6 +31,8 @@ pub struct State {
     pub stream_idle: std::time::Duration,
     /// What each peer holds (streams, archives, bytes in flight).
     pub quotas: Arc<crate::peer::Quotas>,
+    /// Jobs whose ranks write frames together (`OpenArchive.ranks`).
+    pub jobs: Arc<crate::assembly::Jobs<crate::assembly::WriterSink>>,
 }
 
 #[derive(Clone)]

@@ -563,6 +563,7 @@ pub fn open_req(archive: &str, group: &str) -> OpenArchive {
         compression: 0,
         shm: None,
         share_group: false,
+        ..Default::default()
     }
 }
 
@@ -577,6 +578,7 @@ pub fn frame_messages(f: &FrameSpec, chunk: usize) -> impl Iterator<Item = Write
             name: t.name.clone(),
             dtype: t.dtype,
             shape: t.shape.clone(),
+            ..Default::default()
         })));
         let len = t.data.len();
         let chunks = (0..len.div_ceil(chunk as u64)).map(move |i| {
@@ -629,6 +631,8 @@ pub struct Session {
     pub durable: Vec<FrameAck>,
     /// `replicated` acks (daemons with `--remote`).
     pub replicated: Vec<FrameAck>,
+    /// `aborted` answers (streams opened with `ranks`).
+    pub aborted: Vec<pb::FrameAborted>,
     /// Every ack in arrival order: (`true` for durable, seq).
     pub acks: Vec<(bool, u64)>,
     /// The status the stream ended with, once it ended.
@@ -670,6 +674,7 @@ impl Session {
             received: Vec::new(),
             durable: Vec::new(),
             replicated: Vec::new(),
+            aborted: Vec::new(),
             acks: Vec::new(),
             ended: None,
         };
@@ -698,6 +703,7 @@ impl Session {
                         self.durable.push(a.clone())
                     }
                     Out::Replicated(a) => self.replicated.push(a.clone()),
+                    Out::Aborted(a) => self.aborted.push(a.clone()),
                     Out::Opened(_) => {}
                 }
                 Ok(Some(m))
@@ -865,6 +871,7 @@ pub async fn get_frame(
             names: vec![],
             locate: false,
             batch: false,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -31,6 +31,13 @@ Invariants a reader must not break:
 * An outage is logged in one line when the stream breaks and one when it is
   back (with what is resent), at most once per `OUTAGE_LOG_INTERVAL`;
   retries in between are silent. User-facing text says "frame", not "unit".
+* A writer opened with `job`/`rank`/`world_size` is one rank of a job: the
+  daemon writes frame F once every rank committed its part of F (whole
+  tensors, or `Shard`s of global tensors). An `aborted` answer (a rank died,
+  the frame deadline passed) drops the unit -- nothing of the frame was
+  stored, on any rank -- and is kept in `aborted`; one that says the parts
+  disagree (`bad_input`: overlapping slices, holes, shapes) fails the writer
+  like any refused write.
 """
 from __future__ import annotations
 
@@ -193,12 +200,16 @@ class Unit:
     """What goes between BeginFrame and CommitFrame (or loose records)."""
 
     __slots__ = ("id", "index", "tensors", "records", "scalars", "nbytes",
-                 "sent_gen", "received", "t_submit", "parts_done", "place", "repl_left")
+                 "sent_gen", "received", "t_submit", "parts_done", "place", "repl_left",
+                 "slices")
 
-    def __init__(self, index=None, tensors=(), records=(), scalars=()):
+    def __init__(self, index=None, tensors=(), records=(), scalars=(), slices=None):
         self.id = next(_ids)
         self.index = index  # None: loose records/scalars, no frame
         self.tensors = list(tensors)  # (group, name, wire dtype, shape, ndarray)
+        # Tensor number -> (offsets, global shape): the tensor is that slice
+        # of a global tensor (writers of a job only).
+        self.slices = dict(slices or {})
         self.records = list(records)  # (path, bytes)
         self.scalars = list(scalars)  # (group, name, index, value)
         self.nbytes = (sum(t[4].nbytes for t in self.tensors)
@@ -267,6 +278,43 @@ def tensor(group: str, name: str, array):
     return (group, name, dtypes.to_wire(a.dtype), [int(s) for s in a.shape], a)
 
 
+class Shard:
+    """A slice of a global tensor, as one rank of a job sends it: `array` is
+    the box of the global tensor (of shape `global_shape`) that starts at
+    `offsets`. The slices the ranks send of one tensor must cover it exactly
+    once (a replicated tensor is sent by one rank only)."""
+
+    __slots__ = ("array", "offsets", "global_shape")
+
+    def __init__(self, array, offsets, global_shape):
+        self.array = array
+        self.offsets = [int(o) for o in offsets]
+        self.global_shape = [int(n) for n in global_shape]
+        shape = np.shape(array)
+        if len(self.offsets) != len(shape) or len(self.global_shape) != len(shape):
+            raise ValueError(
+                f"Shard: offsets {self.offsets} and global_shape {self.global_shape} must have "
+                f"one entry per dimension of the array (shape {tuple(shape)})")
+        for d, (o, n, g) in enumerate(zip(self.offsets, shape, self.global_shape)):
+            if o < 0 or o + n > g:
+                raise ValueError(f"Shard: dimension {d}: {o}:{o + n} is outside 0:{g}")
+
+    def __repr__(self):
+        box = ", ".join(f"{o}:{o + n}" for o, n in zip(self.offsets, np.shape(self.array)))
+        return f"Shard([{box}] of {self.global_shape})"
+
+
+def unit_tensors(tensors):
+    """(group, name, array or Shard) -> (Unit tensors, {number: (offsets, global shape)})."""
+    out, slices = [], {}
+    for k, (g, n, a) in enumerate(tensors):
+        if isinstance(a, Shard):
+            slices[k] = (a.offsets, a.global_shape)
+            a = a.array
+        out.append(tensor(g, n, a))
+    return out, slices
+
+
 class Writer:
     """Streams `Unit`s to one archive in the background.
 
@@ -286,15 +334,31 @@ class Writer:
         one job). Without it, a second live stream on the same archive and
         group is refused with an error naming the one writing it, so two runs
         can't interleave their frames by accident.
+    :param job, rank, world_size: make this writer rank `rank` of the
+        `world_size` processes of job `job` (any string all ranks share,
+        e.g. a run id): each frame is written once every rank has written its
+        part of it, as one frame (see `Shard`); give all three or none.
     """
 
     def __init__(self, client, archive: str, mode: str = "append", group: str | None = None,
                  compression: int = 0, max_pending_bytes: int = 1 << 30,
                  reconnect_timeout: float = 120.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  open_timeout: float = 10.0, shared_memory: bool | None = None,
-                 share_group: bool = False):
+                 share_group: bool = False, job: str | None = None, rank: int | None = None,
+                 world_size: int | None = None):
         if mode not in ("append", "create"):
             raise ValueError(f"mode must be 'append' or 'create', not {mode!r}")
+        given = [x is not None for x in (job, rank, world_size)]
+        if any(given) and not all(given):
+            raise ValueError("job, rank and world_size go together: give all three or none")
+        self.ranks = None
+        if all(given):
+            if not 0 <= int(rank) < int(world_size):
+                raise ValueError(f"rank {rank} is not in 0..{int(world_size) - 1} "
+                                 f"(world_size {world_size})")
+            self.ranks = pb.RankSpec(job=str(job), rank=int(rank), world_size=int(world_size))
+        # Frames of a job dropped whole: (index, reason, missing ranks).
+        self.aborted = []
         self.client = client
         self.archive = archive
         self.group = group or ""
@@ -426,8 +490,14 @@ class Writer:
         The arrays are copied before this returns (into shared memory when the
         daemon takes it), so they may be modified right away: a PyTorch
         `state_dict`'s `.numpy()` views keep changing as training goes on.
+        On a writer of a job, an array may be a `Shard` (a slice of a global
+        tensor); the frame is stored once every rank wrote its part.
         """
-        unit = Unit(str(index), [tensor(g, n, a) for g, n, a in tensors], records, scalars)
+        ts, slices = unit_tensors(tensors)
+        if slices and self.ranks is None:
+            raise ValueError("a Shard is a slice of a tensor written by several ranks: open the "
+                             "writer with job=, rank= and world_size=")
+        unit = Unit(str(index), ts, records, scalars, slices)
         self.stage(unit)
         self.submit(unit)
 
@@ -635,6 +705,8 @@ class Writer:
                         backoff = 0.05
                     elif kind in ("received", "durable"):
                         self._on_ack(gen, getattr(resp, kind), kind == "durable")
+                    elif kind == "aborted":
+                        self._on_aborted(gen, resp.aborted)
                     elif kind == "replicated":
                         with self._cond:
                             u = self._awaiting_repl.pop((gen, resp.replicated.seq), None)
@@ -766,12 +838,35 @@ class Writer:
                     return
             self._done(u)
 
+    def _on_aborted(self, gen, ab):
+        """A frame of a job was dropped whole (module docs)."""
+        with self._cond:
+            if gen != self._gen:
+                return
+            entry = self._inflight.pop(ab.seq, None)
+            if entry is None:
+                log.warning("gtar-logd: abort for unknown seq %d (index %r)", ab.seq, ab.index)
+                return
+            u = entry[0]
+            if self._region is not None:
+                self._region.free(u.id)
+            if self._pending.pop(u.id, None) is not None:
+                self._pending_bytes -= u.nbytes
+            self.aborted.append((ab.index, ab.reason, list(ab.missing_ranks)))
+            self._cond.notify_all()
+        if ab.bad_input:
+            self._fail(WriteFailed(f"gtar-logd refused frame {ab.index!r} of {self.archive!r}: "
+                                   f"INVALID_ARGUMENT: {ab.reason}"))
+        else:
+            log.warning("gtar-logd: frame %r of %r was not stored: %s", ab.index, self.archive,
+                        ab.reason)
+
     def _requests(self, gen, mode):
         region = self._region
         shm = None if region is None else pb.SharedMemory(fd=region.fd, size=region.size)
         yield pb.WriteRequest(open=pb.OpenArchive(
             archive=self.archive, mode=mode, group=self.group, compression=self.compression,
-            shm=shm, share_group=self.share_group))
+            shm=shm, share_group=self.share_group, ranks=self.ranks))
         use_shm = False
         if region is not None:
             # Whether shm_chunks may be sent is in the answer to `open`.
@@ -821,7 +916,13 @@ class Writer:
             yield W(begin=pb.BeginFrame(index=u.index))
         step = self.chunk_bytes
         for k, (group, name, code, shape, arr) in enumerate(u.tensors):
-            yield W(tensor=pb.TensorHeader(group=group, name=name, dtype=code, shape=shape))
+            box = u.slices.get(k)
+            if box is None:
+                yield W(tensor=pb.TensorHeader(group=group, name=name, dtype=code, shape=shape))
+            else:
+                yield W(tensor=pb.TensorHeader(
+                    group=group, name=name, dtype=code, shape=box[1],
+                    slice=pb.TensorSlice(offsets=box[0], shape=shape)))
             mv = dtypes.byte_view(arr)
             at = u.place.get(k) if use_shm else None
             if at is not None:

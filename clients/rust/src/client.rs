@@ -439,6 +439,7 @@ impl Client {
                 names: q.names.clone(),
                 locate: self.locate(),
                 batch: self.locate(),
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -500,6 +500,14 @@ async fn pump(mut resp: Streaming<WriteResponse>, shared: Arc<Shared>) {
             Ok(Some(WriteResponse {
                 msg: Some(Out::Opened(_)),
             })) => Err(Error::Protocol("a second `opened` on one stream".into())),
+            // Only streams opened with `ranks` are told of aborted frames;
+            // this writer never opens one.
+            Ok(Some(WriteResponse {
+                msg: Some(Out::Aborted(a)),
+            })) => Err(Error::Protocol(format!(
+                "frame {:?} aborted on a stream of one rank: {}",
+                a.index, a.reason
+            ))),
             Ok(Some(WriteResponse { msg: None })) => {
                 Err(Error::Protocol("an empty WriteResponse".into()))
             }
@@ -639,6 +647,7 @@ impl FrameWriter {
                 size: r.size(),
             }),
             share_group: options.share_group,
+            ..Default::default()
         };
         tx.send(WriteRequest {
             msg: Some(In::Open(open)),
@@ -868,6 +877,7 @@ impl FrameWriter {
                         name,
                         dtype: dtype.to_proto() as i32,
                         shape,
+                        ..Default::default()
                     }))
                     .await?;
                     if let (Some(at), Some(region)) = (shm_at.as_mut(), self.region.as_mut()) {

@@ -51,6 +51,43 @@ pub struct OpenArchive {
     /// it too) the open fails with FAILED_PRECONDITION naming the holder.
     #[prost(bool, tag = "6")]
     pub share_group: bool,
+    /// Optional: this stream is one rank of a job whose ranks write each frame
+    /// together (README: "Many processes, one frame"). Every rank opens its own
+    /// stream with the same archive, group and `ranks.job`.
+    #[prost(message, optional, tag = "7")]
+    pub ranks: ::core::option::Option<RankSpec>,
+}
+/// A stream's place in a job of several processes writing one frame at a
+/// time. A frame `begin`-ed by the ranks with the same index is committed as
+/// one transaction once every rank has sent `commit` for it: until then no
+/// reader sees any of it. Each rank sends what it holds: whole tensors (a
+/// tensor replicated over ranks is sent by one of them only) or slices of a
+/// global tensor (`TensorHeader.slice`); together the slices of a tensor
+/// must cover it exactly once. Each rank gets `received` and `durable` for the
+/// whole frame, or `aborted` (naming the missing ranks) when a rank's stream
+/// ended, the frame deadline passed or the parts disagree.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RankSpec {
+    /// Shared by all ranks of the job, e.g. a run id; at most 255 bytes.
+    #[prost(string, tag = "1")]
+    pub job: ::prost::alloc::string::String,
+    /// This stream's rank, 0 \<= rank \< world_size.
+    #[prost(uint32, tag = "2")]
+    pub rank: u32,
+    /// Number of ranks that write each frame (1..=4096).
+    #[prost(uint32, tag = "3")]
+    pub world_size: u32,
+}
+/// A box inside a tensor: `offsets` (where it starts) and `shape` (its
+/// extent), one entry per dimension of the tensor.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TensorSlice {
+    #[prost(uint64, repeated, tag = "1")]
+    pub offsets: ::prost::alloc::vec::Vec<u64>,
+    #[prost(uint64, repeated, tag = "2")]
+    pub shape: ::prost::alloc::vec::Vec<u64>,
 }
 /// A memory file of the client (e.g. a memfd) that tensor bytes are passed in
 /// instead of `chunk`s, which saves the copies through gRPC and the socket.
@@ -88,9 +125,13 @@ pub struct TensorHeader {
     pub name: ::prost::alloc::string::String,
     #[prost(enumeration = "DType", tag = "3")]
     pub dtype: i32,
-    /// Dimensions; empty for a scalar.
+    /// Dimensions; empty for a scalar. With `slice`: the global tensor's.
     #[prost(uint64, repeated, tag = "4")]
     pub shape: ::prost::alloc::vec::Vec<u64>,
+    /// Only in a stream opened with `ranks`: the bytes that follow are this
+    /// slice of the global tensor of `shape` (row-major within the slice).
+    #[prost(message, optional, tag = "5")]
+    pub slice: ::core::option::Option<TensorSlice>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -148,7 +189,7 @@ pub struct CommitFrame {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WriteResponse {
-    #[prost(oneof = "write_response::Msg", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "write_response::Msg", tags = "1, 2, 3, 4, 5")]
     pub msg: ::core::option::Option<write_response::Msg>,
 }
 /// Nested message and enum types in `WriteResponse`.
@@ -168,7 +209,31 @@ pub mod write_response {
         /// acks still due are not sent.
         #[prost(message, tag = "4")]
         Replicated(super::FrameAck),
+        /// Only to streams opened with `ranks`: the frame was dropped whole (no
+        /// reader ever saw any of it) and the stream goes on with the next frame.
+        #[prost(message, tag = "5")]
+        Aborted(super::FrameAborted),
     }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FrameAborted {
+    #[prost(string, tag = "1")]
+    pub index: ::prost::alloc::string::String,
+    /// Sequence number of the frame within this stream, as in FrameAck.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// What went wrong, e.g. "rank 3 of job "run7" left before committing
+    /// frame "12"", naming the tensor and ranks when parts disagree.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// Ranks that had not committed the frame.
+    #[prost(uint32, repeated, tag = "4")]
+    pub missing_ranks: ::prost::alloc::vec::Vec<u32>,
+    /// The ranks' parts disagree (overlapping slices, holes, shapes or dtypes
+    /// that differ): a bug in the sender, not a transient failure.
+    #[prost(bool, tag = "5")]
+    pub bad_input: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -349,6 +414,12 @@ pub struct GetFrameRequest {
     /// tensor headers) still come as `frame`, `tensor`, `chunk`s, in order.
     #[prost(bool, tag = "7")]
     pub batch: bool,
+    /// Only this box of each tensor (use `names` to pick the tensor): its
+    /// bytes, row-major, are streamed (or, `locate`d, the client reads just
+    /// their byte ranges); the rest of the tensor is not read. Every tensor
+    /// sent must have as many dimensions as the slice and contain it.
+    #[prost(message, optional, tag = "8")]
+    pub slice: ::core::option::Option<TensorSlice>,
     #[prost(oneof = "get_frame_request::Frame", tags = "3, 4")]
     pub frame: ::core::option::Option<get_frame_request::Frame>,
 }
@@ -386,6 +457,11 @@ pub struct TensorInfo {
     /// from the archive file itself.
     #[prost(message, optional, tag = "7")]
     pub location: ::core::option::Option<EntryLocation>,
+    /// Set when the request asked for a `slice`: the bytes streamed are that
+    /// box's (`shape` and `size_bytes` stay the whole tensor's); a `location`
+    /// is still the whole tensor's entry.
+    #[prost(message, optional, tag = "8")]
+    pub slice: ::core::option::Option<TensorSlice>,
 }
 /// Where a stored (uncompressed) tensor's bytes lie in the archive file.
 /// Granted only on the Unix socket to a peer whose uid owns the archive file
