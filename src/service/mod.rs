@@ -177,7 +177,7 @@ impl Logd for Service {
             // rather than answered with the whole tensor.
             return Err(bad(
                 "slice",
-                "slice: reading a box of a tensor is not served yet; read the whole tensor",
+                "reading a box of a tensor is not served yet; read the whole tensor",
             ));
         }
         let batch = r.batch;
