@@ -556,7 +556,7 @@ impl Stream {
                 if t.slice.is_some() {
                     return Err(bad(
                         "tensor.slice",
-                        "tensor.slice: only a stream opened with `ranks` sends slices of a tensor",
+                        "only a stream opened with `ranks` sends slices of a tensor",
                     ));
                 }
                 self.tensor_done("tensor")?;
