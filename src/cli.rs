@@ -68,8 +68,7 @@ pub fn locate(arg: &Path) -> Result<std::path::PathBuf> {
         "{s}: no such file. Offline commands take archive file paths, not the names a daemon \
          serves; your daemon's archives are files under {} (its --data-dir), e.g. {}",
         data.display(),
-        data.join(arg.file_name().map(Path::new).unwrap_or(arg))
-            .display()
+        data.join(arg).display()
     )
 }
 

@@ -631,7 +631,9 @@ async fn a_fast_stream_is_slowed_down_not_refused_and_acks_stay_ordered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_mid_frame_leaves_no_trace() {
-    let mut d = Daemon::start();
+    // Buffered writes, so the file shows how far the writer got (direct I/O
+    // stages 4 MiB before writing; the wait below watches the file).
+    let mut d = Daemon::start_with(|c| c.limits.direct_io = false);
     let ar = "cut.zip";
     let f0 = FrameSpec {
         index: "0".into(),
@@ -649,7 +651,7 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
         .await
         .unwrap();
 
-    // Frame "1": 10 MiB declared, 3 MiB sent, then the client vanishes
+    // Frame "1": 10 MiB declared, 6 MiB sent, then the client vanishes
     // (stream and connection dropped): a hand-made stream, as the client
     // never sends half a frame.
     {
@@ -667,7 +669,9 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
         })))
         .await
         .unwrap();
-        for k in 0..3u64 {
+        // 6 MiB: past SMALL_FRAME_MAX (4 MiB), below which the service
+        // assembles a frame apart and the writer never sees it.
+        for k in 0..6u64 {
             let mut b = vec![0u8; 1 << 20];
             fill(9, k << 20, &mut b);
             s.send(req(In::Chunk(pb::Chunk { data: b.into() })))
@@ -675,15 +679,15 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
                 .unwrap();
         }
         // The writer thread has taken the frame and is writing its parts
-        // when the file grows by most of the 3 MiB sent (the last part may
-        // still sit in its buffer): only then does the client vanish, so the
+        // when the file grows by most of the 6 MiB sent (1 MiB parts go to
+        // the file as they come): only then does the client vanish, so the
         // abort of an in-progress frame is what is tested.
         let file = d.data.join(ar);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::fs::metadata(&file).map_or(0, |m| m.len()) < 2 << 20 {
+        while std::fs::metadata(&file).map_or(0, |m| m.len()) < 4 << 20 {
             assert!(
                 Instant::now() < deadline,
-                "the writer never wrote the frame's first 2 MiB"
+                "the writer never wrote the frame's first 4 MiB"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -729,7 +733,7 @@ async fn client_disconnect_mid_frame_leaves_no_trace() {
     let size = std::fs::metadata(data.join(ar)).unwrap().len();
     assert!(
         size < 64 << 10,
-        "archive is {size} bytes: the aborted 3 MiB left bytes behind"
+        "archive is {size} bytes: the aborted 6 MiB left bytes behind"
     );
 }
 

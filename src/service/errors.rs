@@ -1,4 +1,5 @@
-//! The one table that maps error kinds to gRPC codes (DESIGN.md → Errors).
+//! The one table that maps error kinds to gRPC codes (the README's gRPC API
+//! section says what each code means to a client).
 //! Each layer's error enum states its [`Kind`] next to its definition (see
 //! [`crate::error`]); [`code`] is the single place a kind becomes a code, and
 //! [`to_status`] the single place an error becomes a [`Status`].
