@@ -77,8 +77,10 @@ cargo test --workspace -- --include-ignored
 echo "== cargo package -p gtar-logd-proto -p gtar-logd-client (packs, then builds the packed crates alone)"
 # Cargo unpacks the packed proto crate under ~/.cargo/registry/src and reuses
 # an earlier unpacking of the same version, even when its contents changed:
-# drop ours first (it never comes from crates.io).
+# drop ours first (it never comes from crates.io), and what was compiled from
+# it (a registry crate's build is never checked against its sources).
 rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/gtar-logd-proto-*
+cargo clean --quiet -p gtar-logd-proto
 cargo package --quiet --allow-dirty -p gtar-logd-proto -p gtar-logd-client
 # The daemon the Python tests start: the one built above, in cargo's target
 # directory (which honours CARGO_TARGET_DIR and build.target-dir).
