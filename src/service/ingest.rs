@@ -748,6 +748,15 @@ impl Stream {
         Ok(())
     }
 
+    /// Queue a committed frame's answers for the ack task; the next frame
+    /// gets the next sequence number.
+    fn push_pending(&mut self, p: Pending) -> Result<(), Status> {
+        self.seq += 1;
+        self.acks
+            .send(p)
+            .map_err(|_| status(Kind::Internal, "client went away"))
+    }
+
     /// `commit` on a rank's stream: hand the part to the job; the acks come
     /// when every rank committed the frame (or it was aborted).
     fn rank_commit(&mut self) -> Result<(), Status> {
@@ -768,10 +777,7 @@ impl Stream {
             received,
             durable,
         };
-        self.seq += 1;
-        self.acks
-            .send(p)
-            .map_err(|_| status(Kind::Internal, "client went away"))
+        self.push_pending(p)
     }
 
     /// The next `n` bytes of the open tensor.
@@ -953,10 +959,7 @@ impl Stream {
             received,
             durable,
         };
-        self.seq += 1;
-        self.acks
-            .send(p)
-            .map_err(|_| status(Kind::Internal, "client went away"))
+        self.push_pending(p)
     }
 }
 
