@@ -261,11 +261,6 @@ impl Archives {
         self.catalog.root()
     }
 
-    /// The live writers (for health and shutdown).
-    pub fn writers(&self) -> &Arc<Registry> {
-        &self.writers
-    }
-
     /// A read view of archive `name`.
     pub fn open_read(&self, name: &str) -> Result<Archive, CatalogError> {
         if let Some((catalog, rest)) = self.foreign(name)? {

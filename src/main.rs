@@ -242,7 +242,7 @@ struct ServeArgs {
     token_file: Option<PathBuf>,
     /// Replicate every archive to S3-compatible storage, s3://BUCKET/PREFIX, and serve archives that exist only there; endpoint and credentials from the AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP)
     #[arg(long, env = "GTAR_LOGD_REMOTE", value_name = "s3://BUCKET/PREFIX")]
-    remote: Option<gtar_logd::remote::RemoteUrl>,
+    remote: Option<gtar_logd::RemoteUrl>,
     /// Durable bytes of one archive that may wait for upload before it is reported lagging (health, DescribeArchive, log); frames are still accepted and acked durable, and replication catches up from the local file
     #[arg(long, env = "GTAR_LOGD_REMOTE_BACKLOG_BYTES", default_value_t = gtar_logd::limits::DEFAULT_REMOTE_BACKLOG_BYTES)]
     remote_backlog_bytes: u64,
@@ -294,7 +294,7 @@ impl ServeArgs {
             frame_deadline: Duration::from_secs(self.frame_deadline.max(1)),
             stream_idle: Duration::from_secs(self.stream_idle.max(1)),
             connection_idle: Duration::from_secs(self.connection_idle.max(1)),
-            peer_limits: gtar_logd::peer::PeerLimits {
+            peer_limits: gtar_logd::PeerLimits {
                 streams: self.peer_streams.max(1),
                 bytes_in_flight: self
                     .peer_bytes_in_flight

@@ -29,6 +29,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::archives::Archives;
+use crate::authority::FixAuthority;
 use crate::listen::Listener;
 use crate::proto::v1::logd_server::LogdServer;
 use crate::service::{Service, State};
@@ -251,9 +252,11 @@ pub async fn run(
         // limit first (with its error), never cut off underneath it.
         let idle = cfg.connection_idle.max(cfg.stream_idle);
         match l {
+            // Unix sockets only: see crate::authority (TCP clients send a
+            // host:port, which h2 takes).
             Listener::Unix(u) => {
-                let incoming =
-                    UnixListenerStream::new(u).map(move |c| c.map(|c| Idle::new(c, idle)));
+                let incoming = UnixListenerStream::new(u)
+                    .map(move |c| c.map(|c| Idle::new(FixAuthority::new(c), idle)));
                 servers
                     .spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
@@ -264,7 +267,7 @@ pub async fn run(
                     .spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }
             Listener::Handed(h) => {
-                let incoming = h.map(move |c| c.map(|c| Idle::new(c, idle)));
+                let incoming = h.map(move |c| c.map(|c| Idle::new(FixAuthority::new(c), idle)));
                 servers
                     .spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
             }

@@ -499,17 +499,6 @@ struct WorkersInner {
 }
 
 impl Workers {
-    /// Pids of the live workers (tests, logs).
-    pub fn pids(&self) -> Vec<u32> {
-        self.inner
-            .lock()
-            .unwrap()
-            .by_uid
-            .values()
-            .map(|w| w.pid)
-            .collect()
-    }
-
     /// Close every channel (workers shut down in order) and wait for them.
     pub async fn shutdown(&self, within: std::time::Duration) {
         let children = {

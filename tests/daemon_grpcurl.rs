@@ -5,8 +5,10 @@
 //!
 //! grpcurl 1.8.6 speaks only reflection v1alpha, which the daemon serves
 //! next to v1. Over `-unix` it sends the socket path as `:authority`, which
-//! the h2 server rejects as a malformed header (PROTOCOL_ERROR); so the Unix
-//! socket calls pass `-authority localhost` (the README says the same).
+//! h2 alone would refuse (PROTOCOL_ERROR); the daemon reads it as
+//! `localhost` (src/authority.rs), so the Unix socket calls here pass no
+//! `-authority`, as a user would not, and once with `-authority localhost`,
+//! as older instructions say.
 
 #[path = "common/daemon.rs"]
 mod daemon;
@@ -27,10 +29,12 @@ fn grpcurl_bin() -> PathBuf {
     bin
 }
 
-/// How to reach the daemon: TCP or the Unix socket.
+/// How to reach the daemon: TCP or the Unix socket (grpcurl sending the
+/// socket path as the authority, or `localhost` as told).
 enum Via<'a> {
     Tcp(&'a Daemon),
     Unix(&'a Daemon),
+    UnixLocalhost(&'a Daemon),
 }
 
 fn grpcurl(via: &Via, args: &[&str], stdin: Option<&str>) -> String {
@@ -39,7 +43,10 @@ fn grpcurl(via: &Via, args: &[&str], stdin: Option<&str>) -> String {
     let addr = match via {
         Via::Tcp(d) => d.tcp.to_string(),
         Via::Unix(d) => {
-            // See the module docs: the path is not a valid :authority.
+            cmd.arg("-unix");
+            d.uds.display().to_string()
+        }
+        Via::UnixLocalhost(d) => {
             cmd.args(["-unix", "-authority", "localhost"]);
             d.uds.display().to_string()
         }
@@ -152,7 +159,7 @@ fn grpcurl_lists_describes_and_calls_with_json_over_tcp_and_unix() {
             .unwrap();
     });
 
-    for via in [Via::Tcp(&d), Via::Unix(&d)] {
+    for via in [Via::Tcp(&d), Via::Unix(&d), Via::UnixLocalhost(&d)] {
         // Services by reflection (v1alpha is all grpcurl 1.8 speaks).
         let list = grpcurl(&via, &["list"], None);
         for svc in [

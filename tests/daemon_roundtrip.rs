@@ -34,9 +34,26 @@ const ALL_DTYPES: [DType; 13] = [
     DType::Bool,
 ];
 
-/// The daemon's own view of a wire dtype (the conversion at its edge).
-fn domain(d: DType) -> gtar_logd::layout::DType {
-    gtar_logd::service::convert::dtype("dtype", d as i32).unwrap()
+/// The daemon's storage dtype for a wire dtype (its item size and the name
+/// it gives records), spelled out here as the contract says it.
+fn domain(d: DType) -> gtar_logd::DType {
+    use gtar_logd::DType as S;
+    match d {
+        DType::Float32 => S::F32,
+        DType::Float64 => S::F64,
+        DType::Int32 => S::I32,
+        DType::Int64 => S::I64,
+        DType::Uint8 => S::U8,
+        DType::Uint32 => S::U32,
+        DType::Uint64 => S::U64,
+        DType::Float16 => S::F16,
+        DType::Bfloat16 => S::BF16,
+        DType::Int8 => S::I8,
+        DType::Int16 => S::I16,
+        DType::Uint16 => S::U16,
+        DType::Bool => S::Bool,
+        DType::DtypeUnspecified => panic!("no storage dtype for DTYPE_UNSPECIFIED"),
+    }
 }
 
 fn item_size(d: DType) -> u64 {

@@ -290,14 +290,6 @@ impl Catalog {
         }
     }
 
-    /// The archive name of a path under the root.
-    pub fn name_of(&self, path: &Path) -> String {
-        path.strip_prefix(&self.root)
-            .unwrap_or(path)
-            .to_string_lossy()
-            .into_owned()
-    }
-
     /// Archives under the data directory whose name starts with `prefix`.
     pub fn list(&self, prefix: &str) -> Vec<Listed> {
         let names: Vec<String> = self

@@ -153,27 +153,41 @@ enum Piece {
 }
 
 struct Stream {
+    /// What every handler shares (archives, registry, limits, quotas).
     state: Arc<State>,
     // Field order is drop order: the claim on the group goes before the
     // peer's count of streams.
-    /// None for a rank of a job: the job holds the lease.
+    /// The stream's claim on its archive group (one writer per group); None
+    /// for a rank of a job: the job holds the lease.
     _lease: Option<Lease>,
     /// A rank's seat in its job (module docs).
     seat: Option<Seat<WriterSink>>,
+    /// A rank's part of the frame being received, until its `commit`.
     rank_frame: Option<RankPart>,
+    /// The archive's writer actor, which orders, writes and syncs frames.
     writer: WriterHandle,
+    /// The peer's count of open streams, released when the stream ends.
     quota: StreamQuota,
     /// This stream's number, for the writer's ordering of frames.
     id: u64,
+    /// The client's shared memory region, when `shm_chunk`s may come.
     shm: Option<Arc<Region>>,
+    /// The group every record path of the stream goes under.
     prefix: String,
+    /// Deflate level asked for at open (0: entries are stored).
     level: u32,
+    /// The frame being received (between `begin` and `commit`).
     frame: Option<Frame>,
+    /// Commits so far: the `seq` of the next frame's acks.
     seq: u64,
+    /// Committed frames whose acks the ack task sends, in order.
     acks: mpsc::UnboundedSender<Pending>,
+    /// Frames handed to the writer and not yet committed, at most
+    /// [`FRAMES_IN_FLIGHT`]: a client that outruns the disk waits here.
     in_flight: Arc<Semaphore>,
     /// Cancelled when a frame failed; the error is in `failure`.
     failed: CancellationToken,
+    /// The error that ended the stream from an ack task (see [`Failure`]).
     failure: Failure,
     /// Cancels the stream's `ended` token when the stream is done reading.
     _ended: tokio_util::sync::DropGuard,

@@ -23,6 +23,16 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # A complete program
+//!
+//! `examples/quickstart.rs`, which this crate's tests run against a real
+//! daemon over the Unix socket and over TCP; run it with
+//! `cargo run --release -p gtar-logd-client --example quickstart -- unix:/path/to.sock`:
+//!
+//! ```no_run
+#![doc = include_str!("../examples/quickstart.rs")]
+//! ```
+//!
 //! Addresses: `unix:/path/to.sock`, `unix:///path`, `http://host:port` or
 //! `host:port`; the default is `$GTAR_LOGD_ADDRESS`, then `$GTAR_LOGD_UDS`, then
 //! the daemon's default socket (see [`Address::from_env`]). For code without

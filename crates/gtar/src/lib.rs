@@ -14,6 +14,40 @@
 //! `copy` (kernel copies and atomic file replacement), `compact` and
 //! `snapshot` (on `reader`, `scan`, `copy`, `fsutil`; never on `writer`).
 //!
+//! # Example
+//!
+//! Three frames of one record, each committed as a transaction and made
+//! durable, then read back (libgetar reads the same file as
+//! `gtar.GTAR(path, 'r').getRecord(...)`):
+//!
+//! ```
+//! use gtar::{Archive, ArchiveWriter, Compression, OpenMode, RecordPath};
+//!
+//! # fn main() -> Result<(), gtar::Error> {
+//! # let dir = std::env::temp_dir().join(format!("gtar-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! let path = dir.join("run.zip");
+//! let bytes = |v: f32| -> Vec<u8> { [v; 4].iter().flat_map(|x| x.to_le_bytes()).collect() };
+//!
+//! let (mut writer, _repaired) = ArchiveWriter::open(&path, OpenMode::Create)?;
+//! for step in 0..3 {
+//!     let mut frame = writer.begin()?;
+//!     let name = format!("layer/0/frames/{step}/weight.f32.uni");
+//!     frame.add(&name, &bytes(step as f32), Compression::Stored)?;
+//!     frame.commit()?; // visible to readers, all of it or none
+//!     writer.sync()?; // and durable
+//! }
+//! writer.close()?;
+//!
+//! let archive = Archive::open(&path)?;
+//! let record = RecordPath::parse("layer/0/frames/2/weight.f32.uni");
+//! assert_eq!(archive.index().frames(&record.rtype), ["0", "1", "2"]);
+//! assert_eq!(archive.read("layer/0/frames/2/weight.f32.uni")?, bytes(2.0));
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Invariants every module here keeps:
 //! * archives we write are always zip64 (end record + locator), so libgetar
 //!   opens them for reading *and* appending;
