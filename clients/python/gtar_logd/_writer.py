@@ -386,6 +386,7 @@ class Writer:
         self._gen = 0
         self._opened_gen = 0
         self._error = None
+        self._callers_waiting = 0  # callers in _caller_wait (under _cond)
         self._closing = False
         self._closed = False
         self._call = None
@@ -421,7 +422,7 @@ class Writer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._cond.wait(left)
+                self._caller_wait(left)
             if self._error is not None:
                 raise self._error
             if self._opened_gen == 0:
@@ -562,7 +563,7 @@ class Writer:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise DurabilityTimeout(timed_out())
-            self._cond.wait(1.0 if left is None else min(left, 1.0))
+            self._caller_wait(1.0 if left is None else min(left, 1.0))
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (up to `timeout`), then end the stream."""
@@ -622,7 +623,7 @@ class Writer:
                     f"{_summary(self._pending.values())} are waiting for the daemon (budget "
                     f"{self.max_pending_bytes / 2**20:.0f} MiB); blocking until it catches up",
                     RuntimeWarning, stacklevel=4)
-            self._cond.wait(1.0)
+            self._caller_wait(1.0)
         if t0 is not None:
             self.blocked_seconds += time.monotonic() - t0
 
@@ -638,12 +639,26 @@ class Writer:
         except NotFound:
             return []
 
+    def _caller_wait(self, timeout) -> None:
+        """`_cond.wait` on the caller's side (counted: see `_fail`)."""
+        self._callers_waiting += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._callers_waiting -= 1
+
     def _fail(self, err):
         with self._cond:
-            if self._error is None:
+            first = self._error is None
+            if first:
                 self._error = err
+            # A caller blocked in this writer raises the error right away:
+            # logging it too would say it twice. Otherwise it is logged now
+            # (a training loop may not call the writer again for an epoch).
+            raised_now = self._callers_waiting > 0
             self._cond.notify_all()
-        log.error("%s", err)
+        if first and not raised_now:
+            log.error("%s (the writer's next call raises this)", err)
 
     def _run(self):
         outage = None  # (monotonic start, why) while the stream is down

@@ -74,9 +74,9 @@ def test_a_daemon_that_stays_away_fails_in_frames(own_daemon, archive, caplog):
     assert "could not reconnect within 3 s" in msg
     _no_jargon([msg])
     lines = _lines(caplog)
-    # The outage once, then the failure once: no line per retry.
-    assert [l for l in lines if "lost the stream" in l] == lines[:1], lines
-    assert len(lines) == 2, lines
+    # The outage once, no line per retry; the failure is raised to the
+    # waiting flush, and not also logged.
+    assert len(lines) == 1 and "lost the stream" in lines[0], lines
     _no_jargon(lines)
 
 
@@ -87,3 +87,35 @@ def test_rate_limit_counts_what_it_holds_back():
     assert r.allow(20.0) == (False, 0)
     assert r.allow(61.0) == (True, 2)
     assert r.allow(62.0) == (False, 0)
+
+
+def test_a_refusal_is_said_once(tmp_path, caplog):
+    """A frame the daemon refuses (over --max-tensor-bytes) reaches the user
+    once: raised to a caller that waits on the writer, not also logged; logged
+    when it happens while nobody waits (the next call raises it)."""
+    from conftest import Daemon
+    caplog.set_level(logging.DEBUG, logger="gtar_logd")
+    d = Daemon(tmp_path, args=["--max-tensor-bytes", "1000"])
+    d.start()
+    try:
+        with Client(d.address) as c:
+            w = c.writer("runs/a.zip")
+            w.write_frame("0", [("l", "w", np.zeros(1000, np.float32))])
+            with pytest.raises(WriteFailed, match=r"--max-tensor-bytes"):
+                w.close(30)
+            assert _lines(caplog) == []
+
+            w = c.writer("runs/b.zip")
+            w.write_frame("0", [("l", "w", np.zeros(1000, np.float32))])
+            deadline = time.monotonic() + 30
+            while not _lines(caplog):
+                assert time.monotonic() < deadline, "the refusal was never logged"
+                time.sleep(0.02)
+            (line,) = _lines(caplog)
+            assert "--max-tensor-bytes" in line and "next call raises" in line, line
+            with pytest.raises(WriteFailed, match=r"--max-tensor-bytes"):
+                w.write_frame("1", [("l", "w", np.zeros(10, np.float32))])
+            assert len(_lines(caplog)) == 1
+    finally:
+        d.stop()
+        d.cleanup()
