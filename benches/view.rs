@@ -23,9 +23,10 @@
 //! Knobs (env): BENCH_VIEW_FRAMES (frames in the archive, default 100),
 //! BENCH_VIEW_FRAME_MB (MB per frame, in 4 float32 tensors, default 2: the
 //! whole bench runs in about a minute), BENCH_ROUNDS (default 5),
-//! BENCH_INGEST_FRAMES (frames per ingest run, default 40). The sizes:
-//! `BENCH_VIEW_FRAME_MB=100 BENCH_VIEW_FRAMES=100` (10 GB of disk) and
-//! `BENCH_VIEW_FRAMES=1000`. Timings are printed, never asserted.
+//! BENCH_INGEST_FRAMES (frames per ingest run, default 150: several polls a
+//! run). The sizes: `BENCH_VIEW_FRAME_MB=100` (100 frames of 100 MB,
+//! 10 GB of disk) and `BENCH_VIEW_FRAMES=1000`. Timings are printed, never
+//! asserted.
 
 mod common;
 #[path = "../tests/common/daemon.rs"]
@@ -147,7 +148,7 @@ fn main() {
     let frames = env_u64("BENCH_VIEW_FRAMES", 100) as usize;
     let frame_bytes = (env_u64("BENCH_VIEW_FRAME_MB", 2) * 1_000_000) as usize;
     let rounds = env_u64("BENCH_ROUNDS", 5) as usize;
-    let ingest_frames = env_u64("BENCH_INGEST_FRAMES", 40) as usize;
+    let ingest_frames = env_u64("BENCH_INGEST_FRAMES", 150) as usize;
     let root = temp_root("bench-view");
     let data = root.path().join("data");
     let sock = root.path().join("d.sock");
@@ -155,6 +156,11 @@ fn main() {
     let mut d = ChildDaemon::spawn(&data, &sock, None, &root.path().join("daemon.log"));
     let addr = format!("unix:{}", sock.display());
     let c = Client::connect(&addr).unwrap();
+    if cfg!(debug_assertions) {
+        println!(
+            "NOTE: an unoptimised build (--profile dev): CPU-bound figures are far below release"
+        );
+    }
     println!(
         "view bench: {frames} frames of {:.1} MB ({TENSORS} float32 tensors), {rounds} rounds",
         frame_bytes as f64 / 1e6
