@@ -261,8 +261,8 @@ function renderArchive(name, d) {
       h("span", { class: "key s-received" }), " received (committed, not yet durable) ",
       h("span", { class: "key s-durable" }), " durable ",
       h("span", { class: "key s-replicated" }), " replicated ",
-      h("span", { class: "key s-unknown" }), " state unknown; outlined: the best frame recorded. Click a frame for its tensors. ",
-      h("span", { class: "muted" }, d.states_note || ""))];
+      h("span", { class: "key s-unknown" }), " state unknown; outlined: the best frame recorded. Click a frame for its tensors."),
+    h("p", { class: "legend" }, d.states_note || "")];
   const charts = h("div", { class: "grid", id: "metrics" });
   // One chart per metric group (epoch, batch, …), every metric in it.
   const groups = {};
