@@ -266,6 +266,25 @@ fn view_of_the_daemon_and_offline() {
     let name = "runs/v.zip";
     write_frames(&c, name, 0, 4);
 
+    // What the view keys its cache with over the daemon: GetFrame
+    // `headers_only` gives each tensor's header with the CRC-32 of its
+    // bytes (from the central directory), and sends no bytes.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (index, headers) = rt.block_on(async {
+        let a = gtar_logd_client::Client::connect(&addr).await.unwrap();
+        a.frame_headers(name, "1").await.unwrap()
+    });
+    drop(rt);
+    assert_eq!(index, "1");
+    let f = c.get_frame(name, "1").unwrap();
+    assert_eq!(headers.len(), f.tensors.len());
+    for (h, t) in headers.iter().zip(&f.tensors) {
+        let bytes = t.array.to_le_bytes();
+        assert_eq!(h.path, t.path);
+        assert_eq!(h.size_bytes, bytes.len() as u64, "{}", h.path);
+        assert_eq!(h.crc32, crc32fast::hash(&bytes), "{}", h.path);
+    }
+
     let env = [("XDG_CACHE_HOME", cache.as_path())];
     let v = View::start(&["--address", &addr], &env);
 
