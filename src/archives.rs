@@ -274,6 +274,18 @@ impl Archives {
         }
     }
 
+    /// With a writer holding archive `name` open: the offset below which
+    /// its commits are durable ([`crate::writer::WriterHandle::durable_end`]).
+    /// `None`: no writer of this daemon holds it, so every commit in the
+    /// file is as durable as the file (a closed writer synced it).
+    pub fn durable_end(&self, name: &str) -> Option<u64> {
+        if self.others.is_some() && name.starts_with('~') {
+            return None;
+        }
+        let path = self.catalog.resolve(name, false).ok()?;
+        self.writers.get(&path).map(|h| h.durable_end())
+    }
+
     /// A read view of archive `name`, local or else remote.
     pub fn open_any(&self, name: &str) -> Result<(Archive, Origin), ReadError> {
         match self.open_read(name) {

@@ -164,6 +164,8 @@ pub struct TensorMeta {
     pub dtype: DType,
     pub shape: Vec<u64>,
     pub size_bytes: u64,
+    /// CRC-32 (zip's) of the stored bytes, from the central directory.
+    pub crc32: u32,
 }
 
 /// Where a stored tensor's bytes lie in the archive file, for a client that
@@ -311,9 +313,30 @@ fn tensor_ref(
             dtype,
             shape,
             size_bytes: size,
+            crc32: e.cd.crc32,
         },
         entry: e.clone(),
     }
+}
+
+/// For each frame under `group`, the offset of its last entry's local
+/// header: a frame lies wholly before a commit boundary iff this is below it.
+pub fn frame_last_offsets(a: &Archive, group: &str) -> HashMap<String, u64> {
+    let ix = a.index();
+    let prefix = (!group.is_empty()).then_some(group);
+    let mut out: HashMap<String, u64> = HashMap::new();
+    for rt in ix.record_types() {
+        if rt.behavior != Behavior::Discrete || !group_under(&rt.group, prefix) {
+            continue;
+        }
+        for f in ix.frames(rt) {
+            if let Some(e) = ix.record(rt, f) {
+                let at = out.entry(f.to_string()).or_insert(0);
+                *at = (*at).max(e.cd.local_header_offset);
+            }
+        }
+    }
+    out
 }
 
 /// The tensors of frame `index` under `group`, optionally only `names`.

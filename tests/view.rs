@@ -3,12 +3,15 @@
 //! (401 without it, the cookie with it), that every statistic equals an
 //! independent computation here (full sort for the percentiles, plain loops
 //! for the rest), that statistics are kept across a restart of the view, that
-//! a new frame appears while the view runs, and that offline names are
-//! confined to the files given.
+//! a new frame appears while the view runs, that offline names are confined
+//! to the files given, that each frame's state (durable, replicated) is the
+//! daemon's, and that an archive fetched from S3 is viewed with no daemon.
 
 mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "common/s3.rs"]
+mod s3;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -263,6 +266,25 @@ fn view_of_the_daemon_and_offline() {
     let name = "runs/v.zip";
     write_frames(&c, name, 0, 4);
 
+    // What the view keys its cache with over the daemon: GetFrame
+    // `headers_only` gives each tensor's header with the CRC-32 of its
+    // bytes (from the central directory), and sends no bytes.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (index, headers) = rt.block_on(async {
+        let a = gtar_logd_client::Client::connect(&addr).await.unwrap();
+        a.frame_headers(name, "1").await.unwrap()
+    });
+    drop(rt);
+    assert_eq!(index, "1");
+    let f = c.get_frame(name, "1").unwrap();
+    assert_eq!(headers.len(), f.tensors.len());
+    for (h, t) in headers.iter().zip(&f.tensors) {
+        let bytes = t.array.to_le_bytes();
+        assert_eq!(h.path, t.path);
+        assert_eq!(h.size_bytes, bytes.len() as u64, "{}", h.path);
+        assert_eq!(h.crc32, crc32fast::hash(&bytes), "{}", h.path);
+    }
+
     let env = [("XDG_CACHE_HOME", cache.as_path())];
     let v = View::start(&["--address", &addr], &env);
 
@@ -324,6 +346,8 @@ fn view_of_the_daemon_and_offline() {
         (Some("0"), Some("3"))
     );
 
+    // Every frame was acked durable; no remote, so replication is unset.
+    assert_eq!(states(&v, name), [(Some(true), None); 4]);
     let a = v.json(&format!("/api/archive?name={}", q(name)));
     let loss = a["metrics"]
         .as_array()
@@ -421,6 +445,7 @@ fn view_of_the_daemon_and_offline() {
     assert_eq!(oname, file.display().to_string());
     assert_eq!(list["archives"][0]["frames"], 5);
     assert_eq!(list["archives"][0]["live"], false);
+    assert_eq!(states(&v, &oname), [(Some(true), None); 5]);
     check_kernel_stats(&v, &oname, 5);
     // Confined to the files given: another file is not served.
     let other = root.path().join("daemon.log");
@@ -495,4 +520,103 @@ fn view_refuses_what_it_cannot_serve() {
         err.contains("none.sock"),
         "names the address it tried: {err}"
     );
+}
+
+/// `states` of `/api/archive` as (durable, replicated), JSON null as `None`.
+fn states(v: &View, name: &str) -> Vec<(Option<bool>, Option<bool>)> {
+    let a = v.json(&format!("/api/archive?name={}", q(name)));
+    let frames = a["frames"].as_array().unwrap().len();
+    let st = a["states"].as_array().expect("states");
+    assert_eq!(st.len(), frames, "one state per frame: {a}");
+    st.iter()
+        .map(|s| (s["durable"].as_bool(), s["replicated"].as_bool()))
+        .collect()
+}
+
+/// With `serve --remote` against a real S3 server (s3s-fs): the archive
+/// page's states say which frames are replicated (frames written while the
+/// store is down are durable, not replicated, until it is back); then, with
+/// no daemon running, `gtar-logd fetch` materializes the remote archive and
+/// `gtar-logd view` serves its frames and statistics offline.
+#[test]
+fn frame_states_with_a_remote_and_a_view_of_an_archive_fetched_from_s3() {
+    let root = temp_root("view-s3");
+    let mut s3 = s3::S3Server::start(&root.path().join("s3"));
+    s3.bucket("ckpt");
+    let data = root.path().join("data");
+    let sock = root.path().join("d.sock");
+    let cache = root.path().join("cache");
+    let mut d = ChildDaemon::spawn_with(&data, &sock, None, &root.path().join("daemon.log"), |c| {
+        s3.apply(c);
+        c.arg("--remote").arg("s3://ckpt/team");
+    });
+    let addr = format!("unix:{}", sock.display());
+    let c = Client::connect(&addr).unwrap();
+    let name = "runs/s.zip";
+    write_frames(&c, name, 0, 3);
+    let env = [("XDG_CACHE_HOME", cache.as_path())];
+    let v = View::start(&["--address", &addr], &env);
+    let all = |want: (Option<bool>, Option<bool>), n: usize| {
+        move |st: &[(Option<bool>, Option<bool>)]| st.len() == n && st.iter().all(|s| *s == want)
+    };
+    let replicated = (Some(true), Some(true));
+    wait_for("frames 0..3 replicated", Duration::from_secs(30), || {
+        all(replicated, 3)(&states(&v, name))
+    });
+
+    // The store goes away: new frames are durable (acked so), not replicated.
+    s3.stop();
+    write_frames(&c, name, 3, 5);
+    let st = states(&v, name);
+    assert_eq!(st[..3], [replicated; 3], "{st:?}");
+    assert_eq!(st[3..], [(Some(true), Some(false)); 2], "{st:?}");
+    // The timeline's legend says what the source can know.
+    let a = v.json(&format!("/api/archive?name={}", q(name)));
+    assert!(
+        a["states_note"].as_str().unwrap().contains("durable"),
+        "{a}"
+    );
+
+    // Back: they are replicated.
+    s3.restart();
+    wait_for("frames 3, 4 replicated", Duration::from_secs(30), || {
+        all(replicated, 5)(&states(&v, name))
+    });
+    drop(v);
+    d.terminate(Duration::from_secs(20));
+
+    // No daemon: fetch the remote archive and view the file.
+    let local = root.path().join("fetched.zip");
+    let mut fetch = Command::new(daemon_bin());
+    s3.apply(&mut fetch);
+    let out = fetch
+        .args([
+            "fetch",
+            &format!("s3://ckpt/team/{name}"),
+            local.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fetch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = View::start(&[local.to_str().unwrap()], &env);
+    let list = v.json("/api/archives");
+    let oname = local.display().to_string();
+    assert_eq!(list["archives"][0]["name"], oname.as_str());
+    assert_eq!(list["archives"][0]["frames"], 5);
+    // Offline: in the file and no writer holds it, so durable; replication
+    // is not known without the daemon.
+    assert_eq!(states(&v, &oname), [(Some(true), None); 5]);
+    let a = v.json(&format!("/api/archive?name={}", q(&oname)));
+    let loss = a["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "loss")
+        .expect("the loss metric");
+    assert_eq!(loss["steps"], serde_json::json!(["0", "1", "2", "3", "4"]));
+    check_kernel_stats(&v, &oname, 5);
 }

@@ -132,6 +132,7 @@ impl From<TensorMeta> for pb::TensorInfo {
             size_bytes: t.size_bytes,
             location: None,
             slice: None,
+            crc32: t.crc32,
         }
     }
 }

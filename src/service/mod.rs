@@ -167,11 +167,46 @@ impl Logd for Service {
         req: Request<pb::ListFramesRequest>,
     ) -> Result<Response<pb::ListFramesResponse>, Status> {
         let r = req.into_inner();
-        let a = open_read(&self.state, r.archive).await?;
+        let name = r.archive.clone();
+        let (a, origin) = open_any(&self.state, r.archive).await?;
         // Sorting every frame index of a large archive is CPU work, and the
         // index lock may be held by a writer: off the async workers.
-        let frames = blocking(move || query::frames(&a, &r.group)).await?;
-        Ok(Response::new(pb::ListFramesResponse { frames }))
+        if !r.states {
+            let frames = blocking(move || query::frames(&a, &r.group)).await?;
+            return Ok(Response::new(pb::ListFramesResponse {
+                frames,
+                states: Vec::new(),
+            }));
+        }
+        // Each frame's state: durable below the writer's fsynced end,
+        // replicated below the replicator's committed end (both commit
+        // boundaries in this file's offsets). Read after the frames, so a
+        // frame is never said to be further along than it is.
+        let st = self.state.clone();
+        let (frames, states) = blocking(move || {
+            let frames = query::frames(&a, &r.group)?;
+            let last = query::frame_last_offsets(&a, &r.group);
+            let remote_only = matches!(origin, Origin::Remote { .. });
+            let durable_end = st.archives.durable_end(&name);
+            let replicated_end = match st.archives.replicator() {
+                None => None,
+                Some(_) if remote_only => Some(u64::MAX),
+                Some(rep) => rep.status(&name).map(|s| s.replicated),
+            };
+            let states = frames
+                .iter()
+                .map(|f| {
+                    let at = last.get(f).copied().unwrap_or(0);
+                    pb::FrameState {
+                        durable: remote_only || durable_end.is_none_or(|d| at < d),
+                        replicated: replicated_end.map(|r| at < r),
+                    }
+                })
+                .collect();
+            Ok::<_, Status>((frames, states))
+        })
+        .await?;
+        Ok(Response::new(pb::ListFramesResponse { frames, states }))
     }
 
     async fn get_frame(
@@ -189,6 +224,7 @@ impl Logd for Service {
             ));
         }
         let batch = r.batch;
+        let headers_only = r.headers_only;
         let a = open_read(&self.state, r.archive).await?;
         let (tx, rx) = mpsc::channel(4);
         let plan = blocking(move || -> Result<_, Status> {
@@ -207,6 +243,23 @@ impl Logd for Service {
             Ok((a, vec![(index, tensors)], locate))
         })
         .await?;
+        if headers_only {
+            // The index says all of it: no tensor bytes are read.
+            use pb::frame_data::Msg;
+            let (_, frames, _) = plan;
+            let mut msgs = Vec::new();
+            for (frame, tensors) in frames {
+                msgs.push(Ok(pb::FrameData {
+                    msg: Some(Msg::Frame(frame)),
+                }));
+                msgs.extend(tensors.into_iter().map(|t| {
+                    Ok(pb::FrameData {
+                        msg: Some(Msg::Tensor(t.info.into())),
+                    })
+                }));
+            }
+            return Ok(Response::new(Box::pin(tokio_stream::iter(msgs))));
+        }
         tokio::task::spawn_blocking(move || {
             let (archive, frames, locate) = plan;
             let mut out = frames::FrameSender::new(archive, tx, locate, batch);

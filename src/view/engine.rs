@@ -222,8 +222,10 @@ impl Engine {
         }
         let f = self.source.frame(name, index)?;
         let mut bytes = HashMap::new();
-        if let Some(b) = f.bytes {
+        if f.keep || f.bytes.is_some() {
             st.metas.insert(index.to_string(), f.tensors.clone());
+        }
+        if let Some(b) = f.bytes {
             for (t, b) in f.tensors.iter().zip(b) {
                 bytes.insert(t.id.clone(), b);
             }

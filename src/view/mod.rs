@@ -366,7 +366,8 @@ async fn archive(State(app): State<Arc<App>>, Query(q): Query<NameQ>) -> ApiResu
     let v = blocking(move || {
         let src = app.engine.source();
         let d = src.describe(&q.name)?;
-        let frames = src.frames(&q.name)?;
+        let (frames, states): (Vec<String>, Vec<source::FrameState>) =
+            src.frame_states(&q.name)?.into_iter().unzip();
         let metrics = src.metrics(&q.name)?;
         let tensors = match frames.last() {
             Some(f) => app.engine.frame(&q.name, f)?,
@@ -378,6 +379,8 @@ async fn archive(State(app): State<Arc<App>>, Query(q): Query<NameQ>) -> ApiResu
         Ok(json!({
             "archive": d,
             "frames": frames,
+            "states": states,
+            "states_note": src.states_note(),
             "metrics": metrics,
             "best": best,
             "tensors": tensors.iter().map(|t| json!({"id": t.id, "label": labels[&t.id], "dtype": t.dtype.name(), "shape": t.shape, "size": t.size})).collect::<Vec<_>>(),

@@ -93,6 +93,20 @@ fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> Result<S::Ok, S::Error> 
 pub struct FrameTensors {
     pub tensors: Vec<TensorMeta>,
     pub bytes: Option<Vec<Arc<Vec<u8>>>>,
+    /// Describing the frame cost a round trip (daemon): the engine keeps the
+    /// description for this run of the view.
+    pub keep: bool,
+}
+
+/// Where a frame stands, as far as a source can tell (`None`: it cannot).
+/// Every frame a source lists is received: in the archive and visible to
+/// readers (the daemon sends its `received` ack when it commits a frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FrameState {
+    /// An fsync covered the frame's bytes.
+    pub durable: Option<bool>,
+    /// The frame is in the committed remote manifest (`serve --remote`).
+    pub replicated: Option<bool>,
 }
 
 /// One stored metric (a continuous record): its steps and values.
@@ -112,6 +126,10 @@ pub trait Source: Send + Sync {
     fn describe(&self, name: &str) -> Result<Described>;
     /// Frame indices in GETAR order.
     fn frames(&self, name: &str) -> Result<Vec<String>>;
+    /// Frame indices in GETAR order, each with its state.
+    fn frame_states(&self, name: &str) -> Result<Vec<(String, FrameState)>>;
+    /// What this source can tell of frames' states, for the page.
+    fn states_note(&self) -> &'static str;
     fn frame(&self, name: &str, index: &str) -> Result<FrameTensors>;
     fn read(&self, name: &str, index: &str, t: &TensorMeta) -> Result<Vec<u8>>;
     fn metrics(&self, name: &str) -> Result<Vec<Metric>>;
@@ -300,6 +318,30 @@ impl Source for Offline {
         Ok(crate::query::frames(&a, "")?)
     }
 
+    fn frame_states(&self, name: &str) -> Result<Vec<(String, FrameState)>> {
+        let (path, a) = self.archive(name)?;
+        // A file no writer holds is as durable as the file system keeps it;
+        // one a writer holds may hold frames no fsync covered yet, and only
+        // that writer knows which.
+        let durable = match gtar::is_being_written(&path) {
+            Ok(false) => Some(true),
+            _ => None,
+        };
+        let s = FrameState {
+            durable,
+            replicated: None,
+        };
+        Ok(crate::query::frames(&a, "")?
+            .into_iter()
+            .map(|f| (f, s))
+            .collect())
+    }
+
+    fn states_note(&self) -> &'static str {
+        "offline: every frame listed is in the file; it is durable unless a writer holds the \
+         file open (then only that daemon knows); replication is not known without the daemon"
+    }
+
     fn frame(&self, name: &str, index: &str) -> Result<FrameTensors> {
         let (_, a) = self.archive(name)?;
         let refs = crate::query::frame_tensors(&a, "", index, &[])?;
@@ -318,6 +360,7 @@ impl Source for Offline {
         Ok(FrameTensors {
             tensors,
             bytes: None,
+            keep: false,
         })
     }
 
@@ -392,7 +435,12 @@ impl Source for Offline {
 pub struct Daemon {
     client: gtar_logd_client::Client,
     rt: tokio::runtime::Handle,
+    /// The last frame read whole: (archive, index, (path, bytes) of its
+    /// tensors), so reading its tensors one by one costs one GetFrame.
+    last: Mutex<Option<LastFrame>>,
 }
+
+type LastFrame = (String, String, Vec<(String, Arc<Vec<u8>>)>);
 
 impl Daemon {
     /// Connects now, so a missing daemon fails at start with the client's
@@ -407,6 +455,7 @@ impl Daemon {
         Ok(Daemon {
             client,
             rt: tokio::runtime::Handle::current(),
+            last: Mutex::new(None),
         })
     }
 
@@ -479,42 +528,79 @@ impl Source for Daemon {
         Ok(self.block(self.client.list_frames(name, ""))?)
     }
 
+    fn frame_states(&self, name: &str) -> Result<Vec<(String, FrameState)>> {
+        let l = self.block(self.client.list_frame_states(name, ""))?;
+        Ok(l.into_iter()
+            .map(|(f, s)| {
+                (
+                    f,
+                    FrameState {
+                        durable: Some(s.durable),
+                        replicated: s.replicated,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn states_note(&self) -> &'static str {
+        "from the daemon: every frame listed is received (committed, visible to readers); \
+         durable once an fsync covered it; replicated once it is in the remote manifest \
+         (only when the daemon runs with --remote)"
+    }
+
     fn frame(&self, name: &str, index: &str) -> Result<FrameTensors> {
-        let f = self.block(
+        // Headers only: the daemon reads no tensor bytes, and the CRC-32 from
+        // the central directory keys the statistics cache.
+        let (_, infos) = self.block(
             self.client
-                .get_frame(name, gtar_logd_client::FrameSel::index(index)),
+                .frame_headers(name, gtar_logd_client::FrameSel::index(index)),
         )?;
         let mut tensors = Vec::new();
-        let mut bytes = Vec::new();
-        for t in f.tensors.into_iter().filter(|t| !is_text(&t.path)) {
-            let dtype = DType::from_name(t.array.dtype().name())
-                .ok_or_else(|| anyhow!("unknown dtype {}", t.array.dtype().name()))?;
-            let b = t.array.to_le_bytes();
+        for t in infos.into_iter().filter(|t| !is_text(&t.path)) {
+            let dtype = gtar_logd_client::DType::from_proto(t.dtype)
+                .and_then(|d| DType::from_name(d.name()))
+                .ok_or_else(|| anyhow!("{}: unknown dtype {}", t.path, t.dtype))?;
             tensors.push(TensorMeta {
                 id: id_of(&t.group, &t.name),
                 path: t.path,
                 dtype,
-                shape: t.array.shape().iter().map(|&d| d as u64).collect(),
-                size: b.len() as u64,
-                crc32: crc32fast::hash(&b),
+                shape: t.shape,
+                size: t.size_bytes,
+                crc32: t.crc32,
             });
-            bytes.push(Arc::new(b));
         }
         Ok(FrameTensors {
             tensors,
-            bytes: Some(bytes),
+            bytes: None,
+            keep: true,
         })
     }
 
     fn read(&self, name: &str, index: &str, t: &TensorMeta) -> Result<Vec<u8>> {
-        let f = self.frame(name, index)?;
-        let bytes = f.bytes.unwrap_or_default();
-        f.tensors
-            .iter()
-            .zip(bytes)
-            .find(|(m, _)| m.path == t.path)
-            .map(|(_, b)| Arc::unwrap_or_clone(b))
-            .ok_or_else(|| anyhow!("{name}: frame {index} has no tensor {}", t.path))
+        let hit = |l: &Option<LastFrame>| -> Option<Vec<u8>> {
+            let (n, i, ts) = l.as_ref()?;
+            if n != name || i != index {
+                return None;
+            }
+            let (_, b) = ts.iter().find(|(p, _)| *p == t.path)?;
+            Some(b.as_ref().clone())
+        };
+        if let Some(b) = hit(&self.last.lock().unwrap()) {
+            return Ok(b);
+        }
+        let f = self.block(
+            self.client
+                .get_frame(name, gtar_logd_client::FrameSel::index(index)),
+        )?;
+        let ts: Vec<(String, Arc<Vec<u8>>)> = f
+            .tensors
+            .into_iter()
+            .map(|x| (x.path, Arc::new(x.array.to_le_bytes())))
+            .collect();
+        let mut last = self.last.lock().unwrap();
+        *last = Some((name.to_string(), index.to_string(), ts));
+        hit(&last).ok_or_else(|| anyhow!("{name}: frame {index} has no tensor {}", t.path))
     }
 
     fn metrics(&self, name: &str) -> Result<Vec<Metric>> {

@@ -202,6 +202,10 @@ impl Actor {
                 if self.limits.direct_io {
                     w.enable_direct_io();
                 }
+                // A new file: offsets start again.
+                self.shared
+                    .durable_end
+                    .store(w.committed_len(), Ordering::SeqCst);
                 self.writer = Some(w);
                 Ok(())
             }
@@ -245,6 +249,10 @@ impl Actor {
                 if self.limits.direct_io {
                     w.enable_direct_io();
                 }
+                // The new file was fsynced whole before the rename.
+                self.shared
+                    .durable_end
+                    .store(w.committed_len(), Ordering::SeqCst);
                 // The old writer writes its tail to the old (unlinked) file
                 // and lets go of its lock.
                 drop(self.writer.replace(w));
@@ -285,7 +293,7 @@ impl Actor {
             Ok(c) => {
                 let _ = received.send(Ok(c));
                 match self.syncer() {
-                    Ok(s) => s.push(durable),
+                    Ok(s) => s.push(durable, c.txn + c.bytes),
                     Err(e) => {
                         self.fail(format!("cannot start the fsync thread: {e}"));
                         let _ = durable.send(Err(self.failed().expect("just failed")));

@@ -109,6 +109,12 @@ pub(super) struct Shared {
     /// puts a new file in place (readers already holding the old one keep
     /// a consistent view: the old file with its own, no longer growing, index).
     pub(super) reader: std::sync::RwLock<Archive>,
+    /// Every commit ending at or before this offset of the current file is
+    /// durable (an fsync covering it returned): the committed length when
+    /// the file was opened, then the end of the last commit each fsync
+    /// covered. Commits are contiguous and never rewritten, so a frame is
+    /// durable iff its last entry starts before it.
+    pub(super) durable_end: AtomicU64,
 }
 
 impl Shared {
@@ -160,6 +166,12 @@ impl WriterHandle {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// See [`Shared::durable_end`]: commits of the file [`Self::reader`]
+    /// reads that end at or before this offset are durable.
+    pub fn durable_end(&self) -> u64 {
+        self.shared.durable_end.load(Ordering::SeqCst)
     }
 
     /// The archive's path.

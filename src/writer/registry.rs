@@ -148,6 +148,7 @@ impl Registry {
             disk_full: std::sync::atomic::AtomicBool::new(false),
             failures: self.failures.clone(),
             reader: std::sync::RwLock::new(reader),
+            durable_end: AtomicU64::new(writer.committed_len()),
         });
         let reader_index = shared
             .reader

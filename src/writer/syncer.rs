@@ -30,7 +30,8 @@ pub(super) type Ack = oneshot::Sender<Result<(), WriterError>>;
 
 #[derive(Default)]
 struct Queue {
-    waiting: Vec<Ack>,
+    /// Acks, each with the end of the commit it answers for (0: none).
+    waiting: Vec<(Ack, u64)>,
     closed: bool,
 }
 
@@ -57,20 +58,21 @@ impl Syncer {
         })
     }
 
-    /// Ask for an fsync covering everything written so far.
-    pub(super) fn push(&self, ack: Ack) {
+    /// Ask for an fsync covering everything written so far, the commit
+    /// ending at `end` included.
+    pub(super) fn push(&self, ack: Ack, end: u64) {
         let (m, cv) = &*self.queue;
         m.lock()
             .unwrap_or_else(|p| p.into_inner())
             .waiting
-            .push(ack);
+            .push((ack, end));
         cv.notify_one();
     }
 
     /// Block until everything written so far is synced (or failed).
     pub(super) fn drain(&self) {
         let (tx, rx) = oneshot::channel();
-        self.push(tx);
+        self.push(tx, 0);
         let _ = rx.blocking_recv();
     }
 
@@ -134,7 +136,11 @@ fn run(
                 })
             }
         };
-        for ack in batch {
+        if result.is_ok() {
+            let end = batch.iter().map(|(_, end)| *end).max().unwrap_or(0);
+            shared.durable_end.fetch_max(end, Ordering::SeqCst);
+        }
+        for (ack, _) in batch {
             let _ = ack.send(result.clone().map_err(|why| WriterError::Failed {
                 path: path.display().to_string(),
                 why,

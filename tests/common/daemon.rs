@@ -895,6 +895,7 @@ pub async fn list_frames(
         .list_frames(pb::ListFramesRequest {
             archive: archive.into(),
             group: group.into(),
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -162,6 +162,16 @@ impl FrameQuery {
     }
 }
 
+/// Where a frame stands ([`Client::list_frame_states`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameState {
+    /// An fsync covered it (its `durable` ack is due or sent).
+    pub durable: bool,
+    /// With a daemon that replicates (`serve --remote`): in the committed
+    /// remote manifest. `None`: no remote, or not known yet.
+    pub replicated: Option<bool>,
+}
+
 /// One tensor read back from an archive.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
@@ -410,10 +420,93 @@ impl Client {
             .list_frames(proto::ListFramesRequest {
                 archive: archive.into(),
                 group: group.into(),
+                ..Default::default()
             })
             .await?
             .into_inner()
             .frames)
+    }
+
+    /// Frame indices in GETAR order, each with where it stands (durable,
+    /// replicated) as the daemon knows it now; every frame listed is
+    /// received (committed, visible to readers).
+    pub async fn list_frame_states(
+        &self,
+        archive: &str,
+        group: &str,
+    ) -> Result<Vec<(String, FrameState)>> {
+        let r = self
+            .inner
+            .clone()
+            .list_frames(proto::ListFramesRequest {
+                archive: archive.into(),
+                group: group.into(),
+                states: true,
+            })
+            .await?
+            .into_inner();
+        if r.states.len() != r.frames.len() {
+            return Err(Error::Protocol(format!(
+                "ListFrames: {} states for {} frames (a daemon older than this client?)",
+                r.states.len(),
+                r.frames.len()
+            )));
+        }
+        Ok(r.frames
+            .into_iter()
+            .zip(r.states)
+            .map(|(f, s)| {
+                (
+                    f,
+                    FrameState {
+                        durable: s.durable,
+                        replicated: s.replicated,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Each tensor's header (path, group, name, dtype, shape, size, CRC-32)
+    /// of one frame, and the frame's index; the daemon reads no tensor bytes.
+    pub async fn frame_headers(
+        &self,
+        archive: &str,
+        frame: impl Into<FrameSel>,
+    ) -> Result<(String, Vec<proto::TensorInfo>)> {
+        use proto::frame_data::Msg;
+        use proto::get_frame_request::Frame as Sel;
+        let frame = Some(match frame.into() {
+            FrameSel::Index(i) => Sel::Index(i),
+            FrameSel::Position(p) => Sel::Position(p),
+        });
+        let mut stream = self
+            .inner
+            .clone()
+            .get_frame(proto::GetFrameRequest {
+                archive: archive.into(),
+                frame,
+                headers_only: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut index = None;
+        let mut infos = Vec::new();
+        while let Some(m) = stream.next().await {
+            match m?.msg {
+                Some(Msg::Frame(i)) => index = Some(i),
+                Some(Msg::Tensor(t)) => infos.push(t),
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "GetFrame headers_only: unexpected {other:?}"
+                    )))
+                }
+            }
+        }
+        let index =
+            index.ok_or_else(|| Error::Protocol("GetFrame headers_only: no frame".into()))?;
+        Ok((index, infos))
     }
 
     /// All tensors of one frame, e.g. `get_frame("a.zip", FrameSel::LAST)` or

@@ -57,8 +57,8 @@ mod writer;
 
 pub use address::Address;
 pub use client::{
-    ArchiveDescription, ArchiveInfo, Client, Compacted, Frame, FrameQuery, FrameSel, KeepPolicy,
-    Snapshot, Tensor,
+    ArchiveDescription, ArchiveInfo, Client, Compacted, Frame, FrameQuery, FrameSel, FrameState,
+    KeepPolicy, Snapshot, Tensor,
 };
 pub use error::{Error, Result};
 pub use tensor::{DType, DynArray, Element, TensorData};

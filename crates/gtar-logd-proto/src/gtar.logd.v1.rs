@@ -386,12 +386,35 @@ pub struct ListFramesRequest {
     /// Only frames of records in this group or below it.
     #[prost(string, tag = "2")]
     pub group: ::prost::alloc::string::String,
+    /// Also say where each frame stands (ListFramesResponse.states).
+    #[prost(bool, tag = "3")]
+    pub states: bool,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListFramesResponse {
     #[prost(string, repeated, tag = "1")]
     pub frames: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Only when the request asked for `states`: one per frame, in the order of
+    /// `frames`.
+    #[prost(message, repeated, tag = "2")]
+    pub states: ::prost::alloc::vec::Vec<FrameState>,
+}
+/// Where a frame stands, as the daemon knows it when it answers. Every frame
+/// listed is received: committed and visible to readers (its `received` ack
+/// is sent).
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FrameState {
+    /// An fsync covered its bytes (its `durable` ack is due or sent). Frames of
+    /// an archive no writer holds open are durable.
+    #[prost(bool, tag = "1")]
+    pub durable: bool,
+    /// Only with `serve --remote`: its bytes are in the committed remote
+    /// manifest (its `replicated` ack is due or sent). Unset without a remote,
+    /// and while the daemon has not yet compared the archive with its remote.
+    #[prost(bool, optional, tag = "2")]
+    pub replicated: ::core::option::Option<bool>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -420,6 +443,10 @@ pub struct GetFrameRequest {
     /// sent must have as many dimensions as the slice and contain it.
     #[prost(message, optional, tag = "8")]
     pub slice: ::core::option::Option<TensorSlice>,
+    /// Only the `frame` and each tensor's header (TensorInfo, with its crc32):
+    /// no tensor bytes are read or streamed (`locate` and `batch` are ignored).
+    #[prost(bool, tag = "9")]
+    pub headers_only: bool,
     #[prost(oneof = "get_frame_request::Frame", tags = "3, 4")]
     pub frame: ::core::option::Option<get_frame_request::Frame>,
 }
@@ -462,6 +489,11 @@ pub struct TensorInfo {
     /// is still the whole tensor's entry.
     #[prost(message, optional, tag = "8")]
     pub slice: ::core::option::Option<TensorSlice>,
+    /// CRC-32 (zip's) of the whole tensor's bytes (uncompressed), from the
+    /// archive's central directory: a client can tell whether it already has
+    /// these bytes without reading them.
+    #[prost(uint32, tag = "9")]
+    pub crc32: u32,
 }
 /// Where a stored (uncompressed) tensor's bytes lie in the archive file.
 /// Granted only on the Unix socket to a peer whose uid owns the archive file

@@ -216,7 +216,7 @@ async function archivePage(name) {
   let last = "";
   const draw = async () => {
     const d = await api("archive", { name });
-    const sig = JSON.stringify([d.frames.length, d.frames[d.frames.length - 1], d.metrics.map((m) => m.steps.length), d.best]);
+    const sig = JSON.stringify([d.frames.length, d.frames[d.frames.length - 1], d.states, d.metrics.map((m) => m.steps.length), d.best]);
     if (sig === last) return;
     last = sig;
     view.data.archive = d;
@@ -224,6 +224,20 @@ async function archivePage(name) {
     renderArchive(name, d);
   };
   try { await draw(); poll(draw); } catch (e) { fail(e); }
+}
+
+// A frame's state as the source tells it: each of durable and replicated is
+// true, false or null (the source cannot know).
+function frameState(s) {
+  if (!s) return { cls: "unknown", text: "received" };
+  const parts = ["received"];
+  if (s.durable === true) parts.push("durable");
+  else if (s.durable === false) parts.push("not yet durable");
+  else parts.push("durability unknown");
+  if (s.replicated === true) parts.push("replicated");
+  else if (s.replicated === false) parts.push("not yet replicated");
+  const cls = s.replicated === true ? "replicated" : s.durable === true ? "durable" : s.durable === false ? "received" : "unknown";
+  return { cls, text: parts.join(", ") };
 }
 
 function renderArchive(name, d) {
@@ -236,11 +250,19 @@ function renderArchive(name, d) {
       " · ", h("a", { href: "#/l/" + enc(name) }, "layer overview")),
     h("p", { class: "muted" }, "groups: " + (a.groups.join(", ") || "–")),
     h("h2", {}, "Frames"),
-    h("div", { class: "timeline", id: "timeline" }, d.frames.map((f) => h("a", {
-      href: "#/f/" + enc(name) + "/" + enc(f), class: f === bestFrame ? "best" : null,
-      title: `frame ${f}: stored${f === bestFrame ? " (best)" : ""}`, "data-frame": f,
-    }))),
-    h("p", { class: "legend" }, "Each box is a frame, stored in the archive (received by the daemon and in the file); the yellow one is the best frame recorded. Click one for its tensors.")];
+    h("div", { class: "timeline", id: "timeline" }, d.frames.map((f, i) => {
+      const st = frameState(d.states && d.states[i]);
+      return h("a", {
+        href: "#/f/" + enc(name) + "/" + enc(f), class: "s-" + st.cls + (f === bestFrame ? " best" : ""),
+        title: `frame ${f}: ${st.text}${f === bestFrame ? " (best)" : ""}`, "data-frame": f, "data-state": st.cls,
+      });
+    })),
+    h("p", { class: "legend" },
+      h("span", { class: "key s-received" }), " received (committed, not yet durable) ",
+      h("span", { class: "key s-durable" }), " durable ",
+      h("span", { class: "key s-replicated" }), " replicated ",
+      h("span", { class: "key s-unknown" }), " state unknown; outlined: the best frame recorded. Click a frame for its tensors."),
+    h("p", { class: "legend" }, d.states_note || "")];
   const charts = h("div", { class: "grid", id: "metrics" });
   // One chart per metric group (epoch, batch, …), every metric in it.
   const groups = {};
