@@ -21,6 +21,7 @@ pub mod remote;
 pub mod server;
 pub mod service;
 pub mod shm;
+pub mod slice_read;
 pub mod systemd;
 pub mod users;
 pub mod view;

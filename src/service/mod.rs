@@ -180,14 +180,11 @@ impl Logd for Service {
     ) -> Result<Response<Self::GetFrameStream>, Status> {
         let uid = locate_granted(&req, req.get_ref().locate);
         let r = req.into_inner();
-        if r.slice.is_some() {
-            // Declared for issue 24's reads of a box; refused until served,
-            // rather than answered with the whole tensor.
-            return Err(bad(
-                "slice",
-                "reading a box of a tensor is not served yet; read the whole tensor",
-            ));
-        }
+        let slice = r
+            .slice
+            .clone()
+            .map(|s| convert::slice("slice", s))
+            .transpose()?;
         let batch = r.batch;
         let a = open_read(&self.state, r.archive).await?;
         let (tx, rx) = mpsc::channel(4);
@@ -203,13 +200,19 @@ impl Logd for Service {
                 None => query::at_position(&query::frames(&a, &r.group)?, -1)?,
             };
             let tensors = query::frame_tensors(&a, &r.group, &index, &r.names)?;
+            if let Some(s) = &slice {
+                // Every tensor of the answer, before anything is sent.
+                for t in &tensors {
+                    crate::slice_read::check(&t.info, s)?;
+                }
+            }
             let locate = uid.is_some_and(|u| query::may_locate(&a, u));
-            Ok((a, vec![(index, tensors)], locate))
+            Ok((a, vec![(index, tensors)], locate, slice))
         })
         .await?;
         tokio::task::spawn_blocking(move || {
-            let (archive, frames, locate) = plan;
-            let mut out = frames::FrameSender::new(archive, tx, locate, batch);
+            let (archive, frames, locate, slice) = plan;
+            let mut out = frames::FrameSender::new(archive, tx, locate, batch).with_slice(slice);
             for (frame, tensors) in frames {
                 if !out.send(frame, tensors) {
                     return;

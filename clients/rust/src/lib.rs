@@ -48,7 +48,7 @@ mod writer;
 pub use address::Address;
 pub use client::{
     ArchiveDescription, ArchiveInfo, Client, Compacted, Frame, FrameQuery, FrameSel, KeepPolicy,
-    Snapshot, Tensor,
+    Slice, Snapshot, Tensor,
 };
 pub use error::{Error, Result};
 pub use tensor::{DType, DynArray, Element, TensorData};
