@@ -22,7 +22,6 @@
 //! through those.
 
 mod archives;
-#[allow(dead_code, unused_imports)] // TEMP-MERGE: until the slice reads use them
 mod assembly;
 mod auth;
 mod authority;
@@ -38,9 +37,9 @@ mod peer;
 mod query;
 pub mod remote;
 pub mod server;
-#[allow(dead_code)] // TEMP-MERGE: wire_slice, until the slice reads use it
 mod service;
 mod shm;
+mod slice_read;
 mod systemd;
 mod users;
 pub mod view;

@@ -374,10 +374,6 @@ impl<S: Sink> Seat<S> {
         &self.job.sink
     }
 
-    pub fn rank(&self) -> u32 {
-        self.rank
-    }
-
     /// The rank starts frame `index`: the frame's deadline runs from the
     /// first rank's begin. Call from a tokio runtime (it starts a timer).
     pub fn begin(&self, index: &str) {

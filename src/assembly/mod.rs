@@ -30,7 +30,7 @@ pub mod job;
 pub mod slices;
 
 pub use frame::{RankFrame, Seg};
-pub use job::{JobError, JobKey, Jobs, RankSpec, Seat, Sink, WriterSink};
+pub use job::{JobError, JobKey, Jobs, RankSpec, Seat, WriterSink};
 pub use slices::Slice;
 
 use tokio::sync::oneshot;

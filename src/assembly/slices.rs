@@ -56,11 +56,6 @@ impl Slice {
         self.shape.iter().product()
     }
 
-    /// Whether this box covers the whole of a tensor of `global` shape.
-    pub fn is_whole(&self, global: &[u64]) -> bool {
-        self.offsets.iter().all(|&o| o == 0) && self.shape == global
-    }
-
     /// Check that the box lies inside a tensor of `global` shape; the error
     /// says which dimension does not fit.
     pub fn check_in(&self, global: &[u64]) -> Result<(), String> {
@@ -144,6 +139,7 @@ pub struct Runs {
     count: u64,
 }
 
+#[cfg(test)]
 impl Runs {
     /// Elements in each run.
     pub fn run_len(&self) -> u64 {

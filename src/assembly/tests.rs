@@ -7,6 +7,7 @@ use std::time::Duration;
 use prost::bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::job::Sink;
 use super::*;
 use crate::layout::DType;
 use crate::writer::{FrameTicket, Part, WriterError};

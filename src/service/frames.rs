@@ -19,10 +19,12 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::errors::{status, Kind};
+use crate::assembly::Slice;
 use crate::error::Classify;
 use crate::limits::{LOCATED_BATCH_BYTES, SEND_CHUNK};
 use crate::proto::v1 as pb;
 use crate::query::{self, TensorRef};
+use crate::slice_read;
 use pb::frame_data::Msg;
 
 /// Frames in the first batch: small, so the client starts reading while the
@@ -42,6 +44,9 @@ pub struct FrameSender {
     locator: Option<query::Locator>,
     /// With `batch`: located frames waiting to go.
     batch: Option<Batch>,
+    /// GetFrame's `slice`: only this box of each tensor (checked against
+    /// every tensor before the answer started: `slice_read::check`).
+    slice: Option<Slice>,
 }
 
 /// Located frames waiting to go, their encoded size, and how many frames
@@ -69,7 +74,16 @@ impl FrameSender {
                 bytes: 0,
                 limit: BATCH_FIRST,
             }),
+            slice: None,
         }
+    }
+
+    /// Send only box `slice` of each tensor: its bytes streamed, or its
+    /// tensor's location with the box echoed for the client to read the
+    /// box's byte ranges itself.
+    pub fn with_slice(mut self, slice: Option<Slice>) -> FrameSender {
+        self.slice = slice;
+        self
     }
 
     fn out(&self, m: Msg) -> bool {
@@ -117,6 +131,7 @@ impl FrameSender {
             all_located &= location.is_some();
             let mut info: pb::TensorInfo = t.info.clone().into();
             info.location = location.map(Into::into);
+            info.slice = self.slice.as_ref().map(super::convert::wire_slice);
             infos.push(info);
         }
         if all_located && self.batch.is_some() {
@@ -172,8 +187,25 @@ impl FrameSender {
         b.frames.len() < b.limit || self.flush()
     }
 
-    /// A tensor's bytes, in chunks.
+    /// A tensor's bytes (or its box's), in chunks.
     fn send_bytes(&mut self, t: &TensorRef) -> bool {
+        if let Some(s) = self.slice.clone() {
+            let tx = &self.tx;
+            let sent =
+                slice_read::read_box(&self.archive, &t.entry, &t.info, &s, SEND_CHUNK, |c| {
+                    tx.blocking_send(Ok(pb::FrameData {
+                        msg: Some(Msg::Chunk(pb::Chunk { data: c.into() })),
+                    }))
+                    .is_ok()
+                });
+            return match sent {
+                Ok(more) => more,
+                Err(e) => {
+                    self.fail(e.into());
+                    false
+                }
+            };
+        }
         let mut r = match self.archive.entry_reader(&t.entry) {
             Ok(r) => r,
             Err(e) => {

@@ -215,14 +215,11 @@ impl Logd for Service {
     ) -> Result<Response<Self::GetFrameStream>, Status> {
         let uid = locate_granted(&req, req.get_ref().locate);
         let r = req.into_inner();
-        if r.slice.is_some() {
-            // Declared for issue 24's reads of a box; refused until served,
-            // rather than answered with the whole tensor.
-            return Err(bad(
-                "slice",
-                "reading a box of a tensor is not served yet; read the whole tensor",
-            ));
-        }
+        let slice = r
+            .slice
+            .clone()
+            .map(|s| convert::slice("slice", s))
+            .transpose()?;
         let batch = r.batch;
         let headers_only = r.headers_only;
         let a = open_read(&self.state, r.archive).await?;
@@ -239,14 +236,20 @@ impl Logd for Service {
                 None => query::at_position(&query::frames(&a, &r.group)?, -1)?,
             };
             let tensors = query::frame_tensors(&a, &r.group, &index, &r.names)?;
+            if let Some(s) = &slice {
+                // Every tensor of the answer, before anything is sent.
+                for t in &tensors {
+                    crate::slice_read::check(&t.info, s)?;
+                }
+            }
             let locate = uid.is_some_and(|u| query::may_locate(&a, u));
-            Ok((a, vec![(index, tensors)], locate))
+            Ok((a, vec![(index, tensors)], locate, slice))
         })
         .await?;
         if headers_only {
             // The index says all of it: no tensor bytes are read.
             use pb::frame_data::Msg;
-            let (_, frames, _) = plan;
+            let (_, frames, _, _) = plan;
             let mut msgs = Vec::new();
             for (frame, tensors) in frames {
                 msgs.push(Ok(pb::FrameData {
@@ -261,8 +264,8 @@ impl Logd for Service {
             return Ok(Response::new(Box::pin(tokio_stream::iter(msgs))));
         }
         tokio::task::spawn_blocking(move || {
-            let (archive, frames, locate) = plan;
-            let mut out = frames::FrameSender::new(archive, tx, locate, batch);
+            let (archive, frames, locate, slice) = plan;
+            let mut out = frames::FrameSender::new(archive, tx, locate, batch).with_slice(slice);
             for (frame, tensors) in frames {
                 if !out.send(frame, tensors) {
                     return;

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _keras_layout as L
 from ._names import VALUE_NAME
-from ._writer import tensor
+from ._writer import Shard, tensor, unit_tensors
 
 
 def host_view(variable) -> np.ndarray:
@@ -105,3 +105,75 @@ def optimizer_entries(model, copy="auto"):
     rec = (L.OPTIMIZER_JSON, L.dumps({"format": "gtar-logd/keras-optimizer/1",
                                       "class": type(opt).__name__, "variables": meta}))
     return tensors, [rec]
+
+
+# ------------------------------------------------ several processes (JAX)
+def process_layout():
+    """(process index, process count) when the model is laid out over the
+    devices of several processes -- a `keras.distribution` is set and JAX
+    runs as more than one process -- else None (one process saves whole
+    tensors as always)."""
+    if keras.backend.backend() != "jax" or keras.distribution.distribution() is None:
+        return None
+    import jax
+    if jax.process_count() <= 1:
+        return None
+    return jax.process_index(), jax.process_count()
+
+
+def agreed_token() -> int:
+    """A random number every process of the job gets the same of (process
+    0's, broadcast): what makes a run's job id unique and shared. A
+    collective: every process calls it at the same point."""
+    import secrets
+
+    from jax.experimental import multihost_utils
+    mine = np.asarray(secrets.randbits(62), dtype=np.int64)
+    return int(np.asarray(multihost_utils.broadcast_one_to_all(mine)))
+
+
+def local_shards(variable):
+    """The parts of a variable this process sends: each addressable shard
+    whose `replica_id` is 0 (a shard replicated over several devices or
+    processes is sent once, by the process holding replica 0), as a
+    `Shard` of the global tensor -- a NumPy view of the shard's device
+    buffer (CPU), no copy."""
+    value = variable.value if hasattr(variable, "value") else variable
+    shape = tuple(int(n) for n in value.shape)
+    out = []
+    for sh in value.addressable_shards:
+        if sh.replica_id != 0:
+            continue
+        offsets = [0 if s.start is None else int(s.start) for s in sh.index]
+        out.append(Shard(np.asarray(sh.data), offsets, shape))
+    return out
+
+
+def sharded_entries(model, rank: int, with_optimizer: bool):
+    """(tensors, slices, records) of this process's part of a frame: the
+    shards it holds of every weight (and optimizer variable); the records
+    (shapes, optimizer names) from process 0 only -- records sent by several
+    ranks would have to agree byte for byte; one sender is simpler."""
+    parts, records = [], []
+    for i, layer in enumerate(model.layers):
+        for j, v in enumerate(layer.weights):
+            for sh in local_shards(v):
+                parts.append((L.weight_group(i, j), L.WEIGHT_NAME, sh))
+            if rank == 0:
+                records.append(L.shape_record(i, j, tuple(int(n) for n in v.shape)))
+    if with_optimizer:
+        opt = getattr(model, "optimizer", None)
+        if opt is not None and getattr(opt, "variables", None):
+            meta = []
+            for k, v in enumerate(opt.variables):
+                for sh in local_shards(v):
+                    parts.append((f"{L.OPTIMIZER_GROUP}/{k}", VALUE_NAME, sh))
+                meta.append({"index": k, "path": getattr(v, "path", v.name), "name": v.name,
+                             "dtype": str(v.dtype),
+                             "shape": [int(s) for s in v.shape]})
+            if rank == 0:
+                records.append((L.OPTIMIZER_JSON, L.dumps({
+                    "format": "gtar-logd/keras-optimizer/1", "class": type(opt).__name__,
+                    "variables": meta})))
+    tensors, slices = unit_tensors(parts)
+    return tensors, slices, records

@@ -18,6 +18,7 @@ from . import dtypes
 from ._address import resolve, token_for, why_unreachable
 from ._proto import logd_pb2 as pb
 from ._proto import logd_pb2_grpc as pb_grpc
+from ._slices import Box, box_of, byte_runs
 from ._names import DEFAULT_COLLECTION, VALUE_NAME, group_to_key, join, key_to_group
 from ._writer import Writer
 from .errors import DaemonUnavailable, GtarLogdError, NotFound
@@ -235,12 +236,22 @@ class Client:
                 return bytes(out)
 
     def get_frame(self, archive: str, frame=None, group: str | None = None, names=None, *,
-                  position: int | None = None):
+                  position: int | None = None, slice=None):
         """(index, [(TensorInfo, ndarray)]) of one frame.
 
         `frame` is a frame index as written (int or str: 2000 and "2000" are
         the same frame); `position=` picks by place in the frame list instead
         (0 = first, negative from the end). Neither: the last frame.
+
+        `slice`: only this box of each tensor, as numpy's basic indexing
+        takes it -- e.g. `(slice(0, 128), slice(None))`, `np.s_[0:128, :]`,
+        `np.s_[..., 3]` -- or a `Box(offsets, shape)`. Only the box's bytes
+        are read: streamed by the daemon, or read from the archive file in
+        contiguous runs. One box serves every tensor of the answer (pick one
+        tensor with `group`/`names`); a key that needs the tensor's shape
+        (open ends, negatives, `...`) is resolved against the first tensor's,
+        asked for first. Unlike numpy, a bound past the end is an error
+        (nothing is clipped), and steps other than 1 are refused.
         """
         req = pb.GetFrameRequest(archive=archive, group=group or "", names=list(names or []),
                                  locate=self.read_files, batch=self.read_files)
@@ -255,6 +266,11 @@ class Client:
         if group:
             what += f", group {group!r}"
         try:
+            box = None
+            if slice is not None:
+                box = self._box(req, slice, what)
+                req.slice.offsets[:] = box.offsets
+                req.slice.shape[:] = box.shape
             frames = _collect(self.stub.GetFrame(req, timeout=self.timeout * 10), what,
                               self.verify)
         except grpc.RpcError as e:
@@ -265,7 +281,65 @@ class Client:
             raise err from None
         if not frames:
             raise NotFound(f"{what}: no frame in the answer")
+        if box is not None and box.squeeze:
+            keep = [n for d, n in enumerate(box.shape) if d not in box.squeeze]
+            index, ts = frames[0]
+            return index, [(i, a.reshape(keep)) for i, a in ts]
         return frames[0]
+
+    def _box(self, req, key, what) -> Box:
+        """`key` as a box; the first tensor's header is asked for when the
+        key needs its shape (see `_first_header`)."""
+        if isinstance(key, Box):
+            return key
+        _, info = self._first_header(req, what)
+        return box_of(key, info.shape, f"tensor {info.path}")
+
+    def _first_header(self, req, what):
+        """(frame index, TensorInfo) of the first tensor `req` answers, without
+        its bytes: a located answer is headers only; a streamed one is
+        cancelled after the header."""
+        probe = pb.GetFrameRequest()
+        probe.CopyFrom(req)
+        call = self.stub.GetFrame(probe, timeout=self.timeout)
+        index, info = None, None
+        try:
+            for msg in call:
+                kind = msg.WhichOneof("msg")
+                if kind == "frame":
+                    index = msg.frame
+                elif kind == "tensor":
+                    info = msg.tensor
+                elif kind == "located" and msg.located.frames and msg.located.frames[0].tensors:
+                    index = msg.located.frames[0].frame
+                    info = msg.located.frames[0].tensors[0]
+                if info is not None or kind == "chunk":
+                    break
+        finally:
+            call.cancel()
+        if info is None:
+            raise NotFound(f"{what}: no tensor"
+                           + (f" named {list(req.names)}" if req.names else ""))
+        return index, info
+
+    def tensor_header(self, archive: str, frame=None, group: str | None = None, names=None, *,
+                      position: int | None = None):
+        """(frame index, TensorInfo) of the first tensor `get_frame` with the
+        same arguments would answer -- its path, dtype and shape -- without
+        reading its bytes."""
+        req = pb.GetFrameRequest(archive=archive, group=group or "", names=list(names or []),
+                                 locate=self.read_files, batch=False)
+        if frame is not None and position is not None:
+            raise TypeError("pass a frame index or position=, not both")
+        if frame is not None:
+            req.index = _index(frame)
+        else:
+            req.position = -1 if position is None else int(position)
+        what = f"frame {req.index or req.position!r} of {archive!r}"
+        try:
+            return self._first_header(req, what)
+        except grpc.RpcError as e:
+            raise _wrap(e, self.address, what) from None
 
     def record_history(self, archive: str, group: str, name: str, start: int = 0,
                        stop: int | None = None):
@@ -328,16 +402,19 @@ class Client:
             w.flush(timeout)
 
     def read_frame(self, archive: str, frame=None, *, position: int | None = None,
-                   group: str | None = None, collection: str = DEFAULT_COLLECTION) -> dict:
+                   group: str | None = None, collection: str = DEFAULT_COLLECTION,
+                   slice=None) -> dict:
         """The dict `write_frame` wrote as frame `frame`.
 
         `frame` is the frame index as written (int or str, as `write_frame`
         takes it). To pick by place instead, pass `position=` (0 = first,
         -1 = last, negative from the end). Neither: the last frame.
+        `slice`: only this box of every tensor (see `get_frame`; for one
+        tensor, `read_tensor`).
         """
         base = join(group, collection)
         _, tensors = self.get_frame(archive, frame, group=base, names=[VALUE_NAME],
-                                    position=position)
+                                    position=position, slice=slice)
         out = {}
         for info, arr in tensors:
             g = info.group
@@ -347,6 +424,23 @@ class Client:
                 g = g[len(base) + 1:]
             out[group_to_key(g)] = arr
         return out
+
+    def read_tensor(self, archive: str, key: str, frame=None, *, slice=None,
+                    position: int | None = None, group: str | None = None,
+                    collection: str = DEFAULT_COLLECTION) -> np.ndarray:
+        """The array written as `tensors[key]` by `write_frame` in frame
+        `frame` (or at `position`; neither: the last frame), or only its box
+        `slice` (numpy's basic indexing, e.g. `np.s_[0:128, :]`, or a
+        `Box`): then only the box's bytes are read. A box that does not fit
+        the tensor raises, naming the tensor, its shape and the box."""
+        g = join(group, collection, key_to_group(key))
+        _, ts = self.get_frame(archive, frame, group=g, names=[VALUE_NAME],
+                               position=position, slice=slice)
+        for info, arr in ts:
+            if info.group == g:
+                return arr
+        raise NotFound(f"no tensor {key!r} in {archive!r}" + (f" (group {group!r})" if group
+                                                                else ""))
 
 
 def _index(frame) -> str:
@@ -377,6 +471,8 @@ class _Files:
         if dt is None:
             dt = self.dtypes[info.dtype] = dtypes.from_wire(info.dtype)
         loc = info.location
+        if info.HasField("slice"):
+            return self._read_box(info, dt)
         raw = np.empty(loc.length, np.uint8)
         try:
             arr = raw.view(dt).reshape(tuple(info.shape))
@@ -394,6 +490,31 @@ class _Files:
         if verify and zlib.crc32(raw) != loc.crc32:
             raise GtarLogdError(f"{self.what}: CRC-32 mismatch reading {loc.file} "
                                 f"at {loc.offset}")
+        return arr if dt.isnative else arr.astype(dt.newbyteorder("="))
+
+    def _read_box(self, info, dt) -> np.ndarray:
+        """The box `info.slice` of the located tensor `info`: its contiguous
+        runs read from the file one after the other into the array. No CRC
+        check: the entry's CRC-32 covers the whole tensor, which this read
+        avoids reading."""
+        loc = info.location
+        box = Box(info.slice.offsets, info.slice.shape)
+        if len(box.shape) != len(info.shape) or any(
+                o + n > g for o, n, g in zip(box.offsets, box.shape, info.shape)):
+            raise GtarLogdError(f"{self.what}: the answer's slice {box} is not a box of "
+                                f"tensor {info.path} of shape {list(info.shape)}")
+        raw = np.empty(box.elems * dt.itemsize, np.uint8)
+        fd = self._fd(loc)
+        at = 0
+        for off, n in byte_runs(box, info.shape, dt.itemsize):
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [raw[at + done:at + n]], loc.offset + off + done)
+                if got == 0:
+                    raise GtarLogdError(f"{self.what}: {loc.file} ends inside a tensor")
+                done += got
+            at += n
+        arr = raw.view(dt).reshape(box.shape)
         return arr if dt.isnative else arr.astype(dt.newbyteorder("="))
 
     def read_frames(self, located, verify: bool) -> list:
@@ -442,7 +563,8 @@ def _collect_into(stream, what, verify, files):
         if info is not None:
             if filled != len(buf):
                 raise GtarLogdError(f"{what}: tensor {info.path} got {filled} of {len(buf)} bytes")
-            cur[1].append((info, dtypes.from_bytes(buf, info.dtype, info.shape)))
+            shape = info.slice.shape if info.HasField("slice") else info.shape
+            cur[1].append((info, dtypes.from_bytes(buf, info.dtype, shape)))
         info = None
         buf = None
 
@@ -461,7 +583,11 @@ def _collect_into(stream, what, verify, files):
                 cur[1].append((msg.tensor, files.read_array(msg.tensor, verify)))
             else:
                 info = msg.tensor
-                buf = bytearray(info.size_bytes)
+                size = info.size_bytes
+                if info.HasField("slice"):
+                    size = dtypes.from_wire(info.dtype).itemsize * int(
+                        np.prod(info.slice.shape, dtype=np.int64))
+                buf = bytearray(size)
                 filled = 0
         elif kind == "located":
             finish()

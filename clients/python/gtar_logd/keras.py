@@ -21,7 +21,8 @@ import keras
 import numpy as np
 
 from . import _keras_layout as L
-from ._keras_frames import (host_copy, host_view, model_units, optimizer_entries,  # noqa: F401 (API)
+from ._keras_frames import (agreed_token, host_copy, host_view,  # noqa: F401 (API)
+                            model_units, optimizer_entries, process_layout, sharded_entries,
                             weight_entries, weights_meta)
 from ._writer import Unit
 from .client import Client
@@ -85,14 +86,30 @@ class GTARLogger(keras.callbacks.Callback):
         `self.best` holds it). ModelCheckpoint's save_best_only, without losing
         the other frames.
     :param mode: 'min', 'max', or 'auto' (max for accuracy-like names, else min)
+    :param job: under a `keras.distribution` spanning several JAX processes
+        (found by itself: a distribution is set and `jax.process_count() > 1`),
+        each process sends only the shards it holds (replica 0 of each), as
+        slices of the global tensors, and the daemon stores a frame once every
+        process sent its part: one ordinary frame of whole tensors. The
+        processes are one job of `jax.process_count()` ranks; its id is the
+        archive's name plus a random number process 0 draws and broadcasts at
+        the start of `fit` (a collective), or `job` when given (then every
+        process must pass the same). Records (shapes, progress, metrics) come
+        from process 0. `resume=True` reads each variable's own shards back
+        (slice reads; any number of processes). Not yet under several
+        processes: `keep`, `monitor`, save_optimizer='exit'.
     """
 
     def __init__(self, archive, period=1, when="post_epoch", append=True, step_offset=0,
                  group=None, address=None, save_optimizer="never", log_metrics="epoch",
                  max_pending_bytes=1 << 30, durable_timeout=600.0, reconnect_timeout=120.0,
                  copy="auto", compression=0, shared_memory=None, resume=False, keep=None,
-                 monitor=None, mode="auto", wait="durable"):
+                 monitor=None, mode="auto", wait="durable", job=None):
         super().__init__()
+        self.job = job
+        #: under a distribution over several processes: (rank, world size, job id)
+        self.ranks = None
+        self._model_records = []
         if wait not in ("durable", "replicated"):
             raise ValueError(f"wait must be 'durable' or 'replicated', not {wait!r}")
         self.wait = wait
@@ -167,22 +184,51 @@ class GTARLogger(keras.callbacks.Callback):
 
     # ------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs=None):
+        self.ranks = self._process_ranks()
         self.client = Client(self.address)
         try:
             if self.resume:
                 self.client.ping(timeout=10.0)
                 self._resume()
+            job = {}
+            if self.ranks is not None:
+                job = dict(rank=self.ranks[0], world_size=self.ranks[1], job=self.ranks[2])
             self.writer = self.client.writer(
                 self.archive, mode="append" if self.append else "create", group=self.group,
                 max_pending_bytes=self.max_pending_bytes,
                 reconnect_timeout=self.reconnect_timeout, compression=self.compression,
-                shared_memory=self.shared_memory)
+                shared_memory=self.shared_memory, **job)
         except BaseException:
             # fit() does not call on_train_end after this fails.
             self._put_back_initial_epoch()
             self.client.close()
             raise
-        self.writer.write_records(model_units(self.model))
+        if self.ranks is None:
+            self.writer.write_records(model_units(self.model))
+        else:
+            # A job's ranks write frames together: the model's records go
+            # with process 0's first frame.
+            self._model_records = model_units(self.model) if self.ranks[0] == 0 else []
+
+    def _process_ranks(self):
+        """(rank, world size, job id) under a distribution over several
+        processes (see `job`), else None."""
+        layout = process_layout()
+        if layout is None:
+            return None
+        unsupported = [name for name, on in (
+            ("keep", self.keep is not None),
+            ("monitor", self.monitor is not None),
+            ("save_optimizer='exit'", self.save_optimizer == "exit")) if on]
+        if unsupported:
+            raise NotImplementedError(
+                f"GTARLogger under a distribution over {layout[1]} processes does not support "
+                f"{', '.join(unsupported)} yet")
+        rank, world = layout
+        job = self.job
+        if job is None:
+            job = f"keras:{self.archive}:{self.group or ''}:{agreed_token():x}"
+        return rank, world, str(job)
 
     def on_train_end(self, logs=None):
         if self.writer is None:
@@ -195,7 +241,13 @@ class GTARLogger(keras.callbacks.Callback):
                 self._submit(self._held)
                 self._held = None
             if self._scalars:
-                self.writer.write_records([], self._scalars)
+                if self.ranks is None:
+                    self.writer.write_records([], self._scalars)
+                else:
+                    # A job's records go in frames; these came after the last.
+                    log.warning("gtar-logd: %d metric values after the last frame are not "
+                                "stored (several processes write frames together)",
+                                len(self._scalars))
                 self._scalars = []
             if self.wait == "replicated":
                 self.writer.flush(self.durable_timeout, replicated=True)
@@ -377,6 +429,8 @@ class GTARLogger(keras.callbacks.Callback):
                         self.archive, e)
 
     def _metrics(self, level, index, logs):
+        if self.ranks is not None and self.ranks[0] != 0:
+            return  # process 0's are the job's (Keras reduces them over processes)
         for k, v in logs.items():
             try:
                 value = float(np.asarray(v))
@@ -412,6 +466,17 @@ class GTARLogger(keras.callbacks.Callback):
         # stops XLA from updating the weights in place).
         stage = self.copy == "auto" and self.writer.stages
         copy = "never" if stage else self.copy
+        if self.ranks is not None:
+            # This process's shards, as slices of the global tensors.
+            # (JAX only: NumPy views of immutable device buffers, no copy.)
+            tensors, slices, records = sharded_entries(model, self.ranks[0], with_optimizer)
+            if self.ranks[0] == 0:
+                records = self._model_records + records + [progress]
+                self._model_records = []
+            unit = Unit(index, tensors, records, slices=slices)
+            if stage:
+                self.writer.stage(unit)
+            return unit
         tensors, records = weight_entries(model, copy)
         if with_optimizer:
             t, r = optimizer_entries(model, copy)

@@ -338,16 +338,48 @@ class Trajectory:
     def _restore_state(self, model, index):
         """Frame `index`'s weights, and its optimizer state when it has one
         (else a warning), into `model`; whether it had optimizer state."""
-        self._assign(model, self._layers(index), by_name=False, skip_mismatch=False)
-        if index in self.optimizer_frames():
-            self.load_optimizer(index, model=model)
-            return True
+        if _distributed(model):
+            if self._restore_sharded(model, index):
+                return True
+        else:
+            self._assign(model, self._layers(index), by_name=False, skip_mismatch=False)
+            if index in self.optimizer_frames():
+                self.load_optimizer(index, model=model)
+                return True
         warnings.warn(
             f"gtar-logd: frame {index!r} of {self.archive!r} has no optimizer state "
             f"(GTARLogger saves it with save_optimizer='always'): restored the weights only; "
             f"the optimizer starts over, so training will not continue exactly as the "
             f"interrupted run would have", UserWarning, stacklevel=3)
         return False
+
+    def _restore_sharded(self, model, index):
+        """Under a `keras.distribution` (JAX): each variable is read as a
+        `jax.Array` of its own sharding, so each process reads only the boxes
+        its devices hold (slice reads) -- whatever number of processes saved
+        the frame. Weights by layer and weight number (as GTARLogger saved
+        them), then the optimizer's variables when the frame has them;
+        whether it had them."""
+        from .jax_arrays import load_array
+
+        def put(v, group, name):
+            a = load_array(self.client, self.archive, group, name, v.value.sharding, index)
+            if tuple(a.shape) != tuple(v.shape):
+                raise ValueError(f"{v.path} has shape {tuple(v.shape)}, frame {index} of "
+                                 f"{self.archive!r} has {tuple(a.shape)} at {group}")
+            v.assign(a)
+
+        for i, layer in enumerate(model.layers):
+            for j, v in enumerate(layer.weights):
+                put(v, self._get_path(L.weight_group(i, j)), L.WEIGHT_NAME)
+        if index not in self.optimizer_frames():
+            return False
+        opt = model.optimizer
+        if not opt.built:
+            opt.build(model.trainable_variables)
+        for k, v in enumerate(opt.variables):
+            put(v, self._get_path(f"{L.OPTIMIZER_GROUP}/{k}"), VALUE_NAME)
+        return True
 
     # ------------------------------------------------------------- metrics
     def best(self, monitor=None, mode="min"):
@@ -608,3 +640,13 @@ def _save_npz(path: str, arrays: dict) -> None:
         for name, a in arrays.items():
             with z.open(name + ".npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
+
+
+def _distributed(model) -> bool:
+    """Whether `model`'s variables are laid out by a `keras.distribution`
+    (JAX): then they are restored shard by shard (`_restore_sharded`)."""
+    try:
+        import keras
+    except ImportError:
+        return False
+    return keras.backend.backend() == "jax" and keras.distribution.distribution() is not None

@@ -106,6 +106,19 @@ impl Client {
         self.rt.block_on(self.inner.query_frame(archive, q))
     }
 
+    /// See [`crate::Client::read_slice`].
+    pub fn read_slice(
+        &self,
+        archive: &str,
+        frame: impl Into<FrameSel>,
+        group: &str,
+        name: &str,
+        slice: crate::Slice,
+    ) -> Result<crate::DynArray> {
+        self.rt
+            .block_on(self.inner.read_slice(archive, frame, group, name, slice))
+    }
+
     /// See [`crate::Client::read_record`].
     pub fn read_record(&self, archive: &str, path: &str) -> Result<Vec<u8>> {
         self.rt.block_on(self.inner.read_record(archive, path))

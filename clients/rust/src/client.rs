@@ -137,6 +137,86 @@ pub struct FrameQuery {
     pub frame: FrameSel,
     /// Only records with these names (e.g. `"weight"`); empty = all.
     pub names: Vec<String>,
+    /// Only this box of each tensor (every tensor of the answer must have
+    /// its dimensions and contain it); `None` = whole tensors.
+    pub slice: Option<Slice>,
+}
+
+/// A box inside a tensor: `offsets` where it starts, `shape` its extent, one
+/// entry per dimension (none for a scalar). Read with [`FrameQuery::slice`]
+/// or [`Client::read_slice`]: only the box's bytes are read.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Slice {
+    /// Where the box starts in each dimension.
+    pub offsets: Vec<u64>,
+    /// The box's extent in each dimension.
+    pub shape: Vec<u64>,
+}
+
+impl Slice {
+    /// The box `ranges[0] × ranges[1] × …` (e.g. `Slice::of(&[0..128, 0..64])`).
+    pub fn of(ranges: &[std::ops::Range<u64>]) -> Slice {
+        Slice {
+            offsets: ranges.iter().map(|r| r.start).collect(),
+            shape: ranges
+                .iter()
+                .map(|r| r.end.saturating_sub(r.start))
+                .collect(),
+        }
+    }
+
+    /// Elements in the box.
+    pub fn elems(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    /// The box's contiguous byte runs in a row-major tensor of `global` shape
+    /// and `item`-byte elements, as (byte offset in the tensor, bytes), in
+    /// the box's own row-major order: the innermost dimensions the box
+    /// covers whole are merged into one run. `None` if the box does not lie
+    /// inside the tensor.
+    pub fn byte_runs(&self, global: &[u64], item: u64) -> Option<Vec<(u64, u64)>> {
+        let nd = global.len();
+        if self.offsets.len() != nd
+            || self.shape.len() != nd
+            || (0..nd).any(|d| {
+                self.offsets[d]
+                    .checked_add(self.shape[d])
+                    .is_none_or(|e| e > global[d])
+            })
+        {
+            return None;
+        }
+        if self.elems() == 0 {
+            return Some(Vec::new());
+        }
+        if nd == 0 {
+            return Some(vec![(0, item)]);
+        }
+        // `k`: the last dimension the box does not cover whole; one run
+        // spans the box's extent in `k` and every dimension after it.
+        let k = (0..nd)
+            .rev()
+            .find(|&d| self.offsets[d] != 0 || self.shape[d] != global[d])
+            .unwrap_or(0);
+        let mut strides = vec![1u64; nd];
+        for d in (0..nd - 1).rev() {
+            strides[d] = strides[d + 1] * global[d + 1];
+        }
+        let len = self.shape[k..].iter().product::<u64>() * item;
+        let count: u64 = self.shape[..k].iter().product();
+        let mut runs = Vec::with_capacity(count as usize);
+        for r in 0..count {
+            let mut rest = r;
+            let mut at = self.offsets[k] * strides[k];
+            for d in (0..k).rev() {
+                at += (self.offsets[d] + rest % self.shape[d]) * strides[d];
+                rest /= self.shape[d];
+            }
+            runs.push((at * item, len));
+        }
+        Some(runs)
+    }
 }
 
 impl FrameQuery {
@@ -146,7 +226,14 @@ impl FrameQuery {
             group: String::new(),
             frame: frame.into(),
             names: Vec::new(),
+            slice: None,
         }
+    }
+
+    /// Only this box of each tensor (see [`Slice`]).
+    pub fn slice(mut self, slice: Slice) -> FrameQuery {
+        self.slice = Some(slice);
+        self
     }
 
     /// Only tensors under this group prefix.
@@ -532,7 +619,11 @@ impl Client {
                 names: q.names.clone(),
                 locate: self.locate(),
                 batch: self.locate(),
-                ..Default::default()
+                slice: q.slice.as_ref().map(|s| proto::TensorSlice {
+                    offsets: s.offsets.clone(),
+                    shape: s.shape.clone(),
+                }),
+                headers_only: false,
             })
             .await?
             .into_inner();
@@ -544,6 +635,37 @@ impl Client {
             )));
         }
         Ok(frames.pop().expect("one frame"))
+    }
+
+    /// Box `slice` of one tensor (its record `group`, with any stream
+    /// prefix, and `name`) of `frame`, as an array of the box's shape: only
+    /// the box's bytes are read (streamed by the daemon, or read from the
+    /// archive file in contiguous runs when located). A box that does not
+    /// lie inside the tensor is `InvalidArgument` naming the tensor, its
+    /// shape and the box.
+    pub async fn read_slice(
+        &self,
+        archive: &str,
+        frame: impl Into<FrameSel>,
+        group: &str,
+        name: &str,
+        slice: Slice,
+    ) -> Result<DynArray> {
+        let q = FrameQuery::new(frame)
+            .group(group)
+            .names([name])
+            .slice(slice);
+        let f = self.query_frame(archive, &q).await?;
+        let index = f.index.clone();
+        f.tensors
+            .into_iter()
+            .find(|t| t.group == group && t.name == name)
+            .map(|t| t.array)
+            .ok_or_else(|| {
+                Error::Protocol(format!(
+                    "frame {index} of {archive} has no tensor {group}/{name}"
+                ))
+            })
     }
 
     /// One constant or text record, e.g. `"keras/model.json"`, as bytes, of
@@ -609,6 +731,8 @@ struct Partial {
     dtype: DType,
     shape: Vec<usize>,
     fill: Fill,
+    /// Bytes that make the array: the tensor's, or its box's.
+    want: u64,
 }
 
 /// Where a tensor's bytes land.
@@ -621,13 +745,13 @@ enum Fill {
 }
 
 impl Partial {
-    fn new(info: proto::TensorInfo, dtype: DType, shape: Vec<usize>) -> Result<Partial> {
+    fn new(info: proto::TensorInfo, dtype: DType, shape: Vec<usize>, want: u64) -> Result<Partial> {
         let fill = match Filling::new(dtype, &shape)
             .map_err(|e| Error::Protocol(format!("tensor {}: {e}", info.path)))?
         {
             Some(f) => Fill::Array(f),
             None => {
-                let cap = usize::try_from(info.size_bytes).unwrap_or(0).min(1 << 30);
+                let cap = usize::try_from(want).unwrap_or(0).min(1 << 30);
                 Fill::Bytes(Vec::with_capacity(cap))
             }
         };
@@ -636,6 +760,7 @@ impl Partial {
             dtype,
             shape,
             fill,
+            want,
         })
     }
 
@@ -835,6 +960,7 @@ async fn read_located(
     loc: proto::EntryLocation,
     mut into: Partial,
     verify: bool,
+    runs: Option<Vec<(u64, u64)>>,
 ) -> Result<Partial> {
     use std::os::unix::fs::MetadataExt;
     let key = (loc.file.clone(), loc.device, loc.inode);
@@ -854,6 +980,12 @@ async fn read_located(
                 std::sync::Arc::new(f)
             }
         };
+        if let Some(runs) = runs {
+            let len = usize::try_from(into.want)
+                .map_err(|_| Error::Protocol(format!("{}: box too large", loc.file)))?;
+            into.read_whole(len, |buf| read_runs(&file, buf, loc.offset, &runs))?;
+            return Ok((file, into));
+        }
         let len = usize::try_from(loc.length)
             .map_err(|_| Error::Protocol(format!("{}: tensor too large", loc.file)))?;
         let crc = into.read_whole(len, |buf| read_into(&file, buf, loc.offset, verify))?;
@@ -896,15 +1028,71 @@ async fn start_tensor(files: &mut Files, info: proto::TensorInfo, verify: bool) 
             info.path, info.size_bytes, info.shape
         )));
     }
-    let p = Partial::new(info, dtype, shape)?;
+    // With a slice, the array is the box: its shape, its bytes.
+    let runs = match &info.slice {
+        None => None,
+        Some(w) => {
+            let b = Slice {
+                offsets: w.offsets.clone(),
+                shape: w.shape.clone(),
+            };
+            let runs = b
+                .byte_runs(&info.shape, dtype.itemsize() as u64)
+                .ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "tensor {}: the answer's slice {:?} + {:?} is not a box of shape {:?}",
+                        info.path, b.offsets, b.shape, info.shape
+                    ))
+                })?;
+            Some((b, runs))
+        }
+    };
+    let (shape, want) = match &runs {
+        None => (shape, info.size_bytes),
+        Some((b, _)) => (
+            b.shape
+                .iter()
+                .map(|&d| usize::try_from(d))
+                .collect::<Result<Vec<usize>, _>>()
+                .map_err(|_| Error::Protocol(format!("tensor {}: box too large", info.path)))?,
+            b.elems() * dtype.itemsize() as u64,
+        ),
+    };
+    let p = Partial::new(info, dtype, shape, want)?;
     match p.info.location.clone() {
-        Some(loc) if loc.length == p.info.size_bytes => read_located(files, loc, p, verify).await,
+        Some(loc) if loc.length == p.info.size_bytes => {
+            read_located(files, loc, p, verify, runs.map(|(_, r)| r)).await
+        }
         Some(loc) => Err(Error::Protocol(format!(
             "tensor {}: located length {} is not its size_bytes {}",
             p.info.path, loc.length, p.info.size_bytes
         ))),
         None => Ok(p),
     }
+}
+
+/// Fill `buf` with the byte `runs` (offset from `base`, length) of `file`,
+/// one after the other: a located box, which has no CRC of its own (the
+/// entry's CRC-32 covers the whole tensor, which a box read avoids reading).
+fn read_runs(
+    file: &std::fs::File,
+    buf: &mut [MaybeUninit<u8>],
+    base: u64,
+    runs: &[(u64, u64)],
+) -> Result<()> {
+    let mut at = 0usize;
+    for &(off, len) in runs {
+        let len = len as usize;
+        read_exact_at_uninit(file, &mut buf[at..at + len], base + off)?;
+        at += len;
+    }
+    if at != buf.len() {
+        return Err(Error::Protocol(format!(
+            "a box of {at} bytes for {} to fill",
+            buf.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Reassemble a FrameData stream: `frame`, then per tensor its header and
@@ -917,11 +1105,11 @@ async fn read_frames(mut stream: Streaming<proto::FrameData>, verify: bool) -> R
     let mut cur: Option<Partial> = None;
     let finish = |cur: &mut Option<Partial>, frames: &mut Vec<Frame>| -> Result<()> {
         if let Some(p) = cur.take() {
-            let left = p.info.size_bytes - p.len() as u64;
+            let left = p.want - p.len() as u64;
             if left > 0 {
                 return Err(Error::Protocol(format!(
-                    "tensor {} ended {left} bytes short of its size_bytes {}",
-                    p.info.path, p.info.size_bytes
+                    "tensor {} ended {left} bytes short of its {}",
+                    p.info.path, p.want
                 )));
             }
             let t = p.finish()?;
@@ -971,10 +1159,10 @@ async fn read_frames(mut stream: Streaming<proto::FrameData>, verify: bool) -> R
                 let p = cur.as_mut().ok_or_else(|| {
                     Error::Protocol("a chunk came before any tensor header".into())
                 })?;
-                if p.len() as u64 + c.data.len() as u64 > p.info.size_bytes {
+                if p.len() as u64 + c.data.len() as u64 > p.want {
                     return Err(Error::Protocol(format!(
-                        "tensor {} got more bytes than its size_bytes {}",
-                        p.info.path, p.info.size_bytes
+                        "tensor {} got more bytes than its {}",
+                        p.info.path, p.want
                     )));
                 }
                 p.push(&c.data);

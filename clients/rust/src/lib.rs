@@ -58,7 +58,7 @@ mod writer;
 pub use address::Address;
 pub use client::{
     ArchiveDescription, ArchiveInfo, Client, Compacted, Frame, FrameQuery, FrameSel, FrameState,
-    KeepPolicy, Snapshot, Tensor,
+    KeepPolicy, Slice, Snapshot, Tensor,
 };
 pub use error::{Error, Result};
 pub use tensor::{DType, DynArray, Element, TensorData};

@@ -280,6 +280,35 @@ impl Archive {
         Ok(out)
     }
 
+    /// Fill `buf` with bytes `offset ..` of a stored (uncompressed) entry,
+    /// read in place with one positioned read: for a reader that wants only
+    /// parts of an entry (a box of a tensor). Unlike every other read this
+    /// checks no CRC-32: a CRC covers the whole entry, and reading the whole
+    /// entry is what such a reader avoids. A compressed entry, or a range
+    /// past the entry's end, is an error.
+    pub fn read_stored_at(&self, e: &Entry, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        if e.cd.method != METHOD_STORED {
+            return Err(Error::Corrupt(format!(
+                "{}: compressed; only a stored entry is read in place",
+                e.name()
+            )));
+        }
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > e.cd.compressed_size)
+        {
+            return Err(Error::Corrupt(format!(
+                "{}: bytes {offset}..+{} lie past the entry's {} bytes",
+                e.name(),
+                buf.len(),
+                e.cd.compressed_size
+            )));
+        }
+        let data_offset = self.data_offset(e)?;
+        self.file.pread_exact(buf, data_offset + offset)?;
+        Ok(())
+    }
+
     /// A streaming reader over an entry's uncompressed bytes. It returns an
     /// error instead of end-of-file if the size or CRC do not match.
     pub fn entry_reader(&self, e: &Entry) -> Result<EntryReader, Error> {
