@@ -434,7 +434,12 @@ fn corrupt_io(name: &str, what: &str) -> io::Error {
 
 /// Read an entry's local header to find where its data starts.
 pub(crate) fn local_data_offset(file: &dyn ReadAt, e: &Entry) -> Result<u64, Error> {
-    let mut h = [0u8; LOCAL_HEADER_LEN];
+    // The header and the name after it: zip's CRC-32 covers the data, not
+    // the name, so a central directory entry whose name was damaged into
+    // another record's would otherwise hand out that entry's (intact) bytes
+    // under the wrong name. The local header's copy of the name must agree.
+    let name = e.name().as_bytes();
+    let mut h = vec![0u8; LOCAL_HEADER_LEN + name.len()];
     file.pread_exact(&mut h, e.cd.local_header_offset)
         .map_err(|_| Error::Corrupt(format!("{}: local header is past the end", e.name())))?;
     if rd32(&h, 0) != LOCAL_SIG {
@@ -442,6 +447,14 @@ pub(crate) fn local_data_offset(file: &dyn ReadAt, e: &Entry) -> Result<u64, Err
             "{}: no local header at offset {}",
             e.name(),
             e.cd.local_header_offset
+        )));
+    }
+    if rd16(&h, 26) as usize != name.len() || &h[LOCAL_HEADER_LEN..] != name {
+        return Err(Error::Corrupt(format!(
+            "{}: the local header at offset {} names another entry ({:?})",
+            e.name(),
+            e.cd.local_header_offset,
+            String::from_utf8_lossy(&h[LOCAL_HEADER_LEN..]),
         )));
     }
     Ok(e.cd.local_header_offset
