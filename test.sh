@@ -139,7 +139,7 @@ await_job python
 export GTAR_EXPORT_PYTHON=$CLIENT/bin/python
 await_job s3s
 phase "cargo test (all, including oracle tests)"
-cargo test --workspace -- --include-ignored
+cargo test --workspace --no-fail-fast -- --include-ignored
 
 # --- the Rust client as published ---------------------------------------------
 # `cargo package` packs the client and the protobuf crate it depends on and
