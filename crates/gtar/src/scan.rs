@@ -162,6 +162,14 @@ pub(crate) fn read_local(file: &Src, at: u64, len: u64) -> Result<Local, String>
     let c32 = rd32(&h, 18);
     let u32_ = rd32(&h, 22);
     let ex = parse_extra(&var[nlen..], [true, true, false]).map_err(|e| format!("{name}: {e}"))?;
+    if ex
+        .name_crc
+        .is_some_and(|c| c != crc32fast::hash(name.as_bytes()))
+    {
+        return Err(format!(
+            "{name}: the name at offset {at} is damaged (its CRC-32 differs)"
+        ));
+    }
     let (mut csize, mut usize_) = (Some(c32 as u64), Some(u32_ as u64));
     if c32 == u32::MAX || u32_ == u32::MAX {
         let z = ex

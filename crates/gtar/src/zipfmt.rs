@@ -38,9 +38,14 @@ pub const ZIP64_EXTRA_ID: u16 = 0x0001;
 /// Private extra field (`gL`) that marks entries written by gtar-logd as part
 /// of a frame transaction; other zip readers skip unknown extra fields.
 pub const COMMIT_TAG: u16 = 0x4c67;
-/// Payload: version u8, flags u8, txn u64, entry number u32.
-pub const COMMIT_PAYLOAD_LEN: usize = 14;
-pub const COMMIT_VERSION: u8 = 1;
+/// Payload: version u8, flags u8, txn u64, entry number u32, then (version
+/// 2) the CRC-32 of the entry's name: zip's own CRC covers the data only,
+/// and a recovery scan takes names from local headers, so without it one
+/// damaged name byte would file an entry's intact bytes under another record.
+pub const COMMIT_PAYLOAD_LEN: usize = 18;
+pub const COMMIT_VERSION: u8 = 2;
+/// Version 1 (archives written before the name CRC): no name CRC.
+const COMMIT_PAYLOAD_LEN_V1: usize = 14;
 /// Set on the last entry of a transaction once all of its entries are written.
 pub const FLAG_TXN_END: u8 = 1;
 
@@ -152,6 +157,7 @@ impl LocalHeader<'_> {
         b.push(if self.mark.end { FLAG_TXN_END } else { 0 });
         put64(&mut b, self.mark.txn);
         put32(&mut b, self.mark.entry);
+        put32(&mut b, crc32fast::hash(self.name.as_bytes()));
         if self.pad != 0 {
             put16(&mut b, ALIGN_EXTRA_ID);
             put16(&mut b, self.pad - 4);
@@ -260,6 +266,8 @@ pub fn encode_tail(entries: &[CentralEntry], cd_offset: u64) -> Vec<u8> {
 pub struct Extra {
     pub zip64: Option<[Option<u64>; 3]>,
     pub mark: Option<CommitMark>,
+    /// CRC-32 of the entry's name, from a version 2 commit tag.
+    pub name_crc: Option<u32>,
 }
 
 /// Parse an extra-field block. `want` says which 32-bit fields were
@@ -287,12 +295,16 @@ pub fn parse_extra(extra: &[u8], want: [bool; 3]) -> Result<Extra, &'static str>
                 }
             }
             out.zip64 = Some(vals);
-        } else if id == COMMIT_TAG && len == COMMIT_PAYLOAD_LEN && body[0] == COMMIT_VERSION {
+        } else if id == COMMIT_TAG
+            && ((len == COMMIT_PAYLOAD_LEN && body[0] == COMMIT_VERSION)
+                || (len == COMMIT_PAYLOAD_LEN_V1 && body[0] == 1))
+        {
             out.mark = Some(CommitMark {
                 end: body[1] & FLAG_TXN_END != 0,
                 txn: rd64(body, 2),
                 entry: rd32(body, 10),
             });
+            out.name_crc = (len == COMMIT_PAYLOAD_LEN).then(|| rd32(body, 14));
         }
         at += 4 + len;
     }
@@ -325,6 +337,24 @@ mod tests {
         let ex = parse_extra(&b[30 + nlen..30 + nlen + elen], [true, true, false]).unwrap();
         assert_eq!(ex.mark, Some(h.mark));
         assert_eq!(ex.zip64.unwrap()[0], Some(5 << 32));
+        assert_eq!(ex.name_crc, Some(crc32fast::hash(h.name.as_bytes())));
+    }
+
+    #[test]
+    fn a_version_1_mark_still_reads_without_a_name_crc() {
+        let mut e = Vec::new();
+        put16(&mut e, COMMIT_TAG);
+        put16(&mut e, COMMIT_PAYLOAD_LEN_V1 as u16);
+        e.extend_from_slice(&[1, FLAG_TXN_END]);
+        put64(&mut e, 9);
+        put32(&mut e, 3);
+        let ex = parse_extra(&e, [false; 3]).unwrap();
+        let want = CommitMark {
+            txn: 9,
+            entry: 3,
+            end: true,
+        };
+        assert_eq!((ex.mark, ex.name_crc), (Some(want), None));
     }
 
     #[test]
