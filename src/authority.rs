@@ -122,14 +122,13 @@ impl<S> FixAuthority<S> {
         }
     }
 
-    /// Moves what can be decided from `input` to `out`; `Ok(false)` when it
-    /// needs more bytes.
-    fn process(&mut self) -> io::Result<bool> {
-        let mut progressed = false;
+    /// Moves what can be decided from `input` to `out`; returns when the
+    /// rest needs more bytes.
+    fn process(&mut self) -> io::Result<()> {
         loop {
             if matches!(self.mode, Mode::Raw) {
                 self.out.append(&mut self.input);
-                return Ok(true);
+                return Ok(());
             }
             match self.at {
                 At::Preface => {
@@ -139,7 +138,7 @@ impl<S> FixAuthority<S> {
                         continue;
                     }
                     if n < PREFACE.len() {
-                        return Ok(progressed);
+                        return Ok(());
                     }
                     self.out.extend(self.input.drain(..PREFACE.len()));
                     self.at = At::FrameStart;
@@ -147,7 +146,7 @@ impl<S> FixAuthority<S> {
                 At::Payload(0) => self.at = At::FrameStart,
                 At::Payload(left) => {
                     if self.input.is_empty() {
-                        return Ok(progressed);
+                        return Ok(());
                     }
                     let n = left.min(self.input.len());
                     self.out.extend(self.input.drain(..n));
@@ -155,7 +154,7 @@ impl<S> FixAuthority<S> {
                 }
                 At::FrameStart => {
                     if self.input.len() < FRAME_HEADER {
-                        return Ok(progressed);
+                        return Ok(());
                     }
                     let head: [u8; FRAME_HEADER] = self.input[..FRAME_HEADER].try_into().unwrap();
                     let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
@@ -169,14 +168,13 @@ impl<S> FixAuthority<S> {
                             if len > BLOCK_MAX {
                                 return Err(bad("an HTTP/2 header frame over 256 KiB"));
                             }
-                            return Ok(progressed);
+                            return Ok(());
                         }
                         let frame: Vec<u8> = self.input.drain(..FRAME_HEADER + len).collect();
                         self.header_frame(&frame)?;
                     }
                 }
             }
-            progressed = true;
         }
     }
 
@@ -360,7 +358,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for FixAuthority<S> {
             if matches!(this.mode, Mode::Raw) {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            if this.process()? && this.out_at < this.out.len() {
+            this.process()?;
+            if this.out_at < this.out.len() {
                 continue;
             }
             // Need more bytes from the client.

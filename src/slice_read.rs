@@ -181,29 +181,15 @@ mod tests {
     use crate::layout::DType;
     use gtar::{ArchiveWriter, Compression, OpenMode};
 
-    fn sl(offsets: &[u64], shape: &[u64]) -> Slice {
-        Slice {
-            offsets: offsets.to_vec(),
-            shape: shape.to_vec(),
-        }
-    }
+    use crate::assembly::slices::tests::sl;
 
     /// The box's bytes picked element by element (numpy's slicing, by hand).
     fn naive(bytes: &[u8], global: &[u64], item: usize, s: &Slice) -> Vec<u8> {
-        let mut out = Vec::new();
-        for e in 0..s.elems() {
-            let mut rest = e;
-            let (mut g, mut stride) = (0u64, 1u64);
-            for d in (0..global.len()).rev() {
-                let i = rest % s.shape[d];
-                rest /= s.shape[d];
-                g += (s.offsets[d] + i) * stride;
-                stride *= global[d];
-            }
-            let at = g as usize * item;
-            out.extend_from_slice(&bytes[at..at + item]);
-        }
-        out
+        crate::assembly::slices::tests::naive(s, global)
+            .into_iter()
+            .flat_map(|g| &bytes[g as usize * item..(g as usize + 1) * item])
+            .copied()
+            .collect()
     }
 
     /// A small deterministic generator (no dependency for a test).

@@ -186,10 +186,10 @@ impl Iterator for Runs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sl(offsets: &[u64], shape: &[u64]) -> Slice {
+    pub(crate) fn sl(offsets: &[u64], shape: &[u64]) -> Slice {
         Slice {
             offsets: offsets.to_vec(),
             shape: shape.to_vec(),
@@ -197,7 +197,7 @@ mod tests {
     }
 
     /// The global indices of a box's elements, element by element.
-    fn naive(s: &Slice, global: &[u64]) -> Vec<u64> {
+    pub(crate) fn naive(s: &Slice, global: &[u64]) -> Vec<u64> {
         let mut out = Vec::new();
         let n = s.elems();
         for e in 0..n {
